@@ -1,0 +1,59 @@
+"""The ``sirocco`` command. Each verb lives in the package that does its work and provides
+``configure(parser)`` and ``run(args) -> int``; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .errors import SiroccoError
+
+# verb -> (module, one-line help). Modules are imported only when their verb runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("sirocco.generate.cli", "continue prompts with a model (packed, cached, chunked)"),
+}
+
+EPILOG = """examples:
+  sirocco generate "The sliding window"              # the default model
+  sirocco generate --model ./Mistral-7B-v0.1 --dtype bfloat16 "def fib(n):"
+  sirocco generate --json --prompts-file prompts.txt  # one JSON object per prompt
+run 'sirocco VERB --help' for the options of each verb."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sirocco", description="Mistral and Mixtral in plain PyTorch.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to standard error")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="VERB")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="sirocco: %(message)s", stream=sys.stderr)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except SiroccoError as e:
+        print(f"sirocco {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

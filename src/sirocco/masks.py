@@ -1,0 +1,244 @@
+"""The batch plan: what one forward step needs to know about its packed sequences, built once per step.
+
+Several sequences are packed into one flat token tensor with no padding. For each step the engine describes each
+sequence by three host integers:
+
+    start   absolute position of its first new token (= tokens of it already in the cache; 0 without cache)
+    length  new tokens in this step
+    row     the cache row it owns (unused without a cache)
+
+From these the plan builds, once for all layers:
+  * ``positions``: the absolute position of every packed token (for RoPE);
+  * one ``WindowPlan`` per distinct window among the layers, holding the cache slots to read and write and
+    the attention mask, lowered for the attention backend in use.
+
+The mask is always the same predicate, over (sequence id, absolute position) of a query and of a key::
+
+    allowed(q, k) = seq(q) == seq(k)  and  pos(k) <= pos(q)  and  pos(k) > pos(q) - W
+
+(W keys, counting the query itself). The three masks of the reference design are this predicate over three
+key layouts:
+
+  1. first pre-fill chunk: keys are the new tokens themselves -> block-diagonal causal, windowed;
+  2. later chunks: each sequence's keys are [its cached keys, oldest first ; its new keys] -> block-diagonal
+     aligned at the bottom right, windowed (also right for chunks longer than W);
+  3. decode (one new token per sequence, written to the cache first): keys are the slots of the sequence's own
+     row, valid for the first ``min(start + 1, S)`` slots -> block-diagonal causal with offset padded keys.
+
+Worked example (W = 3, no cache): seqlens [3, 2] pack tokens a0 a1 a2 b0 b1; the dense mask (rows: queries,
+columns: keys) is::
+
+        a0 a1 a2 b0 b1
+    a0   1  .  .  .  .
+    a1   1  1  .  .  .
+    a2   1  1  1  .  .
+    b0   .  .  .  1  .
+    b1   .  .  .  1  1
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from .cache import unrotate_slots
+
+Backend = Literal["dense", "per_sequence"]
+BACKENDS: tuple[str, ...] = ("dense", "per_sequence")
+
+
+def allowed(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k_pos: torch.Tensor,
+            window: Optional[int]) -> torch.Tensor:
+    """The attention predicate (broadcasting): same sequence, causal, and within the window."""
+    ok = (q_seq == k_seq) & (k_pos <= q_pos)
+    if window is not None:
+        ok &= k_pos > q_pos - window
+    return ok
+
+
+@dataclass
+class WindowPlan:
+    """Attention inputs for every layer that has this window, for one step.
+
+    Shapes: T new tokens in the step, Tk keys (prefix keys + new keys), B sequences.
+    """
+
+    window: Optional[int]
+    cache_len: Optional[int]         # S, slots per cache row; None without a cache
+    q_seqlens: list[int]             # new tokens per sequence
+    kv_seqlens: list[int]            # keys per sequence: cached prefix (oldest first) + new tokens
+    prefix_lens: list[int]           # cached keys read back per sequence (0 without cache / first chunk)
+    decode: bool                     # one token per sequence, attending over its cache row in place
+    q_seq: torch.Tensor              # (T,)  sequence index of each query
+    q_pos: torch.Tensor              # (T,)  absolute position of each query
+    k_seq: torch.Tensor              # (Tk,) sequence index of each key
+    k_pos: torch.Tensor              # (Tk,) absolute position of each key
+    # cache traffic (None without a cache)
+    rows: Optional[list[int]] = None
+    write_src: Optional[torch.Tensor] = None    # (n_write,) index into the T new tokens
+    write_row: Optional[torch.Tensor] = None    # (n_write,) cache row
+    write_slot: Optional[torch.Tensor] = None   # (n_write,) slot in the row, position % S
+    prefix_row: Optional[torch.Tensor] = None   # (n_prefix,) cache row of each prefix key
+    prefix_slot: Optional[torch.Tensor] = None  # (n_prefix,) slot of each prefix key, oldest first
+    key_order: Optional[torch.Tensor] = None    # (Tk,) index into cat([prefix keys, new keys])
+    decode_len: int = 0                          # slots of each row the decode step reads
+
+    @functools.cached_property
+    def dense(self) -> torch.Tensor:
+        """(T, Tk) bool: the whole mask, for the explicit-mask reference path."""
+        return allowed(self.q_seq[:, None], self.q_pos[:, None], self.k_seq[None, :], self.k_pos[None, :],
+                       self.window)
+
+    @functools.cached_property
+    def blocks(self) -> list[Optional[torch.Tensor]]:
+        """Per sequence, its (L, Lk) diagonal block of the mask, or None where plain causal attention
+        (square, top-left aligned, no window cut) is exact and SDPA's ``is_causal`` can be used."""
+        out: list[Optional[torch.Tensor]] = []
+        q0 = k0 = 0
+        for lq, lk, pre in zip(self.q_seqlens, self.kv_seqlens, self.prefix_lens):
+            if pre == 0 and (self.window is None or self.window >= lq):
+                out.append(None)
+            else:
+                out.append(allowed(self.q_seq[q0:q0 + lq, None], self.q_pos[q0:q0 + lq, None],
+                                   self.k_seq[None, k0:k0 + lk], self.k_pos[None, k0:k0 + lk], self.window))
+            q0 += lq
+            k0 += lk
+        return out
+
+    @functools.cached_property
+    def decode_valid(self) -> torch.Tensor:
+        """(B, decode_len) bool: which slots of each sequence's row hold a key its new token may see.
+
+        After the write, a row whose sequence has ``start`` earlier tokens holds positions
+        ``max(0, start + 1 - S) .. start``; with S = W every filled slot is inside the window, so a slot is
+        valid iff ``slot < min(start + 1, S)``. Example: S = 4, starts [1, 6] -> [[1 1 0 0], [1 1 1 1]].
+        """
+        filled = torch.clamp(self.q_pos + 1, max=self.cache_len)          # (B,)
+        slots = torch.arange(self.decode_len, device=self.q_pos.device)
+        return slots[None, :] < filled[:, None]
+
+
+@dataclass
+class BatchPlan:
+    """One step's packed sequences: positions for RoPE and a ``WindowPlan`` per window.
+
+    Build with ``BatchPlan.build``. ``backend`` chooses how pre-fill attention is computed ("dense": one SDPA
+    call with the whole boolean mask, the reference; "per_sequence": one SDPA call per sequence with its
+    diagonal block, the fast path on CPU). Decode steps always read the cache in place.
+    """
+
+    starts: list[int]
+    lengths: list[int]
+    rows: Optional[list[int]]
+    positions: torch.Tensor                    # (T,) absolute positions
+    windows: dict[Optional[int], WindowPlan]
+    backend: Backend = "per_sequence"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def for_window(self, window: Optional[int]) -> WindowPlan:
+        return self.windows[window]
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], *, starts: Optional[Sequence[int]] = None,
+              rows: Optional[Sequence[int]] = None, windows: Sequence[Optional[int]] = (None,),
+              cache_lens: Optional[dict] = None, device: torch.device | str = "cpu",
+              backend: Backend = "per_sequence") -> "BatchPlan":
+        """Plan one step.
+
+        Args:
+            lengths: new tokens per sequence, in packing order.
+            starts: absolute position of each sequence's first new token (default all 0).
+            rows: cache row of each sequence; give it (with ``cache_lens``) when the step uses a cache.
+            windows: the windows of the model's layers (duplicates are fine).
+            cache_lens: slots per row for each window, ``{window: S}``; None: no cache.
+        """
+        lengths = [int(n) for n in lengths]
+        if any(n <= 0 for n in lengths):
+            raise ValueError(f"every sequence needs at least one new token, got lengths {lengths}")
+        starts = [0] * len(lengths) if starts is None else [int(s) for s in starts]
+        if len(starts) != len(lengths):
+            raise ValueError(f"{len(starts)} starts for {len(lengths)} sequences")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        use_cache = cache_lens is not None
+        if use_cache:
+            if rows is None:
+                raise ValueError("a step with a cache needs the cache row of each sequence")
+            rows = [int(r) for r in rows]
+        elif any(starts):
+            raise ValueError("a step without a cache must start every sequence at position 0")
+        device = torch.device(device)
+
+        positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)],
+                                 dtype=torch.long, device=device)
+        plans = {}
+        for w in dict.fromkeys(windows):
+            plans[w] = _window_plan(w, None if not use_cache else int(cache_lens[w]), starts, lengths, rows,
+                                    positions, device)
+        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans, backend=backend)
+
+
+def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],
+                 rows: Optional[list[int]], positions: torch.Tensor, device: torch.device) -> WindowPlan:
+    """Host-side index arithmetic for one window; every list becomes one small tensor."""
+    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                    torch.tensor(lengths, device=device))
+    if cache_len is None:
+        return WindowPlan(window=window, cache_len=None, q_seqlens=lengths, kv_seqlens=lengths,
+                          prefix_lens=[0] * len(lengths), decode=False, q_seq=q_seq, q_pos=positions,
+                          k_seq=q_seq, k_pos=positions)
+
+    S = cache_len
+    for s, n in zip(starts, lengths):
+        if (window is None or window > S) and s + n > S:
+            raise ValueError(f"sequence of {s + n} tokens exceeds the cache of {S} positions "
+                             f"(the model's max_seq_len); shorten the prompt or the generation")
+    # Writes: only the last min(n, S) new tokens of each sequence survive in its row, at slot p % S.
+    write_src, write_row, write_slot = [], [], []
+    t0 = 0
+    for s, n, r in zip(starts, lengths, rows):
+        for t in range(max(0, n - S), n):
+            write_src.append(t0 + t)
+            write_row.append(r)
+            write_slot.append((s + t) % S)
+        t0 += n
+
+    def t(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=device)
+
+    common = dict(window=window, cache_len=S, q_seqlens=lengths, q_seq=q_seq, q_pos=positions, rows=rows,
+                  write_src=t(write_src), write_row=t(write_row), write_slot=t(write_slot))
+
+    if all(n == 1 for n in lengths):
+        # Decode: keys are the rows themselves after the write; read only as many slots as the fullest row.
+        decode_len = min(max(starts) + 1, S)
+        return WindowPlan(**common, kv_seqlens=[decode_len] * len(lengths), prefix_lens=[0] * len(lengths),
+                          decode=True, k_seq=q_seq, k_pos=positions, decode_len=decode_len)
+
+    # Pre-fill: each sequence's keys are its cached prefix (unrotated, oldest first) then its new keys.
+    prefix_lens = [min(s, S) for s in starts]
+    prefix_row, prefix_slot, k_seq, k_pos, key_order = [], [], [], [], []
+    n_prefix = sum(prefix_lens)
+    pre0 = new0 = 0
+    for b, (s, n, r, c) in enumerate(zip(starts, lengths, rows, prefix_lens)):
+        for p, slot in zip(range(s - c, s), unrotate_slots(s, S)):   # cached positions, oldest first
+            prefix_row.append(r)
+            prefix_slot.append(slot)
+            k_seq.append(b)
+            k_pos.append(p)
+            key_order.append(pre0)
+            pre0 += 1
+        for p in range(s, s + n):                       # new keys of this sequence
+            k_seq.append(b)
+            k_pos.append(p)
+            key_order.append(n_prefix + new0)
+            new0 += 1
+    return WindowPlan(**common, kv_seqlens=[c + n for c, n in zip(prefix_lens, lengths)], prefix_lens=prefix_lens,
+                      decode=False, k_seq=t(k_seq), k_pos=t(k_pos), prefix_row=t(prefix_row),
+                      prefix_slot=t(prefix_slot), key_order=t(key_order) if n_prefix else None)

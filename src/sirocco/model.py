@@ -1,0 +1,235 @@
+"""The Mistral / Mixtral transformer, in one file.
+
+    tokens (T,) -> embedding -> n_layers x [ x + attention(norm(x)) ; x + feed_forward(norm(x)) ] -> norm -> output
+
+Sequences are packed: ``tokens`` holds several sequences back to back, and a ``BatchPlan`` (masks.py) says
+where each begins, its positions, and how attention may look (block-diagonal, causal, windowed; with or without
+the rolling cache of cache.py). There is no batch dimension and no padding.
+
+Internal weight layout = Mistral's consolidated checkpoints (names and the interleaved-pair RoPE layout);
+checkpoint.py converts Hugging Face weights at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend
+from .cache import RollingCache
+from .config import ModelArgs
+from .masks import Backend, BatchPlan
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 whatever the model's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles: two (max_seq_len, head_dim // 2) fp32 tables."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by the position's angle i (Mistral's layout).
+
+    x: (T, heads, D); cos, sin: (T, D // 2) fp32. Computed in fp32, returned in x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))                    # (T, heads, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]                   # (T, 1, D/2)
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with an optional sliding window; K/V are never copied to all heads."""
+
+    def __init__(self, args: ModelArgs, window: Optional[int]):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = window
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan,
+                cache: Optional[RollingCache], layer_id: int) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.wq(x).view(T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attend(q, k, v, plan.for_window(self.window), plan.backend,
+                     None if cache is None else cache[layer_id])          # (T, H, D)
+        return self.wo(out.reshape(T, -1))
+
+
+class FeedForward(nn.Module):
+    """SiLU-gated feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeFeedForward(nn.Module):
+    """Mixtral's sparse mixture of experts: each token runs its top-k experts, weighted by a softmax over the
+    k chosen router logits. Each expert runs only on the tokens routed to it."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int):
+        super().__init__()
+        self.k = num_experts_per_tok
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor, router_logits: Optional[list] = None) -> torch.Tensor:
+        logits = self.gate(x)                                              # (T, E)
+        if router_logits is not None:
+            router_logits.append(logits)
+        top_logits, chosen = torch.topk(logits, self.k, dim=-1)            # (T, k)
+        weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)   # (T, k)
+        # Group the (token, choice) pairs by expert with one sort and one host read of the counts.
+        flat = chosen.flatten()                                            # (T*k,)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of = order // self.k
+        weight_of = weights.flatten()[order, None]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                idx = token_of[start:start + n]
+                out.index_add_(0, idx, expert(x[idx]) * weight_of[start:start + n])
+            start += n
+        return out
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, args.window_for(layer_id))
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        if args.moe is None:
+            self.feed_forward: nn.Module = FeedForward(args.dim, args.hidden_dim)
+        else:
+            self.feed_forward = MoeFeedForward(args.dim, args.hidden_dim, args.moe.num_experts,
+                                               args.moe.num_experts_per_tok)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan,
+                cache: Optional[RollingCache], router_logits: Optional[list] = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, plan, cache, self.layer_id)
+        h = self.ffn_norm(x)
+        if isinstance(self.feed_forward, MoeFeedForward):
+            return x + self.feed_forward(h, router_logits)
+        return x + self.feed_forward(h)
+
+
+class Transformer(nn.Module):
+    """The whole model. Layers sit in a dict keyed by their global index, so a pipeline stage that keeps only
+    some of them (and maybe no embedding or no output) keeps the checkpoint's names; ``forward`` passes
+    hidden states through where the embedding or the output head is absent."""
+
+    def __init__(self, args: ModelArgs, layers: Optional[list[int]] = None, embed: bool = True, head: bool = True):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if embed else None
+        layer_ids = range(args.n_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in layer_ids})
+        self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def windows(self) -> list[Optional[int]]:
+        return self.args.windows()
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for these positions; the tables are built once, on the positions' device."""
+        if self._rope is None or self._rope[0].device != positions.device:
+            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+            self._rope = (cos.to(positions.device), sin.to(positions.device))
+        return self._rope[0][positions], self._rope[1][positions]
+
+    def plan(self, lengths: list[int], starts: Optional[list[int]] = None, rows: Optional[list[int]] = None,
+             cache: Optional[RollingCache] = None, backend: Backend = "per_sequence") -> BatchPlan:
+        """The step's BatchPlan for this model's windows (and the cache's sizes, if any)."""
+        ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
+        if ends and max(ends) > self.args.max_seq_len:
+            raise ValueError(f"a sequence reaches {max(ends)} tokens, past the model's max_seq_len "
+                             f"{self.args.max_seq_len}")
+        return BatchPlan.build(lengths, starts=starts, rows=rows, windows=self.windows,
+                               cache_lens=None if cache is None else cache.cache_lens(),
+                               device=self.device, backend=backend)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, x: torch.Tensor, plan: BatchPlan | list[int], cache: Optional[RollingCache] = None,
+                router_logits: Optional[list] = None) -> torch.Tensor:
+        """
+        Args:
+            x: (T,) token ids, or (T, dim) hidden states on a pipeline stage without the embedding.
+            plan: a BatchPlan, or just the sequence lengths for a forward without cache from position 0.
+            cache: the rolling cache the plan was built for, or None.
+            router_logits: if a list is given, each MoE layer appends its (T, n_experts) router logits.
+        Returns:
+            (T, vocab_size) logits, or (T, dim) hidden states on a stage without the output head.
+        """
+        if not isinstance(plan, BatchPlan):
+            plan = self.plan(list(plan))
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        rope = self.rope(plan.positions)
+        for layer in self.layers.values():
+            h = layer(h, rope, plan, cache, router_logits)
+        if self.output is None:
+            return h
+        return self.output(self.norm(h))
+
+
+def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transformer:
+    """Random weights for tests and training from scratch: normal(0, std) matrices, scaled down on the
+    residual projections (wo, w2) by sqrt(2 * n_layers), ones for norms."""
+    g = torch.Generator().manual_seed(seed)
+    resid_std = std / math.sqrt(2 * model.args.n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                s = resid_std if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+    return model
+
+
+def build_model(args: ModelArgs, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                seed: Optional[int] = 0, **stage: object) -> Transformer:
+    """A model with random weights (seeded), in ``dtype`` on ``device``."""
+    model = Transformer(args, **stage)  # type: ignore[arg-type]
+    if seed is not None:
+        init_weights(model, seed)
+    return model.to(device=device, dtype=dtype)
