@@ -159,6 +159,8 @@ class BatchPlan:
             cache_lens: slots per row for each window, ``{window: S}``; None: no cache.
         """
         lengths = [int(n) for n in lengths]
+        if not lengths:
+            raise ValueError("a step needs at least one sequence")
         if any(n <= 0 for n in lengths):
             raise ValueError(f"every sequence needs at least one new token, got lengths {lengths}")
         starts = [0] * len(lengths) if starts is None else [int(s) for s in starts]
@@ -187,8 +189,8 @@ class BatchPlan:
 def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],
                  rows: Optional[list[int]], positions: torch.Tensor, device: torch.device) -> WindowPlan:
     """Host-side index arithmetic for one window; every list becomes one small tensor."""
-    q_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                    torch.tensor(lengths, device=device))
+    # Built from host lists: a device-side repeat_interleave would need a sync to size its output.
+    q_seq = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)], dtype=torch.long, device=device)
     if cache_len is None:
         return WindowPlan(window=window, cache_len=None, q_seqlens=lengths, kv_seqlens=lengths,
                           prefix_lens=[0] * len(lengths), decode=False, q_seq=q_seq, q_pos=positions,

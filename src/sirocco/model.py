@@ -190,15 +190,17 @@ class Transformer(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, x: torch.Tensor, plan: BatchPlan | list[int], cache: Optional[RollingCache] = None,
-                router_logits: Optional[list] = None) -> torch.Tensor:
+                router_logits: Optional[list] = None, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         Args:
             x: (T,) token ids, or (T, dim) hidden states on a pipeline stage without the embedding.
             plan: a BatchPlan, or just the sequence lengths for a forward without cache from position 0.
             cache: the rolling cache the plan was built for, or None.
             router_logits: if a list is given, each MoE layer appends its (T, n_experts) router logits.
+            logits_at: (N,) indices of the tokens whose logits are wanted (pre-fill needs only each prompt's
+                last); default all.
         Returns:
-            (T, vocab_size) logits, or (T, dim) hidden states on a stage without the output head.
+            (T or N, vocab_size) logits, or (T, dim) hidden states on a stage without the output head.
         """
         if not isinstance(plan, BatchPlan):
             plan = self.plan(list(plan))
@@ -208,6 +210,8 @@ class Transformer(nn.Module):
             h = layer(h, rope, plan, cache, router_logits)
         if self.output is None:
             return h
+        if logits_at is not None:
+            h = h[logits_at]
         return self.output(self.norm(h))
 
 

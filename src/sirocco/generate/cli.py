@@ -1,0 +1,128 @@
+"""``sirocco generate``: continue one or many prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from ..errors import SiroccoError
+from ..loading import DTYPES, add_model_arguments, load_for_inference
+from .engine import Engine
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = ("Continue prompts with a Mistral or Mixtral model. Prompts are packed into one sequence "
+                     "without padding, pre-filled in chunks and decoded over a rolling KV cache. Prompts come "
+                     "from the arguments, from --prompts-file (one per line), or from standard input.")
+    p.epilog = ("examples:\n"
+                "  sirocco generate \"The sliding window\" \"A rolling buffer\"\n"
+                "  sirocco generate --model ./mistral-7b --dtype bfloat16 --temperature 0 \"def fib(n):\"\n"
+                "  sirocco generate --json --max-tokens 32 --prompts-file prompts.txt > out.jsonl\n"
+                "  echo 'Hello' | sirocco generate --stop '.'")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("prompts", nargs="*", help="prompt texts (none: read --prompts-file or standard input)")
+    p.add_argument("--prompts-file", metavar="PATH", help="a file with one prompt per line")
+    add_model_arguments(p)
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per prompt (default 128)")
+    s.add_argument("--temperature", type=float, default=0.7, help="0 is greedy decoding (default 0.7)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass to keep (default 0.95)")
+    s.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 keeps all")
+    s.add_argument("--seed", type=int, default=0, help="random seed; prompt i samples with seed + i (default 0)")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop a sequence when it writes TEXT (repeatable); the text ends before it")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message of the chat template")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-rows", type=int, default=8, help="most sequences generated at once (default 8)")
+    e.add_argument("--chunk-size", type=int, default=None,
+                   help="pre-fill at most this many tokens of a prompt per step (default: the sliding window)")
+    e.add_argument("--backend", choices=["per_sequence", "dense"], default="per_sequence",
+                   help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
+                        "logprobs, finish_reason")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts:
+        return list(args.prompts)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except OSError as e:
+            raise SiroccoError(f"cannot read --prompts-file: {e}") from None
+    elif not sys.stdin.isatty():
+        lines = [line.rstrip("\n") for line in sys.stdin]
+    else:
+        raise SiroccoError("no prompt: give prompts as arguments, --prompts-file, or on standard input")
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise SiroccoError("no prompt: the input has only empty lines")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args)
+    loaded = load_for_inference(args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    longest = max(len(tokenizer.encode(p)) for p in prompts) if not args.chat else None
+    engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
+                    max_seq_len=_cache_len(model.args.max_seq_len, longest, args.max_tokens),
+                    backend=args.backend)
+    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed + i, stop=tuple(args.stop),
+                             stop_on_eos=not args.ignore_eos) for i in range(len(prompts))]
+    bar = tqdm(total=len(prompts) * args.max_tokens, unit="tok", desc="generating", file=sys.stderr,
+               disable=args.no_progress or None, leave=False)
+    stream_one = len(prompts) == 1 and not args.json
+    if stream_one:
+        sys.stdout.write(prompts[0])
+    results = {}
+    t0 = time.perf_counter()
+    for event in engine.stream(inputs, params):
+        bar.update(1)
+        if stream_one:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        if event.completion is not None:
+            c = event.completion
+            c.prompt = prompts[c.index]
+            bar.update(args.max_tokens - len(c.tokens))
+            results[c.index] = c
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    for i in range(len(prompts)):
+        c = results[i]
+        if args.json:
+            print(json.dumps(c.to_json(), ensure_ascii=False))
+        elif stream_one:
+            print()
+        else:
+            print(f"--- [{i}] {c.finish_reason}, {len(c.tokens)} tokens\n{c.prompt}{c.text}\n")
+    st = engine.stats
+    generated = sum(len(c.tokens) for c in results.values())
+    print(f"sirocco: {len(prompts)} prompts, {st.prefill_tokens} prompt tokens pre-filled at {st.prefill_tps:.0f} "
+          f"tok/s, {generated} tokens generated, decode {st.decode_tps:.1f} tok/s, "
+          f"{elapsed:.2f} s in all", file=sys.stderr)
+    return 0
+
+
+def _cache_len(model_max: int, longest_prompt: int | None, max_tokens: int) -> int:
+    """Size the cache for this run, not for the model's longest context (32k positions x rows is GBs)."""
+    if longest_prompt is None:
+        return model_max
+    return min(model_max, longest_prompt + max_tokens)
