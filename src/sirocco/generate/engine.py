@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .. import kernels
 from ..cache import RollingCache
 from ..errors import SiroccoError
 from ..masks import Backend
@@ -117,6 +118,8 @@ class Engine:
             model's max_seq_len). Positions past it are refused with the limit in the message.
         max_batch_tokens: most tokens in one pre-fill step, over all sequences (default 4 * chunk_size).
         backend: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
+        fast_decode: route single-row products to the compiled kernel of kernels.py (a few seconds of compile
+            up front; default: on for CPU models of 256 MiB of weights or more, where decode is memory-bound).
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -124,7 +127,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 backend: Backend = "per_sequence"):
+                 backend: Backend = "per_sequence", fast_decode: Optional[bool] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -142,6 +145,14 @@ class Engine:
         log.info("cache: %d rows x %s slots, %.1f MiB (%s)", max_rows,
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
+        if fast_decode is None:
+            fast_decode = kernels.fast_decode_pays(model)
+        if fast_decode:
+            t0 = time.perf_counter()
+            kernels.use_fast_decode(model)
+            shapes = kernels.warm_up(model)
+            log.info("compiled the single-row decode kernel for %d weight shapes in %.1f s", shapes,
+                     time.perf_counter() - t0)
         self.stats = Stats()
 
     def _make_cache(self) -> RollingCache:
