@@ -1,0 +1,163 @@
+"""Sharded generation: the engine of ``sirocco.generate`` with its model split into pipeline stages.
+
+Every rank runs the same engine loop (admission, chunking, stopping, row compaction) on the same host integers,
+so every rank builds the same ``BatchPlan`` each step and nothing but activations and sampled tokens travels:
+
+    rank 0: tokens -> embedding + its layers ---h (T, dim)---> rank 1: its layers ---h---> ... last rank:
+    its layers -> norm -> output -> logits -> sample (one generator per sequence) --tokens, logprobs--> all ranks
+
+The shape of each hidden state follows from the plan (T = the step's token count), so receivers size their
+buffers without asking. The next tokens are chosen once, on the last rank, and broadcast with their
+log-probabilities, so every rank appends the same tokens and makes the same stop decisions.
+
+Micro-batches: a step with several sequences is cut into groups of whole sequences (balanced by tokens), each
+with its own plan. Rank r computes group m while rank r+1 computes group m-1, so stages overlap instead of
+waiting for each other's whole step:
+
+    without:  rank 0 [ g0 g1 ]                 with:  rank 0 [g0][g1]
+              rank 1          [ g0 g1 ]               rank 1     [g0][g1]
+
+Sequences never attend across groups and each owns its cache row, so a group's results are those of the whole
+step (per-sequence attention, per-token MoE routing); only the matrix products see smaller batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..cache import RollingCache
+from ..generate.engine import Engine
+from ..generate.sampling import sample
+from ..masks import BatchPlan
+from ..model import Transformer
+from .launch import DistContext, peer_errors
+
+log = logging.getLogger(__name__)
+
+
+def split_groups(lengths: list[int], n_groups: int) -> list[tuple[int, int]]:
+    """Cut sequences (in packing order) into at most ``n_groups`` contiguous non-empty groups with about
+    equal token counts; returns (first, end) sequence indices.
+
+    >>> split_groups([1, 1, 1, 1], 2), split_groups([9, 1, 1, 1], 2), split_groups([3], 4)
+    ([(0, 2), (2, 4)], [(0, 1), (1, 4)], [(0, 1)])
+    """
+    n = min(n_groups, len(lengths))
+    total = sum(lengths)
+    bounds, acc, start = [], 0, 0
+    for i, length in enumerate(lengths):
+        acc += length
+        left_groups = n - len(bounds) - 1            # groups still to open after this one
+        left_seqs = len(lengths) - i - 1
+        if left_groups and (acc >= total * (len(bounds) + 1) / n or left_seqs == left_groups):
+            bounds.append((start, i + 1))
+            start = i + 1
+    bounds.append((start, len(lengths)))
+    return bounds
+
+
+class PipelineEngine(Engine):
+    """An ``Engine`` whose model is one pipeline stage; run one per rank, all with the same arguments.
+
+    Args:
+        stage: this rank's ``Transformer`` (built with ``layers=...``, ``embed`` on rank 0, ``head`` on the last).
+        ctx: the rank's ``DistContext`` (``init_distributed``).
+        tokenizer: as for ``Engine``; every rank needs it (stop strings are checked on every rank).
+        micro_batches: groups of sequences per step that flow through the stages concurrently (default: the
+            number of stages; 1 turns the overlap off).
+        **engine_kwargs: ``max_rows``, ``chunk_size``, ``max_seq_len``, ... as for ``Engine``.
+
+    Every rank's ``generate`` / ``stream`` returns the same completions.
+    """
+
+    def __init__(self, stage: Transformer, ctx: DistContext, tokenizer=None, micro_batches: Optional[int] = None,
+                 **engine_kwargs):
+        self.ctx = ctx
+        self.micro_batches = max(1, int(micro_batches if micro_batches is not None else ctx.world_size))
+        self._check_stage(stage)
+        self._inflight: list[tuple[dist.Work, torch.Tensor]] = []   # sends not yet known complete (and buffers)
+        super().__init__(stage, tokenizer, **engine_kwargs)
+
+    def _check_stage(self, stage: Transformer) -> None:
+        has_embed, has_head = stage.tok_embeddings is not None, stage.output is not None
+        if has_embed != self.ctx.is_first or has_head != self.ctx.is_last:
+            raise ValueError(f"rank {self.ctx.rank} of {self.ctx.world_size} needs a stage with embedding="
+                             f"{self.ctx.is_first} and output head={self.ctx.is_last}, got embedding={has_embed} "
+                             f"and output head={has_head}")
+
+    def _make_cache(self) -> RollingCache:
+        """Cache rows for this stage's layers only."""
+        return RollingCache(self.args, rows=self.max_rows, dtype=self.dtype, device=self.device,
+                            max_seq_len=self.max_seq_len, layers=[int(i) for i in self.model.layers])
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, plan: BatchPlan, logits_at: Optional[torch.Tensor] = None,
+                 ) -> Optional[torch.Tensor]:
+        """Run this stage over the step's micro-batches; the last rank returns the logits (as ``Engine``), the
+        others None."""
+        ctx = self.ctx
+        with peer_errors(ctx, "passing activations"):
+            self._wait_sends()
+            groups = split_groups(plan.lengths, self.micro_batches)
+            offsets = [0]
+            for n in plan.lengths:
+                offsets.append(offsets[-1] + n)
+            plans = [plan] if len(groups) == 1 else [
+                self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=plan.rows[a:b], cache=self.cache,
+                                backend=self.backend) for a, b in groups]
+            # Post every receive at once: group m can arrive while group m-1 is still being computed.
+            recvs = []
+            if not ctx.is_first:
+                for m, (a, b) in enumerate(groups):
+                    buf = torch.empty(offsets[b] - offsets[a], self.args.dim, dtype=self.dtype, device=self.device)
+                    recvs.append((dist.irecv(buf, src=ctx.prev, tag=m), buf))
+            wanted = None if logits_at is None else logits_at.tolist()
+            outs = []
+            for m, ((a, b), sub) in enumerate(zip(groups, plans)):
+                t0, t1 = offsets[a], offsets[b]
+                if ctx.is_first:
+                    x = tokens[t0:t1]
+                else:
+                    work, x = recvs[m]
+                    work.wait()
+                at = None
+                if ctx.is_last and wanted is not None:
+                    at = torch.tensor([i - t0 for i in wanted if t0 <= i < t1], dtype=torch.long,
+                                      device=self.device)
+                y = self.model(x, sub, self.cache, logits_at=at)
+                if ctx.is_last:
+                    outs.append(y)
+                else:
+                    self._inflight.append((dist.isend(y.contiguous(), dst=ctx.next, tag=m), y))
+        if not ctx.is_last:
+            return None
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _wait_sends(self) -> None:
+        for work, _ in self._inflight:
+            work.wait()
+        self._inflight.clear()
+
+    def _sample(self, seqs, logits: Optional[torch.Tensor]):
+        """The last rank samples (one generator per sequence) and broadcasts tokens and log-probabilities;
+        every rank returns the same list."""
+        if not seqs:
+            return []
+        ctx = self.ctx
+        if ctx.is_last:
+            tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            # float64 holds every token id and every fp32 log-probability exactly: one message.
+            packed = torch.stack([tokens.double(), logprobs.double()])               # (2, B)
+        else:
+            packed = torch.empty(2, len(seqs), dtype=torch.float64, device=self.device)
+        with peer_errors(ctx, "receiving the sampled tokens"):
+            self._wait_sends()
+            dist.broadcast(packed, src=ctx.last)
+        # The one host read of a step, as in Engine._sample.
+        tokens_list = packed[0].long().tolist()
+        logprobs_list = packed[1].float().tolist()
+        return list(zip(seqs, tokens_list, logprobs_list))

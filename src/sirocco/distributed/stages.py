@@ -1,0 +1,128 @@
+"""Splitting a model into pipeline stages: contiguous runs of layers, embedding on the first, head on the last.
+
+    stage 0                 stage 1            ...   stage N-1
+    tok_embeddings          layers k..m-1            layers ..n-1
+    layers 0..k-1                                    norm, output
+
+A stage is an ordinary ``Transformer`` built with ``layers=[...]``, ``embed`` and ``head``: its layer dict is
+keyed by global index, so its state dict keys are exactly the checkpoint's, and a consolidated state dict of
+the whole model is the union of the stages' state dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelArgs
+from ..errors import ConfigError
+from ..model import Transformer, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model stage ``index`` of ``count`` holds."""
+
+    index: int
+    count: int
+    layers: tuple[int, ...]
+
+    @property
+    def embed(self) -> bool:
+        return self.index == 0
+
+    @property
+    def head(self) -> bool:
+        return self.index == self.count - 1
+
+    def describe(self) -> str:
+        parts = (["tok_embeddings"] if self.embed else []) + [f"layers {self.layers[0]}..{self.layers[-1]}"] + \
+                (["norm", "output"] if self.head else [])
+        return f"stage {self.index}/{self.count}: " + ", ".join(parts)
+
+
+def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
+    """Contiguous runs of layers, as even as possible; the first stages take the extra layers because the last
+    one also runs the output projection (about half a layer of work for a 7B model).
+
+    >>> split_layers(5, 2), split_layers(32, 3)[0][-1], [len(s) for s in split_layers(32, 3)]
+    ([[0, 1, 2], [3, 4]], 10, [11, 11, 10])
+    """
+    if n_stages < 1:
+        raise ConfigError(f"the number of pipeline stages must be at least 1, got {n_stages}")
+    if n_stages > n_layers:
+        raise ConfigError(f"cannot split {n_layers} layers into {n_stages} pipeline stages: each stage needs at "
+                          f"least one layer (use at most {n_layers} pipeline ranks)")
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def stage_spec(args: ModelArgs, n_stages: int, index: int) -> StageSpec:
+    if not 0 <= index < n_stages:
+        raise ConfigError(f"stage index {index} outside 0..{n_stages - 1}")
+    return StageSpec(index=index, count=n_stages, layers=tuple(split_layers(args.n_layers, n_stages)[index]))
+
+
+def empty_stage(args: ModelArgs, spec: StageSpec) -> Transformer:
+    """The stage's module on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return Transformer(args, layers=list(spec.layers), embed=spec.embed, head=spec.head)
+
+
+def stage_shapes(args: ModelArgs, spec: StageSpec) -> dict[str, torch.Size]:
+    """Parameter names of the stage (checkpoint names) and their shapes."""
+    return {k: v.shape for k, v in empty_stage(args, spec).state_dict().items()}
+
+
+def stage_from_state_dict(args: ModelArgs, spec: StageSpec, state_dict: dict[str, torch.Tensor],
+                          dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Transformer:
+    """The stage with its tensors taken from ``state_dict`` (which may hold the whole model: only the stage's
+    keys are read). A missing key or a wrong shape fails naming it."""
+    model = empty_stage(args, spec)
+    mine = {}
+    for name, shape in ((k, v.shape) for k, v in model.state_dict().items()):
+        if name not in state_dict:
+            raise ConfigError(f"{spec.describe()} needs tensor {name!r}, which the state dict lacks")
+        t = state_dict[name]
+        if t.shape != shape:
+            raise ConfigError(f"tensor {name!r} has shape {tuple(t.shape)}, the config says {tuple(shape)}")
+        mine[name] = t.detach().to(device=device, dtype=dtype).clone()
+    model.load_state_dict(mine, strict=True, assign=True)
+    return model
+
+
+def random_stage(args: ModelArgs, spec: StageSpec, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> Transformer:
+    """The stage of ``build_model(args, seed=seed)``: the same random weights a single process would have.
+    Builds the whole model on the CPU first (random initialisation draws every tensor in order), then keeps
+    only the stage's tensors; for tests and demos with small models."""
+    full = build_model(args, seed=seed).state_dict()
+    return stage_from_state_dict(args, spec, full, dtype=dtype, device=device)
+
+
+def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", max_seq_len: Optional[int] = None) -> Transformer:
+    """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``)."""
+    try:
+        from ..checkpoint import load_model
+    except ImportError as e:
+        raise ConfigError(f"loading a checkpoint for a pipeline stage needs sirocco.checkpoint.load_model: {e}") \
+            from None
+    return load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=list(spec.layers),
+                      embed=spec.embed, head=spec.head)
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters a module holds (what a stage keeps resident)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
