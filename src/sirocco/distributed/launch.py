@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -251,10 +252,12 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, backend: Op
         with fail_together(ctx):
             value = fn(ctx, *args)
             shutdown(ctx)
-        results.put(RankResult(rank, value=value, seconds=time.perf_counter() - t0))
+        result = RankResult(rank, value=value, seconds=time.perf_counter() - t0)
     except BaseException as e:
-        results.put(RankResult(rank, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
-                               error_type=type(e).__name__, seconds=time.perf_counter() - t0))
+        result = RankResult(rank, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                            error_type=type(e).__name__, seconds=time.perf_counter() - t0)
+    # Plain pickle bytes: tensors sent through a torch queue live in shared memory that vanishes with this process.
+    results.put(pickle.dumps(result))
 
 
 def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend: Optional[str] = None,
@@ -283,7 +286,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ba
         if first_failure is not None and now - first_failure > grace_s:
             break
         try:
-            r: RankResult = results.get(timeout=0.2)
+            r: RankResult = pickle.loads(results.get(timeout=0.2))
             out[r.rank] = r
             if not r.ok and first_failure is None:
                 first_failure = time.monotonic()

@@ -1,0 +1,235 @@
+"""Pipeline-parallel training: the model's stages on several ranks, driven by a ``torch.distributed.pipelining``
+schedule (GPipe, or 1F1B which holds fewer micro-batches' activations at once).
+
+A batch is B rows of T tokens; each row packs whole documents back to back, and ``positions`` (B, T) gives each
+token's position in its document (0 where a document starts), so every stage can rebuild the documents'
+block-diagonal causal mask on its own: the positions travel to every stage as a keyword argument, the
+activations (b, T, dim) from stage to stage. The schedule cuts the B rows into micro-batches along dimension 0:
+
+    rows  [r0 r1 | r2 r3 | r4 r5 | r6 r7]   B = 8, 4 micro-batches of 2 rows
+    GPipe (2 stages):   rank 0  F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3        (F forward, B backward)
+                        rank 1  .  F0 F1 F2 F3 B0 B1 B2 B3 .
+
+The loss is computed on the last stage: the sum of the cross-entropies of the batch's target tokens divided by
+their count over the *whole batch*, so the gradients accumulated over the micro-batches are those of the
+token-mean loss of the batch, exactly as a single process accumulating the same micro-batches (and independent
+of how the rows are cut). Gradients accumulate into each stage's ``.grad``; the optimizer is the caller's,
+one per rank over its stage's parameters (element-wise optimizers such as AdamW then match a single process;
+clip the gradient norm with ``clip_grad_norm_`` here, which sums over all stages).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from ..config import ModelArgs
+from ..masks import Backend
+from ..model import Transformer
+from .launch import DistContext, peer_errors
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def document_lengths(positions: torch.Tensor) -> list[int]:
+    """Lengths of the documents packed in (B, T) rows, row after row, from each token's position in its
+    document. Every row must start a document; positions must count 0, 1, 2... within each document.
+
+    >>> document_lengths(torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]))
+    [3, 2, 1, 4]
+    """
+    B, T = positions.shape
+    flat = positions.reshape(-1).cpu()
+    idx = torch.arange(B * T)
+    if (positions[:, 0] != 0).any():
+        raise ValueError(f"every row must start a document (position 0); first positions are "
+                         f"{positions[:, 0].tolist()}")
+    doc_start = torch.where(flat == 0, idx, torch.zeros_like(idx)).cummax(0).values
+    if not torch.equal(flat, idx - doc_start):
+        bad = int((flat != idx - doc_start).nonzero()[0])
+        raise ValueError(f"positions must count up by one within a document; row {bad // T}, column {bad % T} "
+                         f"has {int(flat[bad])}, expected {int(idx[bad] - doc_start[bad])}")
+    starts = (flat == 0).nonzero().flatten().tolist() + [B * T]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+class TrainStage(nn.Module):
+    """A pipeline stage for training: (b, T) token ids or (b, T, dim) activations, plus (b, T) positions ->
+    (b, T, dim) activations, or (b, T, vocab) logits on the last stage."""
+
+    def __init__(self, stage: Transformer, backend: Backend = "per_sequence"):
+        super().__init__()
+        self.stage = stage
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, T = positions.shape
+        plan = self.stage.plan(document_lengths(positions), backend=self.backend)
+        flat = x.reshape(b * T, *x.shape[2:])                     # (b*T,) ids or (b*T, dim)
+        return self.stage(flat, plan).view(b, T, -1)
+
+
+class BatchTokenLoss:
+    """Cross-entropy summed over a micro-batch's target tokens, divided by the target tokens of the whole batch
+    (set ``count`` before each step). Summing it over the micro-batches gives the batch's token-mean loss."""
+
+    def __init__(self) -> None:
+        self.count = 1
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / self.count
+
+
+class PipelineTrainer:
+    """Forward and backward of whole batches over the pipeline; one per rank, all with the same arguments.
+
+    Args:
+        stage: this rank's ``Transformer`` stage (trainable parameters, on ``ctx.device``).
+        ctx: the rank's ``DistContext``.
+        n_microbatches: micro-batches per batch (the batch's rows must divide evenly).
+        schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (one forward, one backward in the
+            steady state: activations of at most ``world_size`` micro-batches alive at once).
+        backend: attention path ("per_sequence" or "dense"; both have a backward on the CPU).
+
+    >>> trainer = PipelineTrainer(stage, ctx, n_microbatches=4)                      # doctest: +SKIP
+    >>> loss = trainer.step(tokens, targets, positions); opt.step(); opt.zero_grad()  # doctest: +SKIP
+    """
+
+    def __init__(self, stage: Transformer, ctx: DistContext, n_microbatches: int = 4,
+                 schedule: Literal["gpipe", "1f1b"] = "gpipe", backend: Backend = "per_sequence"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        if n_microbatches < 1:
+            raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
+        self.ctx = ctx
+        self.stage = stage
+        self.module = TrainStage(stage, backend)
+        self.n_microbatches = n_microbatches
+        self.schedule_name = schedule
+        self.loss_fn = BatchTokenLoss()
+        # A stage and its schedule are fixed to the first shape they see: keep one per batch shape.
+        self._schedules: dict[tuple[int, int], object] = {}
+
+    def _schedule(self, shape: tuple[int, int]):
+        if shape not in self._schedules:
+            pstage = PipelineStage(self.module, self.ctx.rank, self.ctx.world_size, self.ctx.device)
+            # scale_grads=False: the loss is already normalised by the batch's token count.
+            self._schedules[shape] = SCHEDULES[self.schedule_name](
+                pstage, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
+            log.debug("rank %d: new %s schedule for batches of shape %s", self.ctx.rank, self.schedule_name, shape)
+        return self._schedules[shape]
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> float:
+        """Accumulate the gradients of one batch into the stage's parameters.
+
+        Args (the same on every rank; the first stage reads ``tokens``, the last ``targets``, all ``positions``):
+            tokens: (B, T) input ids; targets: (B, T) next-token ids, ``IGNORE_INDEX`` where no loss is wanted;
+            positions: (B, T) position of each token in its document.
+        Returns:
+            the batch's mean cross-entropy per target token, on every rank.
+        """
+        ctx = self.ctx
+        B, T = positions.shape
+        if tokens.shape != (B, T) or targets.shape != (B, T):
+            raise ValueError(f"tokens {tuple(tokens.shape)}, targets {tuple(targets.shape)} and positions "
+                             f"{tuple(positions.shape)} must all be (rows, tokens)")
+        if B % self.n_microbatches:
+            raise ValueError(f"{B} rows do not split into {self.n_microbatches} equal micro-batches")
+        dev = ctx.device
+        positions = positions.to(dev)
+        self.loss_fn.count = max(1, int((targets != IGNORE_INDEX).sum()))
+        schedule = self._schedule((B, T))
+        losses: list[torch.Tensor] = []
+        args = (tokens.to(dev),) if ctx.is_first else ()
+        kwargs = dict(target=targets.to(dev), losses=losses) if ctx.is_last else {}
+        with peer_errors(ctx, "running the pipeline schedule"):
+            schedule.step(*args, positions=positions, **kwargs)
+            total = torch.stack(losses).sum().detach().reshape(1).float() if ctx.is_last else \
+                torch.zeros(1, device=dev)
+            dist.broadcast(total, src=ctx.last)
+        return float(total)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.stage.parameters() if p.requires_grad]
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale every stage's gradients so that the norm over *all* stages is at most ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_`` on the whole model); returns that norm before clipping."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        with peer_errors(self.ctx, "summing the gradient norm"):
+            dist.all_reduce(sq)
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return float(total)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def gather_state_dict(stage: nn.Module, ctx: DistContext) -> Optional[dict[str, torch.Tensor]]:
+    """The whole model's state dict on rank 0 (CPU tensors, checkpoint names), None on the other ranks.
+
+    Each rank announces its tensors' names, shapes and dtypes, then sends them to rank 0 one by one; rank 0
+    holds the whole model once (as a single process saving it would)."""
+    mine = {k: v.detach() for k, v in stage.state_dict().items()}
+    meta = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in mine.items()}
+    metas: list[Optional[dict]] = [None] * ctx.world_size
+    with peer_errors(ctx, "gathering the checkpoint"):
+        dist.all_gather_object(metas, meta)
+        names = [k for m in metas for k in m]
+        if len(names) != len(set(names)):
+            dup = sorted({k for k in names if names.count(k) > 1})
+            raise ValueError(f"tensors held by more than one stage: {dup[:5]}")
+        if ctx.rank != 0:
+            for name in sorted(mine):
+                dist.send(mine[name].contiguous(), dst=0)
+            return None
+        full = {k: v.cpu().clone() for k, v in mine.items()}
+        for r in range(1, ctx.world_size):
+            for name in sorted(metas[r]):
+                shape, dtype = metas[r][name]
+                buf = torch.empty(shape, dtype=getattr(torch, dtype), device=ctx.device)
+                dist.recv(buf, src=r)
+                full[name] = buf.cpu()
+    return full
+
+
+def save_checkpoint(stage: nn.Module, ctx: DistContext, args: ModelArgs, folder: str | Path) -> Optional[Path]:
+    """Write the whole model as one consolidated checkpoint (``params.json`` + ``consolidated.safetensors``),
+    the files a single process saving the same weights writes. Rank 0 writes; every rank returns once the
+    files exist (the folder on rank 0, None elsewhere)."""
+    full = gather_state_dict(stage, ctx)
+    path = None
+    if full is not None:
+        path = write_consolidated(full, args, folder)
+    with peer_errors(ctx, "waiting for rank 0 to write the checkpoint"):
+        dist.barrier()
+    return path
+
+
+def write_consolidated(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path) -> Path:
+    """``params.json`` and ``consolidated.safetensors`` in ``folder`` (what a single process writes)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "consolidated.safetensors"),
+              metadata={"format": "pt"})
+    (folder / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    log.info("wrote %d tensors (%.1f MiB) to %s", len(state_dict),
+             sum(v.numel() * v.element_size() for v in state_dict.values()) / 2**20, folder)
+    return folder
