@@ -236,6 +236,7 @@ class RankResult:
     error: Optional[str] = None
     error_type: Optional[str] = None
     seconds: float = 0.0          # from the rank's start to its result or error
+    finished_at: float = 0.0      # wall-clock time (time.time()) of the result or error
 
     @property
     def ok(self) -> bool:
@@ -252,10 +253,11 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, backend: Op
         with fail_together(ctx):
             value = fn(ctx, *args)
             shutdown(ctx)
-        result = RankResult(rank, value=value, seconds=time.perf_counter() - t0)
+        result = RankResult(rank, value=value)
     except BaseException as e:
         result = RankResult(rank, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
-                            error_type=type(e).__name__, seconds=time.perf_counter() - t0)
+                            error_type=type(e).__name__)
+    result.seconds, result.finished_at = time.perf_counter() - t0, time.time()
     # Plain pickle bytes: tensors sent through a torch queue live in shared memory that vanishes with this process.
     results.put(pickle.dumps(result))
 
@@ -296,12 +298,13 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ba
                     time.sleep(0.2)            # its message may still be in the queue
                     if rank not in out:
                         out[rank] = RankResult(rank, error=f"process exited with code {p.exitcode}",
-                                               error_type="exit", seconds=time.monotonic() - start)
+                                               error_type="exit", seconds=time.monotonic() - start,
+                                               finished_at=time.time())
                         first_failure = first_failure or time.monotonic()
     for rank, p in enumerate(procs):
         if rank not in out:
             out[rank] = RankResult(rank, error="still running: terminated by spawn_local", error_type="hang",
-                                   seconds=time.monotonic() - start)
+                                   seconds=time.monotonic() - start, finished_at=time.time())
         p.join(timeout=2.0)
         if p.is_alive():
             p.terminate()

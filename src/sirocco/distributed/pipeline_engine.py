@@ -100,46 +100,48 @@ class PipelineEngine(Engine):
         """Run this stage over the step's micro-batches; the last rank returns the logits (as ``Engine``), the
         others None."""
         ctx = self.ctx
-        with peer_errors(ctx, "passing activations"):
-            self._wait_sends()
-            groups = split_groups(plan.lengths, self.micro_batches)
-            offsets = [0]
-            for n in plan.lengths:
-                offsets.append(offsets[-1] + n)
-            plans = [plan] if len(groups) == 1 else [
-                self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=plan.rows[a:b], cache=self.cache,
-                                backend=self.backend) for a, b in groups]
-            # Post every receive at once: group m can arrive while group m-1 is still being computed.
-            recvs = []
-            if not ctx.is_first:
+        self._wait_sends()
+        groups = split_groups(plan.lengths, self.micro_batches)
+        offsets = [0]
+        for n in plan.lengths:
+            offsets.append(offsets[-1] + n)
+        plans = [plan] if len(groups) == 1 else [
+            self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=plan.rows[a:b], cache=self.cache,
+                            backend=self.backend) for a, b in groups]
+        # Post every receive at once: group m can arrive while group m-1 is still being computed.
+        recvs = []
+        if not ctx.is_first:
+            with peer_errors(ctx, "receiving activations"):
                 for m, (a, b) in enumerate(groups):
                     buf = torch.empty(offsets[b] - offsets[a], self.args.dim, dtype=self.dtype, device=self.device)
                     recvs.append((dist.irecv(buf, src=ctx.prev, tag=m), buf))
-            wanted = None if logits_at is None else logits_at.tolist()
-            outs = []
-            for m, ((a, b), sub) in enumerate(zip(groups, plans)):
-                t0, t1 = offsets[a], offsets[b]
-                if ctx.is_first:
-                    x = tokens[t0:t1]
-                else:
-                    work, x = recvs[m]
+        wanted = None if logits_at is None else logits_at.tolist()
+        outs = []
+        for m, ((a, b), sub) in enumerate(zip(groups, plans)):
+            t0, t1 = offsets[a], offsets[b]
+            if ctx.is_first:
+                x = tokens[t0:t1]
+            else:
+                work, x = recvs[m]
+                with peer_errors(ctx, "receiving activations"):
                     work.wait()
-                at = None
-                if ctx.is_last and wanted is not None:
-                    at = torch.tensor([i - t0 for i in wanted if t0 <= i < t1], dtype=torch.long,
-                                      device=self.device)
-                y = self.model(x, sub, self.cache, logits_at=at)
-                if ctx.is_last:
-                    outs.append(y)
-                else:
+            at = None
+            if ctx.is_last and wanted is not None:
+                at = torch.tensor([i - t0 for i in wanted if t0 <= i < t1], dtype=torch.long, device=self.device)
+            y = self.model(x, sub, self.cache, logits_at=at)
+            if ctx.is_last:
+                outs.append(y)
+            else:
+                with peer_errors(ctx, "sending activations"):
                     self._inflight.append((dist.isend(y.contiguous(), dst=ctx.next, tag=m), y))
         if not ctx.is_last:
             return None
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _wait_sends(self) -> None:
-        for work, _ in self._inflight:
-            work.wait()
+        with peer_errors(self.ctx, "sending activations"):
+            for work, _ in self._inflight:
+                work.wait()
         self._inflight.clear()
 
     def _sample(self, seqs, logits: Optional[torch.Tensor]):
@@ -154,8 +156,8 @@ class PipelineEngine(Engine):
             packed = torch.stack([tokens.double(), logprobs.double()])               # (2, B)
         else:
             packed = torch.empty(2, len(seqs), dtype=torch.float64, device=self.device)
+        self._wait_sends()
         with peer_errors(ctx, "receiving the sampled tokens"):
-            self._wait_sends()
             dist.broadcast(packed, src=ctx.last)
         # The one host read of a step, as in Engine._sample.
         tokens_list = packed[0].long().tolist()

@@ -12,15 +12,17 @@ the whole model is the union of the stages' state dicts.
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ..config import ModelArgs
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..model import Transformer, build_model
+from .launch import DistContext, agree, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +128,56 @@ def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.flo
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters a module holds (what a stage keeps resident)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# -- one rank's stage, after the ranks agree on what they load -----------------------------------------------
+def read_model_args(path: Path) -> ModelArgs:
+    """The config of a checkpoint folder, read before any weight (the split needs ``n_layers``)."""
+    if (path / "params.json").exists():
+        return ModelArgs.from_params_json(path / "params.json")
+    if (path / "config.json").exists():
+        return ModelArgs.from_hf_config_json(path / "config.json")
+    raise CheckpointError(f"{path}: no params.json or config.json")
+
+
+def checkpoint_fingerprint(path: Path) -> dict[str, str]:
+    """What identifies a checkpoint folder cheaply on every rank: each file's size and, for weights, the
+    safetensors header (names, shapes, dtypes, offsets) and the first 64 KiB of data."""
+    out = {}
+    for f in sorted(path.iterdir()):
+        if not f.is_file() or f.suffix not in (".safetensors", ".pth", ".bin", ".json", ".model"):
+            continue
+        with open(f, "rb") as fh:
+            head = b""
+            if f.suffix == ".safetensors":
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                head = raw + fh.read(min(n, 100 * 2**20))
+            sample = fh.read(64 * 2**10)
+        out[f.name] = fingerprint(f.stat().st_size, head.hex(), sample.hex())
+    return out
+
+
+def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torch.dtype = torch.float32,
+               seed: int = 0, max_seq_len: Optional[int] = None) -> Transformer:
+    """This rank's stage of a pipeline of ``ctx.world_size`` stages, on ``ctx.device``.
+
+    Args:
+        model: a checkpoint folder (only this stage's tensors are read), or ``ModelArgs`` for the random
+            weights of ``build_model(args, seed=seed)`` (tests, demos).
+
+    First every rank compares a fingerprint of what it is about to load (config, checkpoint files or seed,
+    dtype); a difference, or more ranks than layers, fails on every rank with the same message."""
+    if isinstance(model, ModelArgs):
+        args, source = model, {"random_seed": seed}
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{model}: no such checkpoint folder")
+        args, source = read_model_args(path), checkpoint_fingerprint(path)
+    agree(ctx, "model to load (config, weights, dtype)", fingerprint(args.to_dict(), source, str(dtype)))
+    spec = stage_spec(args, ctx.world_size, ctx.rank)
+    log.info("rank %d: %s", ctx.rank, spec.describe())
+    if isinstance(model, ModelArgs):
+        return random_stage(args, spec, seed=seed, dtype=dtype, device=ctx.device)
+    return load_stage(path, spec, dtype=dtype, device=ctx.device, max_seq_len=max_seq_len)

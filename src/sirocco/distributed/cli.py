@@ -1,0 +1,151 @@
+"""``sirocco generate --pipeline-ranks N`` under torchrun: the generate verb with the model split over N ranks.
+
+    torchrun --nproc-per-node 2 -m sirocco.cli generate --pipeline-ranks 2 --model ./mixtral "Hello"
+
+Every rank reads the same options; rank 0 reads the prompts (arguments, file or standard input) and shares
+them; every rank loads only its stage; rank 0 prints. The generate verb calls ``add_pipeline_arguments`` in
+its ``configure`` and hands over to ``run_pipeline`` when ``--pipeline-ranks`` is above 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SiroccoError
+from ..generate.sampling import SamplingParams
+from ..loading import DTYPES, DEMO
+from ..model import Transformer
+from .launch import (DEFAULT_TIMEOUT_S, DistContext, DistributedError, agree, fail_together, fingerprint,
+                     init_distributed, peer_errors, shutdown)
+from .pipeline_engine import PipelineEngine
+from .stages import parameter_bytes, rank_stage, stage_from_state_dict, stage_spec
+
+log = logging.getLogger(__name__)
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline parallelism (start with torchrun --nproc-per-node N)")
+    g.add_argument("--pipeline-ranks", type=int, default=1, metavar="N",
+                   help="split the model's layers into N stages, one per process started by torchrun "
+                        "(default 1: no split)")
+    g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                   help="groups of sequences per step that flow through the stages at the same time "
+                        "(default: N; 1 runs each step's batch whole)")
+    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="longest wait for another rank before failing (default %(default)s)")
+    g.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
+                   help="process-group backend (default: nccl with CUDA, else gloo)")
+
+
+def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 and give its result, or its ``SiroccoError``, to every rank (so an input error
+    fails every rank with the same message)."""
+    box: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except SiroccoError as e:
+            box[0] = ("error", str(e))
+    with peer_errors(ctx, f"sharing the {what}"):
+        dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise SiroccoError(value)
+    return value
+
+
+def load_rank_stage(args: argparse.Namespace, ctx: DistContext, dtype: torch.dtype) -> tuple[Transformer, Any, str]:
+    """This rank's stage and the tokenizer, after every rank agreed on what it is loading."""
+    if args.model is None or args.model == DEMO:
+        from ..loading import load
+        loaded = load(args.model, dtype=torch.float32, device="cpu")        # small: built whole, then cut
+        margs = loaded.model.args
+        agree(ctx, "model to load (the random demo model)", fingerprint(margs.to_dict(), DEMO, str(dtype)))
+        spec = stage_spec(margs, ctx.world_size, ctx.rank)
+        stage = stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype, device=ctx.device)
+        return stage, loaded.tokenizer, f"{loaded.source}, {spec.describe()}"
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        raise SiroccoError(f"--model {args.model}: no such folder (a pipeline needs a checkpoint folder or {DEMO})")
+    stage = rank_stage(ctx, path, dtype=dtype)
+    from ..tokenizer import load_tokenizer
+    return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """The generate verb on a pipeline of ``args.pipeline_ranks`` processes (this is one of them)."""
+    from ..generate import cli as generate_cli
+
+    ctx = init_distributed(args.dist_backend, timeout_s=args.dist_timeout, threads=args.threads)
+    try:
+        with fail_together(ctx):
+            if ctx.world_size != args.pipeline_ranks:
+                raise DistributedError(f"--pipeline-ranks {args.pipeline_ranks} but torchrun started "
+                                       f"{ctx.world_size} processes; use torchrun --nproc-per-node "
+                                       f"{args.pipeline_ranks} (times the number of nodes)")
+            agree(ctx, "command-line options", {k: v for k, v in sorted(vars(args).items()) if k != "prompts"
+                                                and not k.startswith("_")})
+            prompts = shared_from_rank0(ctx, lambda: generate_cli.read_prompts(args), "prompts")
+            stage, tokenizer, source = load_rank_stage(args, ctx, DTYPES[args.dtype])
+            log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source,
+                     parameter_bytes(stage) / 2**20)
+            code = _generate(args, ctx, stage, tokenizer, prompts)
+            shutdown(ctx)
+            return code
+    except SiroccoError as e:
+        # Every rank fails; rank 0 alone lets the CLI print the error, the others only log it.
+        if ctx.rank == 0:
+            raise
+        log.error("rank %d: %s", ctx.rank, e)
+        return 1
+
+
+def _generate(args: argparse.Namespace, ctx: DistContext, stage: Transformer, tokenizer, prompts: list[str]) -> int:
+    longest = None if args.chat else max(len(tokenizer.encode(p)) for p in prompts)
+    max_seq_len = stage.args.max_seq_len if longest is None else min(stage.args.max_seq_len,
+                                                                     longest + args.max_tokens)
+    engine = PipelineEngine(stage, ctx, tokenizer, micro_batches=args.micro_batches, max_rows=args.max_rows,
+                            chunk_size=args.chunk_size, max_seq_len=max_seq_len, backend=args.backend)
+    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed + i, stop=tuple(args.stop),
+                             stop_on_eos=not args.ignore_eos) for i in range(len(prompts))]
+    speak = ctx.rank == 0
+    stream_one = speak and len(prompts) == 1 and not args.json
+    if stream_one:
+        sys.stdout.write(prompts[0])
+    results = {}
+    t0 = time.perf_counter()
+    for event in engine.stream(inputs, params):
+        if stream_one:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        if event.completion is not None:
+            event.completion.prompt = prompts[event.completion.index]
+            results[event.completion.index] = event.completion
+    elapsed = time.perf_counter() - t0
+    if not speak:
+        return 0
+    for i in range(len(prompts)):
+        c = results[i]
+        if args.json:
+            print(json.dumps(c.to_json(), ensure_ascii=False))
+        elif stream_one:
+            print()
+        else:
+            print(f"--- [{i}] {c.finish_reason}, {len(c.tokens)} tokens\n{c.prompt}{c.text}\n")
+    st = engine.stats
+    generated = sum(len(c.tokens) for c in results.values())
+    print(f"sirocco: {len(prompts)} prompts over {ctx.world_size} pipeline ranks, {st.prefill_tokens} prompt "
+          f"tokens pre-filled at {st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode "
+          f"{st.decode_tps:.1f} tok/s, {elapsed:.2f} s in all", file=sys.stderr)
+    return 0
