@@ -16,6 +16,9 @@ token-mean loss of the batch, exactly as a single process accumulating the same 
 of how the rows are cut). Gradients accumulate into each stage's ``.grad``; the optimizer is the caller's,
 one per rank over its stage's parameters (element-wise optimizers such as AdamW then match a single process;
 clip the gradient norm with ``clip_grad_norm_`` here, which sums over all stages).
+
+Mixtral's load-balancing loss lives where the router logits are, on each stage: a stage adds its layers' term
+to its own backward pass (``_AddAuxLoss``), so no router logits travel between ranks.
 """
 
 from __future__ import annotations
@@ -64,20 +67,62 @@ def document_lengths(positions: torch.Tensor) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def load_balancing_loss(router_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss of one MoE layer: ``E * sum_e f_e * P_e`` with f_e the share of
+    the top-k assignments that go to expert e (sums to k) and P_e its mean routing probability; about k when
+    routing is even. router_logits: (T, E) -> scalar fp32."""
+    E = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)                        # (T, E)
+    chosen = torch.topk(router_logits, k, dim=-1).indices                      # (T, k)
+    share = F.one_hot(chosen, E).sum(1).float().mean(0)                        # (E,)
+    return E * (share * probs.mean(0)).sum()
+
+
+class _AddAuxLoss(torch.autograd.Function):
+    """Identity on the activations whose backward also sends a gradient of 1 into ``aux``: a stage's own loss
+    term (the MoE load balance of its layers) joins the backward pass that the last stage's loss starts,
+    without travelling between ranks."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
 class TrainStage(nn.Module):
     """A pipeline stage for training: (b, T) token ids or (b, T, dim) activations, plus (b, T) positions ->
-    (b, T, dim) activations, or (b, T, vocab) logits on the last stage."""
+    (b, T, dim) activations, or (b, T, vocab) logits on the last stage.
 
-    def __init__(self, stage: Transformer, backend: Backend = "per_sequence"):
+    With ``aux_loss_coef`` and MoE layers, each micro-batch adds ``coef * mean over the model's layers of the
+    load-balancing loss / n_microbatches`` (summed over micro-batches: the batch's mean) through
+    ``_AddAuxLoss``; ``aux_values`` keeps the detached terms for reporting."""
+
+    def __init__(self, stage: Transformer, backend: Backend = "per_sequence", aux_loss_coef: float = 0.0,
+                 n_microbatches: int = 1):
         super().__init__()
         self.stage = stage
         self.backend = backend
+        moe = stage.args.moe
+        self.aux_scale = aux_loss_coef / (stage.args.n_layers * n_microbatches) if moe and aux_loss_coef else 0.0
+        self.top_k = moe.num_experts_per_tok if moe else 0
+        self.aux_values: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, T = positions.shape
         plan = self.stage.plan(document_lengths(positions), backend=self.backend)
         flat = x.reshape(b * T, *x.shape[2:])                     # (b*T,) ids or (b*T, dim)
-        return self.stage(flat, plan).view(b, T, -1)
+        router: Optional[list] = [] if self.aux_scale else None
+        h = self.stage(flat, plan, router_logits=router)
+        if router:
+            aux = self.aux_scale * torch.stack([load_balancing_loss(r, self.top_k) for r in router]).sum()
+            self.aux_values.append(aux.detach())
+            h = _AddAuxLoss.apply(h, aux)
+        return h.view(b, T, -1)
 
 
 class BatchTokenLoss:
@@ -102,29 +147,42 @@ class PipelineTrainer:
         schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (one forward, one backward in the
             steady state: activations of at most ``world_size`` micro-batches alive at once).
         backend: attention path ("per_sequence" or "dense"; both have a backward on the CPU).
+        aux_loss_coef: weight of the MoE load-balancing loss (mean over layers and micro-batches); 0 for none.
 
     >>> trainer = PipelineTrainer(stage, ctx, n_microbatches=4)                      # doctest: +SKIP
     >>> loss = trainer.step(tokens, targets, positions); opt.step(); opt.zero_grad()  # doctest: +SKIP
     """
 
     def __init__(self, stage: Transformer, ctx: DistContext, n_microbatches: int = 4,
-                 schedule: Literal["gpipe", "1f1b"] = "gpipe", backend: Backend = "per_sequence"):
+                 schedule: Literal["gpipe", "1f1b"] = "gpipe", backend: Backend = "per_sequence",
+                 aux_loss_coef: float = 0.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         if n_microbatches < 1:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
         self.ctx = ctx
         self.stage = stage
-        self.module = TrainStage(stage, backend)
+        self.module = TrainStage(stage, backend, aux_loss_coef, n_microbatches)
         self.n_microbatches = n_microbatches
         self.schedule_name = schedule
         self.loss_fn = BatchTokenLoss()
+        self.last_ce = self.last_aux = 0.0       # the two parts of the last step's loss
         # A stage and its schedule are fixed to the first shape they see: keep one per batch shape.
         self._schedules: dict[tuple[int, int], object] = {}
 
     def _schedule(self, shape: tuple[int, int]):
         if shape not in self._schedules:
-            pstage = PipelineStage(self.module, self.ctx.rank, self.ctx.world_size, self.ctx.device)
+            # Shapes given up front (on the meta device): the stage then skips its shape-inference pass, an
+            # extra forward over the first batch (on empty buffers beyond the first stage).
+            rows, cols = shape[0] // self.n_microbatches, shape[1]
+            args, dtype = self.stage.args, next(self.stage.parameters()).dtype
+
+            def meta(*size: int, dtype: torch.dtype = dtype, grad: bool = True) -> torch.Tensor:
+                return torch.empty(size, dtype=dtype, device="meta").requires_grad_(grad)
+            inputs = meta(rows, cols, dtype=torch.long, grad=False) if self.ctx.is_first else meta(rows, cols, args.dim)
+            outputs = meta(rows, cols, args.vocab_size if self.ctx.is_last else args.dim)
+            pstage = PipelineStage(self.module, self.ctx.rank, self.ctx.world_size, self.ctx.device,
+                                   input_args=inputs, output_args=outputs)
             # scale_grads=False: the loss is already normalised by the batch's token count.
             self._schedules[shape] = SCHEDULES[self.schedule_name](
                 pstage, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
@@ -138,7 +196,8 @@ class PipelineTrainer:
             tokens: (B, T) input ids; targets: (B, T) next-token ids, ``IGNORE_INDEX`` where no loss is wanted;
             positions: (B, T) position of each token in its document.
         Returns:
-            the batch's mean cross-entropy per target token, on every rank.
+            the batch's loss on every rank: mean cross-entropy per target token (``last_ce``), plus the
+            load-balancing term (``last_aux``) if any.
         """
         ctx = self.ctx
         B, T = positions.shape
@@ -154,12 +213,19 @@ class PipelineTrainer:
         losses: list[torch.Tensor] = []
         args = (tokens.to(dev),) if ctx.is_first else ()
         kwargs = dict(target=targets.to(dev), losses=losses) if ctx.is_last else {}
+        self.module.aux_values.clear()
         with peer_errors(ctx, "running the pipeline schedule"):
             schedule.step(*args, positions=positions, **kwargs)
-            total = torch.stack(losses).sum().detach().reshape(1).float() if ctx.is_last else \
-                torch.zeros(1, device=dev)
-            dist.broadcast(total, src=ctx.last)
-        return float(total)
+        # [cross-entropy (last rank), load balance (this rank's layers)], summed over the ranks.
+        parts = torch.zeros(2, device=dev)
+        if ctx.is_last:
+            parts[0] = torch.stack(losses).sum().detach().float()
+        if self.module.aux_values:        # one per micro-batch (the last ones, should a warm-up forward add any)
+            parts[1] = torch.stack(self.module.aux_values[-self.n_microbatches:]).sum().float()
+        with peer_errors(ctx, "summing the loss"):
+            dist.all_reduce(parts)
+        self.last_ce, self.last_aux = parts.tolist()
+        return self.last_ce + self.last_aux
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for p in self.stage.parameters() if p.requires_grad]

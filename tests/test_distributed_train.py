@@ -1,0 +1,145 @@
+"""Pipeline-parallel training over 2 gloo ranks against one process accumulating the same micro-batches."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from sirocco.config import preset
+from sirocco.distributed.launch import spawn_local
+from sirocco.distributed.pipeline_train import IGNORE_INDEX, PipelineTrainer, document_lengths, save_checkpoint
+from sirocco.distributed.stages import rank_stage
+from sirocco.model import build_model
+
+ARGS = {"mistral": preset("tiny", vocab_size=259, sliding_window=6),
+        "mixtral": preset("tiny-moe", vocab_size=259)}
+SEED = 3
+ROWS, COLS, MICRO = 8, 24, 4
+LR = 1e-2
+AUX = 0.02           # Mixtral's published load-balancing coefficient (no effect on the dense model)
+
+
+def batch():
+    """(B, T) tokens, targets and positions of rows packing documents of random lengths, and those lengths.
+    Built from the lengths (not from the code under test); some targets are ignored."""
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(3, 259, (ROWS, COLS), generator=g)
+    targets = torch.randint(3, 259, (ROWS, COLS), generator=g)
+    targets[0, :5] = IGNORE_INDEX
+    targets[5, -3:] = IGNORE_INDEX
+    positions, lengths = [], []
+    for _ in range(ROWS):
+        cuts = sorted(set(torch.randint(1, COLS, (3,), generator=g).tolist()))
+        row = [c - a for a, c in zip([0] + cuts, cuts + [COLS])]
+        lengths.append(row)
+        positions.append([p for n in row for p in range(n)])
+    return tokens, targets, torch.tensor(positions), lengths
+
+
+def train_rank(ctx, args, folder):
+    stage = rank_stage(ctx, args, seed=SEED)
+    tokens, targets, positions, _ = batch()
+    out = {}
+    for schedule in ("1f1b", "gpipe"):                 # gpipe last: its gradients feed the steps below
+        stage.zero_grad()
+        trainer = PipelineTrainer(stage, ctx, n_microbatches=MICRO, schedule=schedule, aux_loss_coef=AUX)
+        out[schedule] = (trainer.step(tokens, targets, positions), trainer.last_aux,
+                         {k: p.grad.clone() for k, p in stage.named_parameters()})
+    save_checkpoint(stage, ctx, args, f"{folder}/initial")
+    out["norm"] = trainer.clip_grad_norm_(0.5)
+    opt = torch.optim.AdamW(stage.parameters(), lr=LR)
+    opt.step()
+    save_checkpoint(stage, ctx, args, f"{folder}/trained")
+    return out
+
+
+def balance(router_logits, k):
+    """Switch load-balancing loss of one layer, written out per expert."""
+    E = router_logits.shape[1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    chosen = torch.topk(router_logits, k, dim=-1).indices
+    return E * sum((chosen == e).sum() / len(chosen) * probs[:, e].mean() for e in range(E))
+
+
+def single_process(args):
+    """Plain accumulation: per micro-batch of ROWS / MICRO rows, summed cross-entropy over the batch's target
+    count (plus, for MoE, AUX times the layers' mean load balance over MICRO), backward; then clipping and one
+    AdamW step."""
+    model = build_model(args, seed=SEED)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, targets, _, lengths = batch()
+    count = (targets != IGNORE_INDEX).sum()
+    rows = ROWS // MICRO
+    total = aux_total = 0.0
+    for m in range(MICRO):
+        sl = slice(m * rows, (m + 1) * rows)
+        router = []
+        logits = model(tokens[sl].flatten(), [n for row in lengths[sl] for n in row], router_logits=router)
+        loss = F.cross_entropy(logits, targets[sl].flatten(), ignore_index=IGNORE_INDEX, reduction="sum") / count
+        if args.moe is not None:
+            aux = AUX * sum(balance(r, args.moe.num_experts_per_tok) for r in router) / args.n_layers / MICRO
+            loss = loss + aux
+            aux_total += float(aux.detach())
+        loss.backward()
+        total += float(loss.detach())
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt.step()
+    return total, aux_total, grads, norm, initial, model.state_dict()
+
+
+@pytest.fixture(scope="module", params=list(ARGS))
+def trained(request, tmp_path_factory):
+    name = request.param
+    folder = tmp_path_factory.mktemp(name)
+    results = spawn_local(train_rank, 2, (ARGS[name], str(folder)), timeout_s=60, deadline_s=90)
+    for r in results:
+        assert r.ok, f"rank {r.rank} failed: {r.error}"
+    return name, folder, [r.value for r in results], single_process(ARGS[name])
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_loss_and_gradients_equal_single_process_accumulation(trained, schedule):
+    name, _, ranks, (loss, aux, grads, _, _, _) = trained
+    assert (aux > 1e-3) == (name == "mixtral")
+    seen = set()
+    for r in ranks:
+        rank_loss, rank_aux, rank_grads = r[schedule]
+        assert rank_loss == pytest.approx(loss, rel=1e-5)          # the loss reaches every rank
+        assert rank_aux == pytest.approx(aux, rel=1e-5, abs=1e-9)
+        for k, g in rank_grads.items():
+            torch.testing.assert_close(g, grads[k], atol=1e-6, rtol=1e-5)
+        seen |= set(rank_grads)
+    assert seen == set(grads)
+
+
+def test_gradient_clipping_uses_the_norm_over_all_stages(trained):
+    _, _, ranks, (_, _, _, norm, _, _) = trained
+    for r in ranks:
+        assert r["norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_checkpoint_is_the_file_a_single_process_writes(trained, tmp_path):
+    name, folder, _, (_, _, _, _, initial, final) = trained
+    save_file({k: v.contiguous() for k, v in initial.items()}, str(tmp_path / "single.safetensors"),
+              metadata={"format": "pt"})
+    assert (folder / "initial" / "consolidated.safetensors").read_bytes() == \
+        (tmp_path / "single.safetensors").read_bytes()
+    assert json.loads((folder / "initial" / "params.json").read_text()) == ARGS[name].to_params()
+    trained_sd = load_file(str(folder / "trained" / "consolidated.safetensors"))
+    assert set(trained_sd) == set(final)
+    for k, v in final.items():                        # after clipping and one AdamW step on every stage
+        torch.testing.assert_close(trained_sd[k], v, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(trained_sd[k], initial[k])
+
+
+def test_document_lengths_from_positions():
+    _, _, positions, lengths = batch()
+    assert document_lengths(positions) == [n for row in lengths for n in row]
+    with pytest.raises(ValueError, match="every row must start a document"):
+        document_lengths(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="row 0, column 2 has 5, expected 2"):
+        document_lengths(torch.tensor([[0, 1, 5]]))
