@@ -40,7 +40,8 @@ def run_rank(ctx, args, runs):
     stage = rank_stage(ctx, args, seed=SEED)
     out = {"names": sorted(stage.state_dict()), "param_bytes": parameter_bytes(stage), "runs": []}
     for micro_batches, params in runs:
-        engine = PipelineEngine(stage, ctx, micro_batches=micro_batches, **ENGINE)
+        # min_group_tokens=1: split even these tiny steps, so that every step exercises the micro-batches.
+        engine = PipelineEngine(stage, ctx, micro_batches=micro_batches, min_group_tokens=1, **ENGINE)
         done = engine.generate(prompts(), params)
         out["runs"].append([(c.tokens, c.logprobs, c.finish_reason) for c in done])
         out["cache_bytes"] = engine.cache.nbytes()

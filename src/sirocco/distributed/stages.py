@@ -49,31 +49,48 @@ class StageSpec:
         return f"stage {self.index}/{self.count}: " + ", ".join(parts)
 
 
-def split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
-    """Contiguous runs of layers, as even as possible; the first stages take the extra layers because the last
-    one also runs the output projection (about half a layer of work for a 7B model).
+def split_layers(n_layers: int, n_stages: int, head_cost: float = 0.0) -> list[list[int]]:
+    """Contiguous runs of layers that balance the stages' work, where the last stage also runs the output
+    head, worth ``head_cost`` layers; among the other stages the first ones take any extra layer.
 
-    >>> split_layers(5, 2), split_layers(32, 3)[0][-1], [len(s) for s in split_layers(32, 3)]
-    ([[0, 1, 2], [3, 4]], 10, [11, 11, 10])
+    >>> split_layers(5, 2), [len(s) for s in split_layers(32, 3)]
+    ([[0, 1, 2], [3, 4]], [11, 11, 10])
+    >>> [len(s) for s in split_layers(8, 2, head_cost=5.4)]       # a small model with a large vocabulary
+    [7, 1]
     """
     if n_stages < 1:
         raise ConfigError(f"the number of pipeline stages must be at least 1, got {n_stages}")
     if n_stages > n_layers:
         raise ConfigError(f"cannot split {n_layers} layers into {n_stages} pipeline stages: each stage needs at "
                           f"least one layer (use at most {n_layers} pipeline ranks)")
-    base, extra = divmod(n_layers, n_stages)
+    if n_stages == 1:
+        return [list(range(n_layers))]
+    # Layers of the last stage: the count whose slowest stage is fastest (ties: fewer on the last).
+    def slowest(last: int) -> float:
+        return max(-(-(n_layers - last) // (n_stages - 1)), last + head_cost)
+    last = min(range(1, n_layers - n_stages + 2), key=slowest)
+    base, extra = divmod(n_layers - last, n_stages - 1)
+    sizes = [base + (1 if s < extra else 0) for s in range(n_stages - 1)] + [last]
     out, start = [], 0
-    for s in range(n_stages):
-        n = base + (1 if s < extra else 0)
+    for n in sizes:
         out.append(list(range(start, start + n)))
         start += n
     return out
 
 
+def head_cost(args: ModelArgs) -> float:
+    """The output projection's work per token in layers: vocab x dim against a layer's attention and (active)
+    feed-forward weights. About 0.6 for Mistral 7B, 0.3 for Mixtral 8x7B (two experts per token)."""
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * args.dim * args.hidden_dim * (args.moe.num_experts_per_tok if args.moe else 1)
+    return args.vocab_size * args.dim / (attn + ffn)
+
+
 def stage_spec(args: ModelArgs, n_stages: int, index: int) -> StageSpec:
     if not 0 <= index < n_stages:
         raise ConfigError(f"stage index {index} outside 0..{n_stages - 1}")
-    return StageSpec(index=index, count=n_stages, layers=tuple(split_layers(args.n_layers, n_stages)[index]))
+    return StageSpec(index=index, count=n_stages,
+                     layers=tuple(split_layers(args.n_layers, n_stages, head_cost(args))[index]))
 
 
 def empty_stage(args: ModelArgs, spec: StageSpec) -> Transformer:
