@@ -4,6 +4,10 @@ Each test spawns its ranks once (``spawn_local``: a free port per launch, one th
 they return against the single-process engine and a full recomputation without cache.
 """
 
+import argparse
+import contextlib
+import io
+import json
 import time
 
 import pytest
@@ -17,6 +21,8 @@ from sirocco.errors import ConfigError
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
 from sirocco.model import build_model
+
+from fakes import ByteTokenizer
 
 # Windows (6) shorter than the sequences, so caches roll; Mixtral without a window, with experts.
 ARGS = {"mistral": preset("tiny", vocab_size=259, sliding_window=6),
@@ -180,6 +186,56 @@ def test_more_ranks_than_layers_fails_on_every_rank():
     for r in results:
         assert r.error_type == "ConfigError", r.error
         assert "cannot split 1 layers into 2 pipeline stages" in r.error
+
+
+# -- the command line ----------------------------------------------------------------------------------------------
+def generate_parser():
+    from sirocco.distributed.cli import add_pipeline_arguments
+    from sirocco.generate import cli as generate_cli
+    parser = argparse.ArgumentParser()
+    generate_cli.configure(parser)
+    add_pipeline_arguments(parser)
+    return parser
+
+
+def cli_rank(ctx, argv):
+    """``sirocco generate --pipeline-ranks 2 ...`` on this rank, with the random Mistral stage and a byte
+    tokenizer in place of a checkpoint folder; returns (exit code, standard output)."""
+    from sirocco.distributed import cli
+    cli.load_rank_stage = lambda args, ctx, dtype: (rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype),
+                                                    ByteTokenizer(), "random")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.run_pipeline(generate_parser().parse_args(argv))
+    return code, out.getvalue()
+
+
+def test_generate_command_over_two_ranks_prints_once_what_one_process_generates():
+    texts = ["The sliding window", "A rolling buffer cache keeps", "é"]
+    argv = ["--pipeline-ranks", "2", "--json", "--max-tokens", "9", "--seed", "4", "--chunk-size", "5",
+            "--micro-batches", "2", *texts]
+    results = spawn_local(cli_rank, 2, (argv,), timeout_s=60, deadline_s=60)
+    assert_ok(results)
+    (code0, out0), (code1, out1) = [r.value for r in results]
+    assert code0 == code1 == 0 and out1 == ""                    # rank 0 alone prints
+    lines = [json.loads(line) for line in out0.splitlines()]
+    args = generate_parser().parse_args(argv)
+    longest = max(len(ByteTokenizer().encode(t)) for t in texts)
+    engine = Engine(build_model(ARGS["mistral"], seed=SEED), ByteTokenizer(), max_rows=args.max_rows, chunk_size=5,
+                    max_seq_len=longest + 9)                       # the generate verb sizes its cache so
+    params = [SamplingParams(max_tokens=9, temperature=args.temperature, top_p=args.top_p, seed=4 + i)
+              for i in range(len(texts))]
+    reference = engine.generate(texts, params)
+    assert [d["prompt"] for d in lines] == texts
+    assert [d["tokens"] for d in lines] == [c.tokens for c in reference]
+    assert [d["text"] for d in lines] == [c.text for c in reference]
+
+
+def test_generate_command_with_the_wrong_number_of_ranks_fails_on_every_rank():
+    results = spawn_local(cli_rank, 2, (["--pipeline-ranks", "3", "hello"],), timeout_s=60, deadline_s=60)
+    assert results[0].error_type == "DistributedError" and "--pipeline-ranks 3 but torchrun started 2" in \
+        results[0].error
+    assert results[1].ok and results[1].value == (1, "")          # the others exit with an error code, quietly
 
 
 # -- pieces -----------------------------------------------------------------------------------------------------
