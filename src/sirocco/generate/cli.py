@@ -11,6 +11,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..distributed.cli import add_pipeline_arguments, run_pipeline
 from ..errors import SiroccoError
 from ..loading import DTYPES, add_model_arguments, load_for_inference
 from .engine import Engine
@@ -53,6 +54,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
                         "logprobs, finish_reason")
     o.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    add_pipeline_arguments(p)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -75,6 +77,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pipeline_ranks > 1:
+        return run_pipeline(args)
     prompts = read_prompts(args)
     loaded = load_for_inference(args)
     model, tokenizer = loaded.model, loaded.tokenizer
