@@ -4,7 +4,6 @@ Each test spawns its ranks once (``spawn_local``: a free port per launch, one th
 they return against the single-process engine and a full recomputation without cache.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -189,13 +188,10 @@ def test_more_ranks_than_layers_fails_on_every_rank():
 
 
 # -- the command line ----------------------------------------------------------------------------------------------
-def generate_parser():
-    from sirocco.distributed.cli import add_pipeline_arguments
-    from sirocco.generate import cli as generate_cli
-    parser = argparse.ArgumentParser()
-    generate_cli.configure(parser)
-    add_pipeline_arguments(parser)
-    return parser
+def parse_generate(argv):
+    """The ``sirocco generate`` options, as the real command line parses them."""
+    from sirocco.cli import build_parser
+    return build_parser().parse_args(["generate", *argv])
 
 
 def cli_rank(ctx, argv):
@@ -206,7 +202,7 @@ def cli_rank(ctx, argv):
                                                     ByteTokenizer(), "random")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli.run_pipeline(generate_parser().parse_args(argv))
+        code = cli.run_pipeline(parse_generate(argv))
     return code, out.getvalue()
 
 
@@ -219,7 +215,7 @@ def test_generate_command_over_two_ranks_prints_once_what_one_process_generates(
     (code0, out0), (code1, out1) = [r.value for r in results]
     assert code0 == code1 == 0 and out1 == ""                    # rank 0 alone prints
     lines = [json.loads(line) for line in out0.splitlines()]
-    args = generate_parser().parse_args(argv)
+    args = parse_generate(argv)
     longest = max(len(ByteTokenizer().encode(t)) for t in texts)
     engine = Engine(build_model(ARGS["mistral"], seed=SEED), ByteTokenizer(), max_rows=args.max_rows, chunk_size=5,
                     max_seq_len=longest + 9)                       # the generate verb sizes its cache so
