@@ -162,6 +162,24 @@ def test_a_failing_rank_makes_the_others_fail_within_seconds(bad_rank):
     assert time.time() - t0 < 30
 
 
+def hanging_rank(ctx):
+    """Rank 1 stops answering in the middle of generation (a stuck device, a deadlock)."""
+    stage = rank_stage(ctx, ARGS["mistral"], seed=SEED)
+    if ctx.rank == 1:
+        stage.register_forward_pre_hook(lambda module, inputs: time.sleep(60))
+    PipelineEngine(stage, ctx, **ENGINE).generate(prompts(), GREEDY)
+    return "finished"
+
+
+def test_a_silent_rank_makes_the_others_fail_at_the_timeout():
+    results = spawn_local(hanging_rank, 2, timeout_s=3, deadline_s=60, grace_s=1)
+    waiting, silent = results
+    assert waiting.error_type == "DistributedError", waiting.error
+    assert "lost the other ranks" in waiting.error and "timed out after 3 s" in waiting.error
+    assert waiting.seconds < 20
+    assert silent.error_type == "hang"                             # still asleep: spawn_local ended it
+
+
 def mismatched_rank(ctx):
     args = ARGS["mistral"] if ctx.rank == 0 else ARGS["mistral"].replace(rope_theta=1e6)
     rank_stage(ctx, args, seed=SEED)
