@@ -14,6 +14,7 @@ from .errors import SiroccoError
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sirocco.generate.cli", "continue prompts with a model (packed, cached, chunked)"),
+    "convert": ("sirocco.checkpoint.cli", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
 }
 
 EPILOG = """examples:
