@@ -113,8 +113,11 @@ def test_pth_with_code_is_refused(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_is_applied_while_loading(hf_checkpoint, dtype):
-    model = load_model(hf_checkpoint[1], dtype=dtype)
+    model = load_model(hf_checkpoint[1], dtype=dtype)                     # read as copies, then cast
     assert {p.dtype for p in model.parameters()} == {dtype}
+    full = load_model(hf_checkpoint[1])                                     # memory-mapped as stored
+    for k, v in full.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.to(dtype)), k
 
 
 def test_stage_reads_only_its_tensors(hf_checkpoint):

@@ -113,9 +113,13 @@ class TensorFiles:
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, mapped: bool = True) -> torch.Tensor:
+        """The tensor ``name``. ``mapped=True`` returns it backed by the memory-mapped file where the format
+        allows (no copy: the right choice when it is kept as it is); ``mapped=False`` reads a private copy
+        with plain file reads, so that converting a tensor to another dtype or device does not leave the
+        file's pages resident in this process."""
         path, reader = self._where[name]
-        return reader.get(name)  # type: ignore[attr-defined]
+        return reader.get(name, mapped)  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -144,15 +148,40 @@ class _SafetensorsFile:
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
             self._header[name] = (tuple(sl.get_shape()), dtype)
+        self._offsets: Optional[dict[str, tuple[int, int]]] = None
 
     def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return self._header
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, mapped: bool = True) -> torch.Tensor:
         try:
-            return self.handle.get_tensor(name)
+            if mapped:
+                return self.handle.get_tensor(name)
+            return self._read_copy(name)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({_short(e)})") from None
+
+    def _read_copy(self, name: str) -> torch.Tensor:
+        # The safetensors layout: an 8-byte little-endian header length, a JSON header giving each tensor's
+        # [begin, end) byte offsets relative to the end of the header, then the data.
+        if self._offsets is None:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._offsets = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                             for k, v in header.items() if k != "__metadata__"}
+        begin, end = self._offsets[name]
+        shape, dtype = self._header[name]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(begin)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: tensor '{name}' ends past the end of the file (truncated?)")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 class _TorchFile:
@@ -172,7 +201,7 @@ class _TorchFile:
     def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {k: (tuple(v.shape), v.dtype) for k, v in self.state.items()}
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, mapped: bool = True) -> torch.Tensor:
         return self.state[name]
 
 

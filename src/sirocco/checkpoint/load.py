@@ -46,7 +46,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(wanted, desc=f"loading {layout.folder.name}", unit="tensor", disable=_no_bar(progress),
                      leave=False):
-        state[name] = _read(files, names[name], name, args, layout.format).to(device=device, dtype=dtype)
+        # Keep a tensor memory-mapped only if it is used as stored; a converted one is read as a private copy.
+        mapped = files.dtype(names[name]) == dtype and torch.device(device).type == "cpu"
+        state[name] = _read(files, names[name], name, args, layout.format, mapped).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
     n = sum(t.numel() for t in state.values())
@@ -113,8 +115,9 @@ def _open_checked(layout: Layout, args: ModelArgs, wanted: dict[str, tuple[int, 
     return files, internal
 
 
-def _read(files: TensorFiles, stored: str, name: str, args: ModelArgs, fmt: str) -> torch.Tensor:
-    t = files.get(stored)
+def _read(files: TensorFiles, stored: str, name: str, args: ModelArgs, fmt: str, mapped: bool = True
+          ) -> torch.Tensor:
+    t = files.get(stored, mapped)
     heads = rope_heads(name, args.n_heads, args.n_kv_heads) if fmt == HF else None
     return from_hf_rope(t, heads) if heads else t
 
