@@ -23,59 +23,25 @@ to its own backward pass (``_AddAuxLoss``), so no router logits travel between r
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from ..checkpoint import save_consolidated
 from ..config import ModelArgs
 from ..masks import Backend
 from ..model import Transformer
+from ..train.losses import IGNORE_INDEX, BatchTokenLoss, document_lengths, load_balancing_loss
 from .launch import DistContext, peer_errors
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def document_lengths(positions: torch.Tensor) -> list[int]:
-    """Lengths of the documents packed in (B, T) rows, row after row, from each token's position in its
-    document. Every row must start a document; positions must count 0, 1, 2... within each document.
-
-    >>> document_lengths(torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]))
-    [3, 2, 1, 4]
-    """
-    B, T = positions.shape
-    flat = positions.reshape(-1).cpu()
-    idx = torch.arange(B * T)
-    if (positions[:, 0] != 0).any():
-        raise ValueError(f"every row must start a document (position 0); first positions are "
-                         f"{positions[:, 0].tolist()}")
-    doc_start = torch.where(flat == 0, idx, torch.zeros_like(idx)).cummax(0).values
-    if not torch.equal(flat, idx - doc_start):
-        bad = int((flat != idx - doc_start).nonzero()[0])
-        raise ValueError(f"positions must count up by one within a document; row {bad // T}, column {bad % T} "
-                         f"has {int(flat[bad])}, expected {int(idx[bad] - doc_start[bad])}")
-    starts = (flat == 0).nonzero().flatten().tolist() + [B * T]
-    return [b - a for a, b in zip(starts, starts[1:])]
-
-
-def load_balancing_loss(router_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Switch Transformer load-balancing loss of one MoE layer: ``E * sum_e f_e * P_e`` with f_e the share of
-    the top-k assignments that go to expert e (sums to k) and P_e its mean routing probability; about k when
-    routing is even. router_logits: (T, E) -> scalar fp32."""
-    E = router_logits.shape[-1]
-    probs = torch.softmax(router_logits.float(), dim=-1)                        # (T, E)
-    chosen = torch.topk(router_logits, k, dim=-1).indices                      # (T, k)
-    share = F.one_hot(chosen, E).sum(1).float().mean(0)                        # (E,)
-    return E * (share * probs.mean(0)).sum()
 
 
 class _AddAuxLoss(torch.autograd.Function):
@@ -123,18 +89,6 @@ class TrainStage(nn.Module):
             self.aux_values.append(aux.detach())
             h = _AddAuxLoss.apply(h, aux)
         return h.view(b, T, -1)
-
-
-class BatchTokenLoss:
-    """Cross-entropy summed over a micro-batch's target tokens, divided by the target tokens of the whole batch
-    (set ``count`` before each step). Summing it over the micro-batches gives the batch's token-mean loss."""
-
-    def __init__(self) -> None:
-        self.count = 1
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum") / self.count
 
 
 class PipelineTrainer:
@@ -282,20 +236,8 @@ def save_checkpoint(stage: nn.Module, ctx: DistContext, args: ModelArgs, folder:
     full = gather_state_dict(stage, ctx)
     path = None
     if full is not None:
-        path = write_consolidated(full, args, folder)
+        path = save_consolidated(full, args, folder)
     with peer_errors(ctx, "waiting for rank 0 to write the checkpoint"):
         dist.barrier()
     return path
 
-
-def write_consolidated(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str | Path) -> Path:
-    """``params.json`` and ``consolidated.safetensors`` in ``folder`` (what a single process writes)."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "consolidated.safetensors"),
-              metadata={"format": "pt"})
-    (folder / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
-    log.info("wrote %d tensors (%.1f MiB) to %s", len(state_dict),
-             sum(v.numel() * v.element_size() for v in state_dict.values()) / 2**20, folder)
-    return folder
