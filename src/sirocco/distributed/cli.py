@@ -10,10 +10,7 @@ its ``configure`` and hands over to ``run_pipeline`` when ``--pipeline-ranks`` i
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SiroccoError
-from ..generate.sampling import SamplingParams
 from ..loading import DTYPES, DEMO
 from ..model import Transformer
 from .launch import (DEFAULT_TIMEOUT_S, DistContext, DistributedError, agree, fail_together, fingerprint,
@@ -110,42 +106,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, ctx: DistContext, stage: Transformer, tokenizer, prompts: list[str]) -> int:
-    longest = None if args.chat else max(len(tokenizer.encode(p)) for p in prompts)
-    max_seq_len = stage.args.max_seq_len if longest is None else min(stage.args.max_seq_len,
-                                                                     longest + args.max_tokens)
+    from ..generate.cli import cache_len, generate_and_print
     engine = PipelineEngine(stage, ctx, tokenizer, micro_batches=args.micro_batches, max_rows=args.max_rows,
-                            chunk_size=args.chunk_size, max_seq_len=max_seq_len, backend=args.backend)
-    inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
-    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed + i, stop=tuple(args.stop),
-                             stop_on_eos=not args.ignore_eos) for i in range(len(prompts))]
-    speak = ctx.rank == 0
-    stream_one = speak and len(prompts) == 1 and not args.json
-    if stream_one:
-        sys.stdout.write(prompts[0])
-    results = {}
-    t0 = time.perf_counter()
-    for event in engine.stream(inputs, params):
-        if stream_one:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        if event.completion is not None:
-            event.completion.prompt = prompts[event.completion.index]
-            results[event.completion.index] = event.completion
-    elapsed = time.perf_counter() - t0
-    if not speak:
-        return 0
-    for i in range(len(prompts)):
-        c = results[i]
-        if args.json:
-            print(json.dumps(c.to_json(), ensure_ascii=False))
-        elif stream_one:
-            print()
-        else:
-            print(f"--- [{i}] {c.finish_reason}, {len(c.tokens)} tokens\n{c.prompt}{c.text}\n")
-    st = engine.stats
-    generated = sum(len(c.tokens) for c in results.values())
-    print(f"sirocco: {len(prompts)} prompts over {ctx.world_size} pipeline ranks, {st.prefill_tokens} prompt "
-          f"tokens pre-filled at {st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode "
-          f"{st.decode_tps:.1f} tok/s, {elapsed:.2f} s in all", file=sys.stderr)
-    return 0
+                            chunk_size=args.chunk_size,
+                            max_seq_len=cache_len(args, stage.args.max_seq_len, tokenizer, prompts),
+                            backend=args.backend)
+    return generate_and_print(args, engine, tokenizer, prompts, speak=ctx.rank == 0,
+                              where=f" over {ctx.world_size} pipeline ranks")

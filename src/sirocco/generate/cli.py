@@ -8,12 +8,11 @@ import logging
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 from ..distributed.cli import add_pipeline_arguments, run_pipeline
 from ..errors import SiroccoError
-from ..loading import DTYPES, add_model_arguments, load_for_inference
+from ..loading import add_model_arguments, load_for_inference
 from .engine import Engine
 from .sampling import SamplingParams
 
@@ -82,17 +81,23 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     loaded = load_for_inference(args)
     model, tokenizer = loaded.model, loaded.tokenizer
-    longest = max(len(tokenizer.encode(p)) for p in prompts) if not args.chat else None
     engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                    max_seq_len=_cache_len(model.args.max_seq_len, longest, args.max_tokens),
-                    backend=args.backend)
+                    max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts), backend=args.backend)
+    return generate_and_print(args, engine, tokenizer, prompts)
+
+
+def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: list[str], speak: bool = True,
+                       where: str = "") -> int:
+    """Run ``engine`` (an Engine, or any engine with its ``stream`` and ``stats``) over the prompts with the
+    command line's sampling options; print the results (streamed if there is one prompt and no --json) and
+    the speed. ``speak=False`` runs without printing (the other ranks of a pipeline)."""
     inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed + i, stop=tuple(args.stop),
                              stop_on_eos=not args.ignore_eos) for i in range(len(prompts))]
     bar = tqdm(total=len(prompts) * args.max_tokens, unit="tok", desc="generating", file=sys.stderr,
-               disable=args.no_progress or None, leave=False)
-    stream_one = len(prompts) == 1 and not args.json
+               disable=True if not speak or args.no_progress else None, leave=False)
+    stream_one = speak and len(prompts) == 1 and not args.json
     if stream_one:
         sys.stdout.write(prompts[0])
     results = {}
@@ -109,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             results[c.index] = c
     bar.close()
     elapsed = time.perf_counter() - t0
+    if not speak:
+        return 0
     for i in range(len(prompts)):
         c = results[i]
         if args.json:
@@ -119,14 +126,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- [{i}] {c.finish_reason}, {len(c.tokens)} tokens\n{c.prompt}{c.text}\n")
     st = engine.stats
     generated = sum(len(c.tokens) for c in results.values())
-    print(f"sirocco: {len(prompts)} prompts, {st.prefill_tokens} prompt tokens pre-filled at {st.prefill_tps:.0f} "
-          f"tok/s, {generated} tokens generated, decode {st.decode_tps:.1f} tok/s, "
+    print(f"sirocco: {len(prompts)} prompts{where}, {st.prefill_tokens} prompt tokens pre-filled at "
+          f"{st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode {st.decode_tps:.1f} tok/s, "
           f"{elapsed:.2f} s in all", file=sys.stderr)
     return 0
 
 
-def _cache_len(model_max: int, longest_prompt: int | None, max_tokens: int) -> int:
+def cache_len(args: argparse.Namespace, model_max: int, tokenizer, prompts: list[str]) -> int:
     """Size the cache for this run, not for the model's longest context (32k positions x rows is GBs)."""
-    if longest_prompt is None:
+    if args.chat:
         return model_max
-    return min(model_max, longest_prompt + max_tokens)
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    return min(model_max, longest + args.max_tokens)
