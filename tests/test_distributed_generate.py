@@ -275,3 +275,26 @@ def test_without_a_distributed_launch_the_error_says_how_to_start(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(DistributedError, match="torchrun --nproc-per-node"):
         init_distributed()
+
+
+def run_rank_from_folder(ctx, folder):
+    """One rank of a pipeline loading its stage from a checkpoint folder (only its own tensors)."""
+    stage = rank_stage(ctx, folder)
+    engine = PipelineEngine(stage, ctx, micro_batches=2, min_group_tokens=1, **ENGINE)
+    done = engine.generate(prompts(), GREEDY)
+    return {"names": sorted(stage.state_dict()), "tokens": [c.tokens for c in done]}
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+def test_sharded_from_a_hugging_face_checkpoint_folder(kind, tmp_path):
+    from hf_fixtures import save_hf_checkpoint
+    from sirocco.checkpoint import load_model
+    save_hf_checkpoint(kind, tmp_path, window=6, seed=3, vocab_size=259)
+    results = spawn_local(run_rank_from_folder, 2, (str(tmp_path),), timeout_s=60, deadline_s=90)
+    assert_ok(results)
+    model = load_model(tmp_path)
+    reference = Engine(model, None, **ENGINE).generate(prompts(), GREEDY)
+    rank0, rank1 = (r.value for r in results)
+    assert rank0["tokens"] == rank1["tokens"] == [c.tokens for c in reference]
+    assert rank0["names"] == sorted(k for k in model.state_dict() if k.startswith(("tok_", "layers.0.")))
+    assert rank1["names"] == sorted(k for k in model.state_dict() if k.startswith(("norm", "output", "layers.1.")))

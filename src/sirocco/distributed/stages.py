@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..checkpoint import find_layout, load_model
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer, build_model
@@ -133,11 +134,6 @@ def random_stage(args: ModelArgs, spec: StageSpec, seed: int = 0, dtype: torch.d
 def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", max_seq_len: Optional[int] = None) -> Transformer:
     """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``)."""
-    try:
-        from ..checkpoint import load_model
-    except ImportError as e:
-        raise ConfigError(f"loading a checkpoint for a pipeline stage needs sirocco.checkpoint.load_model: {e}") \
-            from None
     return load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=list(spec.layers),
                       embed=spec.embed, head=spec.head)
 
@@ -148,15 +144,6 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 
 # -- one rank's stage, after the ranks agree on what they load -----------------------------------------------
-def read_model_args(path: Path) -> ModelArgs:
-    """The config of a checkpoint folder, read before any weight (the split needs ``n_layers``)."""
-    if (path / "params.json").exists():
-        return ModelArgs.from_params_json(path / "params.json")
-    if (path / "config.json").exists():
-        return ModelArgs.from_hf_config_json(path / "config.json")
-    raise CheckpointError(f"{path}: no params.json or config.json")
-
-
 def checkpoint_fingerprint(path: Path) -> dict[str, str]:
     """What identifies a checkpoint folder cheaply on every rank: each file's size and, for weights, the
     safetensors header (names, shapes, dtypes, offsets) and the first 64 KiB of data."""
@@ -191,7 +178,7 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
         path = Path(model).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"{model}: no such checkpoint folder")
-        args, source = read_model_args(path), checkpoint_fingerprint(path)
+        args, source = find_layout(path).read_args(max_seq_len), checkpoint_fingerprint(path)
     agree(ctx, "model to load (config, weights, dtype)", fingerprint(args.to_dict(), source, str(dtype)))
     spec = stage_spec(args, ctx.world_size, ctx.rank)
     log.info("rank %d: %s", ctx.rank, spec.describe())
