@@ -12,60 +12,54 @@ import re
 
 import torch
 
-# consolidated suffix inside a layer -> Hugging Face suffix inside ``model.layers.{i}.``
-_LAYER = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
-}
-_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
-_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123]\.weight)")
-_HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123]\.weight)")
-_LAYER_BACK = {v: k for k, v in _LAYER.items()}
-_TOP_BACK = {v: k for k, v in _TOP.items()}
+# (consolidated name, Hugging Face name); {i} is a layer, {e} an expert, {w} one of w1/w2/w3.
+NAMES = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+    ("layers.{i}.feed_forward.experts.{e}.{w}.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"),
+]
+_FIELDS = {"i": r"(?P<i>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>w[123])"}
 
 # Tensors some Hugging Face checkpoints carry that hold no weights (recomputed from the config).
 IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)       # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else _FIELDS[p] for k, p in enumerate(parts)))
+
+
+_TO_HF = [(_pattern(c), h) for c, h in NAMES]
+_FROM_HF = [(_pattern(h), c) for c, h in NAMES]
+
+
+def _translate(name: str, table: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, template in table:
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(**m.groupdict())
+    raise KeyError(name)
+
+
 def to_hf_name(name: str) -> str:
     """``layers.0.feed_forward.experts.3.w1.weight`` -> ``model.layers.0.block_sparse_moe.experts.3.w1.weight``."""
-    if name in _TOP:
-        return _TOP[name]
-    m = _LAYER_KEY.fullmatch(name)
-    if m:
-        layer, rest = m.groups()
-        e = _EXPERT.fullmatch(rest)
-        if e:
-            return f"model.layers.{layer}.block_sparse_moe.experts.{e[1]}.{e[2]}"
-        if rest in _LAYER:
-            return f"model.layers.{layer}.{_LAYER[rest]}"
-    raise KeyError(name)
+    return _translate(name, _TO_HF)
 
 
 def from_hf_name(name: str) -> str:
     """The inverse of :func:`to_hf_name`; ``KeyError`` for a name sirocco does not know."""
-    if name in _TOP_BACK:
-        return _TOP_BACK[name]
-    m = _HF_LAYER_KEY.fullmatch(name)
-    if m:
-        layer, rest = m.groups()
-        e = _HF_EXPERT.fullmatch(rest)
-        if e:
-            return f"layers.{layer}.feed_forward.experts.{e[1]}.{e[2]}"
-        if rest in _LAYER_BACK:
-            return f"layers.{layer}.{_LAYER_BACK[rest]}"
-    raise KeyError(name)
+    return _translate(name, _FROM_HF)
 
 
 def rope_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:
