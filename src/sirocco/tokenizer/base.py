@@ -1,0 +1,93 @@
+"""What every tokenizer kind shares: BOS/EOS handling, id checks, and a ``decode`` that is safe on any slice.
+
+Sentencepiece puts a word's leading space inside its piece ("▁the") and ``encode`` adds one such space in
+front of every text (the "dummy prefix"); its decoder drops the leading space of the first text piece it sees.
+That is right for a whole text and wrong for a slice taken from the middle: ``[..., "▁big", "▁cat"]`` means
+" big cat", yet decoding the slice ``["▁cat"]`` alone gives "cat". So ``decode`` here drops that space only
+after BOS, where a text begins, and keeps it everywhere else:
+
+    ids = encode("The big cat")            # [<s>, ▁The, ▁big, ▁cat]
+    decode(ids)       == "The big cat"     # starts with BOS: the dummy prefix goes
+    decode(ids[2:])   == " big cat"        # a slice: its leading space stays
+    decode(ids[:2]) + decode(ids[2:]) == decode(ids)
+
+Decoding a slice is done by putting a known anchor text in front (the ids of "a"), decoding, and cutting the
+anchor's text off again, which works for every decoder that only treats the first piece specially. In general
+``decode(a) + decode(b) == decode(a + b)`` whenever the split cuts no character in two and ``a`` holds some text
+(BOS followed only by control tokens decodes to "" and cannot tell ``b`` that the text starts there). Byte
+pieces of an incomplete character decode to U+FFFD, which is how streaming knows to wait (generate/text.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from ..errors import TokenizerError
+from . import chat
+
+_ANCHOR = "a"
+
+
+class Tokenizer:
+    """A text <-> token ids mapping with Mistral's BOS/EOS conventions. Subclasses set ``bos_id``, ``eos_id``,
+    ``vocab_size``, ``source`` (the file, for logs) and ``kind``, implement ``_encode_text`` / ``_decode_text``
+    (text only, no BOS/EOS handling) and call ``_setup()`` at the end of ``__init__``."""
+
+    kind = "tokenizer"
+    source: str
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+    inst_ids: Optional[tuple[int, int]] = None   # ids of the [INST] / [/INST] control tokens, if the vocab has them
+
+    # -- what subclasses provide -----------------------------------------------------------------------------
+    def _encode_text(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def _decode_text(self, ids: list[int]) -> str:
+        """The library's own decode: drops special tokens and the first text piece's leading space."""
+        raise NotImplementedError
+
+    def _setup(self) -> None:
+        self._anchor = self._encode_text(_ANCHOR)
+        self._anchor_text = self._decode_text(self._anchor)
+        if not self._anchor_text or not self._decode_text(self._anchor * 2).startswith(self._anchor_text):
+            self._anchor = []                     # an odd decoder: fall back to the library's decode
+
+    # -- the public interface --------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with BOS in front and EOS at the end if asked."""
+        return [self.bos_id] * bos + self._encode_text(text) + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text ``ids`` add to a document (see the module docstring: safe on any slice of a sequence).
+        Special tokens (BOS, EOS, [INST], ...) decode to nothing."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"cannot decode token ids {bad[:5]}: the vocabulary of {self.source} has "
+                                 f"{self.vocab_size} tokens (ids 0..{self.vocab_size - 1})")
+        if not ids:
+            return ""
+        if ids[0] == self.bos_id or not self._anchor:
+            return self._decode_text(ids)
+        text = self._decode_text(self._anchor + ids)
+        if not text.startswith(self._anchor_text):
+            return self._decode_text(ids)
+        return text[len(self._anchor_text):]
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids for a conversation ([{"role": "user", "content": "..."}, ...]) ending with a user
+        message, in Mistral's instruct format (chat.py); the model writes the assistant's reply next."""
+        return chat.instruct_ids(messages, self._encode_text, self.bos_id, self.eos_id, self.inst_ids)
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.kind}, {self.vocab_size} tokens, bos {self.bos_id}, eos {self.eos_id})"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+def first_line(e: BaseException) -> str:
+    """A library exception's message, one line of it, for an error that names the file."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
