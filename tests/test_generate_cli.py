@@ -1,0 +1,55 @@
+"""``sirocco generate`` end to end through ``sirocco.cli.main``: the random demo model with Mistral's real v1
+tokenizer, plain and --json output."""
+
+import json
+import math
+from pathlib import Path
+
+import mistral_common
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from sirocco.cli import main
+from sirocco.tokenizer import load_tokenizer
+
+V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+FIELDS = {"index", "prompt", "prompt_tokens", "tokens", "text", "logprobs", "finish_reason"}
+
+
+def run(capsys, *argv):
+    code = main(["generate", "--model", "random-tiny", "--no-progress", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+def test_generate_streams_the_prompt_and_its_continuation(capsys, caplog):
+    caplog.set_level("INFO", logger="sirocco")
+    out, err = run(capsys, "--max-tokens", "5", "hello")
+    assert out.startswith("hello") and out.endswith("\n") and len(out) > len("hello\n")
+    assert f"tokenizer: loaded {V1}" in caplog.text
+    assert "5 tokens generated" in err
+
+
+def test_generate_json_fields(capsys):
+    prompts = ["hello", "The sliding window, café 🙂"]
+    out, _ = run(capsys, "--json", "--max-tokens", "5", "--ignore-eos", "--temperature", "0", *prompts)
+    lines = out.splitlines()
+    assert len(lines) == 2
+    tok = load_tokenizer(V1)
+    for i, (line, prompt) in enumerate(zip(lines, prompts)):
+        c = json.loads(line)
+        assert set(c) == FIELDS
+        assert c["index"] == i and c["prompt"] == prompt
+        assert c["prompt_tokens"] == tok.encode(prompt) and c["prompt_tokens"][0] == tok.bos_id == 1
+        assert len(c["tokens"]) == 5 and all(0 <= t < tok.vocab_size for t in c["tokens"])
+        assert len(c["logprobs"]) == 5 and all(math.isfinite(lp) and lp <= 0 for lp in c["logprobs"])
+        assert c["finish_reason"] == "length"
+        assert c["text"] == tok.decode(c["tokens"])        # the streamed text is what the tokens decode to
+
+
+def test_generate_chat_prompt_is_mistral_commons_encoding(capsys):
+    out, _ = run(capsys, "--json", "--chat", "--max-tokens", "2", "--temperature", "0", "What is a sliding window?")
+    c = json.loads(out)
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "What is a sliding window?"}])
+    assert c["prompt_tokens"] == MistralTokenizer.from_file(str(V1)).encode_chat_completion(request).tokens
