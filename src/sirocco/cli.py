@@ -15,6 +15,8 @@ from .errors import SiroccoError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sirocco.generate.cli", "continue prompts with a model (packed, cached, chunked)"),
     "convert": ("sirocco.checkpoint.cli", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
+    "train": ("sirocco.train.cli", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
+    "train-tokenizer": ("sirocco.train.tokenizer_cli", "train a sentencepiece BPE tokenizer with Mistral's special ids"),
 }
 
 EPILOG = """examples:
