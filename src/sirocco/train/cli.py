@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 
 import torch
@@ -108,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        ppl = summary["val_perplexity"]
+        val = (f", validation loss {summary['val_loss']:.3f} (perplexity {summary['val_perplexity']:.1f})"
+               if summary["val_loss"] is not None else ", no validation documents")
         print(f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min "
               f"({summary['tokens_per_s']:.0f} tokens/s, {summary['epochs']:.2f} epochs): train loss "
-              f"{summary['train_loss']:.3f}, validation loss {summary['val_loss']:.3f}"
-              + (f" (perplexity {ppl:.1f})" if not math.isnan(ppl) else "")
+              f"{summary['train_loss']:.3f}" + val
               + f"; unigram entropy {summary['unigram_entropy']:.3f}\ncheckpoint: {summary['out']} "
               f"(loss curve: {summary['out']}/loss.png)" + (f"\nexported: {summary['export']}"
                                                            if summary["export"] else ""), file=sys.stderr)

@@ -31,7 +31,8 @@ from .data import DataPosition, PackedStream, eval_batches, tokenize
 from .loop import Trainer
 from .plot import plot_losses
 from .recipe import Recipe
-from .spm import open_tokenizer, tokenizer_file, train_tokenizer
+from ..tokenizer import load_tokenizer
+from .spm import tokenizer_file, train_tokenizer
 from .state import RECIPE, is_training_folder, load_optimizer, read_state, save_training
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,8 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
         else:
             source = train_tokenizer([d.text for d in corpus.train], recipe.tokenizer.vocab_size,
                                      out / "tokenizer.model")
-        tokenizer = open_tokenizer(source)
+        tokenizer = load_tokenizer(source)
         tok_path = tokenizer_file(source)
-        log.info("tokenizer: %s (%d pieces)", source, tokenizer.vocab_size)
     train_docs = tokenize([d.text for d in corpus.train], tokenizer)
     val_docs = tokenize([d.text for d in corpus.val], tokenizer)
     digest = corpus_digest(train_docs)
@@ -165,7 +165,12 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
         if val and (res.step % r.eval_every == 0 or res.step == r.steps):
             val_loss = trainer.evaluate()
             history["val"].append([res.step, val_loss])
-            log.debug("step %d: validation loss %.4f", res.step, val_loss)
+            # without a progress bar (output to a file), the evaluations are the progress report
+            log.log(logging.INFO if bar.disable else logging.DEBUG,
+                    "step %d/%d: train loss %.3f, validation loss %.3f, %.0f tokens/s", res.step, r.steps,
+                    res.loss, val_loss, tokens_run / (time.perf_counter() - t_loop))
+        elif val and res.step == last_step:          # stopping early: for the summary, not the history
+            val_loss = trainer.evaluate()
         tps = tokens_run / (time.perf_counter() - t_loop)
         bar.set_postfix(loss=f"{res.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
         bar.update(1)
@@ -192,4 +197,4 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
             trainer.position.epoch)),
         "export": None if export is None else str(export), "recipe": str(out / RECIPE),
     }
-    return summary
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}

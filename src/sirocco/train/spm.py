@@ -65,44 +65,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, char
     return out
 
 
-class SentencePieceEncoder:
-    """A sentencepiece model read back for training: ``encode(text, bos, eos)``, ``decode``, ``bos_id``,
-    ``eos_id``, ``vocab_size``. Used when ``sirocco.tokenizer`` is not available."""
 
-    def __init__(self, path: str | Path):
-        import sentencepiece as spm
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (OSError, RuntimeError) as e:
-            raise SiroccoError(f"cannot read the sentencepiece model {path}: {e}") from None
-        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.get_piece_size()
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(ids)
-
-
-def open_tokenizer(path: str | Path):
-    """The tokenizer of a ``tokenizer.model`` file or a model folder, through ``sirocco.tokenizer`` when it is
-    there (every format it reads), else as a plain sentencepiece model."""
-    try:
-        from ..tokenizer import load_tokenizer
-    except ImportError:
-        path = Path(path)
-        return SentencePieceEncoder(path / "tokenizer.model" if path.is_dir() else path)
-    return load_tokenizer(path)
-
-
-def tokenizer_file(path: str | Path) -> Path | None:
-    """The single file holding a folder's (or a file's) tokenizer, to copy next to a trained model; None if
-    the tokenizer is not one file sirocco knows."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The file a tokenizer is read from: ``path`` itself, or the file ``sirocco.tokenizer`` picks in a folder
+    (copied next to a trained model so that its folder is complete)."""
+    from ..tokenizer import find_tokenizer_files
     path = Path(path)
-    if path.is_file():
-        return path
-    for name in ("tokenizer.model", "tekken.json", "tokenizer.json"):
-        if (path / name).is_file():
-            return path / name
-    found = sorted(path.glob("tokenizer.model.v*"))
-    return found[-1] if found else None
+    if path.is_dir():
+        found = find_tokenizer_files(path)
+        if not found:
+            raise SiroccoError(f"no tokenizer in {path}")
+        return found[0]
+    return path

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from .corpus import DEFAULT, load_corpus
-from .spm import SentencePieceEncoder, train_tokenizer
+from ..tokenizer import load_tokenizer
+from .spm import train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = train_tokenizer([d.text for d in corpus.train], args.vocab_size, Path(args.out))
     seconds = time.perf_counter() - t0
-    tok = SentencePieceEncoder(out)
+    tok = load_tokenizer(out)
     chars = sum(len(d.text) for d in corpus.val)
     tokens = sum(len(tok.encode(d.text, bos=False)) for d in corpus.val)
     summary = {"out": str(out), "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
