@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import shutil
 import sys
 import time
 from collections import Counter
@@ -184,7 +185,6 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
     if export is not None:
         save_consolidated(model, args, export, dtype=export_dtype)
         if tok_path is not None:
-            import shutil
             shutil.copyfile(tok_path, Path(export) / tok_path.name)
         log.info("exported the model in %s to %s", str(export_dtype).removeprefix("torch."), export)
     last = history["train"][-10:]
