@@ -17,7 +17,14 @@ from .errors import SiroccoError
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEMO = "random-tiny"     # a randomly initialised tiny model with Mistral's v1 tokenizer, until bundled ones ship
+DEMO = "random-tiny"     # a randomly initialised tiny model with Mistral's v1 tokenizer (noise; for plumbing)
+BUNDLED = Path(__file__).parent / "models"     # models trained by sirocco itself, shipped in the package
+DEFAULT_MODEL = "sirocco-tiny"
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped in the package (folders of ``sirocco/models``)."""
+    return sorted(p.name for p in BUNDLED.iterdir() if (p / "params.json").is_file()) if BUNDLED.is_dir() else []
 
 
 @dataclass
@@ -30,8 +37,9 @@ class Loaded:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="PATH|NAME",
-                   help="a checkpoint folder (consolidated or Hugging Face format) or a bundled model's name "
-                        f"(default: the bundled default model; '{DEMO}' for a random tiny one)")
+                   help="a checkpoint folder (consolidated or Hugging Face format) or a bundled model's name: "
+                        f"{', '.join(bundled_models() + [DEMO])} (default: {DEFAULT_MODEL}; '{DEMO}' is random "
+                        "weights, for plumbing)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and activations dtype (default float32; bfloat16 halves memory and is faster "
                         "for large models on CPUs with AVX512-BF16)")
@@ -60,12 +68,21 @@ def load_for_inference(args: argparse.Namespace) -> Loaded:
 
 def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
          device: torch.device | str = "cpu") -> Loaded:
-    """A model and its tokenizer from a folder, a bundled name, or the default."""
-    if name_or_path is None or name_or_path == DEMO:
+    """A model and its tokenizer from a folder, a bundled name, or the default (the bundled sirocco-tiny).
+
+    A folder that exists wins over a bundled model of the same name. Bundled weights are stored in bfloat16
+    and converted to ``dtype`` while loading."""
+    if name_or_path == DEMO:
         return _demo(dtype, device)
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
     path = Path(name_or_path).expanduser()
+    if not path.exists() and name_or_path in bundled_models():
+        path = BUNDLED / name_or_path
+        log.info("bundled model %s: %s", name_or_path, path)
     if not path.exists():
-        raise SiroccoError(f"--model {name_or_path}: no such folder, and not a bundled model ({DEMO})")
+        raise SiroccoError(f"--model {name_or_path}: no such folder, and not a bundled model "
+                           f"({', '.join(bundled_models() + [DEMO])})")
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
     model = load_model(path, dtype=dtype, device=device)
