@@ -21,8 +21,8 @@ $(VENV)/.test: $(VENV)/.runtime
 	touch $@
 
 demo: $(VENV)/.runtime        ## generate from the bundled default model for several prompts at once
-	$(BIN)/sirocco generate --max-tokens 48 \
-	    "The sliding window" "A rolling buffer cache" "def fibonacci(n):"
+	$(BIN)/sirocco generate --max-tokens 96 \
+	    "The with statement" "Return a new dictionary" "The sliding window"
 
 test: $(VENV)/.test           ## the whole test suite
 	$(BIN)/python -m pytest -q
