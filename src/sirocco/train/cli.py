@@ -19,9 +19,10 @@ documents per row, attention block-diagonal causal and windowed, no padding): Ad
 decay, gradient accumulation and clipping, the load-balancing loss for mixtures of experts, periodic validation,
 checkpoints that resume exactly, and a loss curve (loss.png) next to the checkpoint.
 
-A run is a recipe (a TOML file, or a bundled one by name: %s) with flags on top; the same recipe and seed give
-the same run. Without --tokenizer or [tokenizer] path, a sentencepiece BPE tokenizer is trained on the corpus
-first. The default corpus is the Python documentation that ships with Python (no download)."""
+A run is a recipe (a TOML file, or a bundled one by name) with flags on top; the same recipe and seed give the
+same run. Without --tokenizer or [tokenizer] path, a sentencepiece BPE tokenizer is trained on the corpus
+first. The default corpus is the Python documentation that ships with Python (no download).
+Bundled recipes: %s."""
 
 EXAMPLES = """examples:
   sirocco train --recipe sirocco-tiny --out runs/tiny                 # a bundled model's recipe
