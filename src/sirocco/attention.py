@@ -71,9 +71,11 @@ def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
         qs, ks, vs = q.split(plan.q_seqlens), k.split(plan.kv_seqlens), v.split(plan.kv_seqlens)
     outs = []
     for qb, kb, vb, block in zip(qs, ks, vs, plan.blocks):
-        o = F.scaled_dot_product_attention(qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1),
-                                           attn_mask=block, is_causal=block is None, enable_gqa=True)
-        outs.append(o.transpose(0, 1))
+        # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path (about 3x slower at 800 tokens).
+        o = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None],
+                                           vb.transpose(0, 1)[None], attn_mask=block, is_causal=block is None,
+                                           enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
