@@ -28,18 +28,35 @@ def _row_times_matrix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.float()[:, None, :] * w.float()[None, :, :]).sum(-1).to(x.dtype)
 
 
-_compiled: Optional[Callable] = None
+CHUNK = 1024
+
+
+def _row_times_matrix_chunked(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The same product for long rows (K a multiple of CHUNK): partial sums over chunks of K, then their sum.
+    One long reduction per output streamed the weights of Mistral's w2 (K = 4 x dim) at about 19 GB/s
+    against about 28 GB/s in chunks; short rows are as fast or faster without chunks."""
+    n = w.shape[0]
+    return (x.float().view(1, 1, -1, CHUNK) * w.float().view(1, n, -1, CHUNK)).sum(-1).sum(-1).to(x.dtype)
+
+
+def _chunked(k: int) -> bool:
+    return k > 4 * CHUNK and k % CHUNK == 0
+
+
+_compiled: dict[bool, Callable] = {}
 _failed = False
 
 
 def row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` for a single row x (1, K), through the compiled kernel when it works."""
-    global _compiled, _failed
+    global _failed
     if not _failed:
         try:
-            if _compiled is None:
-                _compiled = torch.compile(_row_times_matrix, dynamic=True)
-            return _compiled(x, w)
+            chunked = _chunked(w.shape[1])
+            if chunked not in _compiled:
+                _compiled[chunked] = torch.compile(_row_times_matrix_chunked if chunked else _row_times_matrix,
+                                                   dynamic=True)
+            return _compiled[chunked](x, w)
         except Exception as e:          # no C++ compiler, unsupported platform: keep working, say why once
             _failed = True
             log.warning("compiled decode kernel unavailable (%s: %s); using F.linear", type(e).__name__, e)
