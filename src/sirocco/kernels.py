@@ -7,8 +7,9 @@ with the same fp32 accumulation (measured with benchmarks/bench_kernels.py). For
 ``F.linear`` is faster again, so only single-row products are routed to the compiled kernel.
 
 The swap is a module swap (``use_fast_decode(model)``): parameters, names and state dicts do not change, and
-the model file stays plain. One compile with dynamic shapes serves every weight shape (a few seconds, cached
-on disk by Inductor across runs); a machine where compiling fails falls back to ``F.linear`` with a warning.
+the model file stays plain. Two compiles with dynamic shapes (short rows, and long rows summed in chunks) serve
+every weight shape (a few seconds, cached on disk by Inductor across runs); a machine where compiling fails falls
+back to ``F.linear`` with a warning.
 """
 
 from __future__ import annotations
