@@ -252,21 +252,31 @@ class TransformersRunner:
 
 
 # -- one measurement, in a subprocess -----------------------------------------------------------------------------
-def measure_bounds(repeats: int) -> dict:
-    """Ceilings of this machine right now: matmul FLOP/s in bf16 and fp32, and memory read bandwidth."""
+def fastest(fn: Callable[[], Any], repeats: int) -> float:
+    """Best wall seconds of ``repeats`` calls after one untimed call: a ceiling is the best the machine does."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(quick: bool, repeats: int = 5) -> dict:
+    """This machine right now: matmul FLOP/s in bf16 and fp32 (a large product in nn.Linear's layout) and memory
+    read bandwidth (a sum over a buffer far larger than the caches)."""
     import torch
     import torch.nn.functional as F
     out = {}
+    m, k, n = (256, 1024, 2048) if quick else (1024, 4096, 8192)
     with torch.inference_mode():
         for dtype in ("bfloat16", "float32"):
-            m, k, n = 1024, 4096, 8192
             x = torch.randn(m, k).to(getattr(torch, dtype))
             w = torch.randn(n, k).to(getattr(torch, dtype))           # (out, in), as nn.Linear stores it
-            t, _ = timed(lambda: F.linear(x, w), repeats)
-            out[f"matmul_flops_{dtype}"] = 2 * m * k * n / t
-        buf = torch.ones(2 * 2**30 // 4)                             # 2 GiB of fp32
-        t, _ = timed(lambda: buf.sum(), repeats)
-        out["read_bytes_per_s"] = buf.numel() * 4 / t
+            out[f"matmul_flops_{dtype}"] = 2 * m * k * n / fastest(lambda: F.linear(x, w), repeats)
+        buf = torch.ones((2**28 if quick else 2**31) // 4)            # 256 MiB / 2 GiB of fp32
+        out["read_bytes_per_s"] = buf.numel() * 4 / fastest(buf.sum, repeats)
     return out
 
 
@@ -275,7 +285,7 @@ def run_worker(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec["threads"])
     if spec["what"] == "bounds":
-        return measure_bounds(spec["repeats"])
+        return measure_ceilings(spec["quick"])
     shape, work = (QUICK if spec["quick"] else FULL)
     dtype = getattr(torch, spec["dtype"])
     runner = SiroccoRunner(spec["fast_decode"]) if spec["library"] == "sirocco" else TransformersRunner()
@@ -316,6 +326,9 @@ def run_worker(spec: dict) -> dict:
         t, tokens = timed(lambda: runner.generate(prompts, n), reps, warm_up=False)
         result.update(seconds=t, tokens_per_s=len(prompts) * n / t, tokens=tokens)
     result["peak_bytes"] = proc_status_kib("VmHWM") * 1024
+    if what in ("prefill", "decode"):
+        del runner                                                    # free the weights before the big buffer
+        result["ceilings"] = measure_ceilings(spec["quick"])          # the machine right after the timing
     return result
 
 
@@ -348,12 +361,20 @@ def check(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(results: dict, bounds: dict, shape: Shape, work: Workload, dtypes: list[str]) -> tuple[list[str], list[dict]]:
+def report(results: dict, bounds: dict, spread: dict, shape: Shape, work: Workload,
+           dtypes: list[str]) -> tuple[list[str], list[dict]]:
     """Markdown tables of figures and targets; also the targets as records for --json."""
+    def ceiling(key, unit, scale, digits):
+        lo, hi = spread.get(key, (0.0, 0.0))
+        return f"{hi / scale:.{digits}f} {unit} (lowest {lo / scale:.{digits}f})"
+
     lines = [f"Model: Mistral shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights.",
-             f"Ceilings measured in this run: bf16 matmul {bounds.get('matmul_flops_bfloat16', 0) / 1e9:.0f} GFLOP/s, "
-             f"fp32 matmul {bounds.get('matmul_flops_float32', 0) / 1e9:.0f} GFLOP/s, "
-             f"read bandwidth {bounds.get('read_bytes_per_s', 0) / 1e9:.1f} GB/s.", "",
+             "Ceilings, best of the measurements in this run: "
+             f"bf16 matmul {ceiling('matmul_flops_bfloat16', 'GFLOP/s', 1e9, 0)}, "
+             f"fp32 matmul {ceiling('matmul_flops_float32', 'GFLOP/s', 1e9, 0)}, "
+             f"read bandwidth {ceiling('read_bytes_per_s', 'GB/s', 1e9, 1)}.",
+             f"Bounds: decode = bandwidth / bytes of the {shape.decode_read_params / 1e6:,.0f}M weights a step reads; "
+             f"pre-fill = matmul rate / (2 x {shape.layer_params / 1e6:,.0f}M layer weights) FLOPs per token.", "",
              "| dtype | measurement | sirocco | transformers | ratio | bound | sirocco / bound |",
              "|---|---|---|---|---|---|---|"]
     targets: list[dict] = []
@@ -363,7 +384,7 @@ def report(results: dict, bounds: dict, shape: Shape, work: Workload, dtypes: li
         return r.get(key) if "error" not in r else None
 
     def fmt(x, unit):
-        return "–" if x is None else f"{x:,.1f} {unit}"
+        return "–" if x is None else f"{x:,.1f}{unit}"
 
     for dtype in dtypes:
         size = 2 if dtype == "bfloat16" else 4
@@ -493,25 +514,33 @@ def main(argv=None) -> int:
     if "error" in built:
         return 1
     from tqdm import tqdm
-    jobs = [("bounds", "-", "bounds")] + [(lib, dtype, what) for dtype in a.dtypes for what in a.only
-                                          for lib in a.libraries]
+    jobs = [("ceilings", "-", "start")] + [(lib, dtype, what) for dtype in a.dtypes for what in a.only
+                                           for lib in a.libraries] + [("ceilings", "-", "end")]
     results: dict = {}
     for dtype in a.dtypes:
         results[("weights", dtype)] = weight_bytes(checkpoint_dir(a.workdir, shape, dtype))
     bar = tqdm(jobs, desc="measuring", unit="run", file=sys.stderr)
     for lib, dtype, what in bar:
         bar.set_postfix_str(f"{lib} {dtype} {what}")
-        spec = dict(base, what=what, library=lib, dtype=dtype,
+        spec = dict(base, what="bounds" if lib == "ceilings" else what, library=lib, dtype=dtype,
                     path=str(checkpoint_dir(a.workdir, shape, dtype)) if dtype != "-" else None)
         results[(lib, dtype, what)] = spawn(spec, bar.write)
-    bounds = results.pop(("bounds", "-", "bounds"))
+        partial = a.workdir / "last-run.json"                        # survives an interrupted run
+        partial.write_text(json.dumps([dict(library=k[0], dtype=k[1], measurement=k[2], **v)
+                                       for k, v in results.items() if isinstance(v, dict)], indent=1))
+    # Ceilings: the best seen in the run (before, after, and right after each pre-fill and decode timing).
+    seen = [results.pop(("ceilings", "-", "start")), results.pop(("ceilings", "-", "end"))]
+    seen += [r["ceilings"] for r in results.values() if isinstance(r, dict) and "ceilings" in r]
+    seen = [c for c in seen if "error" not in c]
+    bounds = {key: max(c[key] for c in seen) for key in seen[0]} if seen else {}
+    spread = {key: (min(c[key] for c in seen), max(c[key] for c in seen)) for key in bounds}
 
     wall = time.perf_counter() - wall0
     busy1 = busy_jiffies()
     ticks = os.sysconf("SC_CLK_TCK")
     ncpu = os.cpu_count() or 1
     others = ((busy1[0] - jiffies0[0]) / ticks - (own_cpu_seconds() - child0)) / (wall * ncpu)
-    lines, targets = report(results, bounds, shape, work, a.dtypes)
+    lines, targets = report(results, bounds, spread, shape, work, a.dtypes)
     agree = agreement(results, a.dtypes)
     fast = {dtype: results.get(("sirocco", dtype, "decode"), {}).get("fast_decode") for dtype in a.dtypes}
     notes = [f"sirocco's compiled single-row decode kernel ({a.fast_decode}): "
@@ -522,7 +551,8 @@ def main(argv=None) -> int:
              f"used {max(others, 0):.0%} of the {ncpu} CPUs meanwhile"
              + (" (figures contaminated)" if others > 0.1 else "")]
     if a.json:
-        print(json.dumps({"shape": asdict(shape), "workload": asdict(work), "bounds": bounds,
+        print(json.dumps({"shape": asdict(shape), "workload": asdict(work), "ceilings": bounds,
+                          "ceilings_lowest": {k: v[0] for k, v in spread.items()},
                           "weights_bytes": {d: results[("weights", d)] for d in a.dtypes},
                           "results": [dict(library=k[0], dtype=k[1], measurement=k[2], **v)
                                       for k, v in results.items() if k[0] in LIBRARIES],
