@@ -298,3 +298,30 @@ def test_sharded_from_a_hugging_face_checkpoint_folder(kind, tmp_path):
     assert rank0["tokens"] == rank1["tokens"] == [c.tokens for c in reference]
     assert rank0["names"] == sorted(k for k in model.state_dict() if k.startswith(("tok_", "layers.0.")))
     assert rank1["names"] == sorted(k for k in model.state_dict() if k.startswith(("norm", "output", "layers.1.")))
+
+
+def cli_rank_default_model(ctx, argv):
+    """``sirocco generate --pipeline-ranks 2 ...`` on this rank as the command runs it (no --model: the
+    bundled default); returns (exit code, standard output)."""
+    from sirocco.distributed import cli
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.run_pipeline(parse_generate(argv))
+    return code, out.getvalue()
+
+
+def test_generate_command_over_two_ranks_loads_the_bundled_default_model():
+    from sirocco.cli import main
+    argv = ["--json", "--max-tokens", "12", "--chunk-size", "16", "The with statement", "Return a new"]
+    results = spawn_local(cli_rank_default_model, 2, (["--pipeline-ranks", "2", *argv],), timeout_s=60,
+                          deadline_s=90)
+    assert_ok(results)
+    (code0, out0), (code1, out1) = [r.value for r in results]
+    assert code0 == code1 == 0 and out1 == ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["generate", *argv]) == 0
+    sharded = [json.loads(line) for line in out0.splitlines()]
+    single = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["tokens"] for d in sharded] == [d["tokens"] for d in single]
+    assert all(len(d["tokens"]) == 12 for d in single)

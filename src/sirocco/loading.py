@@ -66,14 +66,9 @@ def load_for_inference(args: argparse.Namespace) -> Loaded:
     return load(args.model, dtype=dtype, device=device)
 
 
-def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
-         device: torch.device | str = "cpu") -> Loaded:
-    """A model and its tokenizer from a folder, a bundled name, or the default (the bundled sirocco-tiny).
-
-    A folder that exists wins over a bundled model of the same name. Bundled weights are stored in bfloat16
-    and converted to ``dtype`` while loading."""
-    if name_or_path == DEMO:
-        return _demo(dtype, device)
+def model_folder(name_or_path: Optional[str]) -> Path:
+    """The checkpoint folder that ``--model`` names: a folder, a bundled model's name, or None for the default
+    (``sirocco-tiny``). A folder that exists wins over a bundled model of the same name."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     path = Path(name_or_path).expanduser()
@@ -83,6 +78,16 @@ def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
     if not path.exists():
         raise SiroccoError(f"--model {name_or_path}: no such folder, and not a bundled model "
                            f"({', '.join(bundled_models() + [DEMO])})")
+    return path
+
+
+def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> Loaded:
+    """A model and its tokenizer from a folder, a bundled name, or the default (see ``model_folder``), or the
+    random demo model. Bundled weights are stored in bfloat16 and converted to ``dtype`` while loading."""
+    if name_or_path == DEMO:
+        return _demo(dtype, device)
+    path = model_folder(name_or_path)
     from .checkpoint import load_model
     from .tokenizer import load_tokenizer
     model = load_model(path, dtype=dtype, device=device)

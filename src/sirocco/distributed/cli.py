@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from ..errors import SiroccoError
-from ..loading import DTYPES, DEMO
+from ..loading import DTYPES, DEMO, model_folder
 from ..model import Transformer
 from .launch import (DEFAULT_TIMEOUT_S, DistContext, DistributedError, agree, fail_together, fingerprint,
                      init_distributed, peer_errors, shutdown)
@@ -61,7 +60,7 @@ def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any
 
 def load_rank_stage(args: argparse.Namespace, ctx: DistContext, dtype: torch.dtype) -> tuple[Transformer, Any, str]:
     """This rank's stage and the tokenizer, after every rank agreed on what it is loading."""
-    if args.model is None or args.model == DEMO:
+    if args.model == DEMO:
         from ..loading import load
         loaded = load(args.model, dtype=torch.float32, device="cpu")        # small: built whole, then cut
         margs = loaded.model.args
@@ -69,9 +68,7 @@ def load_rank_stage(args: argparse.Namespace, ctx: DistContext, dtype: torch.dty
         spec = stage_spec(margs, ctx.world_size, ctx.rank)
         stage = stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype, device=ctx.device)
         return stage, loaded.tokenizer, f"{loaded.source}, {spec.describe()}"
-    path = Path(args.model).expanduser()
-    if not path.is_dir():
-        raise SiroccoError(f"--model {args.model}: no such folder (a pipeline needs a checkpoint folder or {DEMO})")
+    path = model_folder(args.model)          # a folder, a bundled model's name, or the default model
     stage = rank_stage(ctx, path, dtype=dtype)
     from ..tokenizer import load_tokenizer
     return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
