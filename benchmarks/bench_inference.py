@@ -550,7 +550,9 @@ def main(argv=None) -> int:
              f"run: {wall / 60:.1f} min, {a.threads} threads, median of {a.repeats} after a warm-up; other processes "
              f"used {max(others, 0):.0%} of the {ncpu} CPUs meanwhile"
              + (" (figures contaminated)" if others > 0.1 else "")]
+    table = "\n".join(lines + [""] + [f"- {x}" for x in agree + notes])
     if a.json:
+        log(table)                                       # the tables for people, the JSON for scripts
         print(json.dumps({"shape": asdict(shape), "workload": asdict(work), "ceilings": bounds,
                           "ceilings_lowest": {k: v[0] for k, v in spread.items()},
                           "weights_bytes": {d: results[("weights", d)] for d in a.dtypes},
@@ -559,7 +561,7 @@ def main(argv=None) -> int:
                           "targets": targets, "agreement": agree, "notes": notes,
                           "other_cpu_share": others}, indent=1))
     else:
-        print("\n".join(lines + [""] + [f"- {x}" for x in agree + notes]))
+        print(table)
     return 0
 
 
