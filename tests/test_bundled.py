@@ -14,13 +14,7 @@ from sirocco.loading import BUNDLED, DEFAULT_MODEL, bundled_models, load
 from sirocco.train.corpus import pydoc_topics
 from sirocco.train.losses import cross_entropy_sum
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast as two, and does not stall when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: see conftest.py
 
 
 NAMES = ["sirocco-tiny", "sirocco-tiny-moe"]

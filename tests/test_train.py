@@ -18,13 +18,7 @@ from sirocco.train.recipe import Recipe, TrainRecipe
 from sirocco.train.run import train, unigram_entropy
 from sirocco.train.schedule import learning_rate
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is as fast as two, and does not stall when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: see conftest.py
 
 
 ARCHS = {"mistral": preset("tiny", vocab_size=259, sliding_window=16, max_seq_len=128),

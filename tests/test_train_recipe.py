@@ -13,13 +13,7 @@ from sirocco.train.cli import build_recipe
 from sirocco.train.recipe import RECIPES, Recipe, RecipeError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is as fast as two, and does not stall when the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: see conftest.py
 
 
 def test_bundled_recipes_parse_and_build_their_models():
