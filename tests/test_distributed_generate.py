@@ -212,16 +212,23 @@ def parse_generate(argv):
     return build_parser().parse_args(["generate", *argv])
 
 
-def cli_rank(ctx, argv):
-    """``sirocco generate --pipeline-ranks 2 ...`` on this rank, with the random Mistral stage and a byte
-    tokenizer in place of a checkpoint folder; returns (exit code, standard output)."""
-    from sirocco.distributed import cli
-    cli.load_rank_stage = lambda args, ctx, dtype: (rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype),
-                                                    ByteTokenizer(), "random")
+def printed(fn, *args):
+    """(what ``fn(*args)`` returns, what it printed to standard output)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = cli.run_pipeline(parse_generate(argv))
-    return code, out.getvalue()
+        value = fn(*args)
+    return value, out.getvalue()
+
+
+def cli_rank(ctx, argv, random_stage=True):
+    """``sirocco generate --pipeline-ranks 2 ...`` on this rank; returns (exit code, standard output). With
+    ``random_stage`` the random Mistral stage and a byte tokenizer stand in for a checkpoint folder; without,
+    the command loads what ``--model`` names, as it does for users."""
+    from sirocco.distributed import cli
+    if random_stage:
+        cli.load_rank_stage = lambda args, ctx, dtype: (rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype),
+                                                        ByteTokenizer(), "random")
+    return printed(cli.run_pipeline, parse_generate(argv))
 
 
 def test_generate_command_over_two_ranks_prints_once_what_one_process_generates():
@@ -300,28 +307,16 @@ def test_sharded_from_a_hugging_face_checkpoint_folder(kind, tmp_path):
     assert rank1["names"] == sorted(k for k in model.state_dict() if k.startswith(("norm", "output", "layers.1.")))
 
 
-def cli_rank_default_model(ctx, argv):
-    """``sirocco generate --pipeline-ranks 2 ...`` on this rank as the command runs it (no --model: the
-    bundled default); returns (exit code, standard output)."""
-    from sirocco.distributed import cli
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = cli.run_pipeline(parse_generate(argv))
-    return code, out.getvalue()
-
-
 def test_generate_command_over_two_ranks_loads_the_bundled_default_model():
     from sirocco.cli import main
     argv = ["--json", "--max-tokens", "12", "--chunk-size", "16", "The with statement", "Return a new"]
-    results = spawn_local(cli_rank_default_model, 2, (["--pipeline-ranks", "2", *argv],), timeout_s=60,
-                          deadline_s=90)
+    results = spawn_local(cli_rank, 2, (["--pipeline-ranks", "2", *argv], False), timeout_s=60, deadline_s=90)
     assert_ok(results)
     (code0, out0), (code1, out1) = [r.value for r in results]
     assert code0 == code1 == 0 and out1 == ""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["generate", *argv]) == 0
+    code, out = printed(main, ["generate", *argv])
+    assert code == 0
     sharded = [json.loads(line) for line in out0.splitlines()]
-    single = [json.loads(line) for line in out.getvalue().splitlines()]
+    single = [json.loads(line) for line in out.splitlines()]
     assert [d["tokens"] for d in sharded] == [d["tokens"] for d in single]
     assert all(len(d["tokens"]) == 12 for d in single)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SiroccoError
-from ..loading import DTYPES, DEMO, model_folder
+from ..loading import DTYPES, DEMO, load, model_folder
 from ..model import Transformer
 from .launch import (DEFAULT_TIMEOUT_S, DistContext, DistributedError, agree, fail_together, fingerprint,
                      init_distributed, peer_errors, shutdown)
@@ -61,7 +61,6 @@ def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any
 def load_rank_stage(args: argparse.Namespace, ctx: DistContext, dtype: torch.dtype) -> tuple[Transformer, Any, str]:
     """This rank's stage and the tokenizer, after every rank agreed on what it is loading."""
     if args.model == DEMO:
-        from ..loading import load
         loaded = load(args.model, dtype=torch.float32, device="cpu")        # small: built whole, then cut
         margs = loaded.model.args
         agree(ctx, "model to load (the random demo model)", fingerprint(margs.to_dict(), DEMO, str(dtype)))
