@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from fakes import ByteTokenizer
 from sirocco.config import preset
 from sirocco.model import build_model
-from sirocco.train.corpus import Corpus, Document, build, pydoc_topics
-from sirocco.train.data import Batch, DataPosition, PackedStream, eval_batches, pack, tokenize
+from sirocco.train.corpus import build, pydoc_topics
+from sirocco.train.data import DataPosition, PackedStream, eval_batches, pack, tokenize
 from sirocco.train.loop import Trainer
 from sirocco.train.losses import IGNORE_INDEX, load_balancing_loss
 from sirocco.train.recipe import Recipe, TrainRecipe
