@@ -14,7 +14,7 @@ from sirocco.config import preset
 from sirocco.errors import CheckpointError, ConfigError
 from sirocco.model import build_model
 
-from hf_fixtures import hf_logits, hf_model, save_hf_checkpoint
+from hf_fixtures import hf_logits, save_hf_checkpoint
 
 KINDS = ["mistral", "mixtral"]
 LENGTHS = [17, 5, 11]          # longer and shorter than the window 6, so the window matters

@@ -15,7 +15,7 @@ back to ``F.linear`` with a warning.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
