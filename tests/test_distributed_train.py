@@ -143,3 +143,62 @@ def test_document_lengths_from_positions():
         document_lengths(torch.tensor([[1, 2, 3]]))
     with pytest.raises(ValueError, match="row 0, column 2 has 5, expected 2"):
         document_lengths(torch.tensor([[0, 1, 5]]))
+
+
+# -- the train verb over 2 ranks -----------------------------------------------------------------------------------
+DOCS = [f"The sliding window of layer {i} keeps the last {4 * i + 3} keys; a rolling buffer cache holds them. "
+        f"Mixture of experts number {i % 5} routes each token to two of its experts." for i in range(40)]
+
+
+def train_command(flags):
+    """Standard output and exit code of ``sirocco train`` with these flags (in this process)."""
+    import contextlib
+    import io
+    from sirocco.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["train", *flags])
+    return code, out.getvalue()
+
+
+def train_command_rank(ctx, flags):
+    return train_command(flags)
+
+
+@pytest.mark.parametrize("preset_name,schedule", [("tiny", "gpipe"), ("tiny-moe", "1f1b")])
+def test_train_command_over_two_ranks_equals_one_process(tmp_path, preset_name, schedule):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(DOCS):
+        (docs / f"{i:02d}.txt").write_text(text)
+    flags = ["--corpus", str(docs), "--seq-len", "32", "--steps", "3", "--batch-rows", "2", "--accum", "4",
+             "--set", f"model.preset={preset_name}", "--set", "model.max_seq_len=64", "--set", "train.warmup=1",
+             "--set", "train.eval_every=2", "--set", "data.val_fraction=0.2", "--set", "train.aux_loss_coef=0.02",
+             "--set", "train.clip=0.5", "--no-progress", "--json"]
+    pp = tmp_path / "pp"
+    results = spawn_local(train_command_rank, 2, (flags + ["--out", str(pp), "--vocab-size", "300",
+                                                           "--pipeline-ranks", "2", "--pipeline-schedule", schedule],),
+                          timeout_s=60, deadline_s=120)
+    for r in results:
+        assert r.ok, f"rank {r.rank} failed: {r.error}"
+    (code0, out0), (code1, out1) = [r.value for r in results]
+    assert code0 == code1 == 0 and out1 == ""
+    sharded = json.loads(out0)
+    one = tmp_path / "one"          # one process, the tokenizer rank 0 trained
+    code, text = train_command(flags + ["--out", str(one), "--tokenizer", str(pp / "tokenizer.model")])
+    assert code == 0
+    single = json.loads(text)
+    history = json.loads((one / "trainer_state.json").read_text())["history"]
+    assert sharded["steps"] == single["steps"] == 3
+    torch.testing.assert_close(torch.tensor(sharded["history"]["train"]), torch.tensor(history["train"]),
+                               atol=1e-5, rtol=1e-5)
+    assert [s for s, _ in sharded["history"]["val"]] == [2, 3]
+    torch.testing.assert_close(sharded["val_loss"], single["val_loss"], atol=1e-5, rtol=1e-5)
+    # the checkpoint is the files one process writes, with the same weights
+    assert json.loads((pp / "params.json").read_text()) == json.loads((one / "params.json").read_text())
+    a, b = load_file(pp / "consolidated.safetensors"), load_file(one / "consolidated.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+    for name in ("tokenizer.model", "recipe.toml", "loss.png"):
+        assert (pp / name).is_file(), name

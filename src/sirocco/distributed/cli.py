@@ -27,14 +27,20 @@ from .stages import parameter_bytes, rank_stage, stage_from_state_dict, stage_sp
 log = logging.getLogger(__name__)
 
 
-def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+def add_pipeline_arguments(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """The pipeline options of the generate verb, or of the train verb with ``training``."""
     g = p.add_argument_group("pipeline parallelism (start with torchrun --nproc-per-node N)")
     g.add_argument("--pipeline-ranks", type=int, default=1, metavar="N",
                    help="split the model's layers into N stages, one per process started by torchrun "
                         "(default 1: no split)")
-    g.add_argument("--micro-batches", type=int, default=None, metavar="M",
-                   help="groups of sequences per step that flow through the stages at the same time "
-                        "(default: N; 1 runs each step's batch whole)")
+    if training:
+        g.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"], default="gpipe",
+                       help="order of the micro-batches' forwards and backwards (the recipe's accum "
+                            "micro-batches of each step): gpipe, or 1f1b which holds fewer activations")
+    else:
+        g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                       help="groups of sequences per step that flow through the stages at the same time "
+                            "(default: N; 1 runs each step's batch whole)")
     g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="longest wait for another rank before failing (default %(default)s)")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,

@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   sirocco train --recipe my.toml --corpus ./notes --out runs/notes     # a folder of text files (or a .jsonl)
   sirocco train --init ./mistral-7b --corpus data.jsonl --lr 1e-5 --steps 100 --out runs/ft   # fine-tune
   sirocco train --out runs/tiny --resume                               # continue where it stopped
+  torchrun --nproc-per-node 2 -m sirocco.cli train --pipeline-ranks 2 --recipe sirocco-tiny --out runs/pp
+                                                # the layers split over 2 processes (GPipe micro-batches)
   sirocco generate --model runs/tiny "The sliding window"              # use the result"""
 
 
@@ -68,6 +70,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     h.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
     h.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
     h.add_argument("--json", action="store_true", help="print the summary as one JSON object on standard output")
+    from ..distributed.cli import add_pipeline_arguments
+    add_pipeline_arguments(p, training=True)
 
 
 FLAG_FIELDS = {"corpus": ("data", "corpus"), "tokenizer": ("tokenizer", "path"),
@@ -102,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)
+    if args.pipeline_ranks > 1:
+        from ..distributed.train_cli import run_pipeline_training
+        return run_pipeline_training(args, recipe)
     summary = train(recipe, args.out, init=args.init, resume=args.resume, export=args.export,
                     export_dtype=DTYPES[args.export_dtype], device=resolve_device(args.device),
                     progress=False if args.no_progress else None, stop_at=args.stop_at)
