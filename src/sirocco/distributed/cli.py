@@ -79,10 +79,10 @@ def load_rank_stage(args: argparse.Namespace, ctx: DistContext, dtype: torch.dty
     return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
-    """The generate verb on a pipeline of ``args.pipeline_ranks`` processes (this is one of them)."""
-    from ..generate import cli as generate_cli
-
+def on_ranks(args: argparse.Namespace, work: Callable[[DistContext], int]) -> int:
+    """Run a verb's ``work`` on this rank of a pipeline of ``args.pipeline_ranks`` processes: join the group,
+    check that torchrun started that many, agree on the command-line options, and fail together. A
+    ``SiroccoError`` fails every rank; rank 0 alone lets the CLI print it, the others only log it."""
     ctx = init_distributed(args.dist_backend, timeout_s=args.dist_timeout, threads=args.threads)
     try:
         with fail_together(ctx):
@@ -92,19 +92,26 @@ def run_pipeline(args: argparse.Namespace) -> int:
                                        f"{args.pipeline_ranks} (times the number of nodes)")
             agree(ctx, "command-line options", {k: v for k, v in sorted(vars(args).items()) if k != "prompts"
                                                 and not k.startswith("_")})
-            prompts = shared_from_rank0(ctx, lambda: generate_cli.read_prompts(args), "prompts")
-            stage, tokenizer, source = load_rank_stage(args, ctx, DTYPES[args.dtype])
-            log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source,
-                     parameter_bytes(stage) / 2**20)
-            code = _generate(args, ctx, stage, tokenizer, prompts)
+            code = work(ctx)
             shutdown(ctx)
             return code
     except SiroccoError as e:
-        # Every rank fails; rank 0 alone lets the CLI print the error, the others only log it.
         if ctx.rank == 0:
             raise
         log.error("rank %d: %s", ctx.rank, e)
         return 1
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """The generate verb on a pipeline of ``args.pipeline_ranks`` processes (this is one of them)."""
+    from ..generate import cli as generate_cli
+
+    def work(ctx: DistContext) -> int:
+        prompts = shared_from_rank0(ctx, lambda: generate_cli.read_prompts(args), "prompts")
+        stage, tokenizer, source = load_rank_stage(args, ctx, DTYPES[args.dtype])
+        log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
+        return _generate(args, ctx, stage, tokenizer, prompts)
+    return on_ranks(args, work)
 
 
 def _generate(args: argparse.Namespace, ctx: DistContext, stage: Transformer, tokenizer, prompts: list[str]) -> int:

@@ -42,7 +42,8 @@ from ..train.recipe import Recipe
 from ..train.run import open_run_tokenizer, unigram_entropy
 from ..train.schedule import build_optimizer, learning_rate, set_learning_rate
 from ..train.state import RECIPE, is_training_folder
-from .launch import DistContext, DistributedError, agree, fail_together, init_distributed, peer_errors, shutdown
+from .cli import on_ranks
+from .launch import DistContext, agree, peer_errors
 from .pipeline_train import PipelineTrainer, gather_state_dict
 from .stages import rank_stage
 
@@ -86,30 +87,18 @@ def evaluate(stage: Transformer, ctx: DistContext, batches: list[Batch]) -> floa
 
 def run_pipeline_training(args: argparse.Namespace, recipe: Recipe) -> int:
     """The train verb on a pipeline of ``args.pipeline_ranks`` processes (this is one of them)."""
-    ctx = init_distributed(args.dist_backend, timeout_s=args.dist_timeout, threads=args.threads)
-    try:
-        with fail_together(ctx):
-            if ctx.world_size != args.pipeline_ranks:
-                raise DistributedError(f"--pipeline-ranks {args.pipeline_ranks} but torchrun started "
-                                       f"{ctx.world_size} processes; use torchrun --nproc-per-node "
-                                       f"{args.pipeline_ranks} (times the number of nodes)")
-            agree(ctx, "command-line options", {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_")})
-            agree(ctx, "recipe", recipe.to_toml())
-            summary = _train(args, recipe, ctx)
-            shutdown(ctx)
-    except SiroccoError as e:
+    def work(ctx: DistContext) -> int:
+        agree(ctx, "recipe", recipe.to_toml())
+        summary = _train(args, recipe, ctx)
         if ctx.rank == 0:
-            raise
-        log.error("rank %d: %s", ctx.rank, e)
-        return 1
-    if ctx.rank == 0:
-        val = "none" if summary["val_loss"] is None else f"{summary['val_loss']:.3f}"
-        print(json.dumps(summary) if args.json else
-              f"trained {summary['steps']} steps over {ctx.world_size} pipeline ranks in "
-              f"{summary['train_seconds'] / 60:.1f} min ({summary['tokens_per_s']:.0f} tokens/s): train loss "
-              f"{summary['train_loss']:.3f}, validation loss {val}\ncheckpoint: {summary['out']} (loss curve: "
-              f"{summary['out']}/loss.png)", file=sys.stdout if args.json else sys.stderr)
-    return 0
+            val = "none" if summary["val_loss"] is None else f"{summary['val_loss']:.3f}"
+            print(json.dumps(summary) if args.json else
+                  f"trained {summary['steps']} steps over {ctx.world_size} pipeline ranks in "
+                  f"{summary['train_seconds'] / 60:.1f} min ({summary['tokens_per_s']:.0f} tokens/s): train loss "
+                  f"{summary['train_loss']:.3f}, validation loss {val}\ncheckpoint: {summary['out']} (loss curve: "
+                  f"{summary['out']}/loss.png)", file=sys.stdout if args.json else sys.stderr)
+        return 0
+    return on_ranks(args, work)
 
 
 def _train(args: argparse.Namespace, recipe: Recipe, ctx: DistContext) -> dict[str, Any]:
