@@ -18,6 +18,7 @@ from sirocco.tokenizer import find_tokenizer_files, load_tokenizer
 DATA = Path(mistral_common.__file__).parent / "data"
 V1 = DATA / "tokenizer.model.v1"
 V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
+V2 = DATA / "mistral_instruct_tokenizer_240216.model.v2"
 TEKKEN = DATA / "tekken_240911.json"
 
 TEXTS = [
@@ -111,7 +112,8 @@ def hf_v3(tmp_path_factory):
 
 
 # -- Mistral's real files ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("file, vocab", [(V1, 32000), (V3, 32768), (TEKKEN, 131072)], ids=["v1", "v3", "tekken"])
+@pytest.mark.parametrize("file, vocab", [(V1, 32000), (V2, 32768), (V3, 32768), (TEKKEN, 131072)],
+                         ids=["v1", "v2", "v3", "tekken"])
 def test_real_tokenizers_match_mistral_common(file, vocab):
     tok = load_tokenizer(file)
     ref = MistralTokenizer.from_file(str(file)).instruct_tokenizer.tokenizer
