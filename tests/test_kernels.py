@@ -1,4 +1,7 @@
-"""The compiled single-row kernel: same products as F.linear, and no compile inside the decode loop."""
+"""The decode kernels: the products of F.linear to its own rounding error, the same bits for a row whatever
+rows come with it, and no compile inside the decode loop."""
+
+import logging
 
 import pytest
 import torch
@@ -11,6 +14,10 @@ from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
 from sirocco.model import build_model
 
+needs_native = pytest.mark.skipif(kernels.native_kernel() is None, reason="no AVX-512 or no C++ build here")
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not kernels._bf16_dot_product_supported(), reason="no AVX512-BF16 here"))]
+
 
 @pytest.mark.parametrize("k", [96, 5 * kernels.CHUNK], ids=["short", "chunked"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -21,18 +28,93 @@ def test_row_linear_matches_f_linear(dtype, tol, k):
     torch.testing.assert_close(kernels.row_linear(x, w), F.linear(x, w), atol=tol * scale, rtol=tol)
 
 
-def test_fast_decode_engine_same_tokens_and_no_recompile():
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [64, 1024])
+def test_small_m_linear_as_accurate_as_f_linear(dtype, k):
+    """Against a float64 product of the same inputs: no larger error than F.linear's, for 1..8 rows and a row
+    count (N = 301) that leaves rows over after the tiles of 3."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(301, k, generator=g).to(dtype)
+    small_m_linear = kernels.native_kernel()
+    for m in range(1, kernels.SMALL_M + 1):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        exact = x.double() @ w.double().T
+        ours, theirs = small_m_linear(x, w), F.linear(x, w)
+        assert ours.dtype == dtype and ours.shape == (m, 301)
+        err, ref_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+        # bf16 output: both round the same fp32 sum to bf16, so they differ by at most one bf16 step
+        assert err <= 1.5 * ref_err + 1e-6 * exact.abs().max(), (m, err.item(), ref_err.item())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_m_linear_row_bits_do_not_depend_on_other_rows(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(100, 256, generator=g).to(dtype)
+    x = torch.randn(kernels.SMALL_M, 256, generator=g).to(dtype)
+    small_m_linear = kernels.native_kernel()
+    alone = torch.cat([small_m_linear(x[i:i + 1], w) for i in range(len(x))])
+    for m in range(2, kernels.SMALL_M + 1):
+        assert torch.equal(small_m_linear(x[:m], w), alone[:m]), m
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        assert torch.equal(small_m_linear(x, w), alone)           # nor on the thread count
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_small_m_linear_refuses_bad_input_by_name():
+    small_m_linear = kernels.native_kernel()
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        small_m_linear(torch.zeros(9, 32), torch.zeros(4, 32))
+    with pytest.raises(RuntimeError, match=r"expected x \(M, K\) and w \(N, K\)"):
+        small_m_linear(torch.zeros(2, 32), torch.zeros(4, 48))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        small_m_linear(torch.zeros(2, 24), torch.zeros(4, 24))
+
+
+def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension\nno compiler")
+
+    monkeypatch.setattr(cpp, "load_inline", broken)
+    monkeypatch.setattr(kernels, "_native_module", None)
+    monkeypatch.setattr(kernels, "_native_failed", False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with caplog.at_level(logging.WARNING, logger="sirocco.kernels"):
+        assert kernels.native_kernel() is None
+    assert "small-row decode kernel unavailable" in caplog.text and "no compiler" in caplog.text
+    assert not kernels.native_serves(torch.float32, 64)
+    layer = torch.nn.Linear(64, 8, bias=False)
+    kernels.use_fast_decode(layer)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize("path", ["native", "compiled"])
+def test_fast_decode_engine_same_tokens_and_no_recompile(path, monkeypatch):
+    if path == "native" and kernels.native_kernel() is None:
+        pytest.skip("no AVX-512 or no C++ build here")
+    if path == "compiled":              # a CPU the native kernel does not serve: single rows go to Inductor
+        monkeypatch.setattr(kernels, "native_serves", lambda dtype, k: False)
     args = preset("tiny", vocab_size=300, sliding_window=6)
     model = build_model(args, seed=31)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4)]
     params = SamplingParams(max_tokens=12)
-    plain = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=False).generate([prompts[0]], params)
+    plain = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=False).generate(prompts, params)
     fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=True)   # swaps and warms up
     assert any(isinstance(m, kernels.DecodeLinear) for m in model.modules())
-    # prompts[0] alone decodes one row at a time through the compiled kernel; the pair uses F.linear.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        fast = fast_engine.generate([prompts[0]], params)
-        fast_engine.generate(prompts, params)
-    assert fast[0].tokens == plain[0].tokens
-    torch.testing.assert_close(torch.tensor(fast[0].logprobs), torch.tensor(plain[0].logprobs), atol=1e-4, rtol=0)
+        alone = fast_engine.generate([prompts[0]], params)
+        both = fast_engine.generate(prompts, params)
+    assert alone[0].tokens == plain[0].tokens and [c.tokens for c in both] == [c.tokens for c in plain]
+    for fast, ref in [(alone[0], plain[0]), (both[0], plain[0]), (both[1], plain[1])]:
+        torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
     assert set(model.state_dict()) == set(build_model(args).state_dict())
+

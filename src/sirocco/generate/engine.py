@@ -118,8 +118,9 @@ class Engine:
             model's max_seq_len). Positions past it are refused with the limit in the message.
         max_batch_tokens: most tokens in one pre-fill step, over all sequences (default 4 * chunk_size).
         backend: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
-        fast_decode: route single-row products to the compiled kernel of kernels.py (a few seconds of compile
-            up front; default: on for CPU models of 256 MiB of weights or more, where decode is memory-bound).
+        fast_decode: route the products of decode steps (1 to 8 rows) to the kernels of kernels.py (seconds of
+            build up front the first time, cached on disk; default: on for CPU models of 256 MiB of weights or
+            more, where decode is memory-bound).
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -150,9 +151,8 @@ class Engine:
         if fast_decode:
             t0 = time.perf_counter()
             kernels.use_fast_decode(model)
-            shapes = kernels.warm_up(model)
-            log.info("compiled the single-row decode kernel for %d weight shapes in %.1f s", shapes,
-                     time.perf_counter() - t0)
+            prepared = kernels.warm_up(model)
+            log.info("decode kernels: %s, ready in %.1f s", prepared, time.perf_counter() - t0)
         self.stats = Stats()
 
     def _make_cache(self) -> RollingCache:
