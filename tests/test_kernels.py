@@ -33,7 +33,7 @@ def test_row_linear_matches_f_linear(dtype, tol, k):
 @pytest.mark.parametrize("k", [64, 1024])
 def test_small_m_linear_as_accurate_as_f_linear(dtype, k):
     """Against a float64 product of the same inputs: no larger error than F.linear's, for 1..8 rows and a row
-    count (N = 301) that leaves rows over after the tiles of 3."""
+    count (N = 301) that leaves rows over after the tiles of 4."""
     g = torch.Generator().manual_seed(k)
     w = torch.randn(301, k, generator=g).to(dtype)
     small_m_linear = kernels.native_kernel()
@@ -88,7 +88,7 @@ def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with caplog.at_level(logging.WARNING, logger="sirocco.kernels"):
         assert kernels.native_kernel() is None
-    assert "small-row decode kernel unavailable" in caplog.text and "no compiler" in caplog.text
+    assert "C++ decode kernels unavailable" in caplog.text and "no compiler" in caplog.text
     assert not kernels.native_serves(torch.float32, 64)
     layer = torch.nn.Linear(64, 8, bias=False)
     kernels.use_fast_decode(layer)
@@ -97,19 +97,20 @@ def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
 
 
-@pytest.mark.parametrize("path", ["native", "compiled"])
-def test_fast_decode_engine_same_tokens_and_no_recompile(path, monkeypatch):
+@pytest.mark.parametrize("path,arch", [("native", "tiny"), ("native", "tiny-moe"), ("compiled", "tiny")])
+def test_fast_decode_engine_same_tokens_and_no_recompile(path, arch, monkeypatch):
     if path == "native" and kernels.native_kernel() is None:
         pytest.skip("no AVX-512 or no C++ build here")
     if path == "compiled":              # a CPU the native kernel does not serve: single rows go to Inductor
         monkeypatch.setattr(kernels, "native_serves", lambda dtype, k: False)
-    args = preset("tiny", vocab_size=300, sliding_window=6)
+    args = preset(arch, vocab_size=300, sliding_window=6)
     model = build_model(args, seed=31)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4)]
     params = SamplingParams(max_tokens=12)
     plain = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=False).generate(prompts, params)
     fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=True)   # swaps and warms up
     assert any(isinstance(m, kernels.DecodeLinear) for m in model.modules())
+    assert fast_engine.decode_kernel == ("native" if path == "native" else "matmul")
     with torch._dynamo.config.patch(error_on_recompile=True):
         alone = fast_engine.generate([prompts[0]], params)
         both = fast_engine.generate(prompts, params)
@@ -118,3 +119,51 @@ def test_fast_decode_engine_same_tokens_and_no_recompile(path, monkeypatch):
         torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
     assert set(model.state_dict()) == set(build_model(args).state_dict())
 
+
+
+def _exact_decode_attention(q, k, v, valid):
+    """float64 decode attention on a dense mask: the reference for both decode paths."""
+    B, H, D = q.shape
+    G = k.shape[1]
+    s = torch.einsum("bgjd,bgld->bgjl", q.double().view(B, G, H // G, D), k.double()) / D ** 0.5
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.einsum("bgjl,bgld->bgjd", torch.softmax(s, -1), v.double()).reshape(B, H, D)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (5, 1, 96), (4, 4, 128), (12, 2, 64)])
+def test_native_decode_attention_as_accurate_as_matmul(dtype, heads, kv_heads, head_dim):
+    """Several query heads per kv head (1, 4, 5, 6: blocks of 4 plus the rest), head_dims that leave a partial
+    block of 64, cache rows as a view of a larger cache, and rows filled to different lengths."""
+    from sirocco.attention import decode_attention, native_decode_attention
+    g = torch.Generator().manual_seed(heads * head_dim)
+    B, S, L = 3, 40, 33
+    cache_k = torch.randn(5, kv_heads, S, head_dim, generator=g).to(dtype)
+    cache_v = torch.randn(5, kv_heads, S, head_dim, generator=g).to(dtype)
+    k, v = cache_k[:B, :, :L], cache_v[:B, :, :L]                      # what LayerCache.rows_view gives
+    q = torch.randn(B, heads, head_dim, generator=g).to(dtype)
+    valid = torch.arange(L)[None, :] < torch.tensor([33, 1, 20])[:, None]
+    valid[2, :5] = False                                                # a wrapped ring's empty slots, say
+    exact = _exact_decode_attention(q, k, v, valid)
+    with torch.no_grad():
+        ours, matmul = native_decode_attention(q, k, v, valid), decode_attention(q, k, v, valid)
+    assert ours.dtype == dtype and ours.shape == (B, heads, head_dim)
+    err, ref_err = (ours.double() - exact).abs().max(), (matmul.double() - exact).abs().max()
+    assert err <= ref_err + 1e-6, (err.item(), ref_err.item())
+    # a sequence's result does not depend on the others in the step
+    for b in range(B):
+        assert torch.equal(native_decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], valid[b:b + 1])[0], ours[b])
+
+
+@needs_native
+def test_native_decode_attention_refuses_bad_input_by_name():
+    from sirocco.attention import native_decode_attention
+    q, kv = torch.zeros(2, 4, 32), torch.zeros(2, 2, 8, 32)
+    with pytest.raises(RuntimeError, match=r"expected q \(B, H, D\) and k \(B, G, L, D\)"):
+        native_decode_attention(q, torch.zeros(2, 3, 8, 32), kv, torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="valid a \\(B, L\\) bool"):
+        native_decode_attention(q, kv, kv, torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
+        native_decode_attention(torch.zeros(2, 4, 24), torch.zeros(2, 2, 8, 24), torch.zeros(2, 2, 8, 24),
+                                torch.ones(2, 8, dtype=torch.bool))

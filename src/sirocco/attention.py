@@ -14,7 +14,10 @@ Paths:
   * ``per_sequence``: one SDPA call per sequence with its diagonal block (or ``is_causal`` where exact). On CPU
     this is far faster than the dense mask for several prompts; supports backward.
   * decode (one token per sequence, with a cache): matmul, fp32 softmax, matmul over the sequence's cache row
-    in place, with the plan's valid-slot mask. SDPA takes a slow path for one bf16 query on CPU.
+    in place, with the plan's valid-slot mask. SDPA takes a slow path for one bf16 query on CPU. With
+    ``decode_kernel="native"`` the two products are the C++ kernels of csrc/decode_attention.cpp (fp32 scores
+    straight from the bf16 cache, masked slots skipped): for 8 sequences of ~900 slots, 0.31 ms per layer
+    against 1.41 in bf16, 0.55 against 1.88 in fp32.
 """
 
 from __future__ import annotations
@@ -25,24 +28,28 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .cache import LayerCache
-from .masks import Backend, WindowPlan
+from .masks import Backend, DecodeKernel, WindowPlan
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, backend: Backend,
-           cache: Optional[LayerCache] = None) -> torch.Tensor:
+           cache: Optional[LayerCache] = None, decode_kernel: DecodeKernel = "matmul") -> torch.Tensor:
     """Attention of one layer for one step.
 
     Args:
         q: (T, H, D) rotated queries; k, v: (T, G, D) rotated keys and values of the new tokens.
         plan: the step's plan for this layer's window; backend: "dense" or "per_sequence".
         cache: the layer's cache, or None for a forward without cache.
+        decode_kernel: for decode steps, "matmul" (PyTorch) or "native" (C++, where kernels.py serves it).
     Returns:
         (T, H, D)
     """
     if cache is not None and plan.decode:
         cache.write(k, v, plan)                       # the new token is written first, then attended to
         keys, values = cache.rows_view(plan)          # (B, G, L, D)
+        if decode_kernel == "native" and native_decode_serves(q):
+            return native_decode_attention(q, keys, values, plan.decode_valid)
         return decode_attention(q, keys, values, plan.decode_valid)
     keys, values = k, v
     if cache is not None:
@@ -92,3 +99,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     scores = scores.masked_fill(~valid[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-2).to(v.dtype)
     return torch.matmul(probs.transpose(-1, -2), v).view(B, H, D)
+
+
+def native_decode_serves(q: torch.Tensor) -> bool:
+    """Whether the C++ decode attention runs for these queries: CPU, no autograd, a served dtype and head_dim."""
+    return q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.native_serves(q.dtype, q.shape[-1])
+
+
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
+    probabilities times the values accumulated in fp32. Same shapes."""
+    native = kernels.native_module()
+    scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
+    return native.decode_values(torch.softmax(scores, dim=-1), v)

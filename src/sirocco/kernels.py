@@ -78,32 +78,43 @@ SMALL_M = 8                 # the native kernel's largest row count
 
 _native_module = None
 _native_failed = False
+NATIVE_SOURCES = ("small_m_linear.cpp", "decode_attention.cpp")
+NATIVE_FUNCTIONS = ("small_m_linear", "decode_scores", "decode_values")
 
 
-def native_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """``small_m_linear(x (M, K), w (N, K)) -> (M, N)`` from csrc/small_m_linear.cpp, built on first use; None
-    where the CPU lacks AVX-512 or building fails (said once in the log)."""
+def native_module():
+    """The C++ kernels of csrc/ (``small_m_linear``, ``decode_scores``, ``decode_values``), built on first use;
+    None where the CPU lacks AVX-512 or building fails (said once in the log)."""
     global _native_module, _native_failed
     if _native_module is None and not _native_failed:
         if torch.backends.cpu.get_cpu_capability() != "AVX512":
             _native_failed = True
-            log.info("no AVX-512 on this CPU: the small-row decode kernel is not used")
+            log.info("no AVX-512 on this CPU: the C++ decode kernels are not used")
             return None
         try:
             from torch.utils.cpp_extension import load_inline
-            source = (Path(__file__).parent / "csrc" / "small_m_linear.cpp").read_text()
+            sources = [(Path(__file__).parent / "csrc" / name).read_text() for name in NATIVE_SOURCES]
             t0 = time.perf_counter()
+            log.info("preparing the C++ decode kernels (a build of about half a minute the first time, then cached "
+                     "by PyTorch)")
             _native_module = load_inline(
-                "sirocco_small_m_linear", cpp_sources=[source], functions=["small_m_linear"],
+                "sirocco_decode_kernels", cpp_sources=sources, functions=list(NATIVE_FUNCTIONS),
                 extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
                 extra_ldflags=["-fopenmp"])
-            log.info("small-row decode kernel ready in %.1f s", time.perf_counter() - t0)
+            log.info("C++ decode kernels ready in %.1f s", time.perf_counter() - t0)
         except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
             _native_failed = True
-            log.warning("small-row decode kernel unavailable (%s: %s); using F.linear and the compiled row "
-                        "kernel", type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+            log.warning("C++ decode kernels unavailable (%s: %s); using F.linear, the compiled row kernel and "
+                        "matmul attention", type(e).__name__,
+                        str(e).strip().splitlines()[-1] if str(e).strip() else "")
             return None
-    return None if _native_module is None else _native_module.small_m_linear
+    return _native_module
+
+
+def native_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``small_m_linear(x (M, K), w (N, K)) -> (M, N)`` from csrc/small_m_linear.cpp, or None (see above)."""
+    module = native_module()
+    return None if module is None else module.small_m_linear
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,11 +124,12 @@ def _bf16_dot_product_supported() -> bool:
 
 
 def native_serves(dtype: torch.dtype, k: int) -> bool:
-    """Whether ``small_m_linear`` can multiply rows of this dtype and length on this machine."""
+    """Whether the C++ kernels can multiply rows of this dtype and length (a linear layer's input size, or a
+    head_dim for decode attention) on this machine."""
     if dtype == torch.bfloat16:
-        return k % 32 == 0 and _bf16_dot_product_supported() and native_kernel() is not None
+        return k % 32 == 0 and _bf16_dot_product_supported() and native_module() is not None
     if dtype == torch.float32:
-        return k % 16 == 0 and native_kernel() is not None
+        return k % 16 == 0 and native_module() is not None
     return False
 
 

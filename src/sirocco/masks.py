@@ -48,6 +48,8 @@ from .cache import unrotate_slots
 
 Backend = Literal["dense", "per_sequence"]
 BACKENDS: tuple[str, ...] = ("dense", "per_sequence")
+DecodeKernel = Literal["matmul", "native"]
+DECODE_KERNELS: tuple[str, ...] = ("matmul", "native")
 
 
 def allowed(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k_pos: torch.Tensor,
@@ -127,7 +129,8 @@ class BatchPlan:
 
     Build with ``BatchPlan.build``. ``backend`` chooses how pre-fill attention is computed ("dense": one SDPA
     call with the whole boolean mask, the reference; "per_sequence": one SDPA call per sequence with its
-    diagonal block, the fast path on CPU). Decode steps always read the cache in place.
+    diagonal block, the fast path on CPU). Decode steps always read the cache in place, through PyTorch matmuls
+    (``decode_kernel="matmul"``) or the C++ kernels of kernels.py (``"native"``, CPU with AVX-512).
     """
 
     starts: list[int]
@@ -136,6 +139,7 @@ class BatchPlan:
     positions: torch.Tensor                    # (T,) absolute positions
     windows: dict[Optional[int], WindowPlan]
     backend: Backend = "per_sequence"
+    decode_kernel: DecodeKernel = "matmul"
 
     @property
     def num_tokens(self) -> int:
@@ -148,7 +152,7 @@ class BatchPlan:
     def build(cls, lengths: Sequence[int], *, starts: Optional[Sequence[int]] = None,
               rows: Optional[Sequence[int]] = None, windows: Sequence[Optional[int]] = (None,),
               cache_lens: Optional[dict] = None, device: torch.device | str = "cpu",
-              backend: Backend = "per_sequence") -> "BatchPlan":
+              backend: Backend = "per_sequence", decode_kernel: DecodeKernel = "matmul") -> "BatchPlan":
         """Plan one step.
 
         Args:
@@ -168,6 +172,8 @@ class BatchPlan:
             raise ValueError(f"{len(starts)} starts for {len(lengths)} sequences")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+        if decode_kernel not in DECODE_KERNELS:
+            raise ValueError(f"unknown decode kernel {decode_kernel!r}; choose one of {DECODE_KERNELS}")
         use_cache = cache_lens is not None
         if use_cache:
             if rows is None:
@@ -183,7 +189,8 @@ class BatchPlan:
         for w in dict.fromkeys(windows):
             plans[w] = _window_plan(w, None if not use_cache else int(cache_lens[w]), starts, lengths, rows,
                                     positions, device)
-        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans, backend=backend)
+        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans, backend=backend,
+                   decode_kernel=decode_kernel)
 
 
 def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],

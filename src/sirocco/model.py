@@ -22,7 +22,7 @@ from torch import nn
 from .attention import attend
 from .cache import RollingCache
 from .config import ModelArgs
-from .masks import Backend, BatchPlan
+from .masks import Backend, BatchPlan, DecodeKernel
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attend(q, k, v, plan.for_window(self.window), plan.backend,
-                     None if cache is None else cache[layer_id])          # (T, H, D)
+                     None if cache is None else cache[layer_id], plan.decode_kernel)          # (T, H, D)
         return self.wo(out.reshape(T, -1))
 
 
@@ -175,7 +175,8 @@ class Transformer(nn.Module):
         return self._rope[0][positions], self._rope[1][positions]
 
     def plan(self, lengths: list[int], starts: Optional[list[int]] = None, rows: Optional[list[int]] = None,
-             cache: Optional[RollingCache] = None, backend: Backend = "per_sequence") -> BatchPlan:
+             cache: Optional[RollingCache] = None, backend: Backend = "per_sequence",
+             decode_kernel: DecodeKernel = "matmul") -> BatchPlan:
         """The step's BatchPlan for this model's windows (and the cache's sizes, if any)."""
         ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
         if ends and max(ends) > self.args.max_seq_len:
@@ -183,7 +184,7 @@ class Transformer(nn.Module):
                              f"{self.args.max_seq_len}")
         return BatchPlan.build(lengths, starts=starts, rows=rows, windows=self.windows,
                                cache_lens=None if cache is None else cache.cache_lens(),
-                               device=self.device, backend=backend)
+                               device=self.device, backend=backend, decode_kernel=decode_kernel)
 
     @property
     def device(self) -> torch.device:

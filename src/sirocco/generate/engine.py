@@ -148,11 +148,16 @@ class Engine:
                  self.cache.nbytes() / 2**20, self.dtype)
         if fast_decode is None:
             fast_decode = kernels.fast_decode_pays(model)
+        self.decode_kernel = "matmul"
         if fast_decode:
             t0 = time.perf_counter()
             kernels.use_fast_decode(model)
             prepared = kernels.warm_up(model)
-            log.info("decode kernels: %s, ready in %.1f s", prepared, time.perf_counter() - t0)
+            # Decode attention through the C++ kernels comes with fast_decode (the same build, the same CPUs).
+            if self.device.type == "cpu" and kernels.native_serves(self.dtype, self.args.head_dim):
+                self.decode_kernel = "native"
+            log.info("decode kernels: %s; %s attention; ready in %.1f s", prepared, self.decode_kernel,
+                     time.perf_counter() - t0)
         self.stats = Stats()
 
     def _make_cache(self) -> RollingCache:
@@ -222,7 +227,8 @@ class Engine:
         t0 = time.perf_counter()
         tokens = torch.tensor([s.out.tokens[-1] for s in running], dtype=torch.long, device=self.device)
         plan = self.model.plan([1] * len(running), starts=[s.cached for s in running],
-                               rows=[s.row for s in running], cache=self.cache, backend=self.backend)
+                               rows=[s.row for s in running], cache=self.cache, backend=self.backend,
+                               decode_kernel=self.decode_kernel)
         logits = self._forward(tokens, plan)
         for s in running:
             s.cached += 1
