@@ -265,13 +265,23 @@ def fastest(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def bandwidth_probe(quick: bool) -> Callable[[], float]:
-    """A function that measures the read bandwidth now (best of three sums over 512 MiB, 64 MiB if quick: far
-    larger than the caches, small enough to sit beside the model), for probes taken between timed runs. On this
-    kind of shared machine the bandwidth swings between about 33 and 63 GB/s within seconds."""
+def read_buffer(quick: bool):
+    """The buffer every bandwidth figure sums: 2 GiB of fp32 (256 MiB if quick), far larger than the caches."""
     import torch
-    buf = torch.ones((2**24 if quick else 2**27))
-    return lambda: buf.numel() * 4 / fastest(buf.sum, 3)
+    return torch.ones((2**28 if quick else 2**31) // 4)
+
+
+def read_bandwidth(buf, repeats: int = 5) -> float:
+    """Bytes per second of the best of ``repeats`` sums over ``buf``."""
+    return buf.numel() * 4 / fastest(buf.sum, repeats)
+
+
+def bandwidth_probe(quick: bool) -> Callable[[], float]:
+    """A function that measures the read bandwidth now, exactly as the ceilings do, for probes taken between
+    timed runs. On this kind of shared machine the bandwidth swings between about 33 and 63 GB/s within
+    seconds."""
+    buf = read_buffer(quick)
+    return lambda: read_bandwidth(buf)
 
 
 def timed_with_probes(fn: Callable[[], Any], repeats: int, probe: Callable[[], float]) -> tuple[float, Any, list]:
@@ -298,8 +308,7 @@ def measure_ceilings(quick: bool, repeats: int = 5) -> dict:
             x = torch.randn(m, k).to(getattr(torch, dtype))
             w = torch.randn(n, k).to(getattr(torch, dtype))           # (out, in), as nn.Linear stores it
             out[f"matmul_flops_{dtype}"] = 2 * m * k * n / fastest(lambda: F.linear(x, w), repeats)
-        buf = torch.ones((2**28 if quick else 2**31) // 4)            # 256 MiB / 2 GiB of fp32
-        out["read_bytes_per_s"] = buf.numel() * 4 / fastest(buf.sum, repeats)
+        out["read_bytes_per_s"] = read_bandwidth(read_buffer(quick), repeats)
     return out
 
 
