@@ -212,13 +212,13 @@ class SiroccoRunner:
 
     def prepare(self, rows: list[int], max_seq_len: int) -> dict:
         """One engine per batch size, built (and its decode kernel compiled) before any timing."""
-        from sirocco import kernels
+        from sirocco import fast_modules
         from sirocco.generate.engine import Engine
         t0 = time.perf_counter()
         self.engines = {r: Engine(self.model, None, max_rows=r, max_seq_len=max_seq_len, fast_decode=self.fast_decode)
                         for r in sorted(set(rows))}
         return {"setup_seconds": time.perf_counter() - t0,
-                "fast_decode": any(isinstance(m, kernels.DecodeLinear) for m in self.model.modules())}
+                "fast_decode": any(isinstance(m, fast_modules.DecodeLinear) for m in self.model.modules())}
 
 
 class TransformersRunner:

@@ -8,11 +8,11 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from sirocco import kernels
+from sirocco import fast_modules, kernels
 from sirocco.config import preset
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
-from sirocco.model import build_model
+from sirocco.model import Attention, RMSNorm, build_model
 
 needs_native = pytest.mark.skipif(kernels.native_kernel() is None, reason="no AVX-512 or no C++ build here")
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
@@ -91,10 +91,13 @@ def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
     assert "C++ decode kernels unavailable" in caplog.text and "no compiler" in caplog.text
     assert not kernels.native_serves(torch.float32, 64)
     layer = torch.nn.Linear(64, 8, bias=False)
-    kernels.use_fast_decode(layer)
+    fast_modules.use_fast_decode(layer)
     x = torch.randn(3, 64)
+    norm = RMSNorm(64, 1e-5)
+    fast_modules.use_fast_decode(norm)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
+        assert torch.equal(norm(x), RMSNorm.forward(norm, x))
 
 
 @pytest.mark.parametrize("path,arch", [("native", "tiny"), ("native", "tiny-moe"), ("compiled", "tiny")])
@@ -109,7 +112,8 @@ def test_fast_decode_engine_same_tokens_and_no_recompile(path, arch, monkeypatch
     params = SamplingParams(max_tokens=12)
     plain = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=False).generate(prompts, params)
     fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=True)   # swaps and warms up
-    assert any(isinstance(m, kernels.DecodeLinear) for m in model.modules())
+    assert {type(m) for m in model.modules()} >= {fast_modules.DecodeLinear, fast_modules.FastRMSNorm,
+                                                  fast_modules.FastAttention}
     assert fast_engine.decode_kernel == ("native" if path == "native" else "matmul")
     with torch._dynamo.config.patch(error_on_recompile=True):
         alone = fast_engine.generate([prompts[0]], params)
@@ -167,3 +171,69 @@ def test_native_decode_attention_refuses_bad_input_by_name():
     with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
         native_decode_attention(torch.zeros(2, 4, 24), torch.zeros(2, 2, 8, 24), torch.zeros(2, 2, 8, 24),
                                 torch.ones(2, 8, dtype=torch.bool))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 2048), (37, 96)])
+def test_rms_norm_kernel_as_accurate_as_rmsnorm(dtype, rows, dim):
+    """Against float64 with the model's two roundings (normalised, then times the weight): no larger error than
+    model.RMSNorm's, and a row's bits do not depend on the rows beside it."""
+    from sirocco.model import RMSNorm
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (3 * torch.randn(rows, dim, generator=g)).to(dtype)
+    norm = RMSNorm(dim, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+        ours, theirs = kernels.native_module().rms_norm(x, norm.weight, norm.eps), norm(x)
+        xd = x.double()
+        exact = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype).double() * norm.weight.double()
+    assert ours.dtype == dtype and ours.shape == x.shape
+    err, ref_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
+    step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23          # one rounding step, relative
+    assert err <= ref_err + step * exact.abs().max(), (err.item(), ref_err.item())
+    for r in range(rows):
+        assert torch.equal(kernels.native_module().rms_norm(x[r:r + 1], norm.weight, norm.eps)[0], ours[r])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 16, 128), (5, 3, 16), (33, 4, 64)])
+def test_rope_kernel_same_bits_as_apply_rope(dtype, tokens, heads, head_dim):
+    from sirocco.model import apply_rope, rope_tables
+    g = torch.Generator().manual_seed(tokens * heads)
+    cos, sin = rope_tables(head_dim, 4096, 1e6)
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    x = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    ours = kernels.native_module().rope(x, cos[positions], sin[positions])
+    assert ours.dtype == dtype and torch.equal(ours, apply_rope(x, cos[positions], sin[positions]))
+
+
+@needs_native
+def test_norm_and_rope_kernels_refuse_bad_input_by_name():
+    native = kernels.native_module()
+    with pytest.raises(RuntimeError, match=r"rms_norm: expected x \(T, D\) and weight \(D\)"):
+        native.rms_norm(torch.zeros(2, 32), torch.ones(16), 1e-5)
+    with pytest.raises(RuntimeError, match="rms_norm: D must be a multiple of 16"):
+        native.rms_norm(torch.zeros(2, 24), torch.ones(24), 1e-5)
+    with pytest.raises(RuntimeError, match=r"rope: expected x \(T, H, D\) and cos, sin \(T, D/2\)"):
+        native.rope(torch.zeros(3, 2, 32), torch.zeros(3, 8), torch.zeros(3, 8))
+    with pytest.raises(RuntimeError, match="rope: cos and sin must be fp32"):
+        native.rope(torch.zeros(3, 2, 32), torch.zeros(3, 16, dtype=torch.float64), torch.zeros(3, 16))
+
+
+@needs_native
+def test_fast_modules_keep_autograd_and_plain_results():
+    """With autograd on (training), the swapped modules are the model's own: same results, gradients flow."""
+    args = preset("tiny", vocab_size=300)
+    model, plain = build_model(args, seed=5), build_model(args, seed=5)
+    assert fast_modules.use_fast_decode(model) == sum(
+        isinstance(m, (torch.nn.Linear, RMSNorm, Attention)) for m in plain.modules())
+    assert {type(m) for m in model.modules()} >= {fast_modules.FastRMSNorm, fast_modules.FastAttention}
+    tokens = torch.randint(0, 300, (11,))
+    loss = model(tokens, [11]).logsumexp(-1).mean()
+    loss.backward()
+    assert torch.equal(model(tokens, [11]), plain(tokens, [11]))
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad():                       # no autograd: the kernels, to their rounding
+        torch.testing.assert_close(model(tokens, [11]), plain(tokens, [11]), atol=1e-5, rtol=1e-5)

@@ -75,10 +75,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(T, self.n_heads, self.head_dim)
         k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.rotate(q, rope), self.rotate(k, rope)
         out = attend(q, k, v, plan.for_window(self.window), plan.backend,
                      None if cache is None else cache[layer_id], plan.decode_kernel)          # (T, H, D)
         return self.wo(out.reshape(T, -1))
+
+    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE on queries or keys (T, heads, D); a method so that fast_modules.py can put a kernel here."""
+        return apply_rope(x, *rope)
 
 
 class FeedForward(nn.Module):

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .. import kernels
+from .. import fast_modules, kernels
 from ..cache import RollingCache
 from ..errors import SiroccoError
 from ..masks import Backend
@@ -118,9 +118,10 @@ class Engine:
             model's max_seq_len). Positions past it are refused with the limit in the message.
         max_batch_tokens: most tokens in one pre-fill step, over all sequences (default 4 * chunk_size).
         backend: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
-        fast_decode: route the products of decode steps (1 to 8 rows) to the kernels of kernels.py (seconds of
-            build up front the first time, cached on disk; default: on for CPU models of 256 MiB of weights or
-            more, where decode is memory-bound).
+        fast_decode: put the model's modules on the CPU kernels of kernels.py (fast_modules.py): products of
+            decode steps (1 to 8 rows), decode attention, one-pass RMSNorm and RoPE. About half a minute of build
+            up front the first time, cached on disk; default: on for CPU models of 256 MiB of weights or more,
+            where decode is memory-bound.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -147,12 +148,12 @@ class Engine:
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
         if fast_decode is None:
-            fast_decode = kernels.fast_decode_pays(model)
+            fast_decode = fast_modules.fast_decode_pays(model)
         self.decode_kernel = "matmul"
         if fast_decode:
             t0 = time.perf_counter()
-            kernels.use_fast_decode(model)
-            prepared = kernels.warm_up(model)
+            fast_modules.use_fast_decode(model)
+            prepared = fast_modules.warm_up(model)
             # Decode attention through the C++ kernels comes with fast_decode (the same build, the same CPUs).
             if self.device.type == "cpu" and kernels.native_serves(self.dtype, self.args.head_dim):
                 self.decode_kernel = "native"
