@@ -521,7 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every measuring process")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
     ap.add_argument("--fast-decode", choices=("auto", "on", "off"), default="auto",
-                    help="sirocco's decode kernels (kernels.py): as the engine decides, or forced on or off")
+                    help="sirocco's CPU kernels (kernels.py, fast_modules.py): as the engine decides, or forced "
+                         "on or off")
     ap.add_argument("--json", action="store_true", help="print one JSON document with every figure to stdout")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

@@ -187,7 +187,8 @@ def test_rms_norm_kernel_as_accurate_as_rmsnorm(dtype, rows, dim):
         norm.weight.copy_(torch.randn(dim, generator=g))
         ours, theirs = kernels.native_module().rms_norm(x, norm.weight, norm.eps), norm(x)
         xd = x.double()
-        exact = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype).double() * norm.weight.double()
+        normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+        exact = normed.double() * norm.weight.double()
     assert ours.dtype == dtype and ours.shape == x.shape
     err, ref_err = (ours.double() - exact).abs().max(), (theirs.double() - exact).abs().max()
     step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -23          # one rounding step, relative

@@ -32,7 +32,8 @@ class DecodeLinear(nn.Linear):
     ``F.linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and 0 < x.shape[0] <= kernels.SMALL_M and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if (x.dim() == 2 and 0 < x.shape[0] <= kernels.SMALL_M and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
             if kernels.native_serves(x.dtype, x.shape[1]) and self.weight.is_contiguous():
                 return kernels.native_kernel()(x.contiguous(), self.weight)
             if x.shape[0] == 1:
@@ -91,7 +92,8 @@ def warm_up(model: nn.Module) -> str:
             if device.type == "cpu" and kernels.native_serves(dtype, k):
                 native += 1
             else:
-                kernels.row_linear(torch.zeros(1, k, dtype=dtype, device=device), torch.zeros(n, k, dtype=dtype, device=device))
+                kernels.row_linear(torch.zeros(1, k, dtype=dtype, device=device),
+                                   torch.zeros(n, k, dtype=dtype, device=device))
                 compiled.add((n, k))
     norms = any(isinstance(m, FastRMSNorm) and m.weight.device.type == "cpu"
                 and kernels.native_serves(m.weight.dtype, m.weight.shape[0]) for m in model.modules())
