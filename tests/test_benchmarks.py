@@ -1,0 +1,19 @@
+"""The benchmark scripts run end to end on their small shape (their figures are not checked: they are not tests)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_paired_benchmark_quick(tmp_path):
+    out = subprocess.run([sys.executable, str(BENCH / "bench_paired.py"), "--quick", "--rounds", "2", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert [r["first"] for r in result["rounds"]] == ["transformers", "sirocco"]      # ABBA
+    for row in result["rounds"]:
+        assert row["sirocco_prefill"] > 0 and row["transformers_decode"] > 0 and row["bandwidth"] > 0
+    assert set(result["summary"]["prefill_ratio"]) == {"median", "min", "max"}
+    assert "pre-fill: sirocco / transformers" in out.stderr
