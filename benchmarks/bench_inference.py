@@ -88,6 +88,10 @@ class Shape:
         """What one decode step reads: everything but the embedding table (one row of it is a lookup)."""
         return self.params - self.vocab_size * self.hidden_size
 
+    def decode_bound(self, read_bytes_per_s: float, dtype: str) -> float:
+        """Decode tokens/s if a step did nothing but read its weights at ``read_bytes_per_s``."""
+        return read_bytes_per_s / (self.decode_read_params * (2 if dtype == "bfloat16" else 4))
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -422,11 +426,10 @@ def report(results: dict, bounds: dict, spread: dict, shape: Shape, work: Worklo
         return "–" if x is None else f"{x:,.1f}{unit}"
 
     for dtype in dtypes:
-        size = 2 if dtype == "bfloat16" else 4
         rate = bounds.get(f"matmul_flops_{dtype}")
         bw = bounds.get("read_bytes_per_s")
         bound = {"prefill": rate / (2 * shape.layer_params) if rate else None,
-                 "decode": bw / (shape.decode_read_params * size) if bw else None}
+                 "decode": shape.decode_bound(bw, dtype) if bw else None}
         label = {"prefill": f"pre-fill {work.prefill_len} tokens (tokens/s)",
                  "decode": "decode, batch 1 (tokens/s)",
                  "batch": f"{len(work.batch_lengths)} prompts {min(work.batch_lengths)}..{max(work.batch_lengths)}"
@@ -443,7 +446,7 @@ def report(results: dict, bounds: dict, spread: dict, shape: Shape, work: Worklo
                          f"{'–' if frac is None else f'{frac:.0%}'} |")
             if what == "decode":
                 probes = get("sirocco", dtype, what, "bandwidth_probes")
-                near = max(probes) / (shape.decode_read_params * size) if probes else None
+                near = shape.decode_bound(max(probes), dtype) if probes else None
                 near_frac = s / near if s and near else None
                 probed.append(f"{dtype}: read bandwidth probed between sirocco's decode runs "
                               f"{min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s; against the highest, the "

@@ -23,16 +23,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import bench_inference as bi
 
 
 def seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Wall seconds of one call, no warm-up: the rounds alternate the libraries call by call."""
+    return bi.timed(fn, 1, warm_up=False)[0]
 
 
 def main(argv=None) -> int:
@@ -62,7 +60,6 @@ def main(argv=None) -> int:
     [decode_prompt] = bi.random_prompts([work.decode_prompt], shape.vocab_size, seed=2)
     n = work.decode_tokens
     probe = bi.bandwidth_probe(a.quick)
-    decode_bytes = shape.decode_read_params * torch.tensor([], dtype=dtype).element_size()
 
     rounds = []
     for i in tqdm(range(a.rounds + 1), desc="rounds", file=sys.stderr):
@@ -79,8 +76,7 @@ def main(argv=None) -> int:
                 row["bandwidth"] = max(before, probe())
         row["prefill_ratio"] = row["sirocco_prefill"] / row["transformers_prefill"]
         row["decode_ratio"] = row["sirocco_decode"] / row["transformers_decode"]
-        row["decode_bound"] = row["bandwidth"] / decode_bytes
-        row["decode_fraction"] = row["sirocco_decode"] / row["decode_bound"]
+        row["decode_fraction"] = row["sirocco_decode"] / shape.decode_bound(row["bandwidth"], a.dtype)
         if i > 0:                                                   # round 0 warms both libraries up
             rounds.append(row)
 
