@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sirocco.attention import decode_attention, dense_attention, per_sequence_attention
-from sirocco.masks import BatchPlan
+from sirocco.model.attention import decode_attention, dense_attention, per_sequence_attention
+from sirocco.plan import BatchPlan
 
 
 def timed(fn, repeats: int = 5) -> float:

@@ -46,7 +46,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 LIBRARIES = ("sirocco", "transformers")
@@ -197,8 +197,8 @@ class SiroccoRunner:
 
     name = "sirocco"
 
-    def __init__(self, fast_decode: Optional[bool]):
-        self.fast_decode = fast_decode
+    def __init__(self, backend: str):
+        self.backend = backend
 
     def imports(self) -> None:
         import sirocco.checkpoint  # noqa: F401
@@ -216,13 +216,12 @@ class SiroccoRunner:
 
     def prepare(self, rows: list[int], max_seq_len: int) -> dict:
         """One engine per batch size, built (and its decode kernel compiled) before any timing."""
-        from sirocco import fast_modules
         from sirocco.generate.engine import Engine
         t0 = time.perf_counter()
-        self.engines = {r: Engine(self.model, None, max_rows=r, max_seq_len=max_seq_len, fast_decode=self.fast_decode)
+        self.engines = {r: Engine(self.model, None, max_rows=r, max_seq_len=max_seq_len, backend=self.backend)
                         for r in sorted(set(rows))}
         return {"setup_seconds": time.perf_counter() - t0,
-                "fast_decode": any(isinstance(m, fast_modules.DecodeLinear) for m in self.model.modules())}
+                "fast_decode": self.engines[min(rows)].backend == "cpu"}
 
 
 class TransformersRunner:
@@ -324,7 +323,7 @@ def run_worker(spec: dict) -> dict:
         return measure_ceilings(spec["quick"])
     shape, work = (QUICK if spec["quick"] else FULL)
     dtype = getattr(torch, spec["dtype"])
-    runner = SiroccoRunner(spec["fast_decode"]) if spec["library"] == "sirocco" else TransformersRunner()
+    runner = SiroccoRunner(spec["backend"]) if spec["library"] == "sirocco" else TransformersRunner()
     runner.imports()
     rss_before = proc_status_kib("VmRSS")
     t0 = time.perf_counter()
@@ -523,9 +522,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="where the random checkpoints are written once and reused")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every measuring process")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
-    ap.add_argument("--fast-decode", choices=("auto", "on", "off"), default="auto",
-                    help="sirocco's CPU kernels (kernels.py, fast_modules.py): as the engine decides, or forced "
-                         "on or off")
+    ap.add_argument("--backend", choices=("auto", "cpu", "torch"), default="auto",
+                    help="what computes sirocco's model (backends/): as the engine decides (auto), the CPU "
+                         "kernels, or the plain-PyTorch reference")
     ap.add_argument("--json", action="store_true", help="print one JSON document with every figure to stdout")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -559,7 +558,7 @@ def main(argv=None) -> int:
         log(f"warning: load average {load_avg:.2f} before starting: other work will slow these figures down")
     jiffies0, child0, wall0 = busy_jiffies(), own_cpu_seconds(), time.perf_counter()
     base = dict(quick=a.quick, threads=a.threads, repeats=a.repeats, workdir=str(a.workdir.resolve()),
-                fast_decode={"auto": None, "on": True, "off": False}[a.fast_decode])
+                backend=a.backend)
 
     log(f"checkpoints under {a.workdir} ({shape.name})")
     built = spawn(dict(base, what="build", library="transformers", dtype=",".join(a.dtypes), dtypes=a.dtypes), log)
@@ -595,7 +594,7 @@ def main(argv=None) -> int:
     lines, targets = report(results, bounds, spread, shape, work, a.dtypes)
     agree = agreement(results, a.dtypes)
     fast = {dtype: results.get(("sirocco", dtype, "decode"), {}).get("fast_decode") for dtype in a.dtypes}
-    notes = [f"sirocco's decode kernels ({a.fast_decode}): "
+    notes = [f"sirocco's backend ({a.backend}): "
              + ", ".join(f"{d} {'used' if f else 'not used' if f is not None else 'not measured'}"
                          for d, f in fast.items()),
              f"transformers attention: {results.get(('transformers', a.dtypes[0], 'batch'), {}).get('attn_implementation', '?')}",

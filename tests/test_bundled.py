@@ -10,7 +10,7 @@ from safetensors import safe_open
 from sirocco.cli import main
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
-from sirocco.loading import BUNDLED, DEFAULT_MODEL, bundled_models, load
+from sirocco.pretrained import BUNDLED, DEFAULT_MODEL, bundled_models, load
 from sirocco.train.corpus import pydoc_topics
 from sirocco.train.losses import cross_entropy_sum
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from sirocco import backends
+
 from sirocco.cache import RollingCache
 from sirocco.config import preset
 from sirocco.model import build_model
@@ -11,7 +13,8 @@ CONFIGS = {"mistral": preset("tiny"), "mixtral": preset("tiny-moe"),
            "mixed-windows": preset("tiny", n_layers=3, sliding_window=[4, None, 8])}
 
 
-def run_chunked(model, seqs, chunk, cache, backend="per_sequence"):
+def run_chunked(model, seqs, chunk, cache, attention="per_sequence"):
+    backends.attach(model, "torch", prefill=attention)
     """Feed every sequence through the cache `chunk` tokens at a time, all sequences in each step; a
     sequence that is done drops out. Returns the logits of every position, per sequence."""
     outs = [[] for _ in seqs]
@@ -21,7 +24,7 @@ def run_chunked(model, seqs, chunk, cache, backend="per_sequence"):
             act = [b for b, s in enumerate(seqs) if done[b] < len(s)]
             lens = [min(chunk, len(seqs[b]) - done[b]) for b in act]
             toks = torch.cat([seqs[b][done[b]:done[b] + n] for b, n in zip(act, lens)])
-            plan = model.plan(lens, starts=[done[b] for b in act], rows=act, cache=cache, backend=backend)
+            plan = model.plan(lens, starts=[done[b] for b in act], rows=act, cache=cache)
             for b, n, o in zip(act, lens, model(toks, plan, cache).split(lens)):
                 outs[b].append(o)
                 done[b] += n
@@ -45,8 +48,8 @@ def test_dense_backend_with_cache_matches():
     args = CONFIGS["mistral"]
     model = build_model(args, seed=12)
     seqs = [torch.randint(0, 256, (n,)) for n in (21, 13)]
-    a = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), backend="dense")
-    b = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), backend="per_sequence")
+    a = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), attention="dense")
+    b = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), attention="per_sequence")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
 

@@ -14,7 +14,7 @@ import torch
 
 from sirocco.config import preset
 from sirocco.distributed.launch import DistributedError, spawn_local
-from sirocco.distributed.pipeline_engine import PipelineEngine, split_groups
+from sirocco.distributed.executor import PipelineExecutor, split_groups
 from sirocco.distributed.stages import parameter_bytes, rank_stage, split_layers
 from sirocco.errors import ConfigError
 from sirocco.generate.engine import Engine
@@ -46,7 +46,8 @@ def run_rank(ctx, args, runs):
     out = {"names": sorted(stage.state_dict()), "param_bytes": parameter_bytes(stage), "runs": []}
     for micro_batches, params in runs:
         # min_group_tokens=1: split even these tiny steps, so that every step exercises the micro-batches.
-        engine = PipelineEngine(stage, ctx, micro_batches=micro_batches, min_group_tokens=1, **ENGINE)
+        engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx, micro_batches=micro_batches, min_group_tokens=1),
+                        **ENGINE)
         done = engine.generate(prompts(), params)
         out["runs"].append([(c.tokens, c.logprobs, c.finish_reason) for c in done])
         out["cache_bytes"] = engine.cache.nbytes()
@@ -146,7 +147,7 @@ def failing_rank(ctx, bad_rank, after_calls):
             if len(calls) > after_calls:
                 raise RuntimeError("injected failure")
         stage.register_forward_pre_hook(explode)
-    PipelineEngine(stage, ctx, **ENGINE).generate(prompts(), GREEDY)
+    Engine(stage, None, executor=PipelineExecutor(stage, ctx), **ENGINE).generate(prompts(), GREEDY)
     return "finished"
 
 
@@ -167,7 +168,7 @@ def hanging_rank(ctx):
     stage = rank_stage(ctx, ARGS["mistral"], seed=SEED)
     if ctx.rank == 1:
         stage.register_forward_pre_hook(lambda module, inputs: time.sleep(60))
-    PipelineEngine(stage, ctx, **ENGINE).generate(prompts(), GREEDY)
+    Engine(stage, None, executor=PipelineExecutor(stage, ctx), **ENGINE).generate(prompts(), GREEDY)
     return "finished"
 
 
@@ -224,11 +225,11 @@ def cli_rank(ctx, argv, random_stage=True):
     """``sirocco generate --pipeline-ranks 2 ...`` on this rank; returns (exit code, standard output). With
     ``random_stage`` the random Mistral stage and a byte tokenizer stand in for a checkpoint folder; without,
     the command loads what ``--model`` names, as it does for users."""
-    from sirocco.distributed import cli
+    from sirocco.cli import generate
     if random_stage:
-        cli.load_rank_stage = lambda args, ctx, dtype: (rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype),
-                                                        ByteTokenizer(), "random")
-    return printed(cli.run_pipeline, parse_generate(argv))
+        generate.load_rank_stage = lambda model, ctx, dtype: (rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype),
+                                                              ByteTokenizer(), "random")
+    return printed(generate.run, parse_generate(argv))
 
 
 def test_generate_command_over_two_ranks_prints_once_what_one_process_generates():
@@ -287,7 +288,7 @@ def test_without_a_distributed_launch_the_error_says_how_to_start(monkeypatch):
 def run_rank_from_folder(ctx, folder):
     """One rank of a pipeline loading its stage from a checkpoint folder (only its own tensors)."""
     stage = rank_stage(ctx, folder)
-    engine = PipelineEngine(stage, ctx, micro_batches=2, min_group_tokens=1, **ENGINE)
+    engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx, micro_batches=2, min_group_tokens=1), **ENGINE)
     done = engine.generate(prompts(), GREEDY)
     return {"names": sorted(stage.state_dict()), "tokens": [c.tokens for c in done]}
 

@@ -8,7 +8,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from sirocco import fast_modules, kernels
+from sirocco import backends
+from sirocco.backends.cpu import kernels, modules
 from sirocco.config import preset
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
@@ -86,18 +87,18 @@ def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_native_module", None)
     monkeypatch.setattr(kernels, "_native_failed", False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    with caplog.at_level(logging.WARNING, logger="sirocco.kernels"):
+    with caplog.at_level(logging.WARNING, logger="sirocco.backends.cpu.kernels"):
         assert kernels.native_kernel() is None
     assert "C++ decode kernels unavailable" in caplog.text and "no compiler" in caplog.text
     assert not kernels.native_serves(torch.float32, 64)
-    layer = torch.nn.Linear(64, 8, bias=False)
-    fast_modules.use_fast_decode(layer)
+    plain_layer = torch.nn.Linear(64, 8, bias=False)
+    layer = modules.CpuLinear(plain_layer.weight)
     x = torch.randn(3, 64)
-    norm = RMSNorm(64, 1e-5)
-    fast_modules.use_fast_decode(norm)
+    plain_norm = RMSNorm(64, 1e-5)
+    norm = modules.CpuRMSNorm.of(plain_norm)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
-        assert torch.equal(norm(x), RMSNorm.forward(norm, x))
+        assert torch.equal(norm(x), plain_norm(x))
 
 
 @pytest.mark.parametrize("path,arch", [("native", "tiny"), ("native", "tiny-moe"), ("compiled", "tiny")])
@@ -110,11 +111,12 @@ def test_fast_decode_engine_same_tokens_and_no_recompile(path, arch, monkeypatch
     model = build_model(args, seed=31)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4)]
     params = SamplingParams(max_tokens=12)
-    plain = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=False).generate(prompts, params)
-    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, fast_decode=True)   # swaps and warms up
-    assert {type(m) for m in model.modules()} >= {fast_modules.DecodeLinear, fast_modules.FastRMSNorm,
-                                                  fast_modules.FastAttention}
-    assert fast_engine.decode_kernel == ("native" if path == "native" else "matmul")
+    plain = Engine(model, None, max_rows=2, max_seq_len=64, backend="torch").generate(prompts, params)
+    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, backend="cpu")   # converts and warms up
+    assert fast_engine.backend == "cpu"
+    assert {type(m) for m in model.modules()} >= {modules.CpuLinear, modules.CpuRMSNorm}
+    assert {type(m.ops) for m in model.modules() if isinstance(m, Attention)} == {modules.CpuAttentionOps}
+    assert kernels.native_serves(torch.float32, args.head_dim) == (path == "native")
     with torch._dynamo.config.patch(error_on_recompile=True):
         alone = fast_engine.generate([prompts[0]], params)
         both = fast_engine.generate(prompts, params)
@@ -140,7 +142,8 @@ def _exact_decode_attention(q, k, v, valid):
 def test_native_decode_attention_as_accurate_as_matmul(dtype, heads, kv_heads, head_dim):
     """Several query heads per kv head (1, 4, 5, 6: blocks of 4 plus the rest), head_dims that leave a partial
     block of 64, cache rows as a view of a larger cache, and rows filled to different lengths."""
-    from sirocco.attention import decode_attention, native_decode_attention
+    from sirocco.backends.cpu.modules import native_decode_attention
+    from sirocco.model.attention import decode_attention
     g = torch.Generator().manual_seed(heads * head_dim)
     B, S, L = 3, 40, 33
     cache_k = torch.randn(5, kv_heads, S, head_dim, generator=g).to(dtype)
@@ -162,7 +165,7 @@ def test_native_decode_attention_as_accurate_as_matmul(dtype, heads, kv_heads, h
 
 @needs_native
 def test_native_decode_attention_refuses_bad_input_by_name():
-    from sirocco.attention import native_decode_attention
+    from sirocco.backends.cpu.modules import native_decode_attention
     q, kv = torch.zeros(2, 4, 32), torch.zeros(2, 2, 8, 32)
     with pytest.raises(RuntimeError, match=r"expected q \(B, H, D\) and k \(B, G, L, D\)"):
         native_decode_attention(q, torch.zeros(2, 3, 8, 32), kv, torch.ones(2, 8, dtype=torch.bool))
@@ -228,9 +231,9 @@ def test_fast_modules_keep_autograd_and_plain_results():
     """With autograd on (training), the swapped modules are the model's own: same results, gradients flow."""
     args = preset("tiny", vocab_size=300)
     model, plain = build_model(args, seed=5), build_model(args, seed=5)
-    assert fast_modules.use_fast_decode(model) == sum(
-        isinstance(m, (torch.nn.Linear, RMSNorm, Attention)) for m in plain.modules())
-    assert {type(m) for m in model.modules()} >= {fast_modules.FastRMSNorm, fast_modules.FastAttention}
+    assert modules.attach(model) == sum(isinstance(m, (torch.nn.Linear, RMSNorm)) for m in plain.modules())
+    assert {type(m) for m in model.modules()} >= {modules.CpuLinear, modules.CpuRMSNorm}
+    assert all(isinstance(m.ops, modules.CpuAttentionOps) for m in model.modules() if isinstance(m, Attention))
     tokens = torch.randint(0, 300, (11,))
     loss = model(tokens, [11]).logsumexp(-1).mean()
     loss.backward()

@@ -2,8 +2,8 @@
 
 import torch
 
-from sirocco.cache import unrotate_slots
-from sirocco.masks import BatchPlan
+from sirocco.plan import unrotate_slots
+from sirocco.plan import BatchPlan
 
 
 def m(rows):

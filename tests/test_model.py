@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from sirocco import backends
+
 from sirocco.config import preset
 from sirocco.model import Transformer, build_model
 
@@ -23,7 +25,8 @@ def test_packed_forward_matches_reference(name, backend):
     lengths = [19, 3, 11, 1]
     seqs = [torch.randint(0, args.vocab_size, (n,)) for n in lengths]
     with torch.no_grad():
-        out = model(torch.cat(seqs), model.plan(lengths, backend=backend))
+        backends.attach(model, "torch", prefill=backend)
+        out = model(torch.cat(seqs), model.plan(lengths))
     sd = model.state_dict()
     for got, toks in zip(out.split(lengths), seqs):
         torch.testing.assert_close(got, reference_logits(sd, args, toks), atol=2e-5, rtol=1e-5)
@@ -95,7 +98,8 @@ def test_gradients_flow_through_both_backends():
     toks = torch.randint(0, 256, (30,))
     for backend in ["dense", "per_sequence"]:
         model = build_model(args, seed=7)
-        loss = model(toks, model.plan([12, 18], backend=backend)).logsumexp(-1).mean()
+        backends.attach(model, "torch", prefill=backend)
+        loss = model(toks, model.plan([12, 18])).logsumexp(-1).mean()
         loss.backward()
         grads.append(model.layers["0"].attention.wq.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -9,7 +9,7 @@ import sentencepiece as spm
 from sirocco.cli import main
 from sirocco.tokenizer import load_tokenizer
 from sirocco.train.corpus import CorpusError, build, clean, docstrings, is_validation, load_corpus, pydoc_topics
-from sirocco.train.spm import train_tokenizer
+from sirocco.train.tokenizer import train_tokenizer
 
 FAKE_MODULE = '''"""A module about windows.
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from sirocco.checkpoint import load_model, save_hf
 from sirocco.cli import build_parser, main
-from sirocco.train.cli import build_recipe
+from sirocco.cli.train import build_recipe
 from sirocco.train.recipe import RECIPES, Recipe, RecipeError
 
 

@@ -19,8 +19,8 @@ Before this step row 2 held positions 0, 1, 2 in slots 0, 1, 2. Its pre-fill att
 first (``unrotate``): seen = 3, so ``cat(row[3 % 3:], row[:3 % 3])`` = slots [0, 1, 2] = positions [0, 1, 2].
 Had it seen 4 tokens (positions 1, 2, 3 in slots 1, 2, 0), unrotate gives slots [1, 2, 0]: oldest first again.
 
-The ``BatchPlan`` computes all these indices once per step (``masks.py``); this module only stores, writes
-and reads.
+The ``BatchPlan`` computes all these indices once per step (``plan.py``, with ``unrotate_slots``); this module
+only stores, writes and reads.
 """
 
 from __future__ import annotations
@@ -32,19 +32,7 @@ import torch
 from .config import ModelArgs
 
 if TYPE_CHECKING:
-    from .masks import WindowPlan
-
-
-def unrotate_slots(seen: int, size: int) -> list[int]:
-    """Slots of a row holding its last ``min(seen, size)`` tokens, oldest first.
-
-    >>> unrotate_slots(2, 3), unrotate_slots(4, 3), unrotate_slots(7, 3)
-    ([0, 1], [1, 2, 0], [1, 2, 0])
-    """
-    if seen < size:
-        return list(range(seen))
-    k = seen % size
-    return list(range(k, size)) + list(range(k))
+    from .plan import WindowPlan
 
 
 class LayerCache:

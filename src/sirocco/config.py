@@ -2,7 +2,7 @@
 two published config files (Mistral's consolidated ``params.json`` and Hugging Face's ``config.json``).
 
 Every value that is inferred rather than read is logged, an unknown key warns, and a missing required field
-fails naming it (see the "Config traps" of the reference facts).
+fails naming it (the traps are listed in the README, "Checkpoints").
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class ModelArgs:
             moe = MoeArgs(num_experts=int(m["num_experts"]), num_experts_per_tok=int(m["num_experts_per_tok"]))
         theta = raw.get("rope_theta")
         if theta is None:
-            # The rule of the reference facts: a windowed model without rope_theta is v0.1 (10000);
+            # The rule of the published checkpoints: a windowed model without rope_theta is v0.1 (10000);
             # Mixtral's params have neither and use 1e6.
             theta = 10000.0 if window is not None else 1e6
             log.info("%s: no rope_theta; %s, so rope_theta = %g", source,

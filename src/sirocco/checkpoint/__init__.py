@@ -8,7 +8,7 @@
 """
 
 from .files import CONSOLIDATED, HF, find_layout
-from .load import load_model, read_state_dict
+from .read import load_model, read_state_dict
 from .save import save_consolidated, save_hf
 
 __all__ = ["CONSOLIDATED", "HF", "find_layout", "load_model", "read_state_dict", "save_consolidated", "save_hf"]

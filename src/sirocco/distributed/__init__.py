@@ -2,9 +2,9 @@
 
 * ``launch``: process groups, devices (NCCL on CUDA, gloo on CPU), agreement checks, failing together.
 * ``stages``: which layers each stage holds; building or loading only a stage's tensors.
-* ``pipeline_engine``: sharded generation (the generate engine with activations passed rank to rank).
+* ``executor``: sharded generation (an executor for the generate engine, activations passed rank to rank).
 * ``pipeline_train``: pipeline-parallel training with ``torch.distributed.pipelining`` schedules.
-* ``cli``: ``sirocco generate --pipeline-ranks N`` under torchrun.
+* ``run``: a verb's work on every rank under torchrun (agreeing, sharing inputs, failing together).
 
 See docs/distributed.md.
 """

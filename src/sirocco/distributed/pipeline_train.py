@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from ..backends import reference
 from ..checkpoint import save_consolidated
 from ..config import ModelArgs
-from ..masks import Backend
 from ..model import Transformer
+from ..model.attention import Prefill
 from ..train.losses import IGNORE_INDEX, BatchTokenLoss, document_lengths, load_balancing_loss
 from .launch import DistContext, peer_errors
 
@@ -68,11 +69,9 @@ class TrainStage(nn.Module):
     load-balancing loss / n_microbatches`` (summed over micro-batches: the batch's mean) through
     ``_AddAuxLoss``; ``aux_values`` keeps the detached terms for reporting."""
 
-    def __init__(self, stage: Transformer, backend: Backend = "per_sequence", aux_loss_coef: float = 0.0,
-                 n_microbatches: int = 1):
+    def __init__(self, stage: Transformer, aux_loss_coef: float = 0.0, n_microbatches: int = 1):
         super().__init__()
         self.stage = stage
-        self.backend = backend
         moe = stage.args.moe
         self.aux_scale = aux_loss_coef / (stage.args.n_layers * n_microbatches) if moe and aux_loss_coef else 0.0
         self.top_k = moe.num_experts_per_tok if moe else 0
@@ -80,7 +79,7 @@ class TrainStage(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, T = positions.shape
-        plan = self.stage.plan(document_lengths(positions), backend=self.backend)
+        plan = self.stage.plan(document_lengths(positions))
         flat = x.reshape(b * T, *x.shape[2:])                     # (b*T,) ids or (b*T, dim)
         router: Optional[list] = [] if self.aux_scale else None
         h = self.stage(flat, plan, router_logits=router)
@@ -100,7 +99,8 @@ class PipelineTrainer:
         n_microbatches: micro-batches per batch (the batch's rows must divide evenly).
         schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (one forward, one backward in the
             steady state: activations of at most ``world_size`` micro-batches alive at once).
-        backend: attention path ("per_sequence" or "dense"; both have a backward on the CPU).
+        attention: pre-fill attention path ("per_sequence" or "dense"; both have a backward on the CPU), set on
+            the stage's attention layers.
         aux_loss_coef: weight of the MoE load-balancing loss (mean over layers and micro-batches); 0 for none.
 
     >>> trainer = PipelineTrainer(stage, ctx, n_microbatches=4)                      # doctest: +SKIP
@@ -108,7 +108,7 @@ class PipelineTrainer:
     """
 
     def __init__(self, stage: Transformer, ctx: DistContext, n_microbatches: int = 4,
-                 schedule: Literal["gpipe", "1f1b"] = "gpipe", backend: Backend = "per_sequence",
+                 schedule: Literal["gpipe", "1f1b"] = "gpipe", attention: Prefill = "per_sequence",
                  aux_loss_coef: float = 0.0):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -116,7 +116,8 @@ class PipelineTrainer:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
         self.ctx = ctx
         self.stage = stage
-        self.module = TrainStage(stage, backend, aux_loss_coef, n_microbatches)
+        reference.attach(stage, attention)
+        self.module = TrainStage(stage, aux_loss_coef, n_microbatches)
         self.n_microbatches = n_microbatches
         self.schedule_name = schedule
         self.loss_fn = BatchTokenLoss()

@@ -42,7 +42,7 @@ from ..train.recipe import Recipe
 from ..train.run import open_run_tokenizer, unigram_entropy
 from ..train.schedule import build_optimizer, learning_rate, set_learning_rate
 from ..train.state import RECIPE, is_training_folder
-from .cli import on_ranks
+from .run import on_ranks
 from .launch import DistContext, agree, peer_errors
 from .pipeline_train import PipelineTrainer, gather_state_dict
 from .stages import rank_stage

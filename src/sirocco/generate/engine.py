@@ -2,8 +2,11 @@
 
 The data path of one step::
 
-    running sequences --(starts, lengths, rows)--> BatchPlan --> model(tokens, plan, cache) --> logits
+    running sequences --(starts, lengths, rows)--> BatchPlan --> executor: model(tokens, plan, cache) --> logits
         --> sample (one generator per sequence) --> tokens, logprobs --> stop checks --> events
+
+The engine decides what a step runs; the executor it is handed (executor.py) runs it: in this process, or
+over pipeline stages (distributed/executor.py).
 
 Scheduling, in order of priority at each step:
   1. admit waiting prompts into free cache rows (at most ``max_rows`` sequences run at once);
@@ -25,12 +28,12 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .. import fast_modules, kernels
-from ..cache import RollingCache
+from .. import backends
 from ..errors import SiroccoError
-from ..masks import Backend
 from ..model import Transformer
-from .sampling import SamplingParams, make_generator, sample
+from ..model.attention import Prefill
+from .executor import Executor, LocalExecutor
+from .sampling import SamplingParams, make_generator
 from .text import TextTracker
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,16 @@ Prompt = Union[str, Sequence[int]]
 
 class PromptTooLong(SiroccoError):
     pass
+
+
+def fit_cache_len(model_max: int, prompt_lengths: Sequence[int], max_tokens: int) -> int:
+    """Positions to size the cache for: the longest prompt plus its generation, at most the model's context
+    (the cache of a layer without a window holds every position: 32k positions x rows would be GBs).
+
+    >>> fit_cache_len(32768, [5, 12], 100), fit_cache_len(64, [60], 100)
+    (112, 64)
+    """
+    return min(model_max, max(prompt_lengths) + max_tokens)
 
 
 @dataclass
@@ -117,11 +130,12 @@ class Engine:
         max_seq_len: longest prompt + generation (sizes the cache of layers without a window; default the
             model's max_seq_len). Positions past it are refused with the limit in the message.
         max_batch_tokens: most tokens in one pre-fill step, over all sequences (default 4 * chunk_size).
-        backend: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
-        fast_decode: put the model's modules on the CPU kernels of kernels.py (fast_modules.py): products of
-            decode steps (1 to 8 rows), decode attention, one-pass RMSNorm and RoPE. About half a minute of build
-            up front the first time, cached on disk; default: on for CPU models of 256 MiB of weights or more,
-            where decode is memory-bound.
+        attention: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
+        backend: what computes the model (``backends.attach``, which changes the model in place): "torch" (the
+            reference), "cpu" (C++ kernels for decode products, decode attention, one-pass RMSNorm and RoPE;
+            about half a minute of build the first time, cached on disk), or "auto": "cpu" for CPU models of
+            256 MiB of weights or more, where decode is memory-bound, else "torch".
+        executor: runs each step's model call and sampling (default: ``LocalExecutor(model)``, this process).
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -129,7 +143,8 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 backend: Backend = "per_sequence", fast_decode: Optional[bool] = None):
+                 attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
+                 executor: Optional[Executor] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -140,30 +155,15 @@ class Engine:
             raise ValueError(f"chunk_size must be at least 1, got {self.chunk_size}")
         self.max_seq_len = min(max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self.max_batch_tokens = int(max_batch_tokens or 4 * self.chunk_size)
-        self.backend = backend
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache = self._make_cache()
+        self.executor: Executor = executor if executor is not None else LocalExecutor(model)
+        self.cache = self.executor.make_cache(max_rows, self.max_seq_len)
         log.info("cache: %d rows x %s slots, %.1f MiB (%s)", max_rows,
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
-        if fast_decode is None:
-            fast_decode = fast_modules.fast_decode_pays(model)
-        self.decode_kernel = "matmul"
-        if fast_decode:
-            t0 = time.perf_counter()
-            fast_modules.use_fast_decode(model)
-            prepared = fast_modules.warm_up(model)
-            # Decode attention through the C++ kernels comes with fast_decode (the same build, the same CPUs).
-            if self.device.type == "cpu" and kernels.native_serves(self.dtype, self.args.head_dim):
-                self.decode_kernel = "native"
-            log.info("decode kernels: %s; %s attention; ready in %.1f s", prepared, self.decode_kernel,
-                     time.perf_counter() - t0)
+        self.backend = backends.attach(model, backend, prefill=attention)
         self.stats = Stats()
-
-    def _make_cache(self) -> RollingCache:
-        return RollingCache(self.args, rows=self.max_rows, dtype=self.dtype, device=self.device,
-                            max_seq_len=self.max_seq_len)
 
     # -- public API ----------------------------------------------------------------------------------------
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -212,10 +212,10 @@ class Engine:
         tokens = torch.tensor([t for s, n in zip(batch, lengths) for t in s.out.prompt_tokens[s.cached:s.cached + n]],
                               dtype=torch.long, device=self.device)
         plan = self.model.plan(lengths, starts=[s.cached for s in batch], rows=[s.row for s in batch],
-                               cache=self.cache, backend=self.backend)
+                               cache=self.cache)
         ends = torch.tensor(lengths).cumsum(0) - 1
         finishing = [i for i, (s, n) in enumerate(zip(batch, lengths)) if n == s.prompt_left]
-        logits = self._forward(tokens, plan, logits_at=ends[finishing].to(self.device))
+        logits = self.executor.forward(tokens, plan, self.cache, logits_at=ends[finishing].to(self.device))
         for s, n in zip(batch, lengths):
             s.cached += n
         result = self._sample([batch[i] for i in finishing], logits)
@@ -228,9 +228,8 @@ class Engine:
         t0 = time.perf_counter()
         tokens = torch.tensor([s.out.tokens[-1] for s in running], dtype=torch.long, device=self.device)
         plan = self.model.plan([1] * len(running), starts=[s.cached for s in running],
-                               rows=[s.row for s in running], cache=self.cache, backend=self.backend,
-                               decode_kernel=self.decode_kernel)
-        logits = self._forward(tokens, plan)
+                               rows=[s.row for s in running], cache=self.cache)
+        logits = self.executor.forward(tokens, plan, self.cache)
         for s in running:
             s.cached += 1
         result = self._sample(running, logits)
@@ -239,16 +238,11 @@ class Engine:
         self.stats.decode_seconds += time.perf_counter() - t0
         return result
 
-    def _forward(self, tokens: torch.Tensor, plan, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The model call of a step; a pipeline-parallel engine overrides this."""
-        return self.model(tokens, plan, self.cache, logits_at=logits_at)
-
-    def _sample(self, seqs: list[_Running], logits: torch.Tensor) -> list[tuple[_Running, int, float]]:
+    def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, int, float]]:
         if not seqs:
             return []
-        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        # The one host read of a step: stop checks and streaming need the ids.
-        return list(zip(seqs, tokens.tolist(), logprobs.tolist()))
+        tokens, logprobs = self.executor.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return list(zip(seqs, tokens, logprobs))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _request(self, index: int, prompt: Prompt, params: SamplingParams) -> tuple[Completion, SamplingParams]:

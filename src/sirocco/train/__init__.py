@@ -3,12 +3,12 @@
 The data path, one module each::
 
     corpus.py    documents: the default corpus (the Python documentation that ships with Python) or your own
-    spm.py       a sentencepiece BPE tokenizer with Mistral's special ids (tokenizer_cli.py: train-tokenizer)
+    tokenizer.py a sentencepiece BPE tokenizer with Mistral's special ids (the train-tokenizer verb)
     data.py      documents -> token rows packed without padding -> batches, with a resumable position
     losses.py    next-token cross-entropy normalised per step, Mixtral's load-balancing loss
     schedule.py  AdamW, linear warm-up then cosine decay
     loop.py      the step (micro-batches, clipping, autocast), validation, progress
     state.py     checkpoints that resume exactly (model in safetensors, optimizer, data position)
     recipe.py    a run described by a TOML file and flags; plot.py the loss curve
-    run.py       a whole run (corpus, tokenizer, model, steps, checkpoints, summary); cli.py ``sirocco train``
+    run.py       a whole run (corpus, tokenizer, model, steps, checkpoints, summary); the train verb runs it
 """

@@ -33,7 +33,7 @@ from .data import DataPosition, PackedStream, eval_batches, tokenize
 from .loop import Trainer
 from .plot import plot_losses
 from .recipe import Recipe
-from .spm import tokenizer_file, train_tokenizer
+from .tokenizer import tokenizer_file, train_tokenizer
 from .state import RECIPE, is_training_folder, load_optimizer, read_state, save_training
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .corpus import DEFAULT, load_corpus
 from ..tokenizer import load_tokenizer
-from .spm import train_tokenizer
+from ..train.corpus import DEFAULT, load_corpus
+from ..train.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``sirocco generate``: continue one or many prompts."""
+"""``sirocco generate``: continue one or many prompts, in one process or over pipeline ranks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import time
 
 from tqdm import tqdm
 
-from ..distributed.cli import add_pipeline_arguments, run_pipeline
+from ..backends import BACKENDS
+from ..distributed.executor import PipelineExecutor
+from ..distributed.launch import DistContext
+from ..distributed.run import load_rank_stage, on_ranks, shared_from_rank0
+from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
-from ..loading import add_model_arguments, load_for_inference
-from .engine import Engine
-from .sampling import SamplingParams
+from ..generate.engine import Engine, fit_cache_len
+from ..generate.sampling import SamplingParams
+from .options import DTYPES, add_model_arguments, add_pipeline_arguments, load_from_args
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +50,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-rows", type=int, default=8, help="most sequences generated at once (default 8)")
     e.add_argument("--chunk-size", type=int, default=None,
                    help="pre-fill at most this many tokens of a prompt per step (default: the sliding window)")
-    e.add_argument("--backend", choices=["per_sequence", "dense"], default="per_sequence",
+    e.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
                    help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
+    e.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what computes the model: torch (the plain-PyTorch reference), cpu (C++ decode kernels, "
+                        "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
@@ -77,13 +84,27 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.pipeline_ranks > 1:
-        return run_pipeline(args)
+        return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     prompts = read_prompts(args)
-    loaded = load_for_inference(args)
+    loaded = load_from_args(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                    max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts), backend=args.backend)
+                    max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts),
+                    attention=args.attention, backend=args.backend)
     return generate_and_print(args, engine, tokenizer, prompts)
+
+
+def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
+    """The verb on one rank of a pipeline of ``args.pipeline_ranks`` processes under torchrun."""
+    prompts = shared_from_rank0(ctx, lambda: read_prompts(args), "prompts")
+    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
+    log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
+    executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
+    engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
+                    max_seq_len=cache_len(args, stage.args.max_seq_len, tokenizer, prompts),
+                    attention=args.attention, backend=args.backend, executor=executor)
+    return generate_and_print(args, engine, tokenizer, prompts, speak=ctx.rank == 0,
+                              where=f" over {ctx.world_size} pipeline ranks")
 
 
 def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: list[str], speak: bool = True,
@@ -133,8 +154,7 @@ def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: lis
 
 
 def cache_len(args: argparse.Namespace, model_max: int, tokenizer, prompts: list[str]) -> int:
-    """Size the cache for this run, not for the model's longest context (32k positions x rows is GBs)."""
+    """The cache this run needs (see ``fit_cache_len``)."""
     if args.chat:
         return model_max
-    longest = max(len(tokenizer.encode(p)) for p in prompts)
-    return min(model_max, longest + args.max_tokens)
+    return fit_cache_len(model_max, [len(tokenizer.encode(p)) for p in prompts], args.max_tokens)

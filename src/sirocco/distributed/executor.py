@@ -1,4 +1,4 @@
-"""Sharded generation: the engine of ``sirocco.generate`` with its model split into pipeline stages.
+"""Sharded generation: an executor for the engine of ``sirocco.generate`` whose model is split into pipeline stages.
 
 Every rank runs the same engine loop (admission, chunking, stopping, row compaction) on the same host integers,
 so every rank builds the same ``BatchPlan`` each step and nothing but activations and sampled tokens travels:
@@ -29,16 +29,16 @@ where the measured time per row stopped falling): pre-fill chunks nearly always,
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+
 from ..cache import RollingCache
-from ..generate.engine import Engine
-from ..generate.sampling import sample
-from ..masks import BatchPlan
+from ..generate.sampling import SamplingParams, sample
 from ..model import Transformer
+from ..plan import BatchPlan
 from .launch import DistContext, peer_errors
 
 log = logging.getLogger(__name__)
@@ -68,29 +68,32 @@ def split_groups(lengths: list[int], n_groups: int, min_tokens: int = 1) -> list
     return bounds
 
 
-class PipelineEngine(Engine):
-    """An ``Engine`` whose model is one pipeline stage; run one per rank, all with the same arguments.
+class PipelineExecutor:
+    """Runs each engine step on this rank's pipeline stage; one per rank, all engines with the same arguments.
 
     Args:
         stage: this rank's ``Transformer`` (built with ``layers=...``, ``embed`` on rank 0, ``head`` on the last).
         ctx: the rank's ``DistContext`` (``init_distributed``).
-        tokenizer: as for ``Engine``; every rank needs it (stop strings are checked on every rank).
         micro_batches: most groups of sequences per step that flow through the stages concurrently (default:
             the number of stages; 1 turns the overlap off).
         min_group_tokens: a step is cut only into groups of at least this many tokens (see above).
-        **engine_kwargs: ``max_rows``, ``chunk_size``, ``max_seq_len``, ... as for ``Engine``.
 
-    Every rank's ``generate`` / ``stream`` returns the same completions.
+    >>> engine = Engine(stage, tokenizer, executor=PipelineExecutor(stage, ctx), max_rows=8)   # doctest: +SKIP
+
+    Every rank's ``Engine.generate`` / ``stream`` then returns the same completions (the tokenizer is needed on
+    every rank: stop strings are checked on every rank).
     """
 
-    def __init__(self, stage: Transformer, ctx: DistContext, tokenizer=None, micro_batches: Optional[int] = None,
-                 min_group_tokens: int = 64, **engine_kwargs):
+    def __init__(self, stage: Transformer, ctx: DistContext, micro_batches: Optional[int] = None,
+                 min_group_tokens: int = 64):
+        self.model = stage
         self.ctx = ctx
         self.micro_batches = max(1, int(micro_batches if micro_batches is not None else ctx.world_size))
         self.min_group_tokens = min_group_tokens
         self._check_stage(stage)
+        param = next(stage.parameters())
+        self.device, self.dtype = param.device, param.dtype
         self._inflight: list[tuple[dist.Work, torch.Tensor]] = []   # sends not yet known complete (and buffers)
-        super().__init__(stage, tokenizer, **engine_kwargs)
 
     def _check_stage(self, stage: Transformer) -> None:
         has_embed, has_head = stage.tok_embeddings is not None, stage.output is not None
@@ -99,31 +102,32 @@ class PipelineEngine(Engine):
                              f"{self.ctx.is_first} and output head={self.ctx.is_last}, got embedding={has_embed} "
                              f"and output head={has_head}")
 
-    def _make_cache(self) -> RollingCache:
+    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
         """Cache rows for this stage's layers only."""
-        return RollingCache(self.args, rows=self.max_rows, dtype=self.dtype, device=self.device,
-                            max_seq_len=self.max_seq_len, layers=[int(i) for i in self.model.layers])
+        return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device,
+                            max_seq_len=max_seq_len, layers=[int(i) for i in self.model.layers])
 
     # -- one step ----------------------------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, plan: BatchPlan, logits_at: Optional[torch.Tensor] = None,
-                 ) -> Optional[torch.Tensor]:
-        """Run this stage over the step's micro-batches; the last rank returns the logits (as ``Engine``), the
-        others None."""
+    def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
+                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Run this stage over the step's micro-batches; the last rank returns the logits, the others None."""
         ctx = self.ctx
+        dim = self.model.args.dim
         self._wait_sends()
         groups = split_groups(plan.lengths, self.micro_batches, self.min_group_tokens)
         offsets = [0]
         for n in plan.lengths:
             offsets.append(offsets[-1] + n)
+        rows = plan.rows or []
         plans = [plan] if len(groups) == 1 else [
-            self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=plan.rows[a:b], cache=self.cache,
-                            backend=self.backend) for a, b in groups]
+            self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=rows[a:b], cache=cache)
+            for a, b in groups]
         # Post every receive at once: group m can arrive while group m-1 is still being computed.
         recvs = []
         if not ctx.is_first:
             with peer_errors(ctx, "receiving activations"):
                 for m, (a, b) in enumerate(groups):
-                    buf = torch.empty(offsets[b] - offsets[a], self.args.dim, dtype=self.dtype, device=self.device)
+                    buf = torch.empty(offsets[b] - offsets[a], dim, dtype=self.dtype, device=self.device)
                     recvs.append((dist.irecv(buf, src=ctx.prev, tag=m), buf))
         wanted = None if logits_at is None else logits_at.tolist()
         outs = []
@@ -138,7 +142,7 @@ class PipelineEngine(Engine):
             at = None
             if ctx.is_last and wanted is not None:
                 at = torch.tensor([i - t0 for i in wanted if t0 <= i < t1], dtype=torch.long, device=self.device)
-            y = self.model(x, sub, self.cache, logits_at=at)
+            y = self.model(x, sub, cache, logits_at=at)
             if ctx.is_last:
                 outs.append(y)
             else:
@@ -154,22 +158,20 @@ class PipelineEngine(Engine):
                 work.wait()
         self._inflight.clear()
 
-    def _sample(self, seqs, logits: Optional[torch.Tensor]):
+    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
+               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
         """The last rank samples (one generator per sequence) and broadcasts tokens and log-probabilities;
-        every rank returns the same list."""
-        if not seqs:
-            return []
+        every rank returns the same lists."""
         ctx = self.ctx
         if ctx.is_last:
-            tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            assert logits is not None
+            tokens, logprobs = sample(logits, list(params), list(generators))
             # float64 holds every token id and every fp32 log-probability exactly: one message.
             packed = torch.stack([tokens.double(), logprobs.double()])               # (2, B)
         else:
-            packed = torch.empty(2, len(seqs), dtype=torch.float64, device=self.device)
+            packed = torch.empty(2, len(params), dtype=torch.float64, device=self.device)
         self._wait_sends()
         with peer_errors(ctx, "receiving the sampled tokens"):
             dist.broadcast(packed, src=ctx.last)
-        # The one host read of a step, as in Engine._sample.
-        tokens_list = packed[0].long().tolist()
-        logprobs_list = packed[1].float().tolist()
-        return list(zip(seqs, tokens_list, logprobs_list))
+        # Stop checks need the ids on the host: one read per step, as in LocalExecutor.sample.
+        return packed[0].long().tolist(), packed[1].float().tolist()

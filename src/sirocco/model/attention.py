@@ -1,4 +1,4 @@
-"""Attention over packed sequences, lowered from the plan's mask to a kernel.
+"""Attention over packed sequences: the cache traffic of a step, and the reference ops that compute it.
 
 Notation: T new tokens in the step, Tk keys, H query heads, G = n_kv_heads, g = H // G query heads per kv head,
 D head_dim, B sequences. Query head h reads kv head ``h // g``::
@@ -6,51 +6,85 @@ D head_dim, B sequences. Query head h reads kv head ``h // g``::
     query heads  0 1 2 3 | 4 5 6 7      (H = 8)
     kv heads        0    |    1         (G = 2, g = 4)
 
-No kernel copies K/V to all heads: SDPA is called with ``enable_gqa=True`` and the decode kernel views the
+No kernel copies K/V to all heads: SDPA is called with ``enable_gqa=True`` and the decode product views the
 queries as (G, g) groups.
 
-Paths:
-  * ``dense``: one SDPA call with the whole (T, Tk) boolean mask. The reference; supports backward.
-  * ``per_sequence``: one SDPA call per sequence with its diagonal block (or ``is_causal`` where exact). On CPU
-    this is far faster than the dense mask for several prompts; supports backward.
+``attend`` does what every backend shares (write the new keys to the cache, read a later chunk's cached prefix
+back oldest first) and hands the arithmetic to an ``AttentionOps``. The reference ops here are plain PyTorch:
+
+  * pre-fill ``"per_sequence"``: one SDPA call per sequence with its diagonal block of the mask (or
+    ``is_causal`` where exact); supports backward. The default: on CPU far faster than a dense mask.
+  * pre-fill ``"dense"``: one SDPA call with the whole (T, Tk) boolean mask; supports backward.
   * decode (one token per sequence, with a cache): matmul, fp32 softmax, matmul over the sequence's cache row
-    in place, with the plan's valid-slot mask. SDPA takes a slow path for one bf16 query on CPU. With
-    ``decode_kernel="native"`` the two products are the C++ kernels of csrc/decode_attention.cpp (fp32 scores
-    straight from the bf16 cache, masked slots skipped): for 8 sequences of ~900 slots, 0.31 ms per layer
-    against 1.41 in bf16, 0.55 against 1.88 in fp32.
+    in place, with the plan's valid-slot mask (SDPA takes a slow path for one bf16 query on CPU).
+
+A backend (backends/) subclasses ``AttentionOps`` to put kernels under ``rope`` and ``decode``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .cache import LayerCache
-from .masks import Backend, DecodeKernel, WindowPlan
+from ..cache import LayerCache
+from ..plan import WindowPlan
+from .rope import apply_rope
+
+Prefill = Literal["per_sequence", "dense"]
+PREFILL_PATHS: tuple[str, ...] = ("per_sequence", "dense")
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, backend: Backend,
-           cache: Optional[LayerCache] = None, decode_kernel: DecodeKernel = "matmul") -> torch.Tensor:
+class AttentionOps:
+    """How RoPE and attention are computed: the reference, plain PyTorch (see the module's docstring).
+
+    ``prefill`` is the pre-fill path, "per_sequence" or "dense"; decode always reads the cache rows in place.
+    """
+
+    def __init__(self, prefill: Prefill = "per_sequence"):
+        if prefill not in PREFILL_PATHS:
+            raise ValueError(f"unknown pre-fill attention path {prefill!r}; choose one of {PREFILL_PATHS}")
+        self.prefill_path = prefill
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prefill={self.prefill_path!r})"
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate queries or keys ``(T, heads, D)``; cos, sin ``(T, D // 2)``."""
+        return apply_rope(x, cos, sin)
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        """q (T, H, D), k/v (Tk, G, D) in the plan's key order -> (T, H, D)."""
+        if self.prefill_path == "dense":
+            return dense_attention(q, k, v, plan.dense)
+        return per_sequence_attention(q, k, v, plan)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """q (B, H, D), k/v (B, G, L, D) cache rows, valid (B, L) -> (B, H, D)."""
+        return decode_attention(q, k, v, valid)
+
+
+REFERENCE_OPS = AttentionOps()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, cache: Optional[LayerCache],
+           ops: AttentionOps) -> torch.Tensor:
     """Attention of one layer for one step.
 
     Args:
         q: (T, H, D) rotated queries; k, v: (T, G, D) rotated keys and values of the new tokens.
-        plan: the step's plan for this layer's window; backend: "dense" or "per_sequence".
+        plan: the step's plan for this layer's window.
         cache: the layer's cache, or None for a forward without cache.
-        decode_kernel: for decode steps, "matmul" (PyTorch) or "native" (C++, where kernels.py serves it).
+        ops: computes the attention (``AttentionOps`` or a backend's subclass).
     Returns:
         (T, H, D)
     """
     if cache is not None and plan.decode:
         cache.write(k, v, plan)                       # the new token is written first, then attended to
         keys, values = cache.rows_view(plan)          # (B, G, L, D)
-        if decode_kernel == "native" and native_decode_serves(q):
-            return native_decode_attention(q, keys, values, plan.decode_valid)
-        return decode_attention(q, keys, values, plan.decode_valid)
+        return ops.decode(q, keys, values, plan.decode_valid)
     keys, values = k, v
     if cache is not None:
         if plan.key_order is not None:               # later chunk: [cached prefix ; new] per sequence
@@ -58,9 +92,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, 
             keys = torch.cat([pk, k])[plan.key_order]
             values = torch.cat([pv, v])[plan.key_order]
         cache.write(k, v, plan)
-    if backend == "dense":
-        return dense_attention(q, keys, values, plan.dense)
-    return per_sequence_attention(q, keys, values, plan)
+    return ops.prefill(q, keys, values, plan)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,16 +131,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     scores = scores.masked_fill(~valid[:, None, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-2).to(v.dtype)
     return torch.matmul(probs.transpose(-1, -2), v).view(B, H, D)
-
-
-def native_decode_serves(q: torch.Tensor) -> bool:
-    """Whether the C++ decode attention runs for these queries: CPU, no autograd, a served dtype and head_dim."""
-    return q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.native_serves(q.dtype, q.shape[-1])
-
-
-def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
-    probabilities times the values accumulated in fp32. Same shapes."""
-    native = kernels.native_module()
-    scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
-    return native.decode_values(torch.softmax(scores, dim=-1), v)

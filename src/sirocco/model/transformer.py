@@ -2,12 +2,14 @@
 
     tokens (T,) -> embedding -> n_layers x [ x + attention(norm(x)) ; x + feed_forward(norm(x)) ] -> norm -> output
 
-Sequences are packed: ``tokens`` holds several sequences back to back, and a ``BatchPlan`` (masks.py) says
-where each begins, its positions, and how attention may look (block-diagonal, causal, windowed; with or without
-the rolling cache of cache.py). There is no batch dimension and no padding.
+Sequences are packed: ``tokens`` holds several sequences back to back, and a ``BatchPlan`` (plan.py) says
+where each begins, its positions, and what attention may see (block-diagonal, causal, windowed; with or without
+the rolling cache of cache.py). There is no batch dimension and no padding. How attention, RoPE and the linear
+layers are computed is the backend's business (backends/): this file is the reference definition in plain
+PyTorch, and a backend's conversion pass swaps modules or attention ops, never the model's code.
 
 Internal weight layout = Mistral's consolidated checkpoints (names and the interleaved-pair RoPE layout);
-checkpoint.py converts Hugging Face weights at the boundary.
+checkpoint/ converts Hugging Face weights at the boundary.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend
-from .cache import RollingCache
-from .config import ModelArgs
-from .masks import Backend, BatchPlan, DecodeKernel
+from ..cache import RollingCache
+from ..config import ModelArgs
+from ..plan import BatchPlan
+from .attention import REFERENCE_OPS, AttentionOps, attend
+from .rope import rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -39,29 +42,13 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles: two (max_seq_len, head_dim // 2) fp32 tables."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head by the position's angle i (Mistral's layout).
-
-    x: (T, heads, D); cos, sin: (T, D // 2) fp32. Computed in fp32, returned in x's dtype.
-    """
-    xf = x.float().unflatten(-1, (-1, 2))                    # (T, heads, D/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]                   # (T, 1, D/2)
-    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
-    """Grouped-query attention with an optional sliding window; K/V are never copied to all heads."""
+    """Grouped-query attention with an optional sliding window; K/V are never copied to all heads. ``ops`` computes
+    RoPE and the attention itself (the reference ops by default; a backend hands others)."""
 
     def __init__(self, args: ModelArgs, window: Optional[int]):
         super().__init__()
+        self.ops: AttentionOps = REFERENCE_OPS
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = window
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
@@ -75,14 +62,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(T, self.n_heads, self.head_dim)
         k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = self.rotate(q, rope), self.rotate(k, rope)
-        out = attend(q, k, v, plan.for_window(self.window), plan.backend,
-                     None if cache is None else cache[layer_id], plan.decode_kernel)          # (T, H, D)
+        q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)
+        out = attend(q, k, v, plan.for_window(self.window), None if cache is None else cache[layer_id],
+                     self.ops)                                                                  # (T, H, D)
         return self.wo(out.reshape(T, -1))
-
-    def rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """RoPE on queries or keys (T, heads, D); a method so that fast_modules.py can put a kernel here."""
-        return apply_rope(x, *rope)
 
 
 class FeedForward(nn.Module):
@@ -114,7 +97,7 @@ class MoeFeedForward(nn.Module):
             router_logits.append(logits)
         top_logits, chosen = torch.topk(logits, self.k, dim=-1)            # (T, k)
         weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)   # (T, k)
-        # Group the (token, choice) pairs by expert with one sort and one host read of the counts.
+        # Group the (token, choice) pairs by expert with one sort and one host read of the counts per layer.
         flat = chosen.flatten()                                            # (T*k,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
@@ -179,8 +162,7 @@ class Transformer(nn.Module):
         return self._rope[0][positions], self._rope[1][positions]
 
     def plan(self, lengths: list[int], starts: Optional[list[int]] = None, rows: Optional[list[int]] = None,
-             cache: Optional[RollingCache] = None, backend: Backend = "per_sequence",
-             decode_kernel: DecodeKernel = "matmul") -> BatchPlan:
+             cache: Optional[RollingCache] = None) -> BatchPlan:
         """The step's BatchPlan for this model's windows (and the cache's sizes, if any)."""
         ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
         if ends and max(ends) > self.args.max_seq_len:
@@ -188,7 +170,7 @@ class Transformer(nn.Module):
                              f"{self.args.max_seq_len}")
         return BatchPlan.build(lengths, starts=starts, rows=rows, windows=self.windows,
                                cache_lens=None if cache is None else cache.cache_lens(),
-                               device=self.device, backend=backend, decode_kernel=decode_kernel)
+                               device=self.device)
 
     @property
     def device(self) -> torch.device:

@@ -75,7 +75,7 @@ def open_tokenizer_file(file: Path) -> Tokenizer:
         from .mistral import MistralCommonTokenizer
         return MistralCommonTokenizer(file)
     if name.endswith(".model"):
-        from .spm import SentencePieceTokenizer
+        from .sentencepiece_model import SentencePieceTokenizer
         return SentencePieceTokenizer(file)
     if name.endswith(".json"):
         from .hf import HFTokenizer

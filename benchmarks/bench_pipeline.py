@@ -1,7 +1,7 @@
-"""How much the micro-batches of ``PipelineEngine`` gain: the same generation on N ranks of this machine with
+"""How much the micro-batches of ``PipelineExecutor`` gain: the same generation on N ranks of this machine with
 1 (no overlap), 2, 4... micro-batches per step, and in one process for reference.
 
-    python -m sirocco.distributed.bench --ranks 2 --micro-batches 1 2 4
+    python benchmarks/bench_pipeline.py --ranks 2 --micro-batches 1 2 4
 
 Random weights (a small model with Mistral 7B's proportions by default); one thread per rank, so N ranks use
 N cores; each figure is the median of a few runs.
@@ -15,13 +15,13 @@ import time
 
 import torch
 
-from ..config import ModelArgs
-from ..generate.engine import Engine
-from ..generate.sampling import SamplingParams
-from ..model import build_model
-from .launch import spawn_local
-from .pipeline_engine import PipelineEngine
-from .stages import rank_stage
+from sirocco.config import ModelArgs
+from sirocco.distributed.executor import PipelineExecutor
+from sirocco.distributed.launch import spawn_local
+from sirocco.distributed.stages import rank_stage
+from sirocco.generate.engine import Engine
+from sirocco.generate.sampling import SamplingParams
+from sirocco.model import build_model
 
 
 def bench_args(dim: int, layers: int, vocab: int) -> ModelArgs:
@@ -53,9 +53,9 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int, repeats: int
 def _rank(ctx, args: ModelArgs, micro_batches: int, min_tokens: int, n_prompts: int, length: int,
           max_tokens: int, repeats: int) -> dict:
     stage = rank_stage(ctx, args, seed=0)
-    engine = PipelineEngine(stage, ctx, micro_batches=micro_batches, min_group_tokens=min_tokens,
-                            max_rows=n_prompts, max_seq_len=length + max_tokens, chunk_size=length,
-                            fast_decode=False)
+    engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx, micro_batches=micro_batches,
+                                                           min_group_tokens=min_tokens),
+                    max_rows=n_prompts, max_seq_len=length + max_tokens, chunk_size=length, backend="torch")
     return _run(engine, _prompts(n_prompts, length, args.vocab_size), max_tokens, repeats)
 
 
@@ -77,7 +77,7 @@ def main() -> None:
           f"{a.prompts} prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens each")
     torch.set_num_threads(a.ranks)
     one = _run(Engine(build_model(args, seed=0), None, max_rows=a.prompts, chunk_size=a.prompt_len,
-                      max_seq_len=a.prompt_len + a.max_tokens, fast_decode=False),
+                      max_seq_len=a.prompt_len + a.max_tokens, backend="torch"),
                _prompts(a.prompts, a.prompt_len, a.vocab), a.max_tokens, a.repeats)
     print(f"1 process, {a.ranks} threads: pre-fill {one['prefill_tps']:7.0f} tok/s, decode "
           f"{one['decode_tps']:6.1f} tok/s, {one['seconds']:.2f} s")

@@ -12,11 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..checkpoint import CONSOLIDATED, HF, read_state_dict, save_consolidated, save_hf
 from ..errors import SiroccoError
-from ..loading import DTYPES
-from .files import CONSOLIDATED, HF
-from .load import read_state_dict
-from .save import save_consolidated, save_hf
+from .options import DTYPES
 
 log = logging.getLogger(__name__)
 

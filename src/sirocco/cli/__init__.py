@@ -1,5 +1,6 @@
-"""The ``sirocco`` command. Each verb lives in the package that does its work and provides
-``configure(parser)`` and ``run(args) -> int``; this file only dispatches."""
+"""The ``sirocco`` command: one module per verb in this package, each with ``configure(parser)`` and
+``run(args) -> int``; options shared by several verbs are declared once in options.py. This file only
+dispatches."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from .errors import SiroccoError
+from ..errors import SiroccoError
 
-# verb -> (module, one-line help). Modules are imported only when their verb runs.
+# verb -> (module, one-line help). Every verb's module is imported to build the parser (for --help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("sirocco.generate.cli", "continue prompts with a model (packed, cached, chunked)"),
-    "convert": ("sirocco.checkpoint.cli", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
-    "train": ("sirocco.train.cli", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
-    "train-tokenizer": ("sirocco.train.tokenizer_cli", "train a sentencepiece BPE tokenizer with Mistral's special ids"),
+    "generate": ("sirocco.cli.generate", "continue prompts with a model (packed, cached, chunked)"),
+    "convert": ("sirocco.cli.convert", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
+    "train": ("sirocco.cli.train", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
+    "train-tokenizer": ("sirocco.cli.train_tokenizer", "train a sentencepiece BPE tokenizer with Mistral's special ids"),
 }
 
 EPILOG = """examples:

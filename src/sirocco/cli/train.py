@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from ..loading import DTYPES, resolve_device
-from .recipe import RECIPES, Recipe
+from ..train.recipe import RECIPES, Recipe
+from .options import DTYPES, add_machine_arguments, add_pipeline_arguments, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any recipe field, e.g. --set train.warmup=50 --set model.sliding_window=64 (repeatable)")
     h = p.add_argument_group("machine and output")
-    h.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    h.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    add_machine_arguments(h)
     h.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
     h.add_argument("--json", action="store_true", help="print the summary as one JSON object on standard output")
-    from ..distributed.cli import add_pipeline_arguments
     add_pipeline_arguments(p, training=True)
 
 
@@ -102,7 +100,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .run import train
+    from ..train.run import train
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)

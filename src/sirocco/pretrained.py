@@ -1,21 +1,24 @@
-"""Resolving ``--model``: a checkpoint folder (either published format), a bundled model's name, or nothing
-(the default model). Shared by every verb that runs a model."""
+"""Which model a name means and loading it with its tokenizer: a checkpoint folder (either published format), a
+bundled model's name, nothing (the default model), or the random demo model."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+import mistral_common
 import torch
 
+from .checkpoint import load_model
+from .config import preset
 from .errors import SiroccoError
+from .model import Transformer, build_model
+from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEMO = "random-tiny"     # a randomly initialised tiny model with Mistral's v1 tokenizer (noise; for plumbing)
 BUNDLED = Path(__file__).parent / "models"     # models trained by sirocco itself, shipped in the package
 DEFAULT_MODEL = "sirocco-tiny"
@@ -28,41 +31,9 @@ def bundled_models() -> list[str]:
 
 @dataclass
 class Loaded:
-    model: Any
-    tokenizer: Any
+    model: Transformer
+    tokenizer: Tokenizer
     source: str          # what was loaded, from where: for logs and --json
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="PATH|NAME",
-                   help="a checkpoint folder (consolidated or Hugging Face format) or a bundled model's name: "
-                        f"{', '.join(bundled_models() + [DEMO])} (default: {DEFAULT_MODEL}; '{DEMO}' is random "
-                        "weights, for plumbing)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="weights and activations dtype (default float32; bfloat16 halves memory and is faster "
-                        "for large models on CPUs with AVX512-BF16)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise SiroccoError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SiroccoError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def load_for_inference(args: argparse.Namespace) -> Loaded:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype = resolve_device(args.device), DTYPES[args.dtype]
-    return load(args.model, dtype=dtype, device=device)
 
 
 def model_folder(name_or_path: Optional[str]) -> Path:
@@ -87,18 +58,12 @@ def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
     if name_or_path == DEMO:
         return _demo(dtype, device)
     path = model_folder(name_or_path)
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
     model = load_model(path, dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     return Loaded(model, tokenizer, f"{path} ({dtype}, {device})")
 
 
 def _demo(dtype: torch.dtype, device: torch.device | str) -> Loaded:
-    from .config import preset
-    from .model import build_model
-    from .tokenizer import load_tokenizer
-    import mistral_common
     tok_file = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     tokenizer = load_tokenizer(tok_file)
     model = build_model(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=1024), dtype=dtype,

@@ -10,7 +10,7 @@ sequence by three host integers:
 From these the plan builds, once for all layers:
   * ``positions``: the absolute position of every packed token (for RoPE);
   * one ``WindowPlan`` per distinct window among the layers, holding the cache slots to read and write and
-    the attention mask, lowered for the attention backend in use.
+    the attention mask in the forms the attention ops read (dense, per-sequence blocks, decode slots).
 
 The mask is always the same predicate, over (sequence id, absolute position) of a query and of a key::
 
@@ -40,16 +40,22 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .cache import unrotate_slots
 
-Backend = Literal["dense", "per_sequence"]
-BACKENDS: tuple[str, ...] = ("dense", "per_sequence")
-DecodeKernel = Literal["matmul", "native"]
-DECODE_KERNELS: tuple[str, ...] = ("matmul", "native")
+
+def unrotate_slots(seen: int, size: int) -> list[int]:
+    """Slots of a rolling row of ``size`` slots holding its last ``min(seen, size)`` tokens, oldest first.
+
+    >>> unrotate_slots(2, 3), unrotate_slots(4, 3), unrotate_slots(7, 3)
+    ([0, 1], [1, 2, 0], [1, 2, 0])
+    """
+    if seen < size:
+        return list(range(seen))
+    k = seen % size
+    return list(range(k, size)) + list(range(k))
 
 
 def allowed(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k_pos: torch.Tensor,
@@ -127,10 +133,8 @@ class WindowPlan:
 class BatchPlan:
     """One step's packed sequences: positions for RoPE and a ``WindowPlan`` per window.
 
-    Build with ``BatchPlan.build``. ``backend`` chooses how pre-fill attention is computed ("dense": one SDPA
-    call with the whole boolean mask, the reference; "per_sequence": one SDPA call per sequence with its
-    diagonal block, the fast path on CPU). Decode steps always read the cache in place, through PyTorch matmuls
-    (``decode_kernel="matmul"``) or the C++ kernels of kernels.py (``"native"``, CPU with AVX-512).
+    Build with ``BatchPlan.build``. The plan says *what* each query may attend; how attention is computed is
+    the model's attention ops' choice (``model.attention``, ``backends``).
     """
 
     starts: list[int]
@@ -138,12 +142,6 @@ class BatchPlan:
     rows: Optional[list[int]]
     positions: torch.Tensor                    # (T,) absolute positions
     windows: dict[Optional[int], WindowPlan]
-    backend: Backend = "per_sequence"
-    decode_kernel: DecodeKernel = "matmul"
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.lengths)
 
     def for_window(self, window: Optional[int]) -> WindowPlan:
         return self.windows[window]
@@ -151,8 +149,8 @@ class BatchPlan:
     @classmethod
     def build(cls, lengths: Sequence[int], *, starts: Optional[Sequence[int]] = None,
               rows: Optional[Sequence[int]] = None, windows: Sequence[Optional[int]] = (None,),
-              cache_lens: Optional[dict] = None, device: torch.device | str = "cpu",
-              backend: Backend = "per_sequence", decode_kernel: DecodeKernel = "matmul") -> "BatchPlan":
+              cache_lens: Optional[dict[Optional[int], int]] = None,
+              device: torch.device | str = "cpu") -> "BatchPlan":
         """Plan one step.
 
         Args:
@@ -170,10 +168,6 @@ class BatchPlan:
         starts = [0] * len(lengths) if starts is None else [int(s) for s in starts]
         if len(starts) != len(lengths):
             raise ValueError(f"{len(starts)} starts for {len(lengths)} sequences")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-        if decode_kernel not in DECODE_KERNELS:
-            raise ValueError(f"unknown decode kernel {decode_kernel!r}; choose one of {DECODE_KERNELS}")
         use_cache = cache_lens is not None
         if use_cache:
             if rows is None:
@@ -189,8 +183,7 @@ class BatchPlan:
         for w in dict.fromkeys(windows):
             plans[w] = _window_plan(w, None if not use_cache else int(cache_lens[w]), starts, lengths, rows,
                                     positions, device)
-        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans, backend=backend,
-                   decode_kernel=decode_kernel)
+        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans)
 
 
 def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],

@@ -1,0 +1,143 @@
+"""The model's modules and attention ops on the CPU kernels of kernels.py, for inference.
+
+``attach(model)`` replaces modules by new ones that hold the same parameters (names and state dicts do not
+change), and hands every attention layer ``CpuAttentionOps``. Each takes its kernel only where it serves
+(CPU, no autograd, a served dtype and size) and otherwise computes exactly what the reference does:
+
+    nn.Linear (no bias)   -> CpuLinear          products of 1 to 8 rows (decode steps)
+    model.RMSNorm         -> CpuRMSNorm         RMSNorm in one pass (every step, pre-fill included)
+    attention ops         -> CpuAttentionOps    RoPE in one pass, decode attention on the bf16 cache in place
+
+Training keeps autograd on, so it never reaches these kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...model import RMSNorm
+from ...model.attention import AttentionOps, Prefill, decode_attention
+from ...model.rope import apply_rope
+from ..reference import replace_modules, set_attention_ops
+from . import kernels
+
+
+def _served(x: torch.Tensor, dtype: torch.dtype, size: int) -> bool:
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == dtype
+            and kernels.native_serves(dtype, size))
+
+
+class CpuLinear(nn.Module):
+    """A bias-free linear layer whose products of 1 to 8 rows on CPU, without autograd, use ``small_m_linear``
+    where it serves the dtype, else ``row_linear`` for a single row, else ``F.linear``."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 2 and 0 < x.shape[0] <= kernels.SMALL_M and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            native = kernels.native_kernel() if kernels.native_serves(x.dtype, x.shape[1]) else None
+            if native is not None and self.weight.is_contiguous():
+                return native(x.contiguous(), self.weight)
+            if x.shape[0] == 1:
+                return kernels.row_linear(x, self.weight)
+        return F.linear(x, self.weight)
+
+    def reference(self) -> nn.Linear:
+        """The plain ``nn.Linear`` this module replaced, holding the same weight."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class CpuRMSNorm(RMSNorm):
+    """``RMSNorm`` through the ``rms_norm`` kernel for (T, dim) inputs: the same roundings, the sum of squares
+    in another order."""
+
+    @classmethod
+    def of(cls, norm: RMSNorm) -> "CpuRMSNorm":
+        new = cls(norm.weight.shape[0], norm.eps)
+        new.weight = norm.weight
+        return new
+
+    def reference(self) -> RMSNorm:
+        """The plain ``RMSNorm`` this module replaced, holding the same weight."""
+        norm = RMSNorm(self.weight.shape[0], self.eps)
+        norm.weight = self.weight
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and _served(x, self.weight.dtype, x.shape[1]):
+            return kernels.native_module().rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class CpuAttentionOps(AttentionOps):
+    """RoPE through the ``rope`` kernel (the same bits as ``apply_rope``), decode attention through
+    ``decode_scores`` / ``decode_values`` (fp32 scores from the cache in place, masked slots skipped)."""
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if _served(x, x.dtype, x.shape[-1]):
+            return kernels.native_module().rope(x, cos, sin)
+        return apply_rope(x, cos, sin)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.native_serves(q.dtype, q.shape[-1]):
+            return native_decode_attention(q, k, v, valid)
+        return decode_attention(q, k, v, valid)
+
+
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
+    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L)."""
+    native = kernels.native_module()
+    scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
+    return native.decode_values(torch.softmax(scores, dim=-1), v)
+
+
+def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
+    """Put the model on the kernels (see the module's docstring); returns how many modules were replaced."""
+    n = replace_modules(model, lambda m: CpuLinear(m.weight) if type(m) is nn.Linear and m.bias is None else
+                        CpuRMSNorm.of(m) if type(m) is RMSNorm else None)
+    set_attention_ops(model, CpuAttentionOps(prefill))
+    return n
+
+
+def pays(model: nn.Module, min_bytes: int = 256 * 2**20) -> bool:
+    """Whether the build (once, about half a minute) is worth it: on CPU, for weights large enough that decode is
+    memory-bound."""
+    params = list(model.parameters())
+    return (params[0].device.type == "cpu"
+            and sum(p.numel() * p.element_size() for p in params) >= min_bytes)
+
+
+def warm_up(model: nn.Module) -> str:
+    """Build the kernels the model's decode will use now, so that nothing is compiled inside the decode loop:
+    the native kernel once, or the compiled row kernel for every weight shape (Inductor specialises on some
+    size relations, so each distinct shape gets its own graph). Returns what was prepared, for the log."""
+    shapes = {(m.weight.shape, m.weight.dtype, m.weight.device) for m in model.modules() if isinstance(m, CpuLinear)}
+    native, compiled = 0, set()
+    with torch.no_grad():
+        for (n, k), dtype, device in shapes:
+            if device.type == "cpu" and kernels.native_serves(dtype, k):
+                native += 1
+            else:
+                kernels.row_linear(torch.zeros(1, k, dtype=dtype, device=device),
+                                   torch.zeros(n, k, dtype=dtype, device=device))
+                compiled.add((n, k))
+    norms = any(isinstance(m, CpuRMSNorm) and m.weight.device.type == "cpu"
+                and kernels.native_serves(m.weight.dtype, m.weight.shape[0]) for m in model.modules())
+    parts = ([f"small-row kernel for {native} weight shapes"] if native else []) + \
+            ([f"compiled row kernel for {len(compiled)} weight shapes"] if compiled else []) + \
+            (["one-pass RMSNorm and RoPE"] if norms else [])
+    return ", ".join(parts) or "no weight shapes"

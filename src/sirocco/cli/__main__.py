@@ -1,0 +1,7 @@
+"""``python -m sirocco.cli`` (what torchrun starts): the ``sirocco`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

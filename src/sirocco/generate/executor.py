@@ -1,0 +1,59 @@
+"""The model call of a step, and the choice of its next tokens: what the engine hands to an executor.
+
+The engine (engine.py) decides what runs in a step: which sequences, how many tokens each, at which positions
+and cache rows. An executor runs it: it owns the cache, calls the model, and samples. ``LocalExecutor`` runs the
+whole model in this process; ``distributed.executor.PipelineExecutor`` runs one pipeline stage per rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from ..cache import RollingCache
+from ..model import Transformer
+from ..plan import BatchPlan
+from .sampling import SamplingParams, sample
+
+
+class Executor(Protocol):
+    model: Transformer
+
+    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
+        """The cache the engine's plans index into."""
+        ...
+
+    def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
+                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """(T,) tokens -> (N, vocab) logits of the ``logits_at`` tokens (all without it), or None on a process
+        that does not hold the output head."""
+        ...
+
+    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
+               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
+        """One token and its log-probability per row of ``logits``, as host lists (the same on every process)."""
+        ...
+
+
+class LocalExecutor:
+    """The whole model in this process."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
+        return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device, max_seq_len=max_seq_len)
+
+    def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
+                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        return self.model(tokens, plan, cache, logits_at=logits_at)
+
+    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
+               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
+        assert logits is not None
+        tokens, logprobs = sample(logits, list(params), list(generators))
+        # Stop checks and streaming need the ids on the host: one read per step.
+        return tokens.tolist(), logprobs.tolist()
