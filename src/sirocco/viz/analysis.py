@@ -113,3 +113,16 @@ def rebuild_moe(moe_layer, x: torch.Tensor, chosen: torch.Tensor, weights: torch
         if len(tok):
             out.index_add_(0, tok, expert(x[tok]) * weights[tok, choice][:, None].to(x.dtype))
     return out
+
+
+def cache_bytes(args, lengths: Sequence[int], dtype: torch.dtype = torch.bfloat16) -> dict:
+    """KV-cache bytes of one sequence at each length: the model's rolling cache against a full cache (the same
+    model without a window), read from real ``RollingCache`` tensors (on the meta device: no memory)."""
+    from ..cache import RollingCache
+
+    full_args = args.replace(sliding_window=None)
+    windows = [w for w in args.windows() if w is not None]
+    return {"window": min(windows) if windows else None, "dtype": str(dtype).replace("torch.", ""),
+            "lengths": list(lengths),
+            "rolling": [RollingCache(args, 1, dtype, "meta", max_seq_len=n).nbytes() for n in lengths],
+            "full": [RollingCache(full_args, 1, dtype, "meta", max_seq_len=n).nbytes() for n in lengths]}

@@ -60,6 +60,8 @@ def render_mask_step(step: dict, window: Optional[int], colour: bool = False) ->
 
     kseq = [k[0] for k in keys]
     head = f"step {step.get('step', '?')} · {step['phase']} · W={window}"
+    if step.get("kind") == "prefill" and step["phase"] == "decode":
+        head += " (a pre-fill chunk of one token per sequence runs as a decode step)"
     if step.get("lowering"):
         head += f" · lowered from {step['lowering']}"
     if step.get("padding") is not None:
@@ -171,8 +173,43 @@ def render_moe(data: dict, colour: bool = False) -> str:
     return "\n".join(lines)
 
 
+# -- pipeline, memory ----------------------------------------------------------------------------------------
+def render_pipeline(data: dict, colour: bool = False, columns: int = 96) -> str:
+    """Stages down, time across (``columns`` characters): ``F333``/``B333``: forward/backward of micro-batch 3,
+    ``░`` is the bubble."""
+    ev = data["events"]
+    t0, t1 = min(e["start"] for e in ev), max(e["end"] for e in ev)
+    dt = (t1 - t0) / columns or 1.0
+    ranks = sorted({e["rank"] for e in ev})
+    m = len({e["micro_batch"] for e in ev})
+    lines = [f"pipeline · {len(ranks)} stages x {m} micro-batches · time across, {dt * 1e3:.2f} ms per column"]
+    busy = 0.0
+    for r in ranks:
+        row = ["░"] * columns
+        for e in ev:
+            if e["rank"] != r:
+                continue
+            busy += e["end"] - e["start"]
+            a, b = int((e["start"] - t0) / dt), max(int((e["start"] - t0) / dt) + 1, int((e["end"] - t0) / dt))
+            for c in range(a, min(b, columns)):
+                row[c] = e["kind"] if c == a else str(e["micro_batch"] % 10)
+        lines.append(f"stage {r} │" + "".join(row) + "│")
+    p = len(ranks)
+    lines.append(f"bubble: {1 - busy / (p * (t1 - t0)):.0%} measured, {(p - 1) / (m + p - 1):.0%} ideal "
+                 f"(p-1)/(m+p-1)" + (f" · {data['note']}" if data.get("note") else ""))
+    return "\n".join(lines)
+
+
+def render_memory(data: dict, colour: bool = False) -> str:
+    lines = [f"KV cache per sequence ({data.get('model', '')} {data['dtype']}), rolling W={data['window']} vs full",
+             f"{'tokens':>8} {'rolling MiB':>12} {'full MiB':>10}"]
+    for n, a, b in zip(data["lengths"], data["rolling"], data["full"]):
+        lines.append(f"{n:>8} {a / 2**20:>12.1f} {b / 2**20:>10.1f}")
+    return "\n".join(lines)
+
+
 RENDERERS = {"masks": render_masks, "cache": render_cache, "receptive-field": render_receptive_field,
-             "moe": render_moe}
+             "moe": render_moe, "pipeline": render_pipeline, "memory": render_memory}
 
 
 def render(kind: str, data: dict, colour: Optional[bool] = None, stream: Optional[IO] = None) -> str:

@@ -219,7 +219,7 @@ class Trace:
         steps = []
         for st in self.steps:
             m = st.masks[self.window] if self.window in st.masks else next(iter(st.masks.values()))
-            steps.append({"step": st.step, "phase": st.phase, "lowering": m.lowering, "padding": m.padding,
+            steps.append({"step": st.step, "phase": st.phase, "kind": st.kind, "lowering": m.lowering, "padding": m.padding,
                           "starts": st.starts, "lengths": st.lengths,
                           "queries": [list(q) for q in m.queries], "keys": [list(k) for k in m.keys],
                           "allowed": m.allowed})
@@ -235,7 +235,7 @@ class Trace:
             n_rows = max(rows) + 1
             size = len(next(iter(rows.values())))
             grid = [rows.get(r, [None] * size) for r in range(n_rows)]
-            steps.append({"step": st.step, "phase": st.phase, "rows": grid,
+            steps.append({"step": st.step, "phase": st.phase, "kind": st.kind, "rows": grid,
                           "written": [list(x) for x in st.written.get(self.window, [])], "cached": st.cached})
         return {"window": self.window, "slots": size, "steps": steps}
 
