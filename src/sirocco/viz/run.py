@@ -75,7 +75,7 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
                 cached[b] += n
                 if cached[b] >= len(prompts[b]) and len(out[b]) < max_tokens:
                     out[b].append(int(logits[ends[i]].argmax()))
-            trace.on_step(kind, plan, {b: cached[b] for b in batch}, tokens)
+            trace.on_step(kind, plan, {b: cached[b] for b in batch}, tokens, seqs=batch)
     return out
 
 

@@ -113,17 +113,22 @@ class Trace:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_step(self, phase: str, plan: "BatchPlan", cache_positions: Optional[Mapping[int, int]] = None,
-                tokens: Optional[Sequence[int] | torch.Tensor] = None) -> None:
+                tokens: Optional[Sequence[int] | torch.Tensor] = None, seqs: Optional[Sequence[int]] = None) -> None:
         """After a step's model call: record its masks, its cache writes and the router choices seen since the
         last step. ``cache_positions``: tokens each cache row holds after the step, ``{row: cached}`` (optional,
-        kept as given). ``tokens``: the step's token ids (optional, for labels)."""
+        kept as given). ``tokens``: the step's token ids (optional, for labels). ``seqs``: an id for each packed
+        sequence that stays the same across steps (the engine's prompt index); default the cache rows (stable
+        until the engine moves a row), or the packing order without a cache."""
+        if seqs is None:
+            seqs = plan.rows if plan.rows is not None else range(len(plan.lengths))
+        ids = [int(x) for x in seqs]
         if not self._window_chosen:
             ws = [w for w in plan.windows if w is not None]
             self.window = min(ws) if ws else None
             self._window_chosen = True
         masks, written = {}, {}
         for w, wp in plan.windows.items():
-            masks[w] = self._mask(wp, plan.backend)
+            masks[w] = self._mask(wp, plan.backend, ids)
             written[w] = self._write(w, wp)
         ref = plan.windows[self.window] if self.window in plan.windows else next(iter(plan.windows.values()))
         if isinstance(tokens, torch.Tensor):
@@ -154,21 +159,21 @@ class Trace:
                 rows[dst] = list(rows[src])
 
     # -- recording -------------------------------------------------------------------------------------------
-    def _mask(self, wp: Any, backend: str) -> MaskRecord:
-        q_seq, q_pos = wp.q_seq.tolist(), wp.q_pos.tolist()
+    def _mask(self, wp: Any, backend: str, ids: list[int]) -> MaskRecord:
+        q_seq, q_pos = [ids[b] for b in wp.q_seq.tolist()], wp.q_pos.tolist()
         queries = list(zip(q_seq, q_pos))
         if wp.decode:
             # Keys: the first decode_len slots of each sequence's row, after this step's write.
             n, keys = wp.decode_len, []
             for b, r in enumerate(wp.rows):
                 held = self._slots_after_write(wp, r)
-                keys += [(b, held[s], s) for s in range(n)]
+                keys += [(ids[b], held[s], s) for s in range(n)]
             valid = wp.decode_valid.cpu()
             allowed = torch.zeros(len(queries), len(keys), dtype=torch.bool)
             for b in range(len(queries)):
                 allowed[b, b * n:(b + 1) * n] = valid[b]
             return MaskRecord(wp.window, "decode", queries, keys, allowed.int().tolist(), "decode_valid", n)
-        k_seq, k_pos = wp.k_seq.tolist(), wp.k_pos.tolist()
+        k_seq, k_pos = [ids[b] for b in wp.k_seq.tolist()], wp.k_pos.tolist()
         slots: list[Optional[int]] = [None] * len(k_seq)
         if wp.key_order is not None:                 # keys = cat([prefix, new])[key_order]
             n_prefix = len(wp.prefix_slot)
