@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 import torch
 
 from . import analysis, terminal
-from .png import write_png
 from .run import record_pipeline, record_run
 from .trace import Trace
 
@@ -27,6 +26,12 @@ __all__ = ["Trace", "record_run", "record_pipeline", "masks", "cache", "receptiv
            "memory", "write_png", "render", "KINDS"]
 
 KINDS = ("masks", "cache", "receptive-field", "moe", "pipeline", "memory")
+
+
+def write_png(kind: str, data: dict, path):
+    """Write one picture's data as a PNG (matplotlib is imported here, not when the engine imports the trace)."""
+    from .png import write_png as write
+    return write(kind, data, path)
 
 
 def render(kind: str, data: dict, colour: Optional[bool] = None) -> str:

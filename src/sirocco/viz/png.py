@@ -73,6 +73,7 @@ def masks(data: dict, path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("key position" + (" / cache slot" if small else ""), fontsize=7)
         ax.set_ylabel("query (sequence, position)", fontsize=7)
+    fig.subplots_adjust(hspace=0.45, wspace=0.3)
     fig.suptitle(f"Attention masks as the plan lowered them, W = {data['window']} (red: prompt boundaries)",
                  fontsize=10)
     return _save(fig, path)

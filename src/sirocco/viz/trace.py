@@ -224,8 +224,8 @@ class Trace:
         steps = []
         for st in self.steps:
             m = st.masks[self.window] if self.window in st.masks else next(iter(st.masks.values()))
-            steps.append({"step": st.step, "phase": st.phase, "kind": st.kind, "lowering": m.lowering, "padding": m.padding,
-                          "starts": st.starts, "lengths": st.lengths,
+            steps.append({"step": st.step, "phase": st.phase, "kind": st.kind, "lowering": m.lowering,
+                          "padding": m.padding, "starts": st.starts, "lengths": st.lengths,
                           "queries": [list(q) for q in m.queries], "keys": [list(k) for k in m.keys],
                           "allowed": m.allowed})
         return {"window": self.window, "steps": steps}
