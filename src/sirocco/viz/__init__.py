@@ -1,0 +1,120 @@
+"""Pictures of what sirocco does, recorded from real runs: one function per kind, each returning
+``(data, terminal_text)``; ``write_png(kind, data, path)`` draws the data. A ``sirocco viz KIND`` verb is meant
+to be a thin wrapper over these.
+
+    masks            attention masks of every step (first chunk, later chunks, decode) as the plan lowered them
+    cache            the rolling cache's slot -> position map after every step
+    receptive-field  positions one token depends on after each layer, composed from the recorded masks
+    moe              router choices per token per layer, expert loads, persistence
+    pipeline         F/B events of a pipeline schedule per stage and micro-batch, with the bubble
+    memory           KV-cache bytes against sequence length, rolling vs full
+
+Runs use a tiny random model unless ``model`` is given (any ``Transformer``; its windows decide the masks).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import analysis, terminal
+from .run import record_pipeline, record_run
+from .trace import Trace
+
+__all__ = ["Trace", "record_run", "record_pipeline", "masks", "cache", "receptive_field", "moe", "pipeline",
+           "memory", "write_png", "render", "KINDS"]
+
+KINDS = ("masks", "cache", "receptive-field", "moe", "pipeline", "memory")
+
+
+def write_png(kind: str, data: dict, path):
+    """Write one picture's data as a PNG (matplotlib is imported here, not when the engine imports the trace)."""
+    from .png import write_png as write
+    return write(kind, data, path)
+
+
+def render(kind: str, data: dict, colour: Optional[bool] = None) -> str:
+    return terminal.render(kind, data, colour)
+
+
+def _tiny(window: Optional[int], n_layers: int = 2, moe: bool = False, seed: int = 0):
+    from ..config import preset
+    from ..model import build_model
+
+    args = preset("tiny-moe" if moe else "tiny", sliding_window=window, n_layers=n_layers)
+    return build_model(args, seed=seed)
+
+
+def _run(model, prompts: Sequence[int], window, chunk_size, max_tokens, max_batch_tokens, seed) -> Trace:
+    if chunk_size is None:            # the engine's default: the model's smallest window
+        ws = [w for w in model.args.windows() if w is not None]
+        chunk_size = min(ws) if ws else 4096
+    trace = Trace()
+    record_run(model, prompts, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed)
+    return trace
+
+
+def masks(prompts: Sequence[int] = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
+          max_tokens: int = 2, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
+          colour: Optional[bool] = None) -> tuple[dict, str]:
+    """Masks of a run of prompts of these lengths: chunked pre-fill (``chunk_size`` default W) then decode."""
+    model = model or _tiny(window, seed=seed)
+    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed).to_json("masks")
+    return data, render("masks", data, colour)
+
+
+def cache(prompts: Sequence[int] = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
+          max_tokens: int = 4, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
+          colour: Optional[bool] = None) -> tuple[dict, str]:
+    """The rolling cache's slots after every step of a run."""
+    model = model or _tiny(window, seed=seed)
+    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed).to_json("cache")
+    return data, render("cache", data, colour)
+
+
+def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 5, chunk_size: Optional[int] = None,
+                    model=None, seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
+    """What the last token of one prompt depends on after each layer, composed from the run's recorded masks;
+    ``data["gradient"]`` holds the same sets read from autograd (a forward without cache)."""
+    model = model or _tiny(window, n_layers=n_layers, seed=seed)
+    trace = _run(model, [length], window, chunk_size, 1, None, seed)
+    data = trace.to_json("receptive-field", token=(0, length - 1), windows=model.args.windows())
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.args.vocab_size, (length,), generator=g)
+    data["gradient"] = [sorted(s) for s in analysis.gradient_receptive_field(model, tokens, length - 1)]
+    return data, render("receptive-field", data, colour)
+
+
+def moe(prompts: Sequence[int] = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
+        seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
+    """Router choices of every token at every MoE layer over a run (tiny Mixtral-style model by default)."""
+    model = model or _tiny(None, moe=True, seed=seed)
+    data = _run(model, prompts, None, chunk_size, max_tokens, None, seed).to_json("moe")
+    data["loads"] = analysis.expert_loads(data, getattr(model.args.moe, "num_experts", None))
+    data["persistence"] = analysis.expert_persistence(data)
+    return data, render("moe", data, colour)
+
+
+def pipeline(stages: int = 4, micro_batches: int = 4, tokens: int = 64, seed: int = 0,
+             colour: Optional[bool] = None) -> tuple[dict, str]:
+    """A GPipe schedule of a tiny model: stage times measured, placed by the schedule's dependencies."""
+    from ..config import preset
+
+    trace = Trace()
+    record_pipeline(preset("tiny", n_layers=2 * stages), stages, micro_batches, tokens, trace, seed=seed)
+    data = trace.to_json("pipeline")
+    data["note"] = "stage times measured in one process, placed by GPipe's dependencies"
+    return data, render("pipeline", data, colour)
+
+
+def memory(model: str = "mistral-7b-v0.1", lengths: Optional[Sequence[int]] = None,
+           dtype: torch.dtype = torch.bfloat16, colour: Optional[bool] = None) -> tuple[dict, str]:
+    """KV-cache bytes per sequence of a preset against the sequence length, rolling vs full."""
+    from ..config import preset
+
+    args = preset(model)
+    lengths = lengths or [2 ** i for i in range(9, 16) if 2 ** i <= args.max_seq_len]
+    data = analysis.cache_bytes(args, lengths, dtype)
+    data["model"] = model
+    return data, render("memory", data, colour)
