@@ -23,7 +23,7 @@ def _run(name, backend="per_sequence"):
     over, prompts, chunk, max_tokens, mbt = RUNS[name]
     model = build_model(preset("tiny", **over), seed=1)
     trace = Trace()
-    record_run(model, prompts, None, chunk, max_tokens, trace, max_batch_tokens=mbt, backend=backend)
+    record_run(model, prompts, None, chunk, max_tokens, trace, max_batch_tokens=mbt, attention=backend)
     return model, trace
 
 
@@ -135,7 +135,7 @@ def test_receptive_field_from_masks_equals_gradient_pattern(name):
             else [3, None, 5, 3]}
     model = build_model(preset("tiny", **over), seed=2)
     trace = Trace()
-    gen = record_run(model, [9], None, chunk, 3, trace)
+    gen, _ = record_run(model, [9], None, chunk, 3, trace)
     pos = 10                                          # the last token fed: a decode step's query
     tokens = torch.tensor(trace.steps[0].token_ids + sum((s.token_ids for s in trace.steps[1:]), []))
     assert len(tokens) == pos + 1 and tokens[-2:].tolist() == gen[0][:2]
@@ -151,9 +151,8 @@ def test_cache_map_and_cached_keys(name):
     over, prompts, chunk, max_tokens, mbt = RUNS[name]
     args = preset("tiny", **over)
     model = build_model(args, seed=3)
-    cache = RollingCache(args, rows=len(prompts), max_seq_len=32)
     trace = Trace()
-    gen = record_run(model, prompts, None, chunk, max_tokens, trace, max_batch_tokens=mbt, cache=cache)
+    gen, cache = record_run(model, prompts, None, chunk, max_tokens, trace, max_batch_tokens=mbt, max_seq_len=32)
     for st in trace.steps:
         for w, rows in st.slots.items():
             S = cache.size_for(w)
@@ -179,7 +178,7 @@ def test_cache_map_and_cached_keys(name):
         rope = model.rope(torch.arange(T))
         last = trace.steps[-1]
         for n, layer in model.layers.items():
-            k = layer.attention.rotate(keys[int(n)].view(T, args.n_kv_heads, args.head_dim), rope)
+            k = layer.attention.ops.rope(keys[int(n)].view(T, args.n_kv_heads, args.head_dim), *rope)
             held = last.slots[layer.attention.window][b]
             for slot, pos in enumerate(held):
                 if pos is not None:

@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -35,6 +35,9 @@ from ..model.attention import Prefill
 from .executor import Executor, LocalExecutor
 from .sampling import SamplingParams, make_generator
 from .text import TextTracker
+
+if TYPE_CHECKING:
+    from ..viz.trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,8 @@ class Engine:
             about half a minute of build the first time, cached on disk), or "auto": "cpu" for CPU models of
             256 MiB of weights or more, where decode is memory-bound, else "torch".
         executor: runs each step's model call and sampling (default: ``LocalExecutor(model)``, this process).
+        trace: a ``viz.Trace`` that records every step's plan, cache writes and MoE routing (for ``sirocco viz``);
+            None records nothing and costs nothing.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -144,7 +149,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
-                 executor: Optional[Executor] = None):
+                 executor: Optional[Executor] = None, trace: Optional["Trace"] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -163,6 +168,9 @@ class Engine:
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
         self.backend = backends.attach(model, backend, prefill=attention)
+        self.attention = attention
+        self.trace = trace
+        model.observe_routing(None if trace is None else trace.on_router)
         self.stats = Stats()
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -218,6 +226,9 @@ class Engine:
         logits = self.executor.forward(tokens, plan, self.cache, logits_at=ends[finishing].to(self.device))
         for s, n in zip(batch, lengths):
             s.cached += n
+        if self.trace is not None:
+            self.trace.on_step("prefill", plan, {s.row: s.cached for s in batch}, tokens,
+                               seqs=[s.out.index for s in batch], prefill=self.attention)
         result = self._sample([batch[i] for i in finishing], logits)
         self.stats.prefill_tokens += sum(lengths)
         self.stats.prefill_seconds += time.perf_counter() - t0
@@ -232,6 +243,9 @@ class Engine:
         logits = self.executor.forward(tokens, plan, self.cache)
         for s in running:
             s.cached += 1
+        if self.trace is not None:
+            self.trace.on_step("decode", plan, {s.row: s.cached for s in running}, tokens,
+                               seqs=[s.out.index for s in running], prefill=self.attention)
         result = self._sample(running, logits)
         self.stats.decode_tokens += len(running)
         self.stats.decode_steps += 1
@@ -303,5 +317,7 @@ class Engine:
         for s in [s for s in alive if s.row >= n]:
             dst = free.pop(0)
             self.cache.move_row(s.row, dst)
+            if self.trace is not None:
+                self.trace.on_row_move(s.row, dst)
             s.row = dst
         return sorted(alive, key=lambda s: s.row)

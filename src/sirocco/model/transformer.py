@@ -14,8 +14,9 @@ checkpoint/ converts Hugging Face weights at the boundary.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,7 @@ class MoeFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int):
         super().__init__()
         self.k = num_experts_per_tok
+        self.on_route: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None   # observer: sirocco viz
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
 
@@ -97,6 +99,8 @@ class MoeFeedForward(nn.Module):
             router_logits.append(logits)
         top_logits, chosen = torch.topk(logits, self.k, dim=-1)            # (T, k)
         weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)   # (T, k)
+        if self.on_route is not None:
+            self.on_route(chosen, weights)
         # Group the (token, choice) pairs by expert with one sort and one host read of the counts per layer.
         flat = chosen.flatten()                                            # (T*k,)
         order = torch.argsort(flat, stable=True)
@@ -171,6 +175,13 @@ class Transformer(nn.Module):
         return BatchPlan.build(lengths, starts=starts, rows=rows, windows=self.windows,
                                cache_lens=None if cache is None else cache.cache_lens(),
                                device=self.device)
+
+    def observe_routing(self, observer: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]) -> None:
+        """Have every MoE layer call ``observer(layer_id, chosen (T, k), weights (T, k))`` after its top-k
+        (None: stop)."""
+        for i, layer in self.layers.items():
+            if isinstance(layer.feed_forward, MoeFeedForward):
+                layer.feed_forward.on_route = None if observer is None else functools.partial(observer, int(i))
 
     @property
     def device(self) -> torch.device:

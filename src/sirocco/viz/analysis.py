@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..backends import reference
 from .trace import Trace
 
 
@@ -67,8 +68,8 @@ def gradient_receptive_field(model, tokens: torch.Tensor, pos: int) -> list[set[
     hooks += [layer.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for layer in model.layers.values()]
     try:
         with torch.enable_grad():
-            plan = model.plan([len(tokens)], backend="dense")
-            model(tokens, plan)
+            reference.attach(model, "dense")
+            model(tokens, [len(tokens)])
             g = torch.Generator().manual_seed(0)
             out = []
             for h in hidden:
@@ -76,6 +77,7 @@ def gradient_receptive_field(model, tokens: torch.Tensor, pos: int) -> list[set[
                 (grad,) = torch.autograd.grad(h[pos] @ proj, emb[0], retain_graph=True)
                 out.append(set(torch.nonzero(grad.abs().sum(-1)).flatten().tolist()))
     finally:
+        reference.attach(model)
         for hk in hooks:
             hk.remove()
     return out

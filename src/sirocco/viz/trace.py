@@ -11,8 +11,8 @@ without a trace pays nothing:
 ``on_step`` reads the step's ``BatchPlan`` duck-typed (its ``WindowPlan`` fields) and keeps, for each window:
 the queries (sequence, position), the keys (sequence, position, cache slot or None for a key that is not read
 from the cache) and the mask exactly as the plan lowered it for the attention code: ``decode_valid`` over the
-padded cache rows for a decode step; for pre-fill ``dense`` (backend "dense") or the per-sequence ``blocks``
-(backend "per_sequence", a ``None`` block meaning SDPA's ``is_causal``). It also keeps each cache row's
+padded cache rows for a decode step; for pre-fill ``dense`` (pre-fill path "dense") or the per-sequence
+``blocks`` (path "per_sequence", a ``None`` block meaning SDPA's ``is_causal``). It also keeps each cache row's
 slot -> position map, updated from the plan's own write indices (``write_row``, ``write_slot``, ``write_src``).
 
 Worked example, W = S = 3, one prompt of 4 tokens in chunks of 3 then one decode step:
@@ -31,10 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 import torch
 
 if TYPE_CHECKING:
-    try:
-        from ..plan import BatchPlan, WindowPlan
-    except ImportError:  # before the re-layout of main
-        from ..masks import BatchPlan, WindowPlan
+    from ..plan import BatchPlan
 
 Key = tuple[int, Optional[int], Optional[int]]      # (sequence, position or None for an empty slot, slot)
 
@@ -77,9 +74,9 @@ def _phase(wp: Any) -> str:
     return "later chunk" if all(pre) else "mixed"
 
 
-def _lowered_prefill(wp: Any, backend: str) -> tuple[torch.Tensor, str]:
+def _lowered_prefill(wp: Any, prefill: str) -> tuple[torch.Tensor, str]:
     """The (T, Tk) mask of a pre-fill step as the attention code applies it."""
-    if backend == "dense":
+    if prefill == "dense":
         return wp.dense.cpu(), "dense"
     T, Tk = sum(wp.q_seqlens), sum(wp.kv_seqlens)
     out = torch.zeros(T, Tk, dtype=torch.bool)
@@ -113,12 +110,14 @@ class Trace:
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_step(self, phase: str, plan: "BatchPlan", cache_positions: Optional[Mapping[int, int]] = None,
-                tokens: Optional[Sequence[int] | torch.Tensor] = None, seqs: Optional[Sequence[int]] = None) -> None:
+                tokens: Optional[Sequence[int] | torch.Tensor] = None, seqs: Optional[Sequence[int]] = None,
+                prefill: str = "per_sequence") -> None:
         """After a step's model call: record its masks, its cache writes and the router choices seen since the
         last step. ``cache_positions``: tokens each cache row holds after the step, ``{row: cached}`` (optional,
         kept as given). ``tokens``: the step's token ids (optional, for labels). ``seqs``: an id for each packed
         sequence that stays the same across steps (the engine's prompt index); default the cache rows (stable
-        until the engine moves a row), or the packing order without a cache."""
+        until the engine moves a row), or the packing order without a cache. ``prefill``: the pre-fill attention
+        path the model's ops took ("per_sequence" or "dense"), which says which lowering of the mask ran."""
         if seqs is None:
             seqs = plan.rows if plan.rows is not None else range(len(plan.lengths))
         ids = [int(x) for x in seqs]
@@ -128,7 +127,7 @@ class Trace:
             self._window_chosen = True
         masks, written = {}, {}
         for w, wp in plan.windows.items():
-            masks[w] = self._mask(wp, plan.backend, ids)
+            masks[w] = self._mask(wp, prefill, ids)
             written[w] = self._write(w, wp)
         ref = plan.windows[self.window] if self.window in plan.windows else next(iter(plan.windows.values()))
         if isinstance(tokens, torch.Tensor):
@@ -159,7 +158,7 @@ class Trace:
                 rows[dst] = list(rows[src])
 
     # -- recording -------------------------------------------------------------------------------------------
-    def _mask(self, wp: Any, backend: str, ids: list[int]) -> MaskRecord:
+    def _mask(self, wp: Any, prefill: str, ids: list[int]) -> MaskRecord:
         q_seq, q_pos = [ids[b] for b in wp.q_seq.tolist()], wp.q_pos.tolist()
         queries = list(zip(q_seq, q_pos))
         if wp.decode:
@@ -179,7 +178,7 @@ class Trace:
             n_prefix = len(wp.prefix_slot)
             prefix_slot = wp.prefix_slot.tolist()
             slots = [prefix_slot[i] if i < n_prefix else None for i in wp.key_order.tolist()]
-        mask, how = _lowered_prefill(wp, backend)
+        mask, how = _lowered_prefill(wp, prefill)
         return MaskRecord(wp.window, _phase(wp), queries, list(zip(k_seq, k_pos, slots)), mask.int().tolist(), how)
 
     def _writes(self, wp: Any) -> list[tuple[int, int, int]]:
