@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench pictures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: $(VENV)/.test           ## the whole test suite
 
 bench: $(VENV)/.test          ## sirocco against transformers on the same weights (takes minutes)
 	$(BIN)/python benchmarks/bench_inference.py
+
+PICTURES := docs/pictures
+pictures: $(VENV)/.runtime    ## regenerate the gallery of docs/pictures.md from real runs
+	$(BIN)/sirocco -q viz masks --prompts 7,5,6 --window 3 --chunk-size 4 --max-tokens 2 --out $(PICTURES)/masks.png >/dev/null
+	$(BIN)/sirocco -q viz cache --prompts 6 --window 4 --max-tokens 6 --out $(PICTURES)/cache.png >/dev/null
+	$(BIN)/sirocco -q viz receptive-field --window 3 --layers 5 --out $(PICTURES)/receptive-field.png >/dev/null
+	$(BIN)/sirocco -q viz moe --out $(PICTURES)/moe.png >/dev/null
+	$(BIN)/sirocco -q viz pipeline --ranks 2 --micro-batches 4 --out $(PICTURES)/pipeline.png >/dev/null
+	$(BIN)/sirocco -q viz memory --out $(PICTURES)/memory.png >/dev/null
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

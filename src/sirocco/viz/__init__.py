@@ -46,25 +46,31 @@ def _tiny(window: Optional[int], n_layers: int = 2, moe: bool = False, seed: int
     return build_model(args, seed=seed)
 
 
-def _run(model, prompts: Sequence[int], window, chunk_size, max_tokens, max_batch_tokens, seed) -> Trace:
+def _run(model, prompts: Sequence[int] | Sequence[Sequence[int]], window, chunk_size, max_tokens, max_batch_tokens,
+         seed) -> Trace:
+    """A traced run of prompts given as token lengths (random tokens) or as token ids."""
     if chunk_size is None:            # the engine's default: the model's smallest window
         ws = [w for w in model.args.windows() if w is not None]
         chunk_size = min(ws) if ws else 4096
     trace = Trace()
-    record_run(model, prompts, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed)
+    ids = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], int) else None
+    lengths = [len(p) for p in ids] if ids is not None else list(prompts)
+    record_run(model, lengths, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed,
+               prompts=ids)
     return trace
 
 
-def masks(prompts: Sequence[int] = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
+def masks(prompts: Sequence[int] | Sequence[Sequence[int]] = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
           max_tokens: int = 2, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
           colour: Optional[bool] = None) -> tuple[dict, str]:
-    """Masks of a run of prompts of these lengths: chunked pre-fill (``chunk_size`` default W) then decode."""
+    """Masks of a run of prompts (token lengths, or token ids): chunked pre-fill (``chunk_size`` default W) then
+    decode."""
     model = model or _tiny(window, seed=seed)
     data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed).to_json("masks")
     return data, render("masks", data, colour)
 
 
-def cache(prompts: Sequence[int] = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
+def cache(prompts: Sequence[int] | Sequence[Sequence[int]] = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
           max_tokens: int = 4, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
           colour: Optional[bool] = None) -> tuple[dict, str]:
     """The rolling cache's slots after every step of a run."""
@@ -74,19 +80,23 @@ def cache(prompts: Sequence[int] = (6,), window: Optional[int] = 4, chunk_size: 
 
 
 def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 5, chunk_size: Optional[int] = None,
-                    model=None, seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
-    """What the last token of one prompt depends on after each layer, composed from the run's recorded masks;
-    ``data["gradient"]`` holds the same sets read from autograd (a forward without cache)."""
+                    model=None, seed: int = 0, colour: Optional[bool] = None,
+                    token: Optional[int] = None) -> tuple[dict, str]:
+    """What token ``token`` (default the last) of one prompt depends on after each layer, composed from the run's
+    recorded masks; ``data["gradient"]`` holds the same sets read from autograd (a forward without cache)."""
+    token = length - 1 if token is None else token
+    if not 0 <= token < length:
+        raise ValueError(f"token {token} is outside the prompt of {length} tokens")
     model = model or _tiny(window, n_layers=n_layers, seed=seed)
     trace = _run(model, [length], window, chunk_size, 1, None, seed)
-    data = trace.to_json("receptive-field", token=(0, length - 1), windows=model.args.windows())
+    data = trace.to_json("receptive-field", token=(0, token), windows=model.args.windows())
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.args.vocab_size, (length,), generator=g)
-    data["gradient"] = [sorted(s) for s in analysis.gradient_receptive_field(model, tokens, length - 1)]
+    data["gradient"] = [sorted(s) for s in analysis.gradient_receptive_field(model, tokens, token)]
     return data, render("receptive-field", data, colour)
 
 
-def moe(prompts: Sequence[int] = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
+def moe(prompts: Sequence[int] | Sequence[Sequence[int]] = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
         seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
     """Router choices of every token at every MoE layer over a run (tiny Mixtral-style model by default)."""
     model = model or _tiny(None, moe=True, seed=seed)
@@ -108,12 +118,14 @@ def pipeline(stages: int = 4, micro_batches: int = 4, tokens: int = 64, seed: in
     return data, render("pipeline", data, colour)
 
 
-def memory(model: str = "mistral-7b-v0.1", lengths: Optional[Sequence[int]] = None,
+def memory(model="mistral-7b-v0.1", lengths: Optional[Sequence[int]] = None,
            dtype: torch.dtype = torch.bfloat16, colour: Optional[bool] = None) -> tuple[dict, str]:
-    """KV-cache bytes per sequence of a preset against the sequence length, rolling vs full."""
+    """KV-cache bytes per sequence against the sequence length, rolling vs full: of a preset's name, or of a
+    ``ModelArgs``."""
     from ..config import preset
 
-    args = preset(model)
+    args = preset(model) if isinstance(model, str) else model
+    model = model if isinstance(model, str) else "the model"
     lengths = lengths or [2 ** i for i in range(9, 16) if 2 ** i <= args.max_seq_len]
     data = analysis.cache_bytes(args, lengths, dtype)
     data["model"] = model

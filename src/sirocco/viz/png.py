@@ -144,6 +144,10 @@ def moe(data: dict, path) -> Path:
     ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=E - 0.5, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([f"layer {l['layer']}" for l in layers], fontsize=7)
+    text = data.get("text")
+    if text and len(text) <= 64:                  # label the columns with the tokens' own text
+        ax.set_xticks(range(len(text)))
+        ax.set_xticklabels([repr(t)[1:-1] if t is not None else "?" for t in text], rotation=90, fontsize=6)
     ax.set_xlabel("token (processing order)")
     ax.set_title("first-choice expert", fontsize=9)
     ax.legend(handles=[Patch(color=cmap(e), label=f"expert {e}") for e in range(E)], fontsize=6, ncol=min(E, 8),

@@ -1,0 +1,144 @@
+"""``sirocco viz KIND``: pictures of the mechanisms, recorded from a real run of the engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import viz
+from .options import add_machine_arguments
+
+DESCRIPTION = """Draw what sirocco's engine really did in a run: every step's attention masks as the plan lowered
+them, the rolling cache's slots over time, the receptive field of a token layer by layer (checked against
+gradients), the experts a MoE router chose, a pipeline schedule's stages over time, and the KV-cache memory
+against the sequence length. Writes a PNG (--out) and prints a character grid; --json prints the recorded data."""
+
+EXAMPLES = """examples:
+  sirocco viz masks --prompts 7,5,6 --window 3 --chunk-size 4 --out masks.png
+  sirocco viz masks --model sirocco-tiny --chunk-size 16 "The with statement" "Return a new dictionary"
+  sirocco viz cache --prompts 6 --window 4 --max-tokens 6 --out cache.png
+  sirocco viz receptive-field --window 3 --layers 5 --token 12 --out rf.png
+  sirocco viz moe --text "The with statement wraps a block" --out moe.png      # the bundled MoE model
+  sirocco viz pipeline --ranks 2 --micro-batches 4 --out pipeline.png
+  sirocco viz memory --model sirocco-tiny --json"""
+
+DEFAULT_MOE_MODEL = "sirocco-tiny-moe"
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be at least {low}")
+        return value
+    return parse
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every prompt needs at least 1 token")
+    return values
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("kind", choices=viz.KINDS, help="what to draw")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="prompt texts for masks, cache and moe with --model")
+    p.add_argument("--model", default=None, metavar="PATH|NAME",
+                   help="a model to run (folder or bundled name) on TEXT prompts; without it masks, cache and "
+                        "receptive-field run a tiny random model on --prompts token lengths, and moe runs "
+                        f"{DEFAULT_MOE_MODEL} on --text")
+    p.add_argument("--prompts", type=_lengths, default=None, metavar="N,N,...",
+                   help="prompt lengths in tokens, random tokens on a tiny random model (default 7,5,6 for "
+                        "masks, 6 for cache)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a prompt text (repeatable)")
+    p.add_argument("--window", type=_at_least(1), default=None, metavar="W",
+                   help="sliding window of the tiny random model (default 3 for masks and receptive-field, 4 "
+                        "for cache)")
+    p.add_argument("--chunk-size", type=_at_least(1), default=None, metavar="C",
+                   help="pre-fill chunk (default: the window)")
+    p.add_argument("--max-tokens", type=_at_least(1), default=None, metavar="N",
+                   help="tokens generated after the pre-fill (default 2 for masks, 4 for cache and moe)")
+    p.add_argument("--layers", type=_at_least(1), default=5, help="layers (receptive-field; default 5)")
+    p.add_argument("--token", type=_at_least(0), default=None, metavar="P",
+                   help="position of the token whose receptive field is drawn (default: the last of the prompt)")
+    p.add_argument("--ranks", type=_at_least(1), default=2, help="pipeline stages (default 2)")
+    p.add_argument("--micro-batches", type=_at_least(1), default=4,
+                   help="micro-batches of the pipeline step (default 4)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="write the picture there")
+    p.add_argument("--json", action="store_true", help="print the recorded data as JSON instead of the grid")
+    add_machine_arguments(p)
+
+
+def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer.encode(t, bos=True, eos=False) for t in texts]
+
+
+def _loaded(name: Optional[str]) -> Any:
+    from ..pretrained import load
+    return load(name)
+
+
+def record(args: argparse.Namespace) -> tuple[dict, str]:
+    """The data and terminal text of ``args.kind``."""
+    texts = list(args.texts) + list(args.text)
+    kind = args.kind
+    if kind in ("masks", "cache"):
+        window = args.window or (3 if kind == "masks" else 4)
+        max_tokens = args.max_tokens or (2 if kind == "masks" else 4)
+        fn = viz.masks if kind == "masks" else viz.cache
+        if args.model is not None:
+            loaded = _loaded(args.model)
+            prompts = _prompt_ids(loaded.tokenizer, texts or ["The sliding window"])
+            ws = [w for w in loaded.model.args.windows() if w is not None]
+            return fn(prompts, window=min(ws) if ws else None, chunk_size=args.chunk_size,
+                      max_tokens=max_tokens, model=loaded.model)
+        return fn(args.prompts or ((7, 5, 6) if kind == "masks" else (6,)), window=window,
+                  chunk_size=args.chunk_size, max_tokens=max_tokens)
+    if kind == "receptive-field":
+        window = args.window or 3
+        length = max((args.prompts or [0])[0], (args.token or 0) + 1, window * args.layers)
+        return viz.receptive_field(length=length, window=window, n_layers=args.layers, chunk_size=args.chunk_size,
+                                   token=args.token)
+    if kind == "moe":
+        loaded = _loaded(args.model or DEFAULT_MOE_MODEL)
+        if loaded.model.args.moe is None:
+            raise SystemExit(f"sirocco viz: error: {loaded.source} has no mixture of experts")
+        prompts = _prompt_ids(loaded.tokenizer, texts or ["The with statement is used to wrap the execution of a "
+                                                          "block with methods defined by a context manager."])
+        data, text = viz.moe(prompts, max_tokens=args.max_tokens or 4, chunk_size=args.chunk_size,
+                             model=loaded.model)
+        data["text"] = [None if i is None else loaded.tokenizer.decode([i]) for i in data["ids"]]
+        return data, text
+    if kind == "pipeline":
+        return viz.pipeline(stages=args.ranks, micro_batches=args.micro_batches)
+    if args.model is not None:                                              # memory
+        return viz.memory(_loaded(args.model).model.args)
+    return viz.memory()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data, text = record(args)
+    if args.out is not None:
+        path = viz.write_png(args.kind, data, args.out)
+        print(f"sirocco viz: wrote {path} ({Path(path).stat().st_size} bytes)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(text)
+    return 0
