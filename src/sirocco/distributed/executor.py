@@ -21,9 +21,9 @@ Sequences never attend across groups and each owns its cache row, so a group's r
 step (per-sequence attention, per-token MoE routing); only the matrix products see smaller batches.
 
 Splitting pays only where a step is compute-bound. A decode step of a few sequences is bound by reading the
-weights, and each group reads them again: on a 2-core CPU a stage took 27 ms for 8 rows at once and 2 x 20 ms
-for two groups of 4. So a step is split only into groups of at least ``min_group_tokens`` tokens (default 64,
-where the measured time per row stopped falling): pre-fill chunks nearly always, decode only with many rows.
+weights, and each group reads them again, so a step is split only into groups of at least ``min_group_tokens``
+tokens (default 64, where the measured time per row stopped falling: docs/performance.md): pre-fill chunks
+nearly always, decode only with many rows.
 """
 
 from __future__ import annotations

@@ -100,11 +100,6 @@ def empty_stage(args: ModelArgs, spec: StageSpec) -> Transformer:
         return Transformer(args, layers=list(spec.layers), embed=spec.embed, head=spec.head)
 
 
-def stage_shapes(args: ModelArgs, spec: StageSpec) -> dict[str, torch.Size]:
-    """Parameter names of the stage (checkpoint names) and their shapes."""
-    return {k: v.shape for k, v in empty_stage(args, spec).state_dict().items()}
-
-
 def stage_from_state_dict(args: ModelArgs, spec: StageSpec, state_dict: dict[str, torch.Tensor],
                           dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Transformer:
     """The stage with its tensors taken from ``state_dict`` (which may hold the whole model: only the stage's

@@ -29,7 +29,6 @@ class TextTracker:
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text = ""                        # everything decoded so far (cut before a stop string once hit)
         self.emitted = 0                      # characters of ``text`` already returned
-        self.stopped = False
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
@@ -47,7 +46,6 @@ class TextTracker:
         hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
-            self.stopped = True
             return self._emit(len(self.text)), True
         return self._emit(len(self.text) - self.hold), False
 

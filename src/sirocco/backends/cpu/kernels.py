@@ -1,22 +1,20 @@
 """CPU kernels for what dominates inference once the big matrix products are done well: decode steps.
 
-A decode step reads every weight once and multiplies it by one row per running sequence. On this class of CPU
-(AVX-512 with AVX512-BF16, no AMX) ``F.linear`` streams bf16 weights at about 15-19 GB/s for one to eight rows,
-well under what the machine can read, and each of the step's small operations (norms, rotations, additions)
-costs microseconds whatever its size. The C++ sources of csrc/, built at run time by
+A decode step reads every weight once and multiplies it by one row per running sequence; ``F.linear`` streams
+weights well below the machine's read rate for one to eight rows, and each small operation of the step (norms,
+rotations) costs microseconds whatever its size. The C++ sources of csrc/, built at run time by
 torch.utils.cpp_extension on CPUs with AVX-512:
 
 - ``small_m_linear`` (small_m_linear.cpp): 1 to 8 rows times a weight matrix, bf16 or fp32, fp32 sums, weights
-  read where they are (no second copy, no new layout): about 31 GB/s at 8 rows and 35-53 GB/s at one with
-  2 threads. Each output's bits do not depend on how many rows are multiplied at once, so a prompt decodes the
-  same alone or packed.
+  read where they are (no second copy, no new layout). Each output's bits do not depend on how many rows are
+  multiplied at once, so a prompt decodes the same alone or packed.
 - ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row.
-- ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as model.py rounds.
+- ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as the model rounds.
 
 ``row_linear`` is the fallback for single rows where the C++ kernels cannot run (AVX2-only CPUs, or bf16 without
-AVX512-BF16): convert-multiply-reduce compiled by Inductor (about 30 GB/s against F.linear's 18 for bf16).
-fast_modules.py puts these kernels under a model's modules. Building takes about half a minute once (cached on
-disk by PyTorch across runs); a machine where building fails keeps PyTorch's paths, with a warning.
+AVX512-BF16): convert-multiply-reduce compiled by Inductor. modules.py puts these kernels under a model's
+modules. Building happens once (cached on disk by PyTorch across runs); a machine where building fails keeps
+PyTorch's paths, with a warning. Measured rates: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -42,8 +40,8 @@ CHUNK = 1024
 
 def _row_times_matrix_chunked(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The same product for long rows (K a multiple of CHUNK): partial sums over chunks of K, then their sum.
-    One long reduction per output streamed the weights of Mistral's w2 (K = 4 x dim) at about 19 GB/s
-    against about 28 GB/s in chunks; short rows are as fast or faster without chunks."""
+    One long reduction per output streams long rows (Mistral's w2, K = 4 x dim) markedly slower than chunks do;
+    short rows are as fast or faster without chunks (docs/performance.md)."""
     n = w.shape[0]
     return (x.float().view(1, 1, -1, CHUNK) * w.float().view(1, n, -1, CHUNK)).sum(-1).sum(-1).to(x.dtype)
 
