@@ -223,7 +223,7 @@ def test_json_shapes():
         assert all(len(k) == 3 for k in st["keys"]) and all(a in (0, 1) for r in st["allowed"] for a in r)
     c = trace.to_json("cache")
     assert c["window"] == 3 and all(len(r) == 3 for s in c["steps"] for r in s["rows"])
-    rf = trace.to_json("receptive-field", token=(0, 6))
+    rf = analysis.receptive_field_from_trace(trace, token=(0, 6))
     assert rf["token"] == 6 and rf["reach"] == [[4, 6], [2, 6]]
     import json
     json.dumps([m, c, rf])

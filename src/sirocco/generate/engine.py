@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -32,14 +32,23 @@ from .. import backends
 from ..errors import SiroccoError
 from ..model import Transformer
 from ..model.attention import Prefill
+from ..plan import BatchPlan
 from .executor import Executor, LocalExecutor
 from .sampling import SamplingParams, make_generator
 from .text import TextTracker
 
-if TYPE_CHECKING:
-    from ..viz.trace import Trace
-
 log = logging.getLogger(__name__)
+
+
+class StepObserver(Protocol):
+    """What the engine tells a recorder (``viz.Trace``) after each step; the MoE layers call ``on_router``."""
+
+    def on_step(self, phase: str, plan: BatchPlan, cache_positions: dict[int, int], tokens: torch.Tensor,
+                seqs: list[int], prefill: str) -> None: ...
+
+    def on_row_move(self, src: int, dst: int) -> None: ...
+
+    def on_router(self, layer: int, chosen: torch.Tensor, weights: torch.Tensor) -> None: ...
 
 Prompt = Union[str, Sequence[int]]
 
@@ -139,8 +148,8 @@ class Engine:
             about half a minute of build the first time, cached on disk), or "auto": "cpu" for CPU models of
             256 MiB of weights or more, where decode is memory-bound, else "torch".
         executor: runs each step's model call and sampling (default: ``LocalExecutor(model)``, this process).
-        trace: a ``viz.Trace`` that records every step's plan, cache writes and MoE routing (for ``sirocco viz``);
-            None records nothing and costs nothing.
+        trace: a ``StepObserver`` (``viz.Trace``) that records every step's plan, cache writes and MoE routing
+            (for ``sirocco viz``); None records nothing and costs nothing.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -149,7 +158,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
-                 executor: Optional[Executor] = None, trace: Optional["Trace"] = None):
+                 executor: Optional[Executor] = None, trace: Optional[StepObserver] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args

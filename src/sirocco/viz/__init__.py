@@ -89,7 +89,7 @@ def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 
         raise ValueError(f"token {token} is outside the prompt of {length} tokens")
     model = model or _tiny(window, n_layers=n_layers, seed=seed)
     trace = _run(model, [length], window, chunk_size, 1, None, seed)
-    data = trace.to_json("receptive-field", token=(0, token), windows=model.args.windows())
+    data = analysis.receptive_field_from_trace(trace, token=(0, token), windows=model.args.windows())
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.args.vocab_size, (length,), generator=g)
     data["gradient"] = [sorted(s) for s in analysis.gradient_receptive_field(model, tokens, token)]

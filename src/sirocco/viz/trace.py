@@ -203,9 +203,9 @@ class Trace:
         return [(r, s) for r, s, _ in writes]
 
     # -- output ----------------------------------------------------------------------------------------------
-    def to_json(self, kind: str = "masks", **kw: Any) -> dict:
-        """The data of one picture: "masks", "cache", "moe", "pipeline", or "receptive-field" (``token=(seq,
-        pos)``, default the last position of sequence 0)."""
+    def to_json(self, kind: str = "masks") -> dict:
+        """The data of one picture: "masks", "cache", "moe" or "pipeline" (the receptive field is composed from
+        the masks by ``analysis.receptive_field_from_trace``)."""
         if kind == "masks":
             return self._masks_json()
         if kind == "cache":
@@ -214,9 +214,6 @@ class Trace:
             return self._moe_json()
         if kind == "pipeline":
             return {"events": list(self.pipeline)}
-        if kind == "receptive-field":
-            from .analysis import receptive_field_from_trace
-            return receptive_field_from_trace(self, **kw)
         raise ValueError(f"unknown kind {kind!r}")
 
     def _masks_json(self) -> dict:
