@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from sirocco.cli import main
+from sirocco.errors import SiroccoError
 from sirocco.tokenizer import load_tokenizer
 from sirocco.train.corpus import CorpusError, build, clean, docstrings, is_validation, load_corpus, pydoc_topics
 from sirocco.train.tokenizer import train_tokenizer
@@ -136,5 +137,9 @@ def test_train_tokenizer_command(tmp_path, capsys):
                  "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["vocab_size"] == 320 and (summary["bos_id"], summary["eos_id"]) == (1, 2) and out.is_file()
-    assert main(["train-tokenizer", "--corpus", str(folder), "--vocab-size", "100", "--out", str(out)]) == 1
-    assert "vocab_size must be at least 260" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:           # refused where the options are parsed
+        main(["train-tokenizer", "--corpus", str(folder), "--vocab-size", "100", "--out", str(out)])
+    assert exit.value.code == 2
+    assert "argument --vocab-size: 100 is out of range: must be >= 260" in capsys.readouterr().err
+    with pytest.raises(SiroccoError, match="vocab_size must be at least 260"):     # and the trainer itself
+        train_tokenizer(TEXT, 100, out)

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="VERB")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
+        # prog "sirocco VERB" whatever the main parser's options: argparse's errors then start
+        # "sirocco VERB: error:", as those of run() do.
+        p = sub.add_parser(name, prog=f"sirocco {name}", help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).configure(p)

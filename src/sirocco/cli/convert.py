@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checkpoint import CONSOLIDATED, HF, read_state_dict, save_consolidated, save_hf
 from ..errors import SiroccoError
-from .options import DTYPES
+from .options import DTYPES, size_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="format to write (default: the other one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast the weights (default: keep the stored dtype)")
-    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
-                   help="Hugging Face format only: split into shards of at most SIZE (e.g. 5GB, 500MB)")
+    p.add_argument("--max-shard-size", type=size_bytes, default=None, metavar="SIZE",
+                   help="Hugging Face format only: split into shards of at most SIZE (e.g. 5GB, 500MB, 2GiB; "
+                        "a bare number is bytes)")
     p.add_argument("--force", action="store_true", help="write into a non-empty destination folder")
     p.add_argument("--json", action="store_true", help="print a JSON summary on standard output")
 
@@ -52,15 +53,17 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.source), Path(args.destination)
     if dst.exists() and src.resolve() == dst.resolve():
         raise SiroccoError("source and destination are the same folder")
+    if args.to == CONSOLIDATED and args.max_shard_size is not None:     # before reading the whole checkpoint
+        raise SiroccoError("--max-shard-size applies to the Hugging Face format only")
     if dst.exists() and any(dst.iterdir()) and not args.force:
         raise SiroccoError(f"{dst} exists and is not empty; choose another folder or pass --force")
     model_args, state, layout = read_state_dict(src)
     target = args.to or (HF if layout.format == CONSOLIDATED else CONSOLIDATED)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if target == HF:
-        save_hf(state, model_args, dst, dtype=dtype, max_shard_bytes=parse_size(args.max_shard_size))
+        save_hf(state, model_args, dst, dtype=dtype, max_shard_bytes=args.max_shard_size)
     else:
-        if args.max_shard_size:
+        if args.max_shard_size is not None:
             raise SiroccoError("--max-shard-size applies to the Hugging Face format only")
         save_consolidated(state, model_args, dst, dtype=dtype)
     copied = [f.name for f in sorted(src.iterdir()) if f.is_file() and TOKENIZER_FILES.fullmatch(f.name)]
@@ -76,16 +79,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{src} ({layout.format}) -> {dst} ({target}): {len(state)} tensors, {n / 1e6:.1f}M parameters, "
               f"dtype {summary['dtype']}; tokenizer files copied: {', '.join(copied) or 'none'}", file=sys.stderr)
     return 0
-
-
-def parse_size(text: str | None) -> int | None:
-    """'5GB' -> 5 * 10**9, '500MB', '2GiB', '1000' (bytes)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise SiroccoError(f"--max-shard-size {text!r}: expected a size like 5GB, 500MB or 2GiB")
-    unit = (m[2] or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m[1]) * scale)

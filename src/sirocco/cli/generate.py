@@ -18,7 +18,8 @@ from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
-from .options import DTYPES, add_model_arguments, add_pipeline_arguments, load_from_args
+from .options import (DTYPES, SEED, add_model_arguments, add_pipeline_arguments, float_in, load_from_args, non_empty,
+                      non_negative_float, non_negative_int, positive_int)
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +38,25 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", metavar="PATH", help="a file with one prompt per line")
     add_model_arguments(p)
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate per prompt (default 128)")
-    s.add_argument("--temperature", type=float, default=0.7, help="0 is greedy decoding (default 0.7)")
-    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass to keep (default 0.95)")
-    s.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 keeps all")
-    s.add_argument("--seed", type=int, default=0, help="random seed; prompt i samples with seed + i (default 0)")
-    s.add_argument("--stop", action="append", default=[], metavar="TEXT",
+    s.add_argument("--max-tokens", type=positive_int, default=128,
+                   help="most tokens to generate per prompt, at least 1 (default 128)")
+    s.add_argument("--temperature", type=non_negative_float, default=0.7,
+                   help=">= 0; 0 is greedy decoding (default 0.7)")
+    s.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=0.95,
+                   help="nucleus sampling mass to keep, in (0, 1]; 1 keeps all (default 0.95)")
+    s.add_argument("--top-k", type=non_negative_int, default=0, help="keep only the k most likely tokens; 0 keeps all")
+    s.add_argument("--seed", type=SEED, default=0,
+                   help="random seed, a 64-bit signed integer; prompt i samples with seed + i (default 0)")
+    s.add_argument("--stop", type=non_empty, action="append", default=[], metavar="TEXT",
                    help="stop a sequence when it writes TEXT (repeatable); the text ends before it")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message of the chat template")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-rows", type=int, default=8, help="most sequences generated at once (default 8)")
-    e.add_argument("--chunk-size", type=int, default=None,
-                   help="pre-fill at most this many tokens of a prompt per step (default: the sliding window)")
+    e.add_argument("--max-rows", type=positive_int, default=8,
+                   help="most sequences generated at once, at least 1 (default 8)")
+    e.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="pre-fill at most this many tokens of a prompt per step, at least 1 (default: the sliding "
+                        "window)")
     e.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
                    help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
     e.add_argument("--backend", choices=BACKENDS, default="auto",

@@ -1,8 +1,13 @@
-"""Options more than one verb shares, declared once: the model to load and where it runs, and pipeline ranks."""
+"""Options more than one verb shares, declared once: the model to load and where it runs, and pipeline ranks;
+and the ``type=`` validators every verb's options use, so that argparse refuses a bad value where it is parsed
+(``sirocco VERB: error: argument --top-p: 2.0 is out of range: must be in (0, 1]``, exit status 2)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
+from typing import Callable, Optional
 
 import torch
 
@@ -13,10 +18,117 @@ from ..pretrained import DEFAULT_MODEL, DEMO, Loaded, bundled_models, load
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# -- validators: argparse ``type=`` callables ------------------------------------------------------------------
+def _bound(x: float) -> str:
+    """A bound as the messages print it: 0.5, 1, 2**63, 2**63 - 1, -2**63."""
+    if isinstance(x, int) and abs(x) >= 2**20:
+        for k in range(20, 128):
+            if abs(x) == 2**k:
+                return f"{'-' if x < 0 else ''}2**{k}"
+            if x == 2**k - 1:
+                return f"2**{k} - 1"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False) -> str:
+    """'>= 1', '> 0', '<= 1', 'in (0, 1]'."""
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_bound(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {_bound(hi)}"
+    return "any value"
+
+
+def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool
+            ) -> Callable[[str], float]:
+    allowed = range_text(lo, hi, lo_open, hi_open)
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}" + ("" if lo is hi is None
+                                                                          else f" (must be {allowed})")) from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number"
+                                             + ("" if lo is hi is None else f" (must be {allowed})"))
+        if ((lo is not None and (value <= lo if lo_open else value < lo))
+                or (hi is not None and (value >= hi if hi_open else value > hi))):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {allowed}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {allowed}"
+    return parse
+
+
+def int_in(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[str], int]:
+    """An integer in [lo, hi] (either bound may be None: unbounded)."""
+    return _number(int, lo, hi, False, False)
+
+
+def int_at_least(n: int) -> Callable[[str], int]:
+    """An integer >= n."""
+    return int_in(n, None)
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+             hi_open: bool = False) -> Callable[[str], float]:
+    """A finite number in the interval from lo to hi, each end closed unless ``lo_open`` / ``hi_open``."""
+    return _number(float, lo, hi, lo_open, hi_open)
+
+
+positive_float = float_in(0, None, lo_open=True)
+non_negative_float = float_in(0, None)
+
+#: Seeds of torch.Generator: it takes any 64-bit integer, signed or not; a prompt's seed is seed + its index.
+SEED = int_in(-2**63, 2**63 - 1)
+
+
+def non_empty(text: str) -> str:
+    """A string with at least one character."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def size_bytes(text: str) -> int:
+    """A size in bytes, at least 1: '5GB' -> 5 * 10**9, '500MB', '2GiB', '1.5KB', '1000' (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: expected a number of bytes, or one with a unit "
+                                         "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB) like 5GB, 500MB or 2GiB")
+    n = int(float(m[1]) * SIZE_UNITS[(m[2] or "B").upper()])
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be at least 1 byte")
+    return n
+
+
+def device_name(text: str) -> str:
+    """A device torch can name (cpu, cuda, cuda:1, mps, ...); whether it is present is checked when it is used."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: expected cpu, cuda, cuda:N, ...") from None
+    return text
+
+
 def add_machine_arguments(g: argparse._ActionsContainer) -> None:
     """--device and --threads."""
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    g.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for PyTorch, at least 1 (default: all cores)")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +147,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_pipeline_arguments(p: argparse.ArgumentParser, training: bool = False) -> None:
     """The pipeline options of the generate verb, or of the train verb with ``training``."""
     g = p.add_argument_group("pipeline parallelism (start with torchrun --nproc-per-node N)")
-    g.add_argument("--pipeline-ranks", type=int, default=1, metavar="N",
+    g.add_argument("--pipeline-ranks", type=positive_int, default=1, metavar="N",
                    help="split the model's layers into N stages, one per process started by torchrun "
                         "(default 1: no split)")
     if training:
@@ -43,11 +155,11 @@ def add_pipeline_arguments(p: argparse.ArgumentParser, training: bool = False) -
                        help="order of the micro-batches' forwards and backwards (the recipe's accum "
                             "micro-batches of each step): gpipe, or 1f1b which holds fewer activations")
     else:
-        g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+        g.add_argument("--micro-batches", type=positive_int, default=None, metavar="M",
                        help="groups of sequences per step that flow through the stages at the same time "
                             "(default: N; 1 runs each step's batch whole)")
-    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                   help="longest wait for another rank before failing (default %(default)s)")
+    g.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="longest wait for another rank before failing, > 0 (default %(default)s)")
     g.add_argument("--dist-backend", choices=["gloo", "nccl"], default=None,
                    help="process-group backend (default: nccl with CUDA, else gloo)")
 

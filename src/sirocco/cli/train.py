@@ -9,8 +9,10 @@ import sys
 
 import torch
 
-from ..train.recipe import RECIPES, Recipe
-from .options import DTYPES, add_machine_arguments, add_pipeline_arguments, resolve_device
+from ..train.recipe import RECIPES, SEED_LIMIT, Recipe
+from ..train.tokenizer import MIN_VOCAB_SIZE
+from .options import (DTYPES, add_machine_arguments, add_pipeline_arguments, int_at_least, int_in, positive_float,
+                      positive_int, resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +49,26 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     p.add_argument("--init", metavar="PATH", help="fine-tune this checkpoint (consolidated or Hugging Face "
                    "format) with its own tokenizer: all parameters train; [model] is not used")
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step with a checkpoint (the "
+    p.add_argument("--stop-at", type=positive_int, metavar="STEP", help="stop after this step with a checkpoint (the "
                    "schedule still spans all steps); continue later with --resume")
     p.add_argument("--export", metavar="DIR", help="also write the final model and tokenizer there, without "
                    "training state, in --export-dtype (how the bundled models were made)")
     p.add_argument("--export-dtype", choices=sorted(DTYPES), default="bfloat16",
                    help="dtype of the exported weights (default bfloat16: half the size)")
     r = p.add_argument_group("recipe fields (override the recipe)")
-    r.add_argument("--seed", type=int, help="seed of the initial weights and of the data order")
+    r.add_argument("--seed", type=int_in(-SEED_LIMIT, SEED_LIMIT),
+                   help="seed of the initial weights and of the data order, in [-2**42, 2**42]")
     r.add_argument("--corpus", help="'default', a folder of text files or a .jsonl file ([data] corpus)")
     r.add_argument("--tokenizer", metavar="PATH", help="a tokenizer.model or a folder with one ([tokenizer] path)")
-    r.add_argument("--vocab-size", type=int, help="pieces of the tokenizer trained on the corpus")
-    r.add_argument("--seq-len", type=int, help="tokens per training row ([data] seq_len)")
-    r.add_argument("--steps", type=int, help="optimizer steps ([train] steps)")
-    r.add_argument("--batch-rows", type=int, help="rows per micro-batch ([train] batch_rows)")
-    r.add_argument("--accum", type=int, help="micro-batches per step, gradient accumulation ([train] accum)")
-    r.add_argument("--lr", type=float, help="peak learning rate ([train] lr)")
+    r.add_argument("--vocab-size", type=int_at_least(MIN_VOCAB_SIZE),
+                   help=f"pieces of the tokenizer trained on the corpus, at least {MIN_VOCAB_SIZE} "
+                        "([tokenizer] vocab_size)")
+    r.add_argument("--seq-len", type=int_at_least(2), help="tokens per training row, at least 2 ([data] seq_len)")
+    r.add_argument("--steps", type=positive_int, help="optimizer steps, at least 1 ([train] steps)")
+    r.add_argument("--batch-rows", type=positive_int, help="rows per micro-batch, at least 1 ([train] batch_rows)")
+    r.add_argument("--accum", type=positive_int,
+                   help="micro-batches per step, gradient accumulation, at least 1 ([train] accum)")
+    r.add_argument("--lr", type=positive_float, help="peak learning rate, > 0 ([train] lr)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any recipe field, e.g. --set train.warmup=50 --set model.sliding_window=64 (repeatable)")
     h = p.add_argument_group("machine and output")

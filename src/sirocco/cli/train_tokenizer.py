@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..tokenizer import load_tokenizer
 from ..train.corpus import DEFAULT, load_corpus
-from ..train.tokenizer import train_tokenizer
+from ..train.tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+from .options import float_in, int_at_least
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--corpus", default=DEFAULT,
                    help="'default' (the Python documentation), a folder of text files, or a .jsonl file")
-    p.add_argument("--vocab-size", type=int, default=4096, help="pieces, specials and bytes included (default 4096)")
+    p.add_argument("--vocab-size", type=int_at_least(MIN_VOCAB_SIZE), default=4096,
+                   help=f"pieces, specials and bytes included, at least {MIN_VOCAB_SIZE} (default 4096)")
     p.add_argument("--out", default="tokenizer.model", help="file to write (default ./tokenizer.model)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
-                   help="share of documents held out as in 'sirocco train' (not trained on; default 0.05)")
+    p.add_argument("--val-fraction", type=float_in(0, 1, hi_open=True), default=0.05,
+                   help="share of documents held out as in 'sirocco train', in [0, 1) (not trained on; "
+                        "default 0.05)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on standard output")
 
 

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ..config import ModelArgs, MoeArgs, preset
 from ..errors import ConfigError
+from .tokenizer import MIN_VOCAB_SIZE
 
 try:
     import tomllib
@@ -29,6 +30,9 @@ except ModuleNotFoundError:        # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 RECIPES = Path(__file__).parent / "recipes"
+# The seed's magnitude is at most this: the data order is shuffled by a torch.Generator seeded with
+# seed * 1_000_003 + epoch, which must stay within its 64 bits.
+SEED_LIMIT = 2**42
 
 
 class RecipeError(ConfigError):
@@ -157,8 +161,11 @@ class Recipe:
         need(0 <= d.val_fraction < 1, "[data] val_fraction", f"must be in [0, 1), got {d.val_fraction}")
         need(d.seq_len >= 2, "[data] seq_len", f"must be at least 2, got {d.seq_len}")
         need(d.min_chars >= 0, "[data] min_chars", f"must not be negative, got {d.min_chars}")
-        need(self.tokenizer.vocab_size >= 260, "[tokenizer] vocab_size",
-             f"must be at least 260 (3 special tokens, 256 bytes, a merge), got {self.tokenizer.vocab_size}")
+        need(-SEED_LIMIT <= self.seed <= SEED_LIMIT, "seed",
+             f"must be in [-2**42, 2**42], got {self.seed}")
+        need(self.tokenizer.vocab_size >= MIN_VOCAB_SIZE, "[tokenizer] vocab_size",
+             f"must be at least {MIN_VOCAB_SIZE} (3 special tokens, 256 bytes, a merge), "
+             f"got {self.tokenizer.vocab_size}")
         for name in ("steps", "batch_rows", "accum"):
             need(getattr(t, name) >= 1, f"[train] {name}", f"must be at least 1, got {getattr(t, name)}")
         for name in ("warmup", "eval_rows", "save_every", "weight_decay", "clip", "aux_loss_coef", "min_lr"):

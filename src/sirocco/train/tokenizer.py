@@ -20,6 +20,7 @@ from ..errors import SiroccoError
 log = logging.getLogger(__name__)
 
 SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
+MIN_VOCAB_SIZE = len(SPECIALS) + 256 + 1     # the specials, the 256 byte pieces and one merge
 MAX_LINE = 8192          # longer lines are cut into pieces of this many characters for training
 
 
@@ -39,7 +40,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, char
     to run. Returns the written path."""
     import sentencepiece as spm
     out = Path(out)
-    minimum = len(SPECIALS) + 256 + 1
+    minimum = MIN_VOCAB_SIZE
     if vocab_size < minimum:
         raise SiroccoError(f"vocab_size must be at least {minimum} (3 special tokens, 256 bytes and one "
                            f"merge), got {vocab_size}")

@@ -1,0 +1,140 @@
+"""Every verb refuses a bad option value where it is parsed: ``sirocco VERB: error: argument --OPT: ...`` naming
+the allowed range, exit status 2, no traceback; and the boundary values are accepted. Nothing here loads a model."""
+
+import pytest
+
+from sirocco.cli import build_parser, main
+
+CONVERT = ["convert", "src", "dst"]
+TRAIN = ["train", "--out", "run"]
+
+# (argv, the option argparse names, what the message must say about the range)
+REFUSED = [
+    # generate: sampling
+    (["generate", "--max-tokens", "-1"], "--max-tokens", "-1 is out of range: must be >= 1"),
+    (["generate", "--max-tokens", "0"], "--max-tokens", "must be >= 1"),
+    (["generate", "--max-tokens", "abc"], "--max-tokens", "'abc' is not an integer (must be >= 1)"),
+    (["generate", "--temperature", "-1"], "--temperature", "-1.0 is out of range: must be >= 0"),
+    (["generate", "--temperature", "nan"], "--temperature", "not a finite number (must be >= 0)"),
+    (["generate", "--top-p", "2"], "--top-p", "2.0 is out of range: must be in (0, 1]"),
+    (["generate", "--top-p", "0"], "--top-p", "must be in (0, 1]"),
+    (["generate", "--top-k", "-1"], "--top-k", "must be >= 0"),
+    (["generate", "--seed", str(2**63)], "--seed", "must be in [-2**63, 2**63 - 1]"),
+    (["generate", "--seed", "1.5"], "--seed", "is not an integer"),
+    (["generate", "--stop", ""], "--stop", "must not be empty"),
+    # generate: engine, machine, pipeline
+    (["generate", "--max-rows", "0"], "--max-rows", "must be >= 1"),
+    (["generate", "--chunk-size", "0"], "--chunk-size", "must be >= 1"),
+    (["generate", "--threads", "0"], "--threads", "must be >= 1"),
+    (["generate", "--device", "gpu0"], "--device", "'gpu0' is not a device"),
+    (["generate", "--pipeline-ranks", "0"], "--pipeline-ranks", "must be >= 1"),
+    (["generate", "--micro-batches", "0"], "--micro-batches", "must be >= 1"),
+    (["generate", "--dist-timeout", "0"], "--dist-timeout", "0.0 is out of range: must be > 0"),
+    (["generate", "--dist-timeout", "inf"], "--dist-timeout", "not a finite number (must be > 0)"),
+    # convert
+    ([*CONVERT, "--max-shard-size", "5XB"], "--max-shard-size", "like 5GB, 500MB or 2GiB"),
+    ([*CONVERT, "--max-shard-size", "0"], "--max-shard-size", "must be at least 1 byte"),
+    # train: recipe fields, machine, pipeline
+    ([*TRAIN, "--steps", "0"], "--steps", "must be >= 1"),
+    ([*TRAIN, "--batch-rows", "0"], "--batch-rows", "must be >= 1"),
+    ([*TRAIN, "--accum", "0"], "--accum", "must be >= 1"),
+    ([*TRAIN, "--seq-len", "1"], "--seq-len", "must be >= 2"),
+    ([*TRAIN, "--vocab-size", "259"], "--vocab-size", "259 is out of range: must be >= 260"),
+    ([*TRAIN, "--lr", "0"], "--lr", "must be > 0"),
+    ([*TRAIN, "--lr=-1e-3"], "--lr", "must be > 0"),          # argparse reads a bare -1e-3 as an option
+    ([*TRAIN, "--stop-at", "0"], "--stop-at", "must be >= 1"),
+    ([*TRAIN, "--seed", str(2**42 + 1)], "--seed", "must be in [-2**42, 2**42]"),
+    ([*TRAIN, "--threads", "-2"], "--threads", "must be >= 1"),
+    ([*TRAIN, "--pipeline-ranks", "0"], "--pipeline-ranks", "must be >= 1"),
+    ([*TRAIN, "--dist-timeout", "-5"], "--dist-timeout", "must be > 0"),
+    # train-tokenizer
+    (["train-tokenizer", "--vocab-size", "100"], "--vocab-size", "must be >= 260"),
+    (["train-tokenizer", "--val-fraction", "1"], "--val-fraction", "1.0 is out of range: must be in [0, 1)"),
+    (["train-tokenizer", "--val-fraction", "-0.1"], "--val-fraction", "must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("argv, option, allowed", REFUSED, ids=[" ".join(a) for a, _, _ in REFUSED])
+def test_bad_values_are_refused_where_they_are_parsed(argv, option, allowed, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]          # after argparse's usage lines
+    assert message.startswith(f"sirocco {argv[0]}: error: argument {option}"), message
+    assert allowed in message, message
+
+
+# (argv, attribute, the parsed value): the edges of each range are allowed.
+ACCEPTED = [
+    (["generate", "--max-tokens", "1"], "max_tokens", 1),
+    (["generate", "--temperature", "0"], "temperature", 0.0),
+    (["generate", "--top-p", "1"], "top_p", 1.0),
+    (["generate", "--top-p", "1e-9"], "top_p", 1e-9),
+    (["generate", "--top-k", "0"], "top_k", 0),
+    (["generate", "--seed", "-1"], "seed", -1),
+    (["generate", "--seed", str(2**63 - 1)], "seed", 2**63 - 1),
+    (["generate", "--stop", "."], "stop", ["."]),
+    (["generate", "--max-rows", "1"], "max_rows", 1),
+    (["generate", "--chunk-size", "1"], "chunk_size", 1),
+    (["generate", "--threads", "1"], "threads", 1),
+    (["generate", "--device", "cuda:1"], "device", "cuda:1"),       # present or not is for run time
+    (["generate", "--pipeline-ranks", "1"], "pipeline_ranks", 1),
+    (["generate", "--micro-batches", "1"], "micro_batches", 1),
+    (["generate", "--dist-timeout", "0.5"], "dist_timeout", 0.5),
+    ([*CONVERT, "--max-shard-size", "5GB"], "max_shard_size", 5 * 10**9),
+    ([*CONVERT, "--max-shard-size", "500MB"], "max_shard_size", 500 * 10**6),
+    ([*CONVERT, "--max-shard-size", "2GiB"], "max_shard_size", 2 * 2**30),
+    ([*CONVERT, "--max-shard-size", "1"], "max_shard_size", 1),
+    ([*TRAIN, "--steps", "1"], "steps", 1),
+    ([*TRAIN, "--batch-rows", "1"], "batch_rows", 1),
+    ([*TRAIN, "--accum", "1"], "accum", 1),
+    ([*TRAIN, "--seq-len", "2"], "seq_len", 2),
+    ([*TRAIN, "--vocab-size", "260"], "vocab_size", 260),
+    ([*TRAIN, "--lr", "1e-5"], "lr", 1e-5),
+    ([*TRAIN, "--stop-at", "1"], "stop_at", 1),
+    ([*TRAIN, "--seed", str(-2**42)], "seed", -2**42),
+    ([*TRAIN, "--dist-timeout", "1"], "dist_timeout", 1.0),
+    (["train-tokenizer", "--vocab-size", "260"], "vocab_size", 260),
+    (["train-tokenizer", "--val-fraction", "0"], "val_fraction", 0.0),
+    (["train-tokenizer", "--val-fraction", "0.99"], "val_fraction", 0.99),
+]
+
+
+@pytest.mark.parametrize("argv, name, value", ACCEPTED, ids=[" ".join(a) for a, _, _ in ACCEPTED])
+def test_boundary_values_are_accepted(argv, name, value):
+    assert getattr(build_parser().parse_args(argv), name) == value
+
+
+@pytest.mark.parametrize("verb, argv", [("generate", []), ("convert", CONVERT[1:]), ("train", TRAIN[1:]),
+                                        ("train-tokenizer", [])])
+def test_defaults_are_unchanged_and_pass_their_own_validators(verb, argv):
+    args = build_parser().parse_args([verb, *argv])
+    expected = {
+        "generate": {"max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "seed": 0, "stop": [],
+                     "max_rows": 8, "chunk_size": None, "threads": None, "device": None, "pipeline_ranks": 1,
+                     "micro_batches": None},
+        "convert": {"max_shard_size": None},
+        "train": {"steps": None, "lr": None, "seed": None, "vocab_size": None, "stop_at": None, "pipeline_ranks": 1},
+        "train-tokenizer": {"vocab_size": 4096, "val_fraction": 0.05},
+    }[verb]
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_the_recipe_refuses_a_seed_the_data_shuffle_cannot_take():
+    from sirocco.train.recipe import Recipe, RecipeError
+    recipe = Recipe()
+    recipe.override(f"seed={2**42 + 1}")
+    with pytest.raises(RecipeError, match=r"seed must be in \[-2\*\*42, 2\*\*42\]"):
+        recipe.validate("--set")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["generate", "--help"], ["convert", "--help"], ["train", "--help"],
+                                  ["train-tokenizer", "--help"]])
+def test_help_still_prints(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sirocco{' ' + argv[0] if len(argv) == 2 else ''}")
