@@ -66,10 +66,13 @@ def test_terminal_grid_without_colour_when_not_a_terminal(capsys, monkeypatch):
     assert "\x1b[" not in out and "first chunk" in out and "■" in out
 
 
-def test_bad_values_are_refused_by_the_parser(capsys):
+@pytest.mark.parametrize("argv,option", [(["--prompts", "3,0"], "--prompts"), (["--window", "0"], "--window"),
+                                         (["--token", "-1"], "--token")])
+def test_bad_values_are_refused_by_the_parser(argv, option, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["viz", "masks", "--prompts", "3,0"])
-    assert e.value.code == 2 and "--prompts" in capsys.readouterr().err
+        main(["viz", "masks", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("sirocco viz: error:") and option in err
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-moe"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import viz
-from .options import add_machine_arguments
+from .options import add_machine_arguments, non_negative_int, positive_int
 
 DESCRIPTION = """Draw what sirocco's engine really did in a run: every step's attention masks as the plan lowered
 them, the rolling cache's slots over time, the receptive field of a token layer by layer (checked against
@@ -26,18 +26,6 @@ EXAMPLES = """examples:
   sirocco viz memory --model sirocco-tiny --json"""
 
 DEFAULT_MOE_MODEL = "sirocco-tiny-moe"
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be at least {low}")
-        return value
-    return parse
 
 
 def _lengths(text: str) -> list[int]:
@@ -64,18 +52,18 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths in tokens, random tokens on a tiny random model (default 7,5,6 for "
                         "masks, 6 for cache)")
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a prompt text (repeatable)")
-    p.add_argument("--window", type=_at_least(1), default=None, metavar="W",
+    p.add_argument("--window", type=positive_int, default=None, metavar="W",
                    help="sliding window of the tiny random model (default 3 for masks and receptive-field, 4 "
                         "for cache)")
-    p.add_argument("--chunk-size", type=_at_least(1), default=None, metavar="C",
+    p.add_argument("--chunk-size", type=positive_int, default=None, metavar="C",
                    help="pre-fill chunk (default: the window)")
-    p.add_argument("--max-tokens", type=_at_least(1), default=None, metavar="N",
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help="tokens generated after the pre-fill (default 2 for masks, 4 for cache and moe)")
-    p.add_argument("--layers", type=_at_least(1), default=5, help="layers (receptive-field; default 5)")
-    p.add_argument("--token", type=_at_least(0), default=None, metavar="P",
+    p.add_argument("--layers", type=positive_int, default=5, help="layers (receptive-field; default 5)")
+    p.add_argument("--token", type=non_negative_int, default=None, metavar="P",
                    help="position of the token whose receptive field is drawn (default: the last of the prompt)")
-    p.add_argument("--ranks", type=_at_least(1), default=2, help="pipeline stages (default 2)")
-    p.add_argument("--micro-batches", type=_at_least(1), default=4,
+    p.add_argument("--ranks", type=positive_int, default=2, help="pipeline stages (default 2)")
+    p.add_argument("--micro-batches", type=positive_int, default=4,
                    help="micro-batches of the pipeline step (default 4)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="write the picture there")
     p.add_argument("--json", action="store_true", help="print the recorded data as JSON instead of the grid")
