@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace, recipe: Recipe, ctx: DistContext) -> dict[s
     val = eval_batches(val_docs, d.seq_len, r.batch_rows, r.eval_rows or None)
     trainer = PipelineTrainer(stage, ctx, n_microbatches=r.accum, schedule=args.pipeline_schedule,
                               aux_loss_coef=r.aux_loss_coef)
-    optimizer = build_optimizer(stage, r.lr, r.weight_decay, (r.beta1, r.beta2))
+    optimizer = build_optimizer(stage.parameters(), r.lr, r.weight_decay, (r.beta1, r.beta2))
     baseline = unigram_entropy(train_docs)
     history: dict[str, list] = {"train": [], "val": [], "aux": []}
 

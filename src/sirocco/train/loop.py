@@ -61,7 +61,7 @@ class Trainer:
     def __init__(self, model: Transformer, recipe: TrainRecipe, stream: PackedStream, val: list[Batch]):
         self.model, self.recipe, self.stream, self.val = model, recipe, stream, val
         self.device = model.device
-        self.optimizer = build_optimizer(model, recipe.lr, recipe.weight_decay, (recipe.beta1, recipe.beta2))
+        self.optimizer = build_optimizer(model.parameters(), recipe.lr, recipe.weight_decay, (recipe.beta1, recipe.beta2))
         self.autocast = use_autocast(recipe.autocast, self.device)
         self.step = 0
         self.position = DataPosition()
