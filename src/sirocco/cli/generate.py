@@ -18,7 +18,7 @@ from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
-from .options import DTYPES, add_model_arguments, add_pipeline_arguments, load_from_args
+from .options import DTYPES, add_model_arguments, add_pipeline_arguments, add_progress_argument, load_from_args
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
                         "logprobs, finish_reason")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    add_progress_argument(o)
     add_pipeline_arguments(p)
 
 

@@ -1,4 +1,5 @@
-"""Options more than one verb shares, declared once: the model to load and where it runs, and pipeline ranks."""
+"""Options more than one verb shares, declared once: the model to load and where it runs, the progress bar, and
+pipeline ranks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def add_machine_arguments(g: argparse._ActionsContainer) -> None:
     """--device and --threads."""
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+
+
+def add_progress_argument(g: argparse._ActionsContainer) -> None:
+    """--no-progress."""
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

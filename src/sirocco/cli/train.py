@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..train.recipe import RECIPES, Recipe
-from .options import DTYPES, add_machine_arguments, add_pipeline_arguments, resolve_device
+from .options import DTYPES, add_machine_arguments, add_pipeline_arguments, add_progress_argument, resolve_device
 
 if TYPE_CHECKING:
     from ..train.run import Place
@@ -71,7 +71,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="any recipe field, e.g. --set train.warmup=50 --set model.sliding_window=64 (repeatable)")
     h = p.add_argument_group("machine and output")
     add_machine_arguments(h)
-    h.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    add_progress_argument(h)
     h.add_argument("--json", action="store_true", help="print the summary as one JSON object on standard output")
     add_pipeline_arguments(p, training=True)
 
