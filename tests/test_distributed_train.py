@@ -9,9 +9,13 @@ from safetensors.torch import load_file, save_file
 
 from sirocco.config import preset
 from sirocco.distributed.launch import spawn_local
-from sirocco.distributed.pipeline_train import IGNORE_INDEX, PipelineTrainer, document_lengths, save_checkpoint
+from sirocco.distributed.pipeline_train import (IGNORE_INDEX, PipelineStep, PipelineTrainer, document_lengths,
+                                                save_checkpoint)
 from sirocco.distributed.stages import rank_stage
 from sirocco.model import build_model
+from sirocco.train.data import Batch
+from sirocco.train.loop import LocalStep, evaluate
+from sirocco.train.recipe import TrainRecipe
 
 ARGS = {"mistral": preset("tiny", vocab_size=259, sliding_window=6),
         "mixtral": preset("tiny-moe", vocab_size=259)}
@@ -134,6 +138,30 @@ def test_checkpoint_is_the_file_a_single_process_writes(trained, tmp_path):
     for k, v in final.items():                        # after clipping and one AdamW step on every stage
         torch.testing.assert_close(trained_sd[k], v, atol=1e-5, rtol=1e-5)
         assert not torch.equal(trained_sd[k], initial[k])
+
+
+def evaluate_rank(ctx, args, batches):
+    stage = rank_stage(ctx, args, seed=SEED)
+    step_fn = PipelineStep(stage, ctx, TrainRecipe(accum=MICRO, autocast="off"))
+    return evaluate(step_fn, batches), step_fn.num_parameters(), stage.training
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_pipeline_step_evaluates_as_the_one_process_step(name):
+    """The training loop's one evaluation over the pipeline's step function: the stages forward only, batches
+    of uneven rows, the same loss and parameter count on every rank as one process on the same weights."""
+    tokens, targets, positions, _ = batch()
+    batches = [Batch(tokens[:5], targets[:5], positions[:5]), Batch(tokens[5:], targets[5:], positions[5:])]
+    results = spawn_local(evaluate_rank, 2, (ARGS[name], batches), timeout_s=60, deadline_s=90)
+    for r in results:
+        assert r.ok, f"rank {r.rank} failed: {r.error}"
+    one = LocalStep(build_model(ARGS[name], seed=SEED), TrainRecipe(autocast="off"))
+    expected = evaluate(one, batches)
+    assert expected > 1.0
+    for r in results:
+        loss, n_params, training = r.value
+        assert loss == pytest.approx(expected, rel=1e-5)
+        assert n_params == one.num_parameters() and training
 
 
 def test_document_lengths_from_positions():

@@ -12,7 +12,7 @@ from sirocco.config import preset
 from sirocco.model import build_model
 from sirocco.train.corpus import build, pydoc_topics
 from sirocco.train.data import DataPosition, PackedStream, eval_batches, pack, tokenize
-from sirocco.train.loop import Trainer
+from sirocco.train.loop import LocalStep, Trainer
 from sirocco.train.losses import IGNORE_INDEX, load_balancing_loss
 from sirocco.train.recipe import Recipe, TrainRecipe
 from sirocco.train.run import train, unigram_entropy
@@ -41,7 +41,7 @@ def texts():
 def trainer(args, docs, seed=0, **recipe):
     model = build_model(args, seed=seed)
     r = TrainRecipe(**{"lr": 3e-3, "warmup": 5, "steps": 100, "autocast": "off", "weight_decay": 0.0, **recipe})
-    return Trainer(model, r, PackedStream(docs, 64, r.batch_rows, seed), [])
+    return Trainer(LocalStep(model, r), r, PackedStream(docs, 64, r.batch_rows, seed), [])
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -52,7 +52,8 @@ def test_loss_falls_well_below_the_unigram_entropy(arch, texts):
     args = ARCHS[arch].replace(dim=128, hidden_dim=256, head_dim=32)
     model = build_model(args, seed=0)
     recipe = TrainRecipe(lr=5e-3, warmup=5, steps=80, batch_rows=4, autocast="off", weight_decay=0.0)
-    t = Trainer(model, recipe, PackedStream(docs, 128, recipe.batch_rows, 0), eval_batches(docs, 128, 8))
+    t = Trainer(LocalStep(model, recipe), recipe, PackedStream(docs, 128, recipe.batch_rows, 0),
+                eval_batches(docs, 128, 8))
     assert t.evaluate() == pytest.approx(math.log(259), abs=0.3)      # at first: about uniform over the vocabulary
     for _ in range(recipe.steps):
         t.train_step()
@@ -92,7 +93,7 @@ def test_gradient_accumulation_equals_one_larger_batch(arch, texts):
         assert ra.grad_norm == pytest.approx(rb.grad_norm, rel=1e-4)
         assert ra.grad_norm > common["clip"]
     assert a.position == b.position
-    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+    for (name, pa), pb in zip(a.step_fn.model.named_parameters(), b.step_fn.model.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-6, rtol=1e-5, msg=name)
 
 
@@ -106,8 +107,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_the_documents_one_by_one(arc
     assert batch.tokens.shape == (2, 17) and batch.lengths == lengths
     args = ARCHS[arch]
     model = build_model(args, seed=1)
-    t = Trainer(model, TrainRecipe(autocast="off"), PackedStream(docs, 17, 1, 0), [])
-    ce, aux = t.forward(batch)
+    ce, aux = LocalStep(model, TrainRecipe(autocast="off")).forward(batch)
     (ce / batch.num_targets).backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -204,8 +204,8 @@ def test_bf16_autocast_step_matches_fp32_closely(texts):
     docs = tokenize(texts, ByteTokenizer())
     fp32 = trainer(ARCHS["mistral"], docs, batch_rows=4)
     bf16 = trainer(ARCHS["mistral"], docs, batch_rows=4, autocast="bf16")
-    assert bf16.autocast and not fp32.autocast
+    assert bf16.step_fn.autocast and not fp32.step_fn.autocast
     for _ in range(3):
         a, b = fp32.train_step(), bf16.train_step()
         assert b.loss == pytest.approx(a.loss, abs=0.03)
-    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())     # master weights stay fp32
+    assert all(p.dtype == torch.float32 for p in bf16.step_fn.model.parameters())     # master weights stay fp32

@@ -18,8 +18,8 @@ from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
-from .options import (DTYPES, SEED, add_model_arguments, add_pipeline_arguments, float_in, load_from_args, non_empty,
-                      non_negative_float, non_negative_int, positive_int)
+from .options import (DTYPES, SEED, add_model_arguments, add_pipeline_arguments, add_progress_argument, float_in,
+                      load_from_args, non_empty, non_negative_float, non_negative_int, positive_int)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     o.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
                         "logprobs, finish_reason")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    add_progress_argument(o)
     add_pipeline_arguments(p)
 
 

@@ -1,6 +1,6 @@
-"""Options more than one verb shares, declared once: the model to load and where it runs, and pipeline ranks;
-and the ``type=`` validators every verb's options use, so that argparse refuses a bad value where it is parsed
-(``sirocco VERB: error: argument --top-p: 2.0 is out of range: must be in (0, 1]``, exit status 2)."""
+"""Options more than one verb shares, declared once: the model to load and where it runs, the progress bar, and
+pipeline ranks; and the ``type=`` validators every verb's options use, so that argparse refuses a bad value where
+it is parsed (``sirocco VERB: error: argument --top-p: 2.0 is out of range: must be in (0, 1]``, exit status 2)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,11 @@ def add_machine_arguments(g: argparse._ActionsContainer) -> None:
                    help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for PyTorch, at least 1 (default: all cores)")
+
+
+def add_progress_argument(g: argparse._ActionsContainer) -> None:
+    """--no-progress."""
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,13 +6,17 @@ import argparse
 import json
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..train.recipe import RECIPES, SEED_LIMIT, Recipe
 from ..train.tokenizer import MIN_VOCAB_SIZE
-from .options import (DTYPES, add_machine_arguments, add_pipeline_arguments, int_at_least, int_in, positive_float,
-                      positive_int, resolve_device)
+from .options import (DTYPES, add_machine_arguments, add_pipeline_arguments, add_progress_argument, int_at_least,
+                      int_in, positive_float, positive_int, resolve_device)
+
+if TYPE_CHECKING:
+    from ..train.run import Place
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="any recipe field, e.g. --set train.warmup=50 --set model.sliding_window=64 (repeatable)")
     h = p.add_argument_group("machine and output")
     add_machine_arguments(h)
-    h.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    add_progress_argument(h)
     h.add_argument("--json", action="store_true", help="print the summary as one JSON object on standard output")
     add_pipeline_arguments(p, training=True)
 
@@ -106,25 +110,36 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.run import train
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = build_recipe(args)
     if args.pipeline_ranks > 1:
-        from ..distributed.train_cli import run_pipeline_training
-        return run_pipeline_training(args, recipe)
+        from ..distributed.pipeline_train import PipelinePlace
+        from ..distributed.run import on_ranks
+        return on_ranks(args, lambda ctx: train_and_report(args, recipe,
+                                                           PipelinePlace(ctx, recipe, args.pipeline_schedule)))
+    from ..train.run import LocalPlace
+    return train_and_report(args, recipe, LocalPlace(resolve_device(args.device)))
+
+
+def train_and_report(args: argparse.Namespace, recipe: Recipe, place: Place) -> int:
+    """Train ``recipe`` as the command line says, on ``place``; the reporter prints the summary."""
+    from ..train.run import train
     summary = train(recipe, args.out, init=args.init, resume=args.resume, export=args.export,
-                    export_dtype=DTYPES[args.export_dtype], device=resolve_device(args.device),
-                    progress=False if args.no_progress else None, stop_at=args.stop_at)
+                    export_dtype=DTYPES[args.export_dtype], progress=False if args.no_progress else None,
+                    stop_at=args.stop_at, place=place)
+    if not place.is_reporter:
+        return 0
     if args.json:
         print(json.dumps(summary))
-    else:
-        val = (f", validation loss {summary['val_loss']:.3f} (perplexity {summary['val_perplexity']:.1f})"
-               if summary["val_loss"] is not None else ", no validation documents")
-        print(f"trained {summary['steps']} steps in {summary['train_seconds'] / 60:.1f} min "
-              f"({summary['tokens_per_s']:.0f} tokens/s, {summary['epochs']:.2f} epochs): train loss "
-              f"{summary['train_loss']:.3f}" + val
-              + f"; unigram entropy {summary['unigram_entropy']:.3f}\ncheckpoint: {summary['out']} "
-              f"(loss curve: {summary['out']}/loss.png)" + (f"\nexported: {summary['export']}"
-                                                           if summary["export"] else ""), file=sys.stderr)
+        return 0
+    where = f" over {summary['pipeline_ranks']} pipeline ranks" if summary.get("pipeline_ranks") else ""
+    val = (f", validation loss {summary['val_loss']:.3f} (perplexity {summary['val_perplexity']:.1f})"
+           if summary["val_loss"] is not None else ", no validation documents")
+    print(f"trained {summary['steps']} steps{where} in {summary['train_seconds'] / 60:.1f} min "
+          f"({summary['tokens_per_s']:.0f} tokens/s, {summary['epochs']:.2f} epochs): train loss "
+          f"{summary['train_loss']:.3f}" + val
+          + f"; unigram entropy {summary['unigram_entropy']:.3f}\ncheckpoint: {summary['out']} "
+          f"(loss curve: {summary['out']}/loss.png)" + (f"\nexported: {summary['export']}"
+                                                       if summary["export"] else ""), file=sys.stderr)
     return 0

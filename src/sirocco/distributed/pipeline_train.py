@@ -19,13 +19,20 @@ clip the gradient norm with ``clip_grad_norm_`` here, which sums over all stages
 
 Mixtral's load-balancing loss lives where the router logits are, on each stage: a stage adds its layers' term
 to its own backward pass (``_AddAuxLoss``), so no router logits travel between ranks.
+
+``sirocco train --pipeline-ranks N`` under torchrun runs the training loop of ``sirocco.train.run`` on every
+rank with a ``PipelinePlace``: every rank reads the corpus and packs the same (seeded) batches, rank 0 opens or
+trains the tokenizer and the others read its file, each rank builds or loads only its stage, and
+``PipelineStep`` runs a step's ``accum`` micro-batches through the schedule. Checkpoints are the files one
+process writes, gathered and written by rank 0, without ``optimizer.pt``: not (yet) in a pipeline are --resume
+(the optimizer state is per rank) and bf16 autocast (the stages train in fp32).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,10 +44,16 @@ from ..checkpoint import save_consolidated
 from ..config import ModelArgs
 from ..model import Transformer
 from ..model.attention import Prefill
-from ..train.losses import IGNORE_INDEX, BatchTokenLoss, document_lengths, load_balancing_loss
-from .launch import DistContext, peer_errors
+from ..train.data import Batch
+from ..train.loop import use_autocast
+from ..train.losses import IGNORE_INDEX, BatchTokenLoss, cross_entropy_sum, document_lengths, load_balancing_loss
+from ..train.recipe import Recipe, TrainRecipe
+from .launch import DistContext, agree, peer_errors
+from .run import shared_from_rank0
+from .stages import rank_stage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -199,6 +212,106 @@ class PipelineTrainer:
         for g in grads:
             g.mul_(coef.to(g.dtype))
         return float(total)
+
+
+# -- the training loop's step function and place ---------------------------------------------------------------
+def step_batch(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's micro-batches as one (accum * rows, T) batch: tokens, targets, positions."""
+    return (torch.cat([b.tokens for b in batches]), torch.cat([b.targets for b in batches]),
+            torch.cat([b.positions for b in batches]))
+
+
+class PipelineStep:
+    """The step function (``sirocco.train.loop.StepFunction``) of this rank's stage: a step's micro-batches
+    through the pipeline schedule, validation forward only with activations sent rank to rank. Every value it
+    returns is the same on every rank.
+
+    Args:
+        stage: this rank's stage (fp32, trainable); ctx: the rank's ``DistContext``.
+        recipe: the [train] section (accum micro-batches per step, aux_loss_coef).
+        schedule: "gpipe" or "1f1b".
+    """
+
+    def __init__(self, stage: Transformer, ctx: DistContext, recipe: TrainRecipe,
+                 schedule: Literal["gpipe", "1f1b"] = "gpipe"):
+        self.stage, self.ctx, self.args = stage, ctx, stage.args
+        self.trainer = PipelineTrainer(stage, ctx, n_microbatches=recipe.accum, schedule=schedule,
+                                       aux_loss_coef=recipe.aux_loss_coef)
+
+    def train_step(self, batches: list[Batch]) -> tuple[float, float, int]:
+        self.trainer.step(*step_batch(batches))
+        return self.trainer.last_ce, self.trainer.last_aux, sum(b.num_tokens for b in batches)
+
+    @torch.no_grad()
+    def eval_sum(self, batch: Batch) -> float:
+        ctx, stage = self.ctx, self.stage
+        plan = stage.plan(document_lengths(batch.positions))
+        with peer_errors(ctx, "passing validation activations"):
+            if ctx.is_first:
+                x = batch.tokens.flatten().to(ctx.device)
+            else:
+                x = torch.empty(batch.tokens.numel(), stage.args.dim, device=ctx.device)
+                dist.recv(x, src=ctx.rank - 1)
+            h = stage(x, plan)
+            if not ctx.is_last:
+                dist.send(h.float().contiguous(), dst=ctx.rank + 1)
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        if ctx.is_last:
+            total += float(cross_entropy_sum(h, batch.targets.flatten().to(ctx.device)))
+        with peer_errors(ctx, "sharing the validation loss"):
+            dist.broadcast(total, src=ctx.world_size - 1)
+        return float(total)
+
+    def train(self, mode: bool = True) -> None:
+        self.stage.train(mode)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.trainer.parameters()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return self.trainer.clip_grad_norm_(max_norm)
+
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        return gather_state_dict(self.stage, self.ctx)
+
+    def num_parameters(self) -> int:
+        n = torch.tensor(sum(p.numel() for p in self.stage.parameters()), dtype=torch.int64, device=self.ctx.device)
+        with peer_errors(self.ctx, "counting the parameters"):
+            dist.all_reduce(n)
+        return int(n)
+
+
+class PipelinePlace:
+    """The training loop's place (``sirocco.train.run.Place``) on one rank of a pipeline: rank 0 reports and
+    writes, the model is this rank's stage. Every rank checks first that all train the same recipe."""
+
+    resume_refused = ("--resume is not available with --pipeline-ranks yet (the optimizer state is per rank); "
+                      "resume in one process, or start a new run")
+
+    def __init__(self, ctx: DistContext, recipe: Recipe, schedule: Literal["gpipe", "1f1b"] = "gpipe"):
+        agree(ctx, "recipe", recipe.to_toml())
+        if use_autocast(recipe.train.autocast, ctx.device):
+            log.warning("bf16 autocast is not used in a pipeline: the stages train in fp32")
+        self.ctx, self.schedule = ctx, schedule
+        self.is_reporter = ctx.rank == 0
+        self.label = f" ({ctx.world_size} ranks)"
+
+    def shared(self, fn: Callable[[], T], what: str) -> T:
+        return shared_from_rank0(self.ctx, fn, what)
+
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> PipelineStep:
+        stage = rank_stage(self.ctx, init if init is not None else recipe.model_args(vocab_size), seed=recipe.seed)
+        stage.train()
+        for p in stage.parameters():
+            p.requires_grad_(True)
+        return PipelineStep(stage, self.ctx, recipe.train, self.schedule)
+
+    def barrier(self, what: str) -> None:
+        with peer_errors(self.ctx, what):
+            dist.barrier()
+
+    def summary(self, history: dict[str, list]) -> dict[str, Any]:
+        return {"pipeline_ranks": self.ctx.world_size, "history": history}
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------

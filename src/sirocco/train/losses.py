@@ -6,7 +6,7 @@ causal mask) follow. Targets equal to ``IGNORE_INDEX`` carry no loss (a row's fi
 
 The cross-entropy of a step is the *sum* over its target tokens divided by the target tokens of the whole step
 (all its micro-batches), so gradients accumulated over micro-batches equal those of one large batch. Shared by
-the single-process trainer (loop.py) and pipeline-parallel training (sirocco.distributed.pipeline_train).
+the one-process step (loop.py) and pipeline-parallel training (sirocco.distributed.pipeline_train).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A whole training run: corpus -> tokenizer -> model -> steps with validation and checkpoints -> summary.
+"""A whole training run: corpus -> tokenizer -> model -> steps with validation and checkpoints -> summary, the
+same loop in one process and on every rank of a pipeline (a ``Place`` builds the model's ``StepFunction``).
 
     >>> from sirocco.train.recipe import Recipe
     >>> from sirocco.train.run import train
@@ -19,24 +20,26 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
 
 from ..checkpoint import load_model, save_consolidated
+from ..config import ModelArgs
 from ..errors import SiroccoError
 from ..model import Transformer, build_model
 from ..tokenizer import load_tokenizer
 from .corpus import Corpus, load_corpus
 from .data import DataPosition, PackedStream, eval_batches, tokenize
-from .loop import Trainer
+from .loop import LocalStep, StepFunction, Trainer
 from .plot import plot_losses
 from .recipe import Recipe
 from .tokenizer import tokenizer_file, train_tokenizer
 from .state import RECIPE, is_training_folder, load_optimizer, read_state, save_training
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def unigram_entropy(docs: list[list[int]]) -> float:
@@ -81,21 +84,68 @@ def open_run_model(recipe: Recipe, out: Path, vocab_size: int, init: Optional[Pa
             log.info("fine-tuning %s (all parameters); the recipe's [model] section is not used", init)
     else:
         model = build_model(recipe.model_args(vocab_size), dtype=torch.float32, device=device, seed=recipe.seed)
-    if vocab_size > model.args.vocab_size:
-        raise SiroccoError(f"the tokenizer has {vocab_size} pieces but the model's vocab_size is "
-                           f"{model.args.vocab_size}")
-    if recipe.data.seq_len > model.args.max_seq_len:
-        raise SiroccoError(f"[data] seq_len {recipe.data.seq_len} is longer than the model's max_seq_len "
-                           f"{model.args.max_seq_len}")
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
-def export_model(model: Transformer, tokenizer: Optional[Path], folder: str | Path, dtype: torch.dtype) -> None:
+def check_model(args: ModelArgs, vocab_size: int, seq_len: int) -> None:
+    """The model can take the tokenizer's ids and the recipe's rows."""
+    if vocab_size > args.vocab_size:
+        raise SiroccoError(f"the tokenizer has {vocab_size} pieces but the model's vocab_size is {args.vocab_size}")
+    if seq_len > args.max_seq_len:
+        raise SiroccoError(f"[data] seq_len {seq_len} is longer than the model's max_seq_len {args.max_seq_len}")
+
+
+class Place(Protocol):
+    """Where a run's model trains: the whole model in this process (``LocalPlace``), or this rank's stage of a
+    pipeline (``sirocco.distributed.pipeline_train.PipelinePlace``). ``train`` is the same for both."""
+
+    is_reporter: bool               # shows the progress, logs the run, gets the checkpoint to write
+    resume_refused: Optional[str]   # why --resume cannot work here, or None
+    label: str                      # added to the progress bar's description
+
+    def shared(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` run by the reporter, its result on every rank."""
+
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> StepFunction:
+        """The step function of the model to train (see ``open_run_model``), in training mode."""
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank gets here."""
+
+    def summary(self, history: dict[str, list]) -> dict[str, Any]:
+        """Fields added to the run's summary."""
+
+
+class LocalPlace:
+    """The whole model in this process, on ``device``."""
+
+    is_reporter = True
+    resume_refused = None
+    label = ""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def shared(self, fn: Callable[[], T], what: str) -> T:
+        return fn()
+
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> LocalStep:
+        return LocalStep(open_run_model(recipe, out, vocab_size, init, resume, self.device), recipe.train)
+
+    def barrier(self, what: str) -> None:
+        pass
+
+    def summary(self, history: dict[str, list]) -> dict[str, Any]:
+        return {}
+
+
+def export_model(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Optional[Path], folder: str | Path,
+                 dtype: torch.dtype) -> None:
     """The model alone (no training state) in ``dtype``, with its tokenizer: a folder to ship."""
-    save_consolidated(model, model.args, folder, dtype=dtype)
+    save_consolidated(state, args, folder, dtype=dtype)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, Path(folder) / tokenizer.name)
     log.info("exported the model in %s to %s", str(dtype).removeprefix("torch."), folder)
@@ -104,32 +154,48 @@ def export_model(model: Transformer, tokenizer: Optional[Path], folder: str | Pa
 def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           export: Optional[str | Path] = None, export_dtype: torch.dtype = torch.bfloat16,
           device: torch.device | str = "cpu", progress: Optional[bool] = None, stop_at: Optional[int] = None,
-          corpus: Optional[Corpus] = None, tokenizer: Any = None) -> dict[str, Any]:
+          corpus: Optional[Corpus] = None, tokenizer: Any = None, place: Optional[Place] = None) -> dict[str, Any]:
     """Run ``recipe`` writing checkpoints into ``out``; returns the summary (also in ``--json``).
 
     Args:
         init: a checkpoint folder (consolidated or Hugging Face) to fine-tune; its tokenizer is used.
         resume: continue the training folder ``out`` (its recipe.toml, unless ``recipe`` is given anew).
         export: also write the final model (and tokenizer) there in ``export_dtype``, without training state.
+        device: where the model trains when no ``place`` is given.
+        progress: the progress bar (None: if standard error is a terminal).
         stop_at: stop after this step with a checkpoint, as if interrupted (the schedule is still the
             recipe's ``steps``); resume later.
         corpus, tokenizer: already loaded ones (tests); by default from the recipe.
+        place: where the model trains: ``LocalPlace(device)`` by default, or a rank of a pipeline (every rank
+            calls ``train`` with the same arguments).
     """
-    out, device = Path(out), torch.device(device)
+    out = Path(out)
+    place = LocalPlace(device) if place is None else place
     init = None if init is None else Path(init)
     t_start = time.perf_counter()
+    if resume and place.resume_refused:
+        raise SiroccoError(place.resume_refused)
     state: dict[str, Any] = read_state(out) if resume else {}
-    if not resume and is_training_folder(out):
-        raise SiroccoError(f"{out} already holds a training run; pass --resume to continue it, or choose "
-                           f"another --out")
+    resumable = place.resume_refused is None
+    # a run that cannot be resumed does not write over a model either
+    if not resume and (is_training_folder(out) or (not resumable and (out / "params.json").exists())):
+        hint = "pass --resume to continue it, or choose another --out" if resumable else "choose another --out"
+        raise SiroccoError(f"{out} already holds a training run; {hint}")
     out.mkdir(parents=True, exist_ok=True)
 
     d, r = recipe.data, recipe.train
     if corpus is None:
         corpus = load_corpus(d.corpus, d.val_fraction, d.min_chars)
     tok_path: Optional[Path] = None
-    if tokenizer is None:
-        tokenizer, tok_path = open_run_tokenizer(recipe, out, corpus, init, resume)
+    if tokenizer is None:               # opened (or trained into out) by the reporter, then read by the others
+        opened: list[Any] = []
+
+        def open_tokenizer() -> str:
+            tok, path = open_run_tokenizer(recipe, out, corpus, init, resume)
+            opened.append(tok)
+            return str(path)
+        tok_path = Path(place.shared(open_tokenizer, "tokenizer"))
+        tokenizer = opened[0] if opened else load_tokenizer(tok_path)
     train_docs = tokenize([doc.text for doc in corpus.train], tokenizer)
     val_docs = tokenize([doc.text for doc in corpus.val], tokenizer)
     digest = corpus_digest(train_docs)
@@ -138,10 +204,12 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
                     "now %s): the run will not continue exactly", state["corpus_digest"], digest)
 
     torch.manual_seed(recipe.seed)
-    model = open_run_model(recipe, out, tokenizer.vocab_size, init, resume, device)
+    step_fn = place.build(recipe, out, tokenizer.vocab_size, init, resume)
+    margs = step_fn.args
+    check_model(margs, tokenizer.vocab_size, d.seq_len)
     stream = PackedStream(train_docs, d.seq_len, r.batch_rows, recipe.seed)
     val = eval_batches(val_docs, d.seq_len, r.batch_rows, r.eval_rows or None)
-    trainer = Trainer(model, r, stream, val)
+    trainer = Trainer(step_fn, r, stream, val)
     history: dict[str, list] = {"train": [], "val": [], "aux": []}
     elapsed0 = 0.0
     if resume:
@@ -150,23 +218,30 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
         history, elapsed0 = state["history"], float(state.get("elapsed_s", 0.0))
         log.info("resumed %s at step %d (epoch %d, row %d)", out, trainer.step, trainer.position.epoch,
                  trainer.position.row)
-    if not val:
-        log.warning("no validation documents (val_fraction %g of %d documents): no validation loss",
-                    d.val_fraction, len(corpus.train))
     baseline = unigram_entropy(train_docs)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters (%s); %d training tokens per epoch; %d steps of %d x %d x %d tokens; "
-             "unigram entropy %.3f nats", n_params / 1e6, "MoE" if model.args.moe else "dense",
-             stream.tokens_per_epoch(), r.steps, r.accum, r.batch_rows, d.seq_len, baseline)
+    n_params = step_fn.num_parameters()
+    if place.is_reporter:
+        if not val:
+            log.warning("no validation documents (val_fraction %g of %d documents): no validation loss",
+                        d.val_fraction, len(corpus.train))
+        log.info("model: %.2fM parameters (%s); %d training tokens per epoch; %d steps of %d x %d x %d tokens; "
+                 "unigram entropy %.3f nats", n_params / 1e6, "MoE" if margs.moe else "dense",
+                 stream.tokens_per_epoch(), r.steps, r.accum, r.batch_rows, d.seq_len, baseline)
 
     def checkpoint() -> None:
-        st = {"step": trainer.step, "data": trainer.position.to_dict(), "history": history,
-              "elapsed_s": elapsed0 + time.perf_counter() - t_start, "corpus_digest": digest, "seed": recipe.seed}
-        save_training(out, model, model.args, trainer.optimizer, st, recipe.to_toml(), tok_path)
-        plot_losses(history["train"], history["val"], out / "loss.png", title=out.name, baseline=baseline)
+        full = step_fn.full_state_dict()
+        if full is not None:
+            st = {"step": trainer.step, "data": trainer.position.to_dict(), "history": history,
+                  "elapsed_s": elapsed0 + time.perf_counter() - t_start, "corpus_digest": digest,
+                  "seed": recipe.seed}
+            save_training(out, full, margs, trainer.optimizer if resumable else None, st, recipe.to_toml(),
+                          tok_path)
+            plot_losses(history["train"], history["val"], out / "loss.png", title=out.name, baseline=baseline)
+        place.barrier("waiting for rank 0 to write the checkpoint")
 
-    bar = tqdm(total=r.steps, initial=trainer.step, desc=f"training {out.name}", unit="step", file=sys.stderr,
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+    bar = tqdm(total=r.steps, initial=trainer.step, desc=f"training {out.name}{place.label}", unit="step",
+               file=sys.stderr, disable=True if not place.is_reporter else None if progress is None else not progress,
+               dynamic_ncols=True)
     t_loop = time.perf_counter()
     tokens_run = 0
     val_loss = history["val"][-1][1] if history["val"] else math.nan
@@ -182,9 +257,10 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
             val_loss = trainer.evaluate()
             history["val"].append([res.step, val_loss])
             # without a progress bar (output to a file), the evaluations are the progress report
-            log.log(logging.INFO if bar.disable else logging.DEBUG,
-                    "step %d/%d: train loss %.3f, validation loss %.3f, %.0f tokens/s", res.step, r.steps,
-                    res.loss, val_loss, tps)
+            if place.is_reporter:
+                log.log(logging.INFO if bar.disable else logging.DEBUG,
+                        "step %d/%d: train loss %.3f, validation loss %.3f, %.0f tokens/s", res.step, r.steps,
+                        res.loss, val_loss, tps)
         elif val and res.step == last_step:          # stopping early: for the summary, not the history
             val_loss = trainer.evaluate()
         bar.set_postfix(loss=f"{res.loss:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
@@ -196,17 +272,20 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
         checkpoint()
     loop_s = time.perf_counter() - t_loop
     if export is not None:
-        export_model(model, tok_path, export, export_dtype)
+        full = step_fn.full_state_dict()
+        if full is not None:
+            export_model(full, margs, tok_path, export, export_dtype)
+        place.barrier("waiting for rank 0 to export the model")
 
     last = history["train"][-10:]
     at = trainer.position
     summary = {
-        "out": str(out), "steps": trainer.step, "parameters": n_params, "moe": model.args.moe is not None,
+        "out": str(out), "steps": trainer.step, "parameters": n_params, "moe": margs.moe is not None,
         "train_loss": sum(x[1] for x in last) / len(last) if last else math.nan,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if not math.isnan(val_loss) else math.nan,
         "unigram_entropy": baseline, "tokens_per_s": tokens_run / loop_s if tokens_run else 0.0,
         "train_seconds": elapsed0 + time.perf_counter() - t_start,
         "epochs": at.epoch + at.row / max(1, stream.rows_in_epoch(at.epoch)),
-        "export": None if export is None else str(export), "recipe": str(out / RECIPE),
+        "export": None if export is None else str(export), "recipe": str(out / RECIPE), **place.summary(history),
     }
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}

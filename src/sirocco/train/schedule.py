@@ -15,6 +15,7 @@ the step alone, so resuming needs nothing but the step::
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -31,11 +32,11 @@ def learning_rate(step: int, peak: float, warmup: int, total: int, minimum: floa
     return minimum + 0.5 * (peak - minimum) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices (embeddings, projections, router, experts) decay,
-    vectors (RMSNorm gains) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float,
+                    betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable ones of ``parameters``; matrices (embeddings, projections, router, experts)
+    decay, vectors (RMSNorm gains) do not."""
+    params = [p for p in parameters if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]

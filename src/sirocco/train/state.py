@@ -4,7 +4,8 @@
       params.json, consolidated.safetensors   the model (fp32 master weights), Mistral's consolidated format
       tokenizer.model                         the tokenizer the run encoded its corpus with
       recipe.toml                             the run's recipe, every field written out
-      optimizer.pt                            AdamW's moments and step counts (read with weights_only=True)
+      optimizer.pt                            AdamW's moments and step counts (read with weights_only=True);
+                                              not written by a pipeline (its optimizer state is per rank)
       trainer_state.json                      step, data position, loss history, elapsed time, corpus digest
       loss.png                                the loss curve
 
@@ -33,14 +34,17 @@ log = logging.getLogger(__name__)
 STATE, OPTIMIZER, RECIPE = "trainer_state.json", "optimizer.pt", "recipe.toml"
 
 
-def save_training(folder: str | Path, model: torch.nn.Module, args: ModelArgs, optimizer: torch.optim.Optimizer,
-                  state: dict[str, Any], recipe_toml: str, tokenizer: Optional[Path]) -> Path:
-    """Write a resumable checkpoint into ``folder``."""
+def save_training(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], args: ModelArgs,
+                  optimizer: Optional[torch.optim.Optimizer], state: dict[str, Any], recipe_toml: str,
+                  tokenizer: Optional[Path]) -> Path:
+    """Write a checkpoint of ``model`` (a module or the whole model's state dict) into ``folder``: resumable
+    with an ``optimizer``, without one the model, its recipe, tokenizer and state only."""
     folder = Path(folder)
     tmp = folder / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
     save_consolidated(model, args, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")
     (tmp / RECIPE).write_text(recipe_toml)
     if tokenizer is not None and tokenizer.resolve() != (folder / tokenizer.name).resolve():
