@@ -70,22 +70,28 @@ def test_memory_is_read_from_cache_tensors():
     assert "rolling" in text
 
 
-def test_pipeline_events_follow_gpipe():
-    data, text = viz.pipeline(stages=3, micro_batches=2, tokens=8)
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,stages,m", [("gpipe", 3, 2), ("1f1b", 2, 4)])
+def test_pipeline_events_of_a_real_step_follow_the_schedule(schedule, stages, m):
+    """Recorded from real processes: each dependency of the schedule holds on the shared clock."""
+    data, text = viz.pipeline(stages=stages, micro_batches=m, tokens=8, schedule=schedule)
     ev = data["events"]
-    assert len(ev) == 3 * 2 * 2
+    assert len(ev) == stages * m * 2 and data["schedule"] == schedule
     end = {(e["rank"], e["kind"], e["micro_batch"]): e for e in ev}
     for (r, kind, i), e in end.items():
         if kind == "F" and r > 0:
             assert e["start"] >= end[(r - 1, "F", i)]["end"]
-        if kind == "B" and r < 2:
+        if kind == "B" and r < stages - 1:
             assert e["start"] >= end[(r + 1, "B", i)]["end"]
-        if kind == "B":
+        if kind == "B" and schedule == "gpipe":     # GPipe: every forward of the stage first
             assert e["start"] >= max(x["end"] for x in ev if x["kind"] == "F" and x["rank"] == r)
-    for r in range(3):                              # a stage runs one thing at a time
+    if schedule == "1f1b":                          # 1F1B: the first stage's backward 0 before its last forward
+        assert end[(0, "B", 0)]["start"] < end[(0, "F", m - 1)]["start"]
+    for r in range(stages):                         # a stage runs one thing at a time
         mine = sorted((e for e in ev if e["rank"] == r), key=lambda e: e["start"])
         assert all(a["end"] <= b["start"] for a, b in zip(mine, mine[1:]))
-    assert "ideal" in text and f"{(3 - 1) / (2 + 3 - 1):.0%}" in text
+    ideal = (stages - 1) / (m + stages - 1)
+    assert data["ideal_bubble"] == ideal and "ideal" in text and f"{ideal:.0%}" in text
 
 
 PNG_DATA = {

@@ -65,6 +65,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=positive_int, default=2, help="pipeline stages (default 2)")
     p.add_argument("--micro-batches", type=positive_int, default=4,
                    help="micro-batches of the pipeline step (default 4)")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe", help="pipeline schedule (default gpipe)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="write the picture there")
     p.add_argument("--json", action="store_true", help="print the recorded data as JSON instead of the grid")
     add_machine_arguments(p)
@@ -111,7 +112,7 @@ def record(args: argparse.Namespace) -> tuple[dict, str]:
         data["text"] = [None if i is None else loaded.tokenizer.decode([i]) for i in data["ids"]]
         return data, text
     if kind == "pipeline":
-        return viz.pipeline(stages=args.ranks, micro_batches=args.micro_batches)
+        return viz.pipeline(stages=args.ranks, micro_batches=args.micro_batches, schedule=args.schedule)
     if args.model is not None:                                              # memory
         return viz.memory(_loaded(args.model).model.args)
     return viz.memory()

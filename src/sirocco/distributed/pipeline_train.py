@@ -31,6 +31,7 @@ process writes, gathered and written by rank 0, without ``optimizer.pt``: not (y
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, TypeVar
 
@@ -74,13 +75,32 @@ class _AddAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux)
 
 
+class _Mark(torch.autograd.Function):
+    """Identity whose backward calls ``note()`` when the gradient reaches it: placed at a stage's output it marks
+    the start of the stage's backward of a micro-batch, at its input the end."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, note) -> torch.Tensor:
+        ctx.note = note
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.note()
+        return grad, None
+
+
 class TrainStage(nn.Module):
     """A pipeline stage for training: (b, T) token ids or (b, T, dim) activations, plus (b, T) positions ->
     (b, T, dim) activations, or (b, T, vocab) logits on the last stage.
 
     With ``aux_loss_coef`` and MoE layers, each micro-batch adds ``coef * mean over the model's layers of the
     load-balancing loss / n_microbatches`` (summed over micro-batches: the batch's mean) through
-    ``_AddAuxLoss``; ``aux_values`` keeps the detached terms for reporting."""
+    ``_AddAuxLoss``; ``aux_values`` keeps the detached terms for reporting.
+
+    With ``events`` set to a list (None, the default, records nothing), each micro-batch's forward and backward
+    on this stage append ``(kind "F" or "B", micro-batch, start, end)`` in ``time.perf_counter()`` seconds, which
+    one machine's processes share (for ``sirocco viz pipeline``)."""
 
     def __init__(self, stage: Transformer, aux_loss_coef: float = 0.0, n_microbatches: int = 1):
         super().__init__()
@@ -89,8 +109,37 @@ class TrainStage(nn.Module):
         self.aux_scale = aux_loss_coef / (stage.args.n_layers * n_microbatches) if moe and aux_loss_coef else 0.0
         self.top_k = moe.num_experts_per_tok if moe else 0
         self.aux_values: list[torch.Tensor] = []
+        self.events: Optional[list[tuple[str, int, float, float]]] = None
+        self._forwards = 0                   # micro-batches seen by forward since the events were set
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.events is None:
+            return self._forward(x, positions)
+        mb, t0, began = self._forwards, time.perf_counter(), [0.0]
+        self._forwards += 1
+        events = self.events
+
+        def backward_begins() -> None:
+            began[0] = time.perf_counter()
+
+        def backward_ends() -> None:
+            events.append(("B", mb, began[0], time.perf_counter()))
+
+        if x.is_floating_point():
+            x = _Mark.apply(x, backward_ends)
+            hook = None
+        else:                                # ids: mark the embedding's output instead
+            hook = self.stage.tok_embeddings.register_forward_hook(
+                lambda _m, _i, out: _Mark.apply(out, backward_ends))
+        try:
+            h = self._forward(x, positions)
+        finally:
+            if hook is not None:
+                hook.remove()
+        events.append(("F", mb, t0, time.perf_counter()))
+        return _Mark.apply(h, backward_begins)
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, T = positions.shape
         plan = self.stage.plan(document_lengths(positions))
         flat = x.reshape(b * T, *x.shape[2:])                     # (b*T,) ids or (b*T, dim)

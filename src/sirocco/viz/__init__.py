@@ -106,15 +106,19 @@ def moe(prompts: Sequence[int] | Sequence[Sequence[int]] = (12, 9), max_tokens: 
     return data, render("moe", data, colour)
 
 
-def pipeline(stages: int = 4, micro_batches: int = 4, tokens: int = 64, seed: int = 0,
+def pipeline(stages: int = 2, micro_batches: int = 4, tokens: int = 64, seed: int = 0, schedule: str = "gpipe",
              colour: Optional[bool] = None) -> tuple[dict, str]:
-    """A GPipe schedule of a tiny model: stage times measured, placed by the schedule's dependencies."""
+    """A real pipeline training step of a tiny model over ``stages`` processes: each stage's forward and backward
+    of each micro-batch, as the schedule ran them."""
     from ..config import preset
 
     trace = Trace()
-    record_pipeline(preset("tiny", n_layers=2 * stages), stages, micro_batches, tokens, trace, seed=seed)
+    record_pipeline(preset("tiny", n_layers=2 * stages), stages, micro_batches, tokens, trace, seed=seed,
+                    schedule=schedule)
     data = trace.to_json("pipeline")
-    data["note"] = "stage times measured in one process, placed by GPipe's dependencies"
+    data.update(schedule=schedule, stages=stages, micro_batches=micro_batches,
+                ideal_bubble=(stages - 1) / (micro_batches + stages - 1))
+    data["note"] = f"{schedule}, one real training step, {stages} processes on this machine"
     return data, render("pipeline", data, colour)
 
 

@@ -45,59 +45,39 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
     return [c.tokens for c in done], engine.cache
 
 
-def record_pipeline(args, stages: int, micro_batches: int, tokens: int, trace: Trace, seed: int = 0,
-                    repeats: int = 3) -> None:
-    """Pipeline events for a GPipe schedule (all forwards, then all backwards) of a tiny model cut in stages.
+def _pipeline_rank(ctx, args, micro_batches: int, rows: int, seq_len: int, schedule: str, seed: int) -> list:
+    """One rank of a real pipeline training step: a warm-up step, then the timed one; returns its events."""
+    from ..distributed.pipeline_train import PipelineTrainer
+    from ..distributed.stages import rank_stage
 
-    In one process the stages cannot overlap, so each stage's forward and backward of each micro-batch is run
-    and timed for real, and the events are then placed by GPipe's dependencies (a stage starts a micro-batch
-    when it is free and the previous stage has handed it over). To be replaced by the pipeline schedule's hook.
-    """
-    from ..model import build_model
+    stage = rank_stage(ctx, args, seed=seed)
+    trainer = PipelineTrainer(stage, ctx, n_microbatches=micro_batches, schedule=schedule)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(seed)
+    batch = rows * micro_batches
+    tokens = torch.randint(0, args.vocab_size, (batch, seq_len), generator=g)
+    positions = torch.arange(seq_len).repeat(batch, 1)
+    targets = tokens.roll(-1, dims=1)
+    trainer.step(tokens, targets, positions)           # warm-up: the first backward allocates and is slow
+    trainer.module.events = []
+    trainer.step(tokens, targets, positions)
+    return trainer.module.events
+
+
+def record_pipeline(args, stages: int, micro_batches: int, tokens: int, trace: Trace, seed: int = 0,
+                    schedule: str = "gpipe", rows: int = 1) -> None:
+    """The forward and backward events of every stage and micro-batch in one real pipeline training step:
+    ``stages`` processes on this machine (gloo, one thread each), ``PipelineTrainer`` with the ``schedule``
+    ("gpipe" or "1f1b"), micro-batches of ``rows`` rows of ``tokens`` tokens. Times are each process's
+    ``time.perf_counter()``, a clock the processes of one machine share."""
+    from ..distributed.launch import spawn_local
 
     if args.n_layers < stages:
         args = args.replace(n_layers=stages)
-    cuts = [round(i * args.n_layers / stages) for i in range(stages + 1)]
-    mods = [build_model(args, seed=seed, layers=list(range(cuts[i], cuts[i + 1])), embed=i == 0,
-                        head=i == stages - 1) for i in range(stages)]
-    g = torch.Generator().manual_seed(seed)
-    f = [[float("inf")] * micro_batches for _ in mods]
-    b = [[float("inf")] * micro_batches for _ in mods]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)           # a busy second core stalls two-thread ops of tiny tensors
-    try:
-        for _ in range(repeats):       # the fastest of a few runs: the host's hiccups are not the schedule's
-            for i in [-1] + list(range(micro_batches)):       # -1: an untimed warm-up (first backward is slow)
-                x, acts = torch.randint(0, args.vocab_size, (tokens,), generator=g), []
-                for s, mod in enumerate(mods):
-                    inp = x if s == 0 else x.detach().requires_grad_()
-                    t = time.perf_counter()
-                    out = mod(inp, [tokens])
-                    if i >= 0:
-                        f[s][i] = min(f[s][i], time.perf_counter() - t)
-                    acts.append((inp, out))
-                    x = out
-                grad = torch.randn(out.shape, generator=g)
-                for s in reversed(range(stages)):
-                    inp, out = acts[s]
-                    t = time.perf_counter()
-                    out.backward(grad)
-                    if i >= 0:
-                        b[s][i] = min(b[s][i], time.perf_counter() - t)
-                    grad = inp.grad
-    finally:
-        torch.set_num_threads(threads)
-    free = [0.0] * stages
-    f_end = [[0.0] * micro_batches for _ in mods]
-    for i in range(micro_batches):
-        for s in range(stages):
-            t0 = max(free[s], f_end[s - 1][i] if s else 0.0)
-            f_end[s][i] = free[s] = t0 + f[s][i]
-            trace.on_pipeline_event(s, "F", i, t0, f_end[s][i])
-    b_end = [[0.0] * micro_batches for _ in mods]
-    for i in range(micro_batches):
-        for s in reversed(range(stages)):
-            ready = b_end[s + 1][i] if s < stages - 1 else max(f_end[s])
-            t0 = max(free[s], ready)
-            b_end[s][i] = free[s] = t0 + b[s][i]
-            trace.on_pipeline_event(s, "B", i, t0, b_end[s][i])
+    results = spawn_local(_pipeline_rank, stages, (args, micro_batches, rows, tokens, schedule, seed),
+                          timeout_s=120, deadline_s=300)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"pipeline rank {failed[0].rank} failed: {failed[0].error}")
+    for r in results:
+        for kind, mb, t0, t1 in r.value:
+            trace.on_pipeline_event(r.rank, kind, mb, t0, t1)
