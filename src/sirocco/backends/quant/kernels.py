@@ -50,7 +50,7 @@ def native_module():
                      "cached by PyTorch)")
             _module = load_inline(
                 "sirocco_quant_kernels", cpp_sources=[source],
-                functions=["qlinear", "quantize_activations", "qlinear_isa", "qlinear_set_prefetch"],
+                functions=["qlinear", "quantize_activations", "qlinear_isa"],
                 extra_cflags=["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                 extra_ldflags=["-fopenmp"])
             log.info("quantized decode kernels ready in %.1f s (%s)", time.perf_counter() - t0, _module.qlinear_isa())
