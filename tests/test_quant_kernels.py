@@ -1,6 +1,8 @@
 """The quantized decode kernel: equal to its scalar definition bit for bit, to the plain PyTorch product over the
 dequantized weights to fp32 rounding, and the same bits for a row alone or packed with others."""
 
+import os
+
 import pytest
 import torch
 
@@ -92,6 +94,25 @@ def test_avx2_and_vnni_paths_agree(fmt):
     if qk.native_module().qlinear_isa() != "avx512vnni":
         pytest.skip("no AVX512-VNNI on this CPU: only the AVX2 path runs (the VNNI one is compiled, not run)")
     assert torch.equal(qk.qlinear(x, packed, fmt, isa="avx512vnni"), avx2)
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.environ.get("SIROCCO_TEST_VNNI_EMULATION"),
+                    reason="set SIROCCO_TEST_VNNI_EMULATION=1 to build (about a minute, once) and check the VNNI "
+                           "tile on scalar emulations of its AVX-512 operations")
+@pytest.mark.parametrize("fmt", FMTS)
+def test_vnni_tile_on_emulated_instructions_gives_the_avx2_bits(fmt):
+    emulated = qk.vnni_emulation_module()
+    assert emulated.qlinear_isa() == "avx512vnni"
+    for k, n in [(32 * 5, 19), (32 * 4, 8), (32, 3), (32 * 37, 21)]:      # odd and even block counts, a lone block
+        packed, x = _case(k, n, fmt, seed=k)
+        x[2, 5] = -x[2].abs().max()                                     # an activation at -127
+        if fmt == "q8_0":
+            packed.view(-1)[2 + 34 * 0] = 0x80                          # a weight of -128 (no quantizer writes it)
+        for m in range(1, qk.MAX_ROWS + 1):
+            avx2 = qk.qlinear(x[:m], packed, fmt, isa="avx2")
+            assert torch.equal(avx2, scalar_definition(x[:m], packed, fmt)), (k, m)
+            assert torch.equal(emulated.qlinear(x[:m], packed, qk.FMT_CODES[fmt], 2), avx2), (k, m)
 
 
 @needs_kernel

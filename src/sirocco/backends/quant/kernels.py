@@ -31,6 +31,14 @@ ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
 
 _module = None
 _failed = False
+CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def _build(name: str, defines: tuple[str, ...] = ()):
+    from torch.utils.cpp_extension import load_inline
+    source = (Path(__file__).parent / "csrc" / "qlinear.cpp").read_text()
+    return load_inline(name, cpp_sources=[source], functions=["qlinear", "quantize_activations", "qlinear_isa"],
+                       extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
 def native_module():
@@ -43,16 +51,10 @@ def native_module():
             log.info("no AVX2 on this CPU: the quantized decode kernels are not used")
             return None
         try:
-            from torch.utils.cpp_extension import load_inline
-            source = (Path(__file__).parent / "csrc" / "qlinear.cpp").read_text()
             t0 = time.perf_counter()
-            log.info("preparing the quantized decode kernels (a build of about half a minute the first time, then "
+            log.info("preparing the quantized decode kernels (a build of about a minute the first time, then "
                      "cached by PyTorch)")
-            _module = load_inline(
-                "sirocco_quant_kernels", cpp_sources=[source],
-                functions=["qlinear", "quantize_activations", "qlinear_isa"],
-                extra_cflags=["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                extra_ldflags=["-fopenmp"])
+            _module = _build("sirocco_quant_kernels")
             log.info("quantized decode kernels ready in %.1f s (%s)", time.perf_counter() - t0, _module.qlinear_isa())
         except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
             _failed = True
@@ -60,6 +62,13 @@ def native_module():
                         type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
             return None
     return _module
+
+
+def vnni_emulation_module():
+    """A test-only build of the same source whose AVX512-VNNI path runs on scalar emulations of its 512-bit
+    operations (qlinear's isa="avx512vnni" works on any AVX2 CPU): checks the VNNI tile's data flow where the
+    instructions are missing. A separate build of about a minute, cached like the other."""
+    return _build("sirocco_quant_kernels_vnni_emulation", ("SIROCCO_VNNI_EMULATION",))
 
 
 def kernel_available() -> bool:

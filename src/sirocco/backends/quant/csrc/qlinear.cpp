@@ -241,11 +241,58 @@ void tile_avx2_q4(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid
   }
 }
 
+// The few 512-bit operations of the VNNI tile. Built with SIROCCO_VNNI_EMULATION (a test-only build,
+// tests/test_quant_kernels.py) they are scalar code following Intel's definitions, so that the tile's data flow can
+// be checked on CPUs without AVX-512; normally they are the AVX512-VNNI instructions.
+#ifndef SIROCCO_VNNI_EMULATION
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+namespace v512 {
+using vec = __m512i;
+VNNI_TARGET inline vec load(const int8_t* p) { return _mm512_loadu_si512((const void*)p); }
+VNNI_TARGET inline vec combine(__m256i lo, __m256i hi) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+VNNI_TARGET inline __m256i low(vec v) { return _mm512_castsi512_si256(v); }
+VNNI_TARGET inline __m256i high(vec v) { return _mm512_extracti64x4_epi64(v, 1); }
+// q8_0: per int32 lane, the sum of 4 products |w| * (a with w's sign) = w * a
+VNNI_TARGET inline vec dot_q8(vec w, vec a) {
+  const vec zero = _mm512_setzero_si512();
+  return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), zero, a));
+}
+// q4_0: per int32 lane, the sum of 4 products nibble (unsigned) * a (signed)
+VNNI_TARGET inline vec dot_q4(vec nib, vec a) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib, a); }
+}  // namespace v512
+#else
+#define VNNI_TARGET
+namespace v512 {
+struct vec { int8_t b[64]; };
+inline vec load(const int8_t* p) { vec v; std::memcpy(v.b, p, 64); return v; }
+inline vec combine(__m256i lo, __m256i hi) {
+  vec v; _mm256_storeu_si256((__m256i*)v.b, lo); _mm256_storeu_si256((__m256i*)(v.b + 32), hi); return v;
+}
+inline __m256i low(vec v) { return _mm256_loadu_si256((const __m256i*)v.b); }
+inline __m256i high(vec v) { return _mm256_loadu_si256((const __m256i*)(v.b + 32)); }
+inline vec dpbusd(const vec& u, const vec& s) {      // _mm512_dpbusd_epi32 with a zero accumulator
+  vec out; int32_t lanes[16];
+  for (int j = 0; j < 16; ++j) {
+    lanes[j] = 0;
+    for (int i = 4 * j; i < 4 * j + 4; ++i) lanes[j] += (int32_t)(uint8_t)u.b[i] * (int32_t)s.b[i];
+  }
+  std::memcpy(out.b, lanes, 64);
+  return out;
+}
+inline vec dot_q8(vec w, vec a) {
+  vec absw, signed_a;
+  for (int i = 0; i < 64; ++i) {
+    absw.b[i] = (int8_t)(w.b[i] < 0 ? -(int)w.b[i] : w.b[i]);     // _mm512_abs_epi8: -128 stays 0x80 (128 unsigned)
+    signed_a.b[i] = (int8_t)(w.b[i] < 0 ? -(int)a.b[i] : a.b[i]);  // _mm512_mask_sub_epi8 on the sign mask
+  }
+  return dpbusd(absw, signed_a);
+}
+inline vec dot_q4(vec nib, vec a) { return dpbusd(nib, a); }
+}  // namespace v512
+#endif
 
-// The same tile with AVX512-VNNI: two blocks per 512-bit step (blocks b and b + 1 of a row in the two halves),
-// |w| x (a with w's sign) by _mm512_dpbusd_epi32 (q4_0: nibbles x a); the same integer dots, the same float steps
-// in block order, so the same bits as tile_avx2. Selected at run time only where the CPU has AVX512-VNNI.
 template <int FMT, int M>
 VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid, const Acts& a,
                            float* y, int64_t N) {
@@ -254,30 +301,22 @@ VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int6
   NextTile<FMT> pf(w + n0 * row_bytes, row_bytes);
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
   int64_t b = 0;
   for (; b + 2 <= a.nb; b += 2) {
     const int64_t off = b * block_bytes<FMT>();
     pf.step();
     pf.step();
     const __m256 dw0 = row_scales<FMT>(rp, b), dw1 = row_scales<FMT>(rp, b + 1);
-    __m512i wq[kTile];
+    v512::vec wq[kTile];
     for (int r = 0; r < kTile; ++r)
-      wq[r] = _mm512_inserti64x4(_mm512_castsi256_si512(load_quants<FMT>(rp[r] + off)),
-                                 load_quants<FMT>(rp[r] + off + block_bytes<FMT>()), 1);
+      wq[r] = v512::combine(load_quants<FMT>(rp[r] + off), load_quants<FMT>(rp[r] + off + block_bytes<FMT>()));
     for (int m = 0; m < M; ++m) {
-      const __m512i aq = _mm512_loadu_si512((const void*)(a.q + m * a.K + b * QK));
+      const v512::vec aq = v512::load(a.q + m * a.K + b * QK);
       __m256i lo[kTile], hi[kTile];
       for (int r = 0; r < kTile; ++r) {
-        __m512i p;
-        if (FMT == kQ8) {
-          const __mmask64 neg = _mm512_movepi8_mask(wq[r]);
-          p = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wq[r]), _mm512_mask_sub_epi8(aq, neg, zero, aq));
-        } else {
-          p = _mm512_dpbusd_epi32(zero, wq[r], aq);
-        }
-        lo[r] = _mm512_castsi512_si256(p);
-        hi[r] = _mm512_extracti64x4_epi64(p, 1);
+        const v512::vec p = FMT == kQ8 ? v512::dot_q8(wq[r], aq) : v512::dot_q4(wq[r], aq);
+        lo[r] = v512::low(p);
+        hi[r] = v512::high(p);
       }
       acc[m] = scale_add<FMT>(acc[m], reduce8(lo), dw0, a, m, b);
       acc[m] = scale_add<FMT>(acc[m], reduce8(hi), dw1, a, m, b + 1);
@@ -315,6 +354,9 @@ TileFn pick(int64_t M, bool vnni) {
 }
 
 bool cpu_has_vnni() {
+#ifdef SIROCCO_VNNI_EMULATION
+  return true;
+#endif
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
