@@ -1,6 +1,6 @@
 """Decode products over quantized weights against the memory-bandwidth bound, on the shapes of a 1B Mistral.
 
-In one run: the machine's read bandwidth (the sum of a large fp32 tensor, best of a few), then for each weight
+In one run: the machine's read bandwidth (the sum of a large fp32 tensor, best of a few, before and after), then for each weight
 shape (K=2048 N=2048/512/7168, K=7168 N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
 Each is reported as GB/s of weight bytes read (bf16: 2 bytes per weight; q8_0: 34 per 32; q4_0: 18 per 32) and
 as the fraction of the measured read bandwidth. Each case cycles through copies of its weight that together
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -37,26 +38,23 @@ def cycling(make, nbytes: int):
     return fn
 
 
-def best_time(fn, min_seconds: float = 0.25, rounds: int = 5) -> float:
-    """Best over ``rounds`` of the mean time of one call over a batch of about min_seconds / rounds."""
+def best_time(fn, calls: int = 40, min_seconds: float = 0.3) -> float:
+    """The fastest of at least ``calls`` single calls (and at least min_seconds of them): on a shared host a call
+    that lost its core for a time slice says nothing about the kernel, so the best call is the figure."""
     fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-6)
-    reps = max(1, int(min_seconds / rounds / once))
-    best = float("inf")
-    for _ in range(rounds):
+    best, spent, n = float("inf"), 0.0, 0
+    while n < calls or spent < min_seconds:
         t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
+        fn()
+        t = time.perf_counter() - t0
+        best, spent, n = min(best, t), spent + t, n + 1
     return best
 
 
 def read_bandwidth(megabytes: int = 512) -> float:
     """GB/s of a sum over a tensor much larger than the caches."""
     x = torch.ones(megabytes * 2**20 // 4)
-    return x.numel() * 4 / best_time(lambda: x.sum(), min_seconds=1.0) / 1e9
+    return x.numel() * 4 / best_time(lambda: x.sum(), calls=8, min_seconds=0.5) / 1e9
 
 
 def main() -> None:
@@ -67,6 +65,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if not qk.kernel_available():
         raise SystemExit("the quantized C++ kernels are not available here (see the log)")
+    load_before = os.getloadavg()[0]
     bandwidth = read_bandwidth()
     rows = []
     for k, n in SHAPES:
@@ -90,12 +89,18 @@ def main() -> None:
                 gbs = nbytes / t / 1e9
                 rows.append(dict(kernel=name, K=k, N=n, M=m, us=t * 1e6, weight_bytes=nbytes, gb_per_s=gbs,
                                  fraction_of_bound=gbs / bandwidth))
+    bandwidth_after = read_bandwidth()
+    load = dict(load_average_before=load_before, load_average_after=os.getloadavg()[0], cpus=os.cpu_count())
     if a.json:
         print(json.dumps(dict(threads=a.threads, read_bandwidth_gb_per_s=bandwidth,
+                              read_bandwidth_after_gb_per_s=bandwidth_after, **load,
                               isa=qk.native_module().qlinear_isa(), results=rows), indent=1))
         return
-    print(f"read bandwidth (sum of 512 MiB fp32, best of 5): {bandwidth:.1f} GB/s; {a.threads} threads; "
-          f"kernel path {qk.native_module().qlinear_isa()}")
+    print(f"read bandwidth (sum of 512 MiB fp32, best of 8): {bandwidth:.1f} GB/s before, {bandwidth_after:.1f} "
+          f"after; {a.threads} threads; kernel path {qk.native_module().qlinear_isa()}; load average "
+          f"{load['load_average_before']:.1f} -> {load['load_average_after']:.1f} on {load['cpus']} CPUs")
+    if max(load["load_average_before"], load["load_average_after"]) > load["cpus"]:
+        print("warning: other processes kept the CPUs busy: the figures understate the kernels")
     print(f"{'kernel':<15} {'K':>5} {'N':>5} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
     for r in rows:
         print(f"{r['kernel']:<15} {r['K']:>5} {r['N']:>5} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} "

@@ -44,8 +44,6 @@ struct Acts {           // the activation rows as q8 blocks
   int64_t K, nb;
 };
 
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-
 // C's roundf (ties away from zero) by the exact computation the Python side uses.
 inline float round_half_away(float v) {
   const float a = std::fabs(v);
