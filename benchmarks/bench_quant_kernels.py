@@ -1,7 +1,8 @@
 """Decode products over quantized weights against the memory-bandwidth bound, on the shapes of a 1B Mistral.
 
-In one run: the machine's read bandwidth (the sum of a large fp32 tensor, best of a few, before and after), then for each weight
-shape (K=2048 N=2048/512/7168, K=7168 N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
+In one run: the machine's read bandwidth (the sum of a large fp32 tensor in 16 MiB chunks, the best chunk, before
+and after; the bound is the better of the two), then for each weight shape (K=2048 N=2048/512/7168, K=7168
+N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
 Each is reported as GB/s of weight bytes read (bf16: 2 bytes per weight; q8_0: 34 per 32; q4_0: 18 per 32) and
 as the fraction of the measured read bandwidth. Each case cycles through copies of its weight that together
 exceed the last-level cache (FOOTPRINT bytes), so the weights come from memory as in a model's decode step.
@@ -51,10 +52,17 @@ def best_time(fn, calls: int = 40, min_seconds: float = 0.3) -> float:
     return best
 
 
-def read_bandwidth(megabytes: int = 512) -> float:
-    """GB/s of a sum over a tensor much larger than the caches."""
-    x = torch.ones(megabytes * 2**20 // 4)
-    return x.numel() * 4 / best_time(lambda: x.sum(), calls=8, min_seconds=0.5) / 1e9
+def read_bandwidth(megabytes: int = 512, chunk_megabytes: int = 16) -> float:
+    """GB/s of the fastest sum of one 16 MiB chunk of a 512 MiB fp32 tensor, the chunks taken in turn (so each
+    comes from memory, not cache): timed call by call like the kernels, so the bound and the kernels are measured
+    the same way on a shared host."""
+    chunks = torch.ones(megabytes * 2**20 // 4).chunk(megabytes // chunk_megabytes)
+    state = {"i": 0}
+
+    def one():
+        state["i"] = (state["i"] + 1) % len(chunks)
+        chunks[state["i"]].sum()
+    return chunk_megabytes * 2**20 / best_time(one, calls=3 * len(chunks)) / 1e9
 
 
 def main() -> None:
@@ -88,15 +96,18 @@ def main() -> None:
                     t = best_time(fn)
                 gbs = nbytes / t / 1e9
                 rows.append(dict(kernel=name, K=k, N=n, M=m, us=t * 1e6, weight_bytes=nbytes, gb_per_s=gbs,
-                                 fraction_of_bound=gbs / bandwidth))
+                                 fraction_of_bound=None))
     bandwidth_after = read_bandwidth()
+    bound = max(bandwidth, bandwidth_after)
+    for r in rows:
+        r["fraction_of_bound"] = r["gb_per_s"] / bound
     load = dict(load_average_before=load_before, load_average_after=os.getloadavg()[0], cpus=os.cpu_count())
     if a.json:
         print(json.dumps(dict(threads=a.threads, read_bandwidth_gb_per_s=bandwidth,
                               read_bandwidth_after_gb_per_s=bandwidth_after, **load,
                               isa=qk.native_module().qlinear_isa(), results=rows), indent=1))
         return
-    print(f"read bandwidth (sum of 512 MiB fp32, best of 8): {bandwidth:.1f} GB/s before, {bandwidth_after:.1f} "
+    print(f"read bandwidth (sums of 16 MiB fp32 chunks, best): {bandwidth:.1f} GB/s before, {bandwidth_after:.1f} "
           f"after; {a.threads} threads; kernel path {qk.native_module().qlinear_isa()}; load average "
           f"{load['load_average_before']:.1f} -> {load['load_average_after']:.1f} on {load['cpus']} CPUs")
     if max(load["load_average_before"], load["load_average_after"]) > load["cpus"]:
