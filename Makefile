@@ -37,6 +37,7 @@ pictures: $(VENV)/.runtime    ## regenerate the gallery of docs/pictures.md from
 	$(BIN)/sirocco -q viz receptive-field --window 3 --layers 5 --out $(PICTURES)/receptive-field.png >/dev/null
 	$(BIN)/sirocco -q viz moe --out $(PICTURES)/moe.png >/dev/null
 	$(BIN)/sirocco -q viz pipeline --ranks 2 --micro-batches 4 --out $(PICTURES)/pipeline.png >/dev/null
+	$(BIN)/sirocco -q viz pipeline --ranks 2 --micro-batches 4 --schedule 1f1b --out $(PICTURES)/pipeline-1f1b.png >/dev/null
 	$(BIN)/sirocco -q viz memory --out $(PICTURES)/memory.png >/dev/null
 
 clean:
