@@ -597,7 +597,8 @@ def main(argv=None) -> int:
     notes = [f"sirocco's backend ({a.backend}): "
              + ", ".join(f"{d} {'used' if f else 'not used' if f is not None else 'not measured'}"
                          for d, f in fast.items()),
-             f"transformers attention: {results.get(('transformers', a.dtypes[0], 'batch'), {}).get('attn_implementation', '?')}",
+             "transformers attention: "
+             f"{results.get(('transformers', a.dtypes[0], 'batch'), {}).get('attn_implementation', '?')}",
              f"run: {wall / 60:.1f} min, {a.threads} threads, median of {a.repeats} after a warm-up; other processes "
              f"used {max(others, 0):.0%} of the {ncpu} CPUs meanwhile"
              + (" (figures contaminated)" if others > 0.1 else "")]

@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import timeit
 
 import torch

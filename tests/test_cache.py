@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from sirocco import backends
-
 from sirocco.cache import RollingCache
 from sirocco.config import preset
 from sirocco.model import build_model

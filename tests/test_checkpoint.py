@@ -61,7 +61,8 @@ def test_round_trip_is_exact(hf_checkpoint, tmp_path):
         assert torch.equal(original[k], back[k]), k
     # and the other way: consolidated -> HF -> consolidated
     main(["convert", str(tmp_path / "h"), str(tmp_path / "c2")])
-    a, b = load_file(tmp_path / "c" / "consolidated.safetensors"), load_file(tmp_path / "c2" / "consolidated.safetensors")
+    a = load_file(tmp_path / "c" / "consolidated.safetensors")
+    b = load_file(tmp_path / "c2" / "consolidated.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

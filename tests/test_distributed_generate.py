@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sirocco.config import preset
-from sirocco.distributed.launch import DistributedError, spawn_local
 from sirocco.distributed.executor import PipelineExecutor, split_groups
+from sirocco.distributed.launch import DistributedError, spawn_local
 from sirocco.distributed.stages import parameter_bytes, rank_stage, split_layers
 from sirocco.errors import ConfigError
 from sirocco.generate.engine import Engine
@@ -35,6 +35,9 @@ SAMPLED = [SamplingParams(max_tokens=m, temperature=t, top_p=p, top_k=k, seed=10
                                              (9, 1.0, 1.0, 0), (3, 0.8, 0.8, 20)])]
 
 
+pytestmark = pytest.mark.slow          # every test spawns gloo ranks
+
+
 def prompts():
     g = torch.Generator().manual_seed(7)
     return [torch.randint(3, 259, (n,), generator=g).tolist() for n in LENGTHS]
@@ -46,8 +49,8 @@ def run_rank(ctx, args, runs):
     out = {"names": sorted(stage.state_dict()), "param_bytes": parameter_bytes(stage), "runs": []}
     for micro_batches, params in runs:
         # min_group_tokens=1: split even these tiny steps, so that every step exercises the micro-batches.
-        engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx, micro_batches=micro_batches, min_group_tokens=1),
-                        **ENGINE)
+        executor = PipelineExecutor(stage, ctx, micro_batches=micro_batches, min_group_tokens=1)
+        engine = Engine(stage, None, executor=executor, **ENGINE)
         done = engine.generate(prompts(), params)
         out["runs"].append([(c.tokens, c.logprobs, c.finish_reason) for c in done])
         out["cache_bytes"] = engine.cache.nbytes()
@@ -295,8 +298,9 @@ def run_rank_from_folder(ctx, folder):
 
 @pytest.mark.parametrize("kind", ["mistral", "mixtral"])
 def test_sharded_from_a_hugging_face_checkpoint_folder(kind, tmp_path):
-    from hf_fixtures import save_hf_checkpoint
     from sirocco.checkpoint import load_model
+
+    from hf_fixtures import save_hf_checkpoint
     save_hf_checkpoint(kind, tmp_path, window=6, seed=3, vocab_size=259)
     results = spawn_local(run_rank_from_folder, 2, (str(tmp_path),), timeout_s=60, deadline_s=90)
     assert_ok(results)

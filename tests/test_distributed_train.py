@@ -9,13 +9,21 @@ from safetensors.torch import load_file, save_file
 
 from sirocco.config import preset
 from sirocco.distributed.launch import spawn_local
-from sirocco.distributed.pipeline_train import (IGNORE_INDEX, PipelineStep, PipelineTrainer, document_lengths,
-                                                save_checkpoint)
+from sirocco.distributed.pipeline_train import (
+    IGNORE_INDEX,
+    PipelineStep,
+    PipelineTrainer,
+    document_lengths,
+    save_checkpoint,
+)
 from sirocco.distributed.stages import rank_stage
 from sirocco.model import build_model
 from sirocco.train.data import Batch
 from sirocco.train.loop import LocalStep, evaluate
 from sirocco.train.recipe import TrainRecipe
+
+pytestmark = pytest.mark.slow          # every test spawns gloo ranks
+
 
 ARGS = {"mistral": preset("tiny", vocab_size=259, sliding_window=6),
         "mixtral": preset("tiny-moe", vocab_size=259)}
@@ -182,6 +190,7 @@ def train_command(flags):
     """Standard output and exit code of ``sirocco train`` with these flags (in this process)."""
     import contextlib
     import io
+
     from sirocco.cli import main
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

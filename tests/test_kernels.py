@@ -8,7 +8,6 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from sirocco import backends
 from sirocco.backends.cpu import kernels, modules
 from sirocco.config import preset
 from sirocco.generate.engine import Engine

@@ -2,8 +2,7 @@
 
 import torch
 
-from sirocco.plan import unrotate_slots
-from sirocco.plan import BatchPlan
+from sirocco.plan import BatchPlan, unrotate_slots
 
 
 def m(rows):

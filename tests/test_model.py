@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from sirocco import backends
-
 from sirocco.config import preset
 from sirocco.model import Transformer, build_model
 

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from sirocco.backends.quant.formats import (QuantizedTensor, block_bytes, dequantize, packed_shape, quantize,
-                                            round_half_away, unpack)
+from sirocco.backends.quant.formats import (
+    QuantizedTensor,
+    block_bytes,
+    dequantize,
+    packed_shape,
+    quantize,
+    round_half_away,
+    unpack,
+)
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType  # noqa: E402

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fakes import ByteTokenizer
 from sirocco.config import preset
 from sirocco.model import build_model
 from sirocco.train.corpus import build, pydoc_topics
@@ -17,6 +16,8 @@ from sirocco.train.losses import IGNORE_INDEX, load_balancing_loss
 from sirocco.train.recipe import Recipe, TrainRecipe
 from sirocco.train.run import train, unigram_entropy
 from sirocco.train.schedule import learning_rate
+
+from fakes import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: see conftest.py
 
@@ -183,7 +184,8 @@ def test_resumed_training_continues_exactly(arch, texts, tmp_path):
     assert b["history"]["val"] == a["history"]["val"]
     assert b["data"] == a["data"] and resumed["steps"] == full["steps"] == 6
     from safetensors.torch import load_file
-    wa, wb = load_file(tmp_path / "full" / "consolidated.safetensors"), load_file(tmp_path / "cut" / "consolidated.safetensors")
+    wa = load_file(tmp_path / "full" / "consolidated.safetensors")
+    wb = load_file(tmp_path / "cut" / "consolidated.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (tmp_path / "cut" / "loss.png").stat().st_size > 1000
 

@@ -12,7 +12,6 @@ from sirocco.cli import build_parser, main
 from sirocco.cli.train import build_recipe
 from sirocco.train.recipe import RECIPES, Recipe, RecipeError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")      # tiny models: see conftest.py
 
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from sirocco.cache import RollingCache
 from sirocco.config import preset
 from sirocco.model import build_model
 from sirocco.viz import Trace, analysis, record_run

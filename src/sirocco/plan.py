@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 import torch
 
 
-
 def unrotate_slots(seen: int, size: int) -> list[int]:
     """Slots of a rolling row of ``size`` slots holding its last ``min(seen, size)`` tokens, oldest first.
 

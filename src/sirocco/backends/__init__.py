@@ -18,8 +18,7 @@ from typing import Optional
 from torch import nn
 
 from ..model.attention import Prefill
-from . import cpu
-from . import reference
+from . import cpu, reference
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The reference backend: the model's own plain-PyTorch modules and ``AttentionOps``.
 
 Attaching it undoes any other backend (a replaced module's ``reference()`` gives back the ``nn.Linear`` or
-``RMSNorm`` it replaced, holding the same parameters) and chooses the pre-fill attention path. The helpers here are the conversion pass every backend
+``RMSNorm`` it replaced, holding the same parameters) and chooses the pre-fill attention path. The helpers here
+are the conversion pass every backend
 uses: replace modules by new ones, hand attention layers their ops.
 """
 

@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sirocco.cli.generate", "continue prompts with a model (packed, cached, chunked)"),
     "convert": ("sirocco.cli.convert", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
     "train": ("sirocco.cli.train", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
-    "train-tokenizer": ("sirocco.cli.train_tokenizer", "train a sentencepiece BPE tokenizer with Mistral's special ids"),
+    "train-tokenizer": ("sirocco.cli.train_tokenizer",
+                        "train a sentencepiece BPE tokenizer with Mistral's special ids"),
     "viz": ("sirocco.cli.viz", "draw masks, cache, receptive field, MoE routing, pipeline or memory from a real run"),
 }
 

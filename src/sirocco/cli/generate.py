@@ -18,8 +18,19 @@ from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
-from .options import (DTYPES, SEED, add_model_arguments, add_pipeline_arguments, add_progress_argument, float_in,
-                      load_from_args, non_empty, non_negative_float, non_negative_int, positive_int)
+from .options import (
+    DTYPES,
+    SEED,
+    add_model_arguments,
+    add_pipeline_arguments,
+    add_progress_argument,
+    float_in,
+    load_from_args,
+    non_empty,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,17 @@ import torch
 
 from ..train.recipe import RECIPES, SEED_LIMIT, Recipe
 from ..train.tokenizer import MIN_VOCAB_SIZE
-from .options import (DTYPES, add_machine_arguments, add_pipeline_arguments, add_progress_argument, int_at_least,
-                      int_in, positive_float, positive_int, resolve_device)
+from .options import (
+    DTYPES,
+    add_machine_arguments,
+    add_pipeline_arguments,
+    add_progress_argument,
+    int_at_least,
+    int_in,
+    positive_float,
+    positive_int,
+    resolve_device,
+)
 
 if TYPE_CHECKING:
     from ..train.run import Place

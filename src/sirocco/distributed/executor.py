@@ -34,7 +34,6 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-
 from ..cache import RollingCache
 from ..generate.sampling import SamplingParams, sample
 from ..model import Transformer

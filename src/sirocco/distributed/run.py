@@ -20,8 +20,16 @@ from ..errors import SiroccoError
 from ..model import Transformer
 from ..pretrained import DEMO, load, model_folder
 from ..tokenizer import Tokenizer, load_tokenizer
-from .launch import (DistContext, DistributedError, agree, fail_together, fingerprint, init_distributed,
-                     peer_errors, shutdown)
+from .launch import (
+    DistContext,
+    DistributedError,
+    agree,
+    fail_together,
+    fingerprint,
+    init_distributed,
+    peer_errors,
+    shutdown,
+)
 from .stages import rank_stage, stage_from_state_dict, stage_spec
 
 log = logging.getLogger(__name__)

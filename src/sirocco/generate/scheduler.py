@@ -80,7 +80,8 @@ class Scheduler(Generic[W, S]):
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
-        self.max_rows, self.chunk_size, self.max_batch_tokens, self.mixed = max_rows, chunk_size, max_batch_tokens, mixed
+        self.max_rows, self.chunk_size = max_rows, chunk_size
+        self.max_batch_tokens, self.mixed = max_batch_tokens, mixed
         self._start, self._move_row, self._id_of = start, move_row, request_id
         self.waiting: deque[W] = deque()
         self.running: list[S] = []            # sorted by row; rows are 0..len-1

@@ -228,7 +228,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is str and isinstance(value, str):
         return value
-    raise RecipeError(f"{where}: expected {'a number' if hint is float else 'an integer' if hint is int else 'a string'}"
+    expected = "a number" if hint is float else "an integer" if hint is int else "a string"
+    raise RecipeError(f"{where}: expected {expected}"
                       f", got {value!r}")
 
 

@@ -35,8 +35,8 @@ from .data import DataPosition, PackedStream, eval_batches, tokenize
 from .loop import LocalStep, StepFunction, Trainer
 from .plot import plot_losses
 from .recipe import Recipe
-from .tokenizer import tokenizer_file, train_tokenizer
 from .state import RECIPE, is_training_folder, load_optimizer, read_state, save_training
+from .tokenizer import tokenizer_file, train_tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

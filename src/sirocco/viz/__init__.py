@@ -14,7 +14,7 @@ Runs use a tiny random model unless ``model`` is given (any ``Transformer``; its
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -46,7 +46,7 @@ def _tiny(window: Optional[int], n_layers: int = 2, moe: bool = False, seed: int
     return build_model(args, seed=seed)
 
 
-def _run(model, prompts: Sequence[int] | Sequence[Sequence[int]], window, chunk_size, max_tokens, max_batch_tokens,
+def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_tokens,
          seed) -> Trace:
     """A traced run of prompts given as token lengths (random tokens) or as token ids."""
     if chunk_size is None:            # the engine's default: the model's smallest window
@@ -60,7 +60,10 @@ def _run(model, prompts: Sequence[int] | Sequence[Sequence[int]], window, chunk_
     return trace
 
 
-def masks(prompts: Sequence[int] | Sequence[Sequence[int]] = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
+Prompts = Union[Sequence[int], Sequence[Sequence[int]]]      # token lengths (random tokens), or token ids
+
+
+def masks(prompts: Prompts = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
           max_tokens: int = 2, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
           colour: Optional[bool] = None) -> tuple[dict, str]:
     """Masks of a run of prompts (token lengths, or token ids): chunked pre-fill (``chunk_size`` default W) then
@@ -70,7 +73,7 @@ def masks(prompts: Sequence[int] | Sequence[Sequence[int]] = (7, 5, 6), window: 
     return data, render("masks", data, colour)
 
 
-def cache(prompts: Sequence[int] | Sequence[Sequence[int]] = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
+def cache(prompts: Prompts = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
           max_tokens: int = 4, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
           colour: Optional[bool] = None) -> tuple[dict, str]:
     """The rolling cache's slots after every step of a run."""
@@ -96,7 +99,7 @@ def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 
     return data, render("receptive-field", data, colour)
 
 
-def moe(prompts: Sequence[int] | Sequence[Sequence[int]] = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
+def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
         seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
     """Router choices of every token at every MoE layer over a run (tiny Mixtral-style model by default)."""
     model = model or _tiny(None, moe=True, seed=seed)
