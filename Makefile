@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test bench pictures clean
+.PHONY: demo test test-fast check bench pictures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ demo: $(VENV)/.runtime        ## generate from the bundled default model for sev
 	$(BIN)/sirocco generate --max-tokens 96 \
 	    "The with statement" "Return a new dictionary" "The sliding window"
 
-test: $(VENV)/.test           ## the whole test suite
+check: $(VENV)/.test          ## lint and import order, types, doctests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider --doctest-modules src/sirocco --ignore=src/sirocco/cli/__main__.py
+
+test: check                   ## every check, then the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: check              ## every check, then the suite without the slow and benchmark tests
+	$(BIN)/python -m pytest -q -m "not slow and not benchmark"
 
 bench: $(VENV)/.test          ## sirocco against transformers on the same weights (takes minutes)
 	$(BIN)/python benchmarks/bench_inference.py

@@ -51,6 +51,7 @@ class LayerCache:
     def write(self, k: torch.Tensor, v: torch.Tensor, plan: "WindowPlan") -> None:
         """Store the new keys/values ``(T, n_kv_heads, head_dim)`` of a step at the plan's (row, slot) pairs."""
         src = plan.write_src
+        assert src is not None, "a plan without a cache"
         if src.numel() == len(k):          # every token is written: skip the gather
             self.k[plan.write_row, :, plan.write_slot] = k
             self.v[plan.write_row, :, plan.write_slot] = v
@@ -67,6 +68,7 @@ class LayerCache:
         """The rows of a decode step's sequences, first ``decode_len`` slots: ``(B, n_kv_heads, L, head_dim)``.
         A view when the rows are 0..B-1 (the engine keeps them so), a gather otherwise."""
         rows, n = plan.rows, plan.decode_len
+        assert rows is not None, "a plan without a cache"
         if rows == list(range(len(rows))):
             return self.k[:len(rows), :, :n], self.v[:len(rows), :, :n]
         idx = torch.tensor(rows, device=self.k.device)

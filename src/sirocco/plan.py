@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -176,11 +176,10 @@ class BatchPlan:
         starts = [0] * len(lengths) if starts is None else [int(s) for s in starts]
         if len(starts) != len(lengths):
             raise ValueError(f"{len(starts)} starts for {len(lengths)} sequences")
-        use_cache = cache_lens is not None
-        if use_cache:
-            if rows is None:
+        row_list = None if rows is None else [int(r) for r in rows]
+        if cache_lens is not None:
+            if row_list is None:
                 raise ValueError("a step with a cache needs the cache row of each sequence")
-            rows = [int(r) for r in rows]
         elif any(starts):
             raise ValueError("a step without a cache must start every sequence at position 0")
         device = torch.device(device)
@@ -189,15 +188,16 @@ class BatchPlan:
                                  dtype=torch.long, device=device)
         plans = {}
         for w in dict.fromkeys(windows):
-            plans[w] = _window_plan(w, None if not use_cache else int(cache_lens[w]), starts, lengths, rows,
-                                    positions, device)
+            plans[w] = _window_plan(w, None if cache_lens is None else int(cache_lens[w]), starts, lengths,
+                                    row_list, positions, device)
         ones = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))   # leading one-token sequences
-        if use_cache and 0 < ones < len(lengths):
+        if cache_lens is not None and row_list is not None and 0 < ones < len(lengths):
+            r = row_list
             for w, wp in plans.items():
                 S = int(cache_lens[w])
-                wp.parts = (_window_plan(w, S, starts[:ones], lengths[:ones], rows[:ones], positions[:ones], device),
-                            _window_plan(w, S, starts[ones:], lengths[ones:], rows[ones:], positions[ones:], device))
-        return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans)
+                wp.parts = (_window_plan(w, S, starts[:ones], lengths[:ones], r[:ones], positions[:ones], device),
+                            _window_plan(w, S, starts[ones:], lengths[ones:], r[ones:], positions[ones:], device))
+        return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans)
 
 
 def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],
@@ -211,25 +211,29 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
                           k_seq=q_seq, k_pos=positions)
 
     S = cache_len
+    assert rows is not None, "a step with a cache needs the rows"
     for s, n in zip(starts, lengths):
         if (window is None or window > S) and s + n > S:
             raise ValueError(f"sequence of {s + n} tokens exceeds the cache of {S} positions "
                              f"(the model's max_seq_len); shorten the prompt or the generation")
     # Writes: only the last min(n, S) new tokens of each sequence survive in its row, at slot p % S.
-    write_src, write_row, write_slot = [], [], []
+    write_src: list[int] = []
+    write_row: list[int] = []
+    write_slot: list[int] = []
     t0 = 0
     for s, n, r in zip(starts, lengths, rows):
-        for t in range(max(0, n - S), n):
-            write_src.append(t0 + t)
+        for i in range(max(0, n - S), n):
+            write_src.append(t0 + i)
             write_row.append(r)
-            write_slot.append((s + t) % S)
+            write_slot.append((s + i) % S)
         t0 += n
 
     def t(xs: list[int]) -> torch.Tensor:
         return torch.tensor(xs, dtype=torch.long, device=device)
 
-    common = dict(window=window, cache_len=S, q_seqlens=lengths, q_seq=q_seq, q_pos=positions, rows=rows,
-                  write_src=t(write_src), write_row=t(write_row), write_slot=t(write_slot))
+    common: dict[str, Any] = dict(window=window, cache_len=S, q_seqlens=lengths, q_seq=q_seq, q_pos=positions,
+                                  rows=rows, write_src=t(write_src), write_row=t(write_row),
+                                  write_slot=t(write_slot))
 
     if all(n == 1 for n in lengths):
         # Decode: keys are the rows themselves after the write; read only as many slots as the fullest row.
@@ -239,7 +243,11 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
 
     # Pre-fill: each sequence's keys are its cached prefix (unrotated, oldest first) then its new keys.
     prefix_lens = [min(s, S) for s in starts]
-    prefix_row, prefix_slot, k_seq, k_pos, key_order = [], [], [], [], []
+    prefix_row: list[int] = []
+    prefix_slot: list[int] = []
+    k_seq: list[int] = []
+    k_pos: list[int] = []
+    key_order: list[int] = []
     n_prefix = sum(prefix_lens)
     pre0 = new0 = 0
     for b, (s, n, r, c) in enumerate(zip(starts, lengths, rows, prefix_lens)):

@@ -36,9 +36,15 @@ def set_attention_ops(model: nn.Module, ops: AttentionOps) -> None:
             m.ops = ops
 
 
+def _reference_of(m: nn.Module) -> Optional[nn.Module]:
+    """The plain module a backend's replacement stands for (its ``reference()``), None for any other module."""
+    reference = getattr(m, "reference", None)
+    return reference() if callable(reference) else None
+
+
 def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
     """Put the model back on its reference modules, with the given pre-fill attention path; returns how many
     modules were replaced."""
-    n = replace_modules(model, lambda m: m.reference() if hasattr(m, "reference") else None)
+    n = replace_modules(model, _reference_of)
     set_attention_ops(model, AttentionOps(prefill))
     return n

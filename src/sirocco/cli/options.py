@@ -66,7 +66,7 @@ def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool,
 
 def int_in(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[str], int]:
     """An integer in [lo, hi] (either bound may be None: unbounded)."""
-    return _number(int, lo, hi, False, False)
+    return _number(int, lo, hi, False, False)  # type: ignore[return-value]   # int(...) of the text
 
 
 def int_at_least(n: int) -> Callable[[str], int]:

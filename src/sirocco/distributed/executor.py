@@ -55,7 +55,8 @@ def split_groups(lengths: list[int], n_groups: int, min_tokens: int = 1) -> list
     """
     n = max(1, min(n_groups, len(lengths), sum(lengths) // max(1, min_tokens)))
     total = sum(lengths)
-    bounds, acc, start = [], 0, 0
+    bounds: list[tuple[int, int]] = []
+    acc = start = 0
     for i, length in enumerate(lengths):
         acc += length
         left_groups = n - len(bounds) - 1            # groups still to open after this one
@@ -92,7 +93,8 @@ class PipelineExecutor:
         self._check_stage(stage)
         param = next(stage.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._inflight: list[tuple[dist.Work, torch.Tensor]] = []   # sends not yet known complete (and buffers)
+        # sends not yet known complete, with their buffers
+        self._inflight: list[tuple[Optional[dist.Work], torch.Tensor]] = []
 
     def _check_stage(self, stage: Transformer) -> None:
         has_embed, has_head = stage.tok_embeddings is not None, stage.output is not None
@@ -137,7 +139,8 @@ class PipelineExecutor:
             else:
                 work, x = recvs[m]
                 with peer_errors(ctx, "receiving activations"):
-                    work.wait()
+                    if work is not None:
+                        work.wait()
             at = None
             if ctx.is_last and wanted is not None:
                 at = torch.tensor([i - t0 for i in wanted if t0 <= i < t1], dtype=torch.long, device=self.device)
@@ -154,7 +157,8 @@ class PipelineExecutor:
     def _wait_sends(self) -> None:
         with peer_errors(self.ctx, "sending activations"):
             for work, _ in self._inflight:
-                work.wait()
+                if work is not None:
+                    work.wait()
         self._inflight.clear()
 
     def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],

@@ -129,6 +129,7 @@ class TrainStage(nn.Module):
             x = _Mark.apply(x, backward_ends)
             hook = None
         else:                                # ids: mark the embedding's output instead
+            assert self.stage.tok_embeddings is not None, "token ids reach only the first stage"
             hook = self.stage.tok_embeddings.register_forward_hook(
                 lambda _m, _i, out: _Mark.apply(out, backward_ends))
         try:
@@ -334,8 +335,8 @@ class PipelinePlace:
     """The training loop's place (``sirocco.train.run.Place``) on one rank of a pipeline: rank 0 reports and
     writes, the model is this rank's stage. Every rank checks first that all train the same recipe."""
 
-    resume_refused = ("--resume is not available with --pipeline-ranks yet (the optimizer state is per rank); "
-                      "resume in one process, or start a new run")
+    resume_refused: Optional[str] = ("--resume is not available with --pipeline-ranks yet (the optimizer state is "
+                                     "per rank); resume in one process, or start a new run")
 
     def __init__(self, ctx: DistContext, recipe: Recipe, schedule: Literal["gpipe", "1f1b"] = "gpipe"):
         agree(ctx, "recipe", recipe.to_toml())
@@ -371,7 +372,7 @@ def gather_state_dict(stage: nn.Module, ctx: DistContext) -> Optional[dict[str, 
     holds the whole model once (as a single process saving it would)."""
     mine = {k: v.detach() for k, v in stage.state_dict().items()}
     meta = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in mine.items()}
-    metas: list[Optional[dict]] = [None] * ctx.world_size
+    metas: list[Any] = [None] * ctx.world_size
     with peer_errors(ctx, "gathering the checkpoint"):
         dist.all_gather_object(metas, meta)
         names = [k for m in metas for k in m]

@@ -15,7 +15,7 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -168,12 +168,13 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
     First every rank compares a fingerprint of what it is about to load (config, checkpoint files or seed,
     dtype); a difference, or more ranks than layers, fails on every rank with the same message."""
     if isinstance(model, ModelArgs):
-        args, source = model, {"random_seed": seed}
+        args = model
+        source: dict[str, Any] = {"random_seed": seed}
     else:
         path = Path(model).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"{model}: no such checkpoint folder")
-        args, source = find_layout(path).read_args(max_seq_len), checkpoint_fingerprint(path)
+        args, source = find_layout(path).read_args(max_seq_len), dict(checkpoint_fingerprint(path))
     agree(ctx, "model to load (config, weights, dtype)", fingerprint(args.to_dict(), source, str(dtype)))
     spec = stage_spec(args, ctx.world_size, ctx.rank)
     log.info("rank %d: %s", ctx.rank, spec.describe())

@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         rope = self.rope(plan.positions)
         for layer in self.layers.values():
             h = layer(h, rope, plan, cache, router_logits)
-        if self.output is None:
+        if self.output is None or self.norm is None:
             return h
         if logits_at is not None:
             h = h[logits_at]

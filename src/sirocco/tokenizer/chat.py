@@ -56,7 +56,7 @@ def check_messages(messages: Sequence[dict], roles: Sequence[str] = ROLES + ("to
         if not isinstance(content, str):
             raise TokenizerError(f"chat: message {i} ({role}) needs a string 'content', got "
                                  f"{type(content).__name__}")
-        out.append(Message(role, content, bool(m.get("prefix", False))))
+        out.append(Message(str(role), content, bool(m.get("prefix", False))))
     return out
 
 

@@ -46,7 +46,7 @@ class MistralCommonTokenizer(Tokenizer):
 
         chat.check_messages(messages)
         try:
-            request = ChatCompletionRequest(messages=list(messages))
+            request = ChatCompletionRequest(messages=list(messages))  # type: ignore[type-var]
             return list(self.mistral.encode_chat_completion(request).tokens)
         except Exception as e:     # pydantic's validation or mistral-common's own checks of the conversation
             raise TokenizerError(f"chat: mistral-common rejects these messages ({_reason(e)})") from None

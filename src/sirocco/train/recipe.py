@@ -27,7 +27,7 @@ from .tokenizer import MIN_VOCAB_SIZE
 try:
     import tomllib
 except ModuleNotFoundError:        # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,unused-ignore]
 
 RECIPES = Path(__file__).parent / "recipes"
 # The seed's magnitude is at most this: the data order is shuffled by a torch.Generator seeded with

@@ -79,7 +79,7 @@ def open_run_model(recipe: Recipe, out: Path, vocab_size: int, init: Optional[Pa
     """The fp32 model to train: the resumed run's, the fine-tuned checkpoint's, or new weights drawn with the
     recipe's seed."""
     if resume or init is not None:
-        model = load_model(out if resume else init, dtype=torch.float32, device=device)
+        model = load_model(out if resume or init is None else init, dtype=torch.float32, device=device)
         if init is not None and not resume:
             log.info("fine-tuning %s (all parameters); the recipe's [model] section is not used", init)
     else:
@@ -123,7 +123,7 @@ class LocalPlace:
     """The whole model in this process, on ``device``."""
 
     is_reporter = True
-    resume_refused = None
+    resume_refused: Optional[str] = None
     label = ""
 
     def __init__(self, device: torch.device | str = "cpu"):

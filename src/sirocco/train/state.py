@@ -42,7 +42,7 @@ def save_training(folder: str | Path, model: torch.nn.Module | dict[str, torch.T
     folder = Path(folder)
     tmp = folder / ".saving"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_consolidated(model, args, tmp)
+    save_consolidated(model, args, tmp)  # type: ignore[arg-type]   # any module with the model's names
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     (tmp / STATE).write_text(json.dumps(state, indent=1) + "\n")

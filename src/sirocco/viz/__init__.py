@@ -14,7 +14,7 @@ Runs use a tiny random model unless ``model`` is given (any ``Transformer``; its
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -53,8 +53,9 @@ def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_toke
         ws = [w for w in model.args.windows() if w is not None]
         chunk_size = min(ws) if ws else 4096
     trace = Trace()
-    ids = [list(p) for p in prompts] if prompts and not isinstance(prompts[0], int) else None
-    lengths = [len(p) for p in ids] if ids is not None else list(prompts)
+    given: list[Any] = list(prompts)
+    ids = [[int(t) for t in p] for p in given] if given and not isinstance(given[0], int) else None
+    lengths = [len(p) for p in ids] if ids is not None else [int(n) for n in given]
     record_run(model, lengths, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed,
                prompts=ids)
     return trace

@@ -90,7 +90,7 @@ def receptive_field(data: dict, path) -> Path:
     ax.set_yticks(range(len(reach)))
     ax.set_yticklabels([f"layer {i + 1}" for i in range(len(reach))], fontsize=7)
     ax.set_xticks(range(p + 1))
-    ax.set_xticklabels(range(p + 1), fontsize=6)
+    ax.set_xticklabels([str(i) for i in range(p + 1)], fontsize=6)
     ax.set_xlabel("input position")
     ax.set_title(f"Positions the state of token {p} depends on, W = {data['window']}", fontsize=9)
     return _save(fig, path)

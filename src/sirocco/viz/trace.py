@@ -163,7 +163,8 @@ class Trace:
         queries = list(zip(q_seq, q_pos))
         if wp.decode:
             # Keys: the first decode_len slots of each sequence's row, after this step's write.
-            n, keys = wp.decode_len, []
+            n = wp.decode_len
+            keys: list[Key] = []
             for b, r in enumerate(wp.rows):
                 held = self._slots_after_write(wp, r)
                 keys += [(ids[b], held[s], s) for s in range(n)]
@@ -245,7 +246,9 @@ class Trace:
         return {"window": self.window, "slots": size, "steps": steps}
 
     def _moe_json(self) -> dict:
-        tokens, ids, layers = [], [], {}
+        tokens: list[list[int]] = []
+        ids: list[Optional[int]] = []
+        layers: dict[int, dict[str, Any]] = {}
         for st in self.steps:
             if not st.router:
                 continue

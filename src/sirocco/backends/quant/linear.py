@@ -27,6 +27,7 @@ PREFILL_TILE_ROWS = 512
 
 
 class QuantLinear(nn.Module):
+    qweight: torch.Tensor
     """y = x @ W^T (+ bias) with W (out_features, in_features) stored as GGUF blocks of format ``fmt``.
 
     The blocks are the uint8 buffer ``qweight`` (out_features, in_features // 32 * block_bytes), saved in the
@@ -54,7 +55,7 @@ class QuantLinear(nn.Module):
         q = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
         q.qweight.copy_(quantize(linear.weight.detach(), fmt))
-        if linear.bias is not None:
+        if linear.bias is not None and q.bias is not None:
             q.bias.data.copy_(linear.bias.detach())
         return q
 
