@@ -2,6 +2,7 @@
 (tokens -> plan -> cache -> model -> backends -> engine/training -> distributed -> pictures/serving -> verbs)."""
 
 import ast
+import re
 from pathlib import Path
 
 import sirocco
@@ -83,3 +84,13 @@ def test_no_import_cycle_between_modules():
     # that do not pass through a package's own __init__ importing its children.
     real = [c for c in cycles if not any(a == b.rsplit(".", 1)[0] for a, b in zip(c, c[1:]))]
     assert not real, real
+
+
+def test_readme_layout_table_matches_the_tree():
+    readme = (ROOT.parents[1] / "README.md").read_text()
+    section = readme[readme.index("## How it is laid out"):]
+    section = section[:section.index("\n## ", 3)]
+    listed = set(re.findall(r"^\| `([\w.]+/?)` \|", section, flags=re.M))
+    tree = {p.name + ("/" if p.is_dir() else "") for p in ROOT.iterdir()
+            if p.name not in ("__init__.py", "py.typed", "__pycache__") and (p.is_dir() or p.suffix == ".py")}
+    assert listed == tree, (sorted(tree - listed), sorted(listed - tree))
