@@ -51,7 +51,7 @@ class DistContext:
         rank, world_size: global rank and number of processes (one pipeline stage each).
         local_rank: rank on this node; picks the GPU.
         device: where this rank's stage lives.
-        backend: "gloo" or "nccl".
+        process_group: "gloo" or "nccl".
         timeout_s: how long a collective or receive may wait before the rank gives up.
     """
 
@@ -59,7 +59,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str
+    process_group: str
     timeout_s: float
 
     @property
@@ -93,14 +93,14 @@ def _env_int(name: str) -> Optional[int]:
         raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def pick_device(local_rank: int, backend: Optional[str] = None) -> tuple[torch.device, str]:
-    """(device, backend) for a rank: NCCL on ``cuda:local_rank`` when CUDA is there (and gloo was not asked
+def pick_device(local_rank: int, process_group: Optional[str] = None) -> tuple[torch.device, str]:
+    """(device, process group) for a rank: NCCL on ``cuda:local_rank`` when CUDA is there (and gloo was not asked
     for), else gloo on the CPU."""
-    if backend not in (None, "gloo", "nccl"):
-        raise DistributedError(f"unknown process-group backend {backend!r}; use gloo (CPU) or nccl (CUDA)")
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise DistributedError("backend nccl needs CUDA, which is not available on this machine; use gloo")
+    if process_group not in (None, "gloo", "nccl"):
+        raise DistributedError(f"unknown process-group backend {process_group!r}; use gloo (CPU) or nccl (CUDA)")
+    use_cuda = torch.cuda.is_available() and process_group != "gloo"
+    if process_group == "nccl" and not torch.cuda.is_available():
+        raise DistributedError("process group nccl needs CUDA, which is not available on this machine; use gloo")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise DistributedError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} "
@@ -110,12 +110,12 @@ def pick_device(local_rank: int, backend: Optional[str] = None) -> tuple[torch.d
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+def init_distributed(process_group: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                      threads: Optional[int] = None) -> DistContext:
     """Join the process group described by torchrun's environment variables (or reuse the current one).
 
     Args:
-        backend: None (NCCL with CUDA, else gloo), "gloo" or "nccl".
+        process_group: None (NCCL with CUDA, else gloo), "gloo" or "nccl".
         timeout_s: longest wait of any receive or collective, and of the start-up rendezvous.
         threads: CPU threads of this rank (default: the cores divided among the node's ranks).
     """
@@ -124,7 +124,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
         raise DistributedError("not started as a distributed job (RANK and WORLD_SIZE are unset): launch with "
                                "torchrun --nproc-per-node N ... --pipeline-ranks N")
     local = rank if local is None else local
-    device, backend = pick_device(local, backend)
+    device, process_group = pick_device(local, process_group)
     if device.type == "cpu":
         # Ranks on one node share its cores: oversubscribing them makes every stage slower.
         per_node = _env_int("LOCAL_WORLD_SIZE") or world
@@ -132,13 +132,13 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
     elif threads:
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(process_group, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device,
-                      backend=dist.get_backend(), timeout_s=timeout_s)
+                      process_group=dist.get_backend(), timeout_s=timeout_s)
     log.info("rank %d of %d (local %d): %s on %s, timeout %.0f s, %d threads", ctx.rank, ctx.world_size, local,
-             ctx.backend, device, timeout_s, torch.get_num_threads())
+             ctx.process_group, device, timeout_s, torch.get_num_threads())
     return ctx
 
 
@@ -212,7 +212,7 @@ def shutdown(ctx: DistContext) -> None:
     if not dist.is_initialized():
         return
     with peer_errors(ctx, "waiting for all ranks to finish"):
-        if ctx.backend == "gloo":
+        if ctx.process_group == "gloo":
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=ctx.timeout_s), wait_all_ranks=True)
         else:
             dist.barrier()
@@ -243,13 +243,13 @@ class RankResult:
         return self.error is None
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, port: int, backend: Optional[str], timeout_s: float,
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, process_group: Optional[str], timeout_s: float,
            threads: int, args: tuple, results: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     t0 = time.perf_counter()
     try:
-        ctx = init_distributed(backend, timeout_s=timeout_s, threads=threads)
+        ctx = init_distributed(process_group, timeout_s=timeout_s, threads=threads)
         with fail_together(ctx):
             value = fn(ctx, *args)
             shutdown(ctx)
@@ -262,7 +262,7 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, backend: Op
     results.put(pickle.dumps(result))
 
 
-def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend: Optional[str] = None,
+def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, process_group: Optional[str] = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, deadline_s: Optional[float] = None,
                 grace_s: float = 10.0) -> list[RankResult]:
     """Run ``fn(ctx, *args)`` on ``world_size`` new processes of this machine, one per rank, and collect each
@@ -274,7 +274,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ba
     mp = torch.multiprocessing.get_context("spawn")
     results = mp.Queue()
     port = free_port()
-    procs = [mp.Process(target=_child, args=(fn, r, world_size, port, backend, timeout_s, threads, args, results),
+    procs = [mp.Process(target=_child, args=(fn, r, world_size, port, process_group, timeout_s, threads, args, results),
                         daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
@@ -293,7 +293,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, ba
             if not r.ok and first_failure is None:
                 first_failure = time.monotonic()
         except queue_mod.Empty:
-            for rank, p in enumerate(procs):   # died without a word (a signal, or the backend aborted it)
+            for rank, p in enumerate(procs):   # died without a word (a signal, or the process group aborted it)
                 if rank not in out and p.exitcode is not None and p.exitcode != 0:
                     time.sleep(0.2)            # its message may still be in the queue
                     if rank not in out:
