@@ -5,24 +5,31 @@ The data path of one step::
     running sequences --(starts, lengths, rows)--> BatchPlan --> executor: model(tokens, plan, cache) --> logits
         --> sample (one generator per sequence) --> tokens, logprobs --> stop checks --> events
 
-The engine decides what a step runs; the executor it is handed (executor.py) runs it: in this process, or
-over pipeline stages (distributed/executor.py).
+The engine runs forever and takes requests at any time: ``add_request`` queues a prompt, ``step`` runs one
+model step and returns its events, ``abort`` stops a request (its row is free at once). ``generate`` and
+``stream`` are loops over the same calls for a fixed list of prompts.
 
-Scheduling, in order of priority at each step:
-  1. admit waiting prompts into free cache rows (at most ``max_rows`` sequences run at once);
-  2. if any running sequence still has prompt tokens outside the cache, run a *pre-fill step*: each such
-     sequence brings its next chunk (at most ``chunk_size`` tokens, at most ``max_batch_tokens`` in all);
-     a sequence whose prompt is done simply drops out of later chunk steps;
-  3. otherwise run a *decode step*: every running sequence brings its last token.
-A finished sequence frees its row at once; the engine keeps running sequences in rows 0..B-1 (moving the last
-row into the hole) so the decode step reads the cache rows as a view, never as a gather.
+It is split at the step boundary: the scheduler (scheduler.py) decides what a step runs (admission into free
+rows, first come first served; the step's token budget; finishing, aborts, row compaction); the executor it is
+handed (executor.py) runs the model call and the sampling, in this process or over pipeline stages
+(distributed/executor.py); the engine turns sampled tokens into events and stop decisions.
+
+Steps (``mixed=True``, the default): every decoding sequence brings its last token and sequences with prompt
+left bring chunks (at most ``chunk_size`` each, ``max_batch_tokens`` in all, decode tokens first), so a long
+prompt no longer stalls everyone's decode for its whole pre-fill. A step whose sequences all bring one token
+runs the plan's decode path, over the cache rows in place. With ``mixed=False``: pre-fill steps while any
+prompt is not cached, then decode steps. Running sequences keep rows 0..B-1 (a freed row takes the last one)
+so the decode step reads the cache rows as a view, never as a gather.
+
+Threads: single-threaded by design. One thread (a server's engine thread) makes every call; nothing here
+locks. Pipeline ranks: every rank must make the same calls in the same order (the scheduling is a pure
+function of them), request ids included.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
@@ -34,6 +41,7 @@ from ..model import Transformer
 from ..model.attention import Prefill
 from .executor import Executor, LocalExecutor
 from .sampling import SamplingParams, make_generator
+from .scheduler import Scheduler, Step
 from .text import TextTracker
 
 if TYPE_CHECKING:
@@ -68,7 +76,8 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    finish_reason: Optional[str] = None          # "stop" (EOS or a stop string) or "length"
+    finish_reason: Optional[str] = None          # "stop" (EOS or a stop string), "length" or "abort"
+    request_id: str = ""
 
     def to_json(self) -> dict:
         return {"index": self.index, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
@@ -86,6 +95,7 @@ class Event:
     logprob: Optional[float]
     text: str
     completion: Optional[Completion] = None
+    request_id: str = ""
 
 
 @dataclass
@@ -106,15 +116,29 @@ class Stats:
 
 
 @dataclass
+class _Waiting:
+    """A validated request in the queue."""
+
+    out: Completion
+    params: SamplingParams
+
+
+@dataclass(eq=False)
 class _Running:
-    """A sequence in flight. ``row`` is its cache row; ``cached`` how many of its tokens the cache holds."""
+    """A sequence in flight. ``row`` is its cache row; ``cached`` how many of its tokens the cache holds;
+    ``order`` its place in admission order."""
 
     out: Completion
     params: SamplingParams
     row: int
     generator: Optional[torch.Generator]
     text: Optional[TextTracker]
+    order: int = 0
     cached: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.out.request_id
 
     @property
     def prompt_left(self) -> int:
@@ -132,7 +156,8 @@ class Engine:
         chunk_size: most tokens of one prompt per pre-fill step (default: the model's smallest window, or 4096).
         max_seq_len: longest prompt + generation (sizes the cache of layers without a window; default the
             model's max_seq_len). Positions past it are refused with the limit in the message.
-        max_batch_tokens: most tokens in one pre-fill step, over all sequences (default 4 * chunk_size).
+        max_batch_tokens: most tokens in one step, over all sequences (default 4 * chunk_size); decode tokens
+            count 1 each and are never left out.
         attention: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
         backend: what computes the model (``backends.attach``, which changes the model in place): "torch" (the
             reference), "cpu" (C++ kernels for decode products, decode attention, one-pass RMSNorm and RoPE;
@@ -141,6 +166,8 @@ class Engine:
         executor: runs each step's model call and sampling (default: ``LocalExecutor(model)``, this process).
         trace: a ``viz.Trace`` that records every step's plan, cache writes and MoE routing (for ``sirocco viz``);
             None records nothing and costs nothing.
+        mixed: put pre-fill chunks and decode tokens in the same step (default); False: pre-fill steps until
+            every running prompt is cached, then decode steps.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -149,7 +176,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
-                 executor: Optional[Executor] = None, trace: Optional["Trace"] = None):
+                 executor: Optional[Executor] = None, trace: Optional["Trace"] = None, mixed: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -172,8 +199,80 @@ class Engine:
         self.trace = trace
         model.observe_routing(None if trace is None else trace.on_router)
         self.stats = Stats()
+        self.mixed = mixed
+        self.scheduler: Scheduler[_Waiting, _Running] = Scheduler(
+            max_rows, self.chunk_size, self.max_batch_tokens, mixed, start=self._start, move_row=self._move_row,
+            request_id=lambda w: w.out.request_id)
+        self._unfinished: set[str] = set()       # ids waiting or running
+        self._aborted: list[Event] = []          # final events of aborted requests, for the next step()
+        self._next_index = 0                     # Completion.index of the next add_request
+        self._id_counter = 0
 
     # -- public API ----------------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+                    request_id: Optional[str] = None) -> str:
+        """Queue a prompt (first come, first served) and return its id; it runs from the next ``step()`` that
+        has a free row. Validates at once: an invalid prompt raises (``PromptTooLong``, ``SiroccoError``) and
+        queues nothing; an id that is already waiting or running raises ``ValueError``. Without an id, a new
+        one is made ("req-N", the same on every pipeline rank)."""
+        if request_id is not None and request_id in self._unfinished:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = self._request(self._next_index, prompt, params, request_id)
+        self._next_index += 1
+        self._queue(req)
+        return req.out.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request: a waiting one leaves the queue, a running one frees its cache row at once. The next
+        ``step()`` returns its final Event (``completion.finish_reason == "abort"``, no token). False if the
+        id is unknown or already finished."""
+        waiting, seq = self.scheduler.abort(request_id)
+        if waiting is not None:
+            out = waiting.out
+        elif seq is not None:
+            out = seq.out
+        else:
+            return False
+        out.finish_reason = "abort"
+        piece = ""
+        if seq is not None and seq.text is not None:
+            piece = seq.text.finish()
+            out.text = seq.text.text
+        self._unfinished.discard(request_id)
+        self._aborted.append(Event(out.index, None, None, piece, completion=out, request_id=request_id))
+        return True
+
+    def step(self) -> list[Event]:
+        """Run one model step (admitting waiting requests into free rows first) and return its events: one per
+        token sampled, in packing order, after the final events of requests aborted since the last step. With
+        nothing to run, no model call: returns the pending abort events, or []."""
+        events, self._aborted = self._aborted, []
+        with torch.inference_mode():
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return events
+            for seq, token, logprob in self._run(plan):
+                events.append(self._advance(seq, token, logprob))
+            done = [s for s in plan.seqs if s.out.finish_reason is not None]
+            for s in done:
+                self._unfinished.discard(s.out.request_id)
+            self.scheduler.release(done)
+        return events
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running (or an abort's final event is still to be returned)."""
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding a cache row."""
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a row."""
+        return len(self.scheduler.waiting)
+
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                  ) -> list[Completion]:
         """Run every prompt to completion; results in prompt order."""
@@ -185,71 +284,68 @@ class Engine:
 
     def stream(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                ) -> Iterator[Event]:
-        """Yield an ``Event`` per generated token of any sequence, as soon as it is sampled."""
+        """Yield an ``Event`` per generated token of any sequence, as soon as it is sampled. ``index`` is the
+        prompt's position in ``prompts``. Needs an engine with no other requests in flight; every prompt is
+        validated before any is queued; leaving the loop early aborts the prompts not yet finished."""
         prompts = list(prompts)
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        waiting = deque(self._request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params)))
-        running: list[_Running] = []
-        with torch.inference_mode():
-            while waiting or running:
-                while waiting and len(running) < self.max_rows:
-                    out, sp = waiting.popleft()
-                    running.append(self._start(out, sp, row=len(running)))
-                if any(s.prompt_left for s in running):
-                    new = self._prefill_step(running)
-                else:
-                    new = self._decode_step(running)
-                for seq, token, logprob in new:
-                    yield self._advance(seq, token, logprob)
-                running = self._release_finished(running)
+        if self.has_unfinished():
+            raise RuntimeError("stream() and generate() need an idle engine: other requests are in flight "
+                               "(drive them with step(), or abort them)")
+        reqs = [self._request(i, p, sp, None) for i, (p, sp) in enumerate(zip(prompts, params))]
+        for req in reqs:
+            self._queue(req)
+        try:
+            while self.has_unfinished():
+                yield from self.step()
+        finally:
+            if self.has_unfinished():                  # the caller stopped early: free the rows it held
+                for req in reqs:
+                    self.abort(req.out.request_id)
+                self._aborted.clear()
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _prefill_step(self, running: list[_Running]) -> list[tuple[_Running, int, float]]:
-        """Next chunk of every sequence with prompt left; samples for those whose prompt is now cached."""
+    def _run(self, step: Step[_Running]) -> list[tuple[_Running, int, float]]:
+        """One model call over the step's packed sequences; samples for every sequence whose prompt is then
+        all in the cache (decoding ones, and chunks that end their prompt)."""
         t0 = time.perf_counter()
-        batch, lengths, budget = [], [], self.max_batch_tokens
-        for s in running:
-            n = min(s.prompt_left, self.chunk_size, budget)
-            if s.prompt_left and n > 0:
-                batch.append(s)
-                lengths.append(n)
-                budget -= n
-        tokens = torch.tensor([t for s, n in zip(batch, lengths) for t in s.out.prompt_tokens[s.cached:s.cached + n]],
-                              dtype=torch.long, device=self.device)
-        plan = self.model.plan(lengths, starts=[s.cached for s in batch], rows=[s.row for s in batch],
+        seqs, lengths = step.seqs, step.lengths
+        ids: list[int] = []
+        sampling: list[int] = []               # indices into seqs
+        end = -1
+        for i, (s, n) in enumerate(zip(seqs, lengths)):
+            left = s.prompt_left
+            ids += s.out.prompt_tokens[s.cached:s.cached + n] if left else [s.out.tokens[-1]]
+            end += n
+            if not left or n == left:
+                sampling.append(i)
+        prompt_tokens = sum(n for s, n in zip(seqs, lengths) if s.prompt_left)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        plan = self.model.plan(lengths, starts=[s.cached for s in seqs], rows=[s.row for s in seqs],
                                cache=self.cache)
-        ends = torch.tensor(lengths).cumsum(0) - 1
-        finishing = [i for i, (s, n) in enumerate(zip(batch, lengths)) if n == s.prompt_left]
-        logits = self.executor.forward(tokens, plan, self.cache, logits_at=ends[finishing].to(self.device))
-        for s, n in zip(batch, lengths):
+        logits_at = None
+        if len(sampling) < len(seqs) or any(n > 1 for n in lengths):
+            ends = torch.tensor(lengths).cumsum(0) - 1
+            logits_at = ends[sampling].to(self.device)
+        logits = self.executor.forward(tokens, plan, self.cache, logits_at=logits_at)
+        for s, n in zip(seqs, lengths):
             s.cached += n
         if self.trace is not None:
-            self.trace.on_step("prefill", plan, {s.row: s.cached for s in batch}, tokens,
-                               seqs=[s.out.index for s in batch], prefill=self.attention)
-        result = self._sample([batch[i] for i in finishing], logits)
-        self.stats.prefill_tokens += sum(lengths)
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        return result
-
-    def _decode_step(self, running: list[_Running]) -> list[tuple[_Running, int, float]]:
-        """One token for every running sequence (rows are 0..B-1 here)."""
-        t0 = time.perf_counter()
-        tokens = torch.tensor([s.out.tokens[-1] for s in running], dtype=torch.long, device=self.device)
-        plan = self.model.plan([1] * len(running), starts=[s.cached for s in running],
-                               rows=[s.row for s in running], cache=self.cache)
-        logits = self.executor.forward(tokens, plan, self.cache)
-        for s in running:
-            s.cached += 1
-        if self.trace is not None:
-            self.trace.on_step("decode", plan, {s.row: s.cached for s in running}, tokens,
-                               seqs=[s.out.index for s in running], prefill=self.attention)
-        result = self._sample(running, logits)
-        self.stats.decode_tokens += len(running)
-        self.stats.decode_steps += 1
-        self.stats.decode_seconds += time.perf_counter() - t0
+            self.trace.on_step(step.phase, plan, {s.row: s.cached for s in seqs}, tokens,
+                               seqs=[s.out.index for s in seqs], prefill=self.attention)
+        result = self._sample([seqs[i] for i in sampling], logits)
+        # A mixed step's time is shared between pre-fill and decode in proportion to their tokens.
+        seconds, total = time.perf_counter() - t0, sum(lengths)
+        decoded = total - prompt_tokens
+        self.stats.prefill_tokens += prompt_tokens
+        self.stats.prefill_seconds += seconds * prompt_tokens / total
+        if decoded:
+            self.stats.decode_tokens += decoded
+            self.stats.decode_steps += 1
+            self.stats.decode_seconds += seconds * decoded / total
         return result
 
     def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, int, float]]:
@@ -259,7 +355,8 @@ class Engine:
         return list(zip(seqs, tokens, logprobs))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
-    def _request(self, index: int, prompt: Prompt, params: SamplingParams) -> tuple[Completion, SamplingParams]:
+    def _request(self, index: int, prompt: Prompt, params: SamplingParams,
+                 request_id: Optional[str]) -> _Waiting:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise SiroccoError("text prompts need a tokenizer; pass token ids or a tokenizer")
@@ -277,12 +374,31 @@ class Engine:
                                f"{bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise SiroccoError("stop strings need a tokenizer")
-        return Completion(index=index, prompt=text, prompt_tokens=ids), params
+        if request_id is None:
+            request_id = self._new_id()
+        return _Waiting(Completion(index=index, prompt=text, prompt_tokens=ids, request_id=request_id), params)
 
-    def _start(self, out: Completion, params: SamplingParams, row: int) -> _Running:
+    def _new_id(self) -> str:
+        while True:
+            rid = f"req-{self._id_counter}"
+            self._id_counter += 1
+            if rid not in self._unfinished:
+                return rid
+
+    def _queue(self, req: _Waiting) -> None:
+        self._unfinished.add(req.out.request_id)
+        self.scheduler.add(req)
+
+    def _start(self, req: _Waiting, row: int, order: int) -> _Running:
+        out, params = req.out, req.params
         gen = make_generator(params.seed, self.device) if params.temperature > 0 else None
         text = TextTracker(self.tokenizer, out.prompt_tokens, params.stop) if self.tokenizer is not None else None
-        return _Running(out=out, params=params, row=row, generator=gen, text=text)
+        return _Running(out=out, params=params, row=row, generator=gen, text=text, order=order)
+
+    def _move_row(self, src: int, dst: int) -> None:
+        self.cache.move_row(src, dst)
+        if self.trace is not None:
+            self.trace.on_row_move(src, dst)
 
     def _advance(self, seq: _Running, token: int, logprob: float) -> Event:
         """Append a sampled token, decide whether the sequence is done, and say what text it adds."""
@@ -304,20 +420,5 @@ class Engine:
             if seq.text is not None:
                 piece += seq.text.finish()
                 out.text = seq.text.text
-            return Event(out.index, token, logprob, piece, completion=out)
-        return Event(out.index, token, logprob, piece)
-
-    def _release_finished(self, running: list[_Running]) -> list[_Running]:
-        """Drop finished sequences and move survivors from high rows into the freed low rows."""
-        alive = [s for s in running if s.out.finish_reason is None]
-        if len(alive) == len(running):
-            return running
-        n = len(alive)
-        free = sorted(set(range(n)) - {s.row for s in alive})
-        for s in [s for s in alive if s.row >= n]:
-            dst = free.pop(0)
-            self.cache.move_row(s.row, dst)
-            if self.trace is not None:
-                self.trace.on_row_move(s.row, dst)
-            s.row = dst
-        return sorted(alive, key=lambda s: s.row)
+            return Event(out.index, token, logprob, piece, completion=out, request_id=out.request_id)
+        return Event(out.index, token, logprob, piece, request_id=out.request_id)
