@@ -46,6 +46,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + generation; sizes the cache (default: the model's context)")
     e.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="what computes the model (see 'sirocco generate --help')")
+    e.add_argument("--no-mixed", dest="mixed", action="store_false",
+                   help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
+                        "pre-filled); by default a step carries the decodes and then pre-fill chunks")
     add_pipeline_arguments(p)
 
 
@@ -68,7 +71,7 @@ def build(args: argparse.Namespace):
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, backend=args.backend,
-                    executor=wrap_executor(loaded.model))
+                    executor=wrap_executor(loaded.model), mixed=args.mixed)
     api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
     name = args.served_model_name or served_name(args.model)
     log.info("serving %s as '%s': %d rows, context %d, queue %d%s", loaded.source, name, args.max_rows,

@@ -179,13 +179,13 @@ class Server:
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not work.done():
+            gone.cancel()
+            if not work.done():                     # the client went away (or this handler was cancelled)
                 work.cancel()
                 for rid in rids:
                     self.runner.abort(rid)
-            gone.cancel()
-        if work.cancelled():
-            return Response(status_code=499)        # nobody reads it: the client went away
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)        # nobody reads it
         return JSONResponse(work.result())
 
     async def _events(self, rids: dict[str, int], out: asyncio.Queue) -> AsyncIterator[tuple[int, Any, Any]]:

@@ -107,6 +107,7 @@ class Runner:
         self._lock = threading.Lock()
         self._inbox_adds = 0                        # sequences sent, not yet given to the engine
         self._engine_waiting = 0                    # the engine's own queue, as of the last step
+        self._engine_running = 0                    # sequences in rows, as of the last step
         self.failed: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -121,9 +122,9 @@ class Runner:
             self._thread.join(timeout)
 
     def waiting(self) -> int:
-        """Sequences that hold no cache row yet: in the inbox, or in the engine's waiting queue."""
+        """Sequences that will have to wait for a cache row: those sent or queued past the free rows."""
         with self._lock:
-            return self._inbox_adds + self._engine_waiting
+            return max(0, self._inbox_adds + self._engine_waiting + self._engine_running - self.engine.max_rows)
 
     async def add(self, rid: str, prompt: Sequence[int], params: SamplingParams, out: asyncio.Queue,
                   arrival: float) -> None:
@@ -136,6 +137,8 @@ class Runner:
         with self._lock:
             self._inbox_adds += 1
         self._inbox.put(("add", rid, list(prompt), params, out, loop, fut, arrival))
+        if self._thread is not None and not self._thread.is_alive():
+            self._drain_failing()
         await fut
 
     def abort(self, rid: str) -> None:
@@ -143,6 +146,15 @@ class Runner:
 
     # -- engine thread -------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:                          # a bug outside step(): fail loudly, never hang
+            log.exception("engine thread failed")
+            self.failed = e
+            self._shutdown(EngineFailed(f"the engine failed: {type(e).__name__}: {e}"))
+            self._drain_failing()
+
+    def _serve(self) -> None:
         engine = self.engine
         with torch.inference_mode():
             while True:
@@ -184,6 +196,7 @@ class Runner:
         with self._lock:
             self._inbox_adds -= 1
             self._engine_waiting = self.engine.num_waiting
+            self._engine_running = self.engine.num_running
         loop.call_soon_threadsafe(_resolve, fut, error)
 
     def _abort(self, rid: str) -> None:
@@ -221,7 +234,7 @@ class Runner:
     def _publish(self) -> None:
         running, waiting = self.engine.num_running, self.engine.num_waiting
         with self._lock:
-            self._engine_waiting = waiting
+            self._engine_waiting, self._engine_running = waiting, running
         self.metrics.running.set(running)
         self.metrics.waiting.set(waiting)
 
@@ -247,3 +260,5 @@ class Runner:
                 with self._lock:
                     self._inbox_adds -= 1
                 loop.call_soon_threadsafe(_resolve, fut, EngineFailed(f"the engine stopped: {self.failed}"))
+            elif cmd[0] == "stop":
+                return
