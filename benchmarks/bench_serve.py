@@ -6,11 +6,12 @@ dim 256, 4 layers, fp32) with Mistral's v1 tokenizer. Then:
 
     load     ``sirocco serve`` in a subprocess on 127.0.0.1 (a free port), driven by --concurrency streaming
              clients over the committed mix of benchmarks/serve_mix.json (prompt lengths in random token ids,
-             exact output lengths with ignore_eos, greedy). Per request: TTFT (first chunk with text), ITL (gaps
+             exact output lengths with ignore_eos, greedy). The offline part runs first, then the server. Per request: TTFT (first chunk with text), ITL (gaps
              between text chunks), TPOT ((latency - TTFT) / (output tokens - 1), tokens from the usage chunk),
              end-to-end latency; each as mean/p50/p90/p99; requests/s and output tokens/s over the whole run.
-    offline  the same prompts and lengths through ``Engine.generate`` in this process (server stopped, so the
-             two never share the CPU): output tokens/s, and the server's share of it.
+    offline  the same prompts and lengths through ``Engine.generate`` in this process, with min(rows,
+             concurrency) rows (the most the server can have in flight), before the server starts (so the two
+             never share the CPU); both are warmed up first with every prompt for 2 tokens: output tokens/s, and the server's share of it.
     long     4 streams decoding, then a 2000-token prompt arrives: the 4 streams' inter-token gaps while it is
              pre-filled, with mixed steps (the engine's default: decodes and pre-fill chunks share each step)
              and without (--no-mixed: pre-fill steps until the prompt is cached, the decodes wait).
@@ -209,7 +210,8 @@ def offline(folder: Path, dtype: str, jobs: list[tuple[list[int], int]], max_row
 
     loaded = load(str(folder), dtype=getattr(torch, dtype))
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=max_rows, chunk_size=chunk_size)
-    engine.generate([jobs[0][0]], SamplingParams(max_tokens=2, stop_on_eos=False))          # warm-up
+    # warm-up: every prompt for 2 tokens, so first-use costs (lazy torch set-up, kernels) fall outside the timing
+    engine.generate([p for p, _ in jobs], SamplingParams(max_tokens=2, stop_on_eos=False))
     params = [SamplingParams(max_tokens=m, stop_on_eos=False) for _, m in jobs]
     t0 = time.perf_counter()
     done = engine.generate([p for p, _ in jobs], params)
@@ -292,12 +294,16 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint(args.workdir, shape)
     jobs = [(prompt_ids(m["prompt_tokens"], seed + i), m["max_tokens"]) for i, m in enumerate(mix)]
-    report: dict[str, Any] = {"shape": shape, "concurrency": concurrency, "max_rows": args.max_rows,
+    report: dict[str, Any] = {"loadavg_start": os.getloadavg(), "shape": shape, "concurrency": concurrency, "max_rows": args.max_rows,
                               "chunk_size": args.chunk_size, "mix": "quick" if args.quick else "default"}
 
+    log("offline: the same prompts through Engine.generate")
+    # offline gets as many rows as the server can fill: at most --concurrency sequences are ever in flight there
+    report["offline"] = off = offline(folder, shape["dtype"], jobs, min(args.max_rows, concurrency), args.chunk_size)
+    log(f"  {off['output_tokens_per_s']:.1f} output tokens/s ({off['output_tokens']} tokens in {off['seconds']:.1f} s)")
     log(f"load: {len(jobs)} requests, {concurrency} concurrent streams, {args.max_rows} rows")
     with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads) as server:
-        asyncio.run(drive(server.url, jobs[:1], 1))                                    # warm-up
+        asyncio.run(drive(server.url, [(p, 2) for p, _ in jobs], concurrency))        # warm-up, as offline
         results, wall = asyncio.run(drive(server.url, jobs, concurrency))
     report["load"] = load = load_figures(results, wall)
     log(f"  TTFT {ms(load['ttft_s'])}")
@@ -305,11 +311,8 @@ def main() -> int:
     log(f"  ITL  {ms(load['itl_s'])}")
     log(f"  {load['requests_per_s']:.2f} requests/s, {load['output_tokens_per_s']:.1f} output tokens/s "
         f"({load['output_tokens']} tokens in {wall:.1f} s)")
-    log("offline: the same prompts through Engine.generate")
-    report["offline"] = off = offline(folder, shape["dtype"], jobs, args.max_rows, args.chunk_size)
     report["server_over_offline"] = load["output_tokens_per_s"] / off["output_tokens_per_s"]
-    log(f"  {off['output_tokens_per_s']:.1f} output tokens/s; the server reaches "
-        f"{100 * report['server_over_offline']:.0f}% of it")
+    log(f"  the server's output tokens/s are {100 * report['server_over_offline']:.0f}% of offline's")
 
     if not args.skip_long:
         lp = mix_doc["long_prompt"]["quick" if args.quick else "default"]
@@ -326,6 +329,9 @@ def main() -> int:
             log(f"long prompt ({lp['prompt_tokens']} tokens) beside {lp['streams']} streams, {name}: its TTFT "
                 f"{case['long_prompt_ttft_s'] * 1e3:.0f} ms; streams' ITL meanwhile {ms(d)}, max "
                 f"{d['max'] * 1e3:.1f} ms (before it: p50 {case['itl_before_s']['p50'] * 1e3:.1f} ms)")
+    report["loadavg_end"] = os.getloadavg()
+    log(f"load average of the machine (other work included): {report['loadavg_start'][0]:.1f} at the start, "
+        f"{report['loadavg_end'][0]:.1f} at the end (2 cores: figures taken above 2 are shared with others)")
     if args.json:
         print(json.dumps(report, indent=1))
     return 0
