@@ -232,3 +232,33 @@ def test_stream_needs_an_idle_engine_and_generate_keeps_prompt_indices():
     for _ in engine.stream([prompt(3, 1), prompt(4, 2), prompt(2, 3)], SamplingParams(max_tokens=5)):
         break
     assert not engine.has_unfinished() and engine.step() == []
+
+
+@pytest.mark.parametrize("window", [6, None])
+def test_a_decode_row_in_a_mixed_step_gets_the_bits_of_a_decode_step(window):
+    """The attention of a one-token row is computed by the decode op in a mixed step too (the pre-fill op's
+    SDPA differs in the last bits for the same row): bit for bit what a pure decode step gives."""
+    import copy
+
+    from sirocco.cache import RollingCache
+    from sirocco.model.attention import REFERENCE_OPS, attend
+    from sirocco.plan import BatchPlan
+
+    args = preset("tiny", vocab_size=259, sliding_window=window)
+    H, G, D = args.n_heads, args.n_kv_heads, args.head_dim
+    cache = RollingCache(args, rows=3, max_seq_len=64)
+    layer = cache[0]
+    layer.k.normal_()
+    layer.v.normal_()
+    lens = cache.cache_lens()
+    q, k, v = torch.randn(7, H, D), torch.randn(7, G, D), torch.randn(7, G, D)
+    decode = BatchPlan.build([1, 1], starts=[9, 4], rows=[1, 0], windows=[window], cache_lens=lens)
+    mixed = BatchPlan.build([1, 1, 5], starts=[9, 4, 3], rows=[1, 0, 2], windows=[window], cache_lens=lens)
+    assert mixed.for_window(window).parts is not None
+    alone = attend(q[:2], k[:2], v[:2], decode.for_window(window), copy.deepcopy(layer), REFERENCE_OPS)
+    together = attend(q, k, v, mixed.for_window(window), copy.deepcopy(layer), REFERENCE_OPS)
+    assert torch.equal(alone, together[:2])
+    # ... and the pre-fill rows are what a pre-fill step of them alone gives
+    prefill = BatchPlan.build([5], starts=[3], rows=[2], windows=[window], cache_lens=lens)
+    assert torch.equal(attend(q[2:], k[2:], v[2:], prefill.for_window(window), copy.deepcopy(layer), REFERENCE_OPS),
+                       together[2:])

@@ -93,6 +93,10 @@ class WindowPlan:
     prefix_slot: Optional[torch.Tensor] = None  # (n_prefix,) slot of each prefix key, oldest first
     key_order: Optional[torch.Tensor] = None    # (Tk,) index into cat([prefix keys, new keys])
     decode_len: int = 0                          # slots of each row the decode step reads
+    # A mixed step (see ``BatchPlan.build``): the plans of its leading one-token sequences (a decode plan) and
+    # of the rest (a pre-fill plan), each over its own slice of the step's tokens. The fields above still
+    # describe the whole step (what it may attend, for the trace and the dense reference).
+    parts: Optional[tuple["WindowPlan", "WindowPlan"]] = None
 
     @functools.cached_property
     def dense(self) -> torch.Tensor:
@@ -159,6 +163,11 @@ class BatchPlan:
             rows: cache row of each sequence; give it (with ``cache_lens``) when the step uses a cache.
             windows: the windows of the model's layers (duplicates are fine).
             cache_lens: slots per row for each window, ``{window: S}``; None: no cache.
+
+        A step with a cache whose leading sequences have one new token each and whose others have more is a
+        *mixed* step: each window's plan also carries ``parts``, a decode plan for those leading sequences and
+        a pre-fill plan for the rest, so that a one-token sequence attends with the decode op over its cache
+        row whatever else shares the step (the pre-fill op gives other rounding bits for the same row).
         """
         lengths = [int(n) for n in lengths]
         if not lengths:
@@ -183,6 +192,12 @@ class BatchPlan:
         for w in dict.fromkeys(windows):
             plans[w] = _window_plan(w, None if not use_cache else int(cache_lens[w]), starts, lengths, rows,
                                     positions, device)
+        ones = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))   # leading one-token sequences
+        if use_cache and 0 < ones < len(lengths):
+            for w, wp in plans.items():
+                S = int(cache_lens[w])
+                wp.parts = (_window_plan(w, S, starts[:ones], lengths[:ones], rows[:ones], positions[:ones], device),
+                            _window_plan(w, S, starts[ones:], lengths[ones:], rows[ones:], positions[ones:], device))
         return cls(starts=starts, lengths=lengths, rows=rows, positions=positions, windows=plans)
 
 

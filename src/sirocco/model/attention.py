@@ -18,6 +18,9 @@ back oldest first) and hands the arithmetic to an ``AttentionOps``. The referenc
   * decode (one token per sequence, with a cache): matmul, fp32 softmax, matmul over the sequence's cache row
     in place, with the plan's valid-slot mask (SDPA takes a slow path for one bf16 query on CPU).
 
+A mixed step (decode tokens packed first, then pre-fill chunks) runs its two parts with their own ops
+(``WindowPlan.parts``): a decode row gets the same attention bits as in a pure decode step.
+
 A backend (backends/) subclasses ``AttentionOps`` to put kernels under ``rope`` and ``decode``.
 """
 
@@ -81,6 +84,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, 
     Returns:
         (T, H, D)
     """
+    if cache is not None and plan.parts is not None:
+        # Mixed step: one-token sequences (packed first) with the decode op, the others with the pre-fill op;
+        # they own different cache rows, so the two halves' cache traffic is independent.
+        dec, pre = plan.parts
+        n = len(dec.q_seqlens)
+        return torch.cat([attend(q[:n], k[:n], v[:n], dec, cache, ops), attend(q[n:], k[n:], v[n:], pre, cache, ops)])
     if cache is not None and plan.decode:
         cache.write(k, v, plan)                       # the new token is written first, then attended to
         keys, values = cache.rows_view(plan)          # (B, G, L, D)

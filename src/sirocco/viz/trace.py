@@ -45,7 +45,7 @@ class MaskRecord:
     queries: list[tuple[int, int]]               # (sequence, position) of each new token
     keys: list[Key]                              # (sequence, position, slot) of each key column
     allowed: list[list[int]]                     # (queries, keys) 0/1, as lowered by the plan
-    lowering: str                                # "decode_valid", "dense" or "blocks"
+    lowering: str                                # "decode_valid", "dense", "blocks" or "decode_valid + ..."
     padding: Optional[int] = None                # slots read per row (decode steps)
 
 
@@ -179,6 +179,10 @@ class Trace:
             prefix_slot = wp.prefix_slot.tolist()
             slots = [prefix_slot[i] if i < n_prefix else None for i in wp.key_order.tolist()]
         mask, how = _lowered_prefill(wp, prefill)
+        if getattr(wp, "parts", None) is not None:
+            # A mixed step: the one-token rows ran the decode op over their cache rows (same allowed pairs,
+            # shown here in the pre-fill key layout), the others the pre-fill lowering.
+            how = f"decode_valid + {how}"
         return MaskRecord(wp.window, _phase(wp), queries, list(zip(k_seq, k_pos, slots)), mask.int().tolist(), how)
 
     def _writes(self, wp: Any) -> list[tuple[int, int, int]]:
