@@ -50,3 +50,34 @@ def test_reset_and_system_start_new_conversations(capsys, monkeypatch, ckpt):
     with_system = greedy(ckpt, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
     out = chat(capsys, monkeypatch, ckpt, "Hello\n/reset\nHello\n/system Be brief.\nHello\n/exit\nnever read\n")
     assert out == f"{first}\n{first}\n{with_system}\n"
+
+
+def test_an_interrupted_answer_stops_and_the_conversation_goes_on(ckpt, capsys):
+    from sirocco.cli.chat import Chat
+
+    loaded = load(str(ckpt))
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1)
+    chat = Chat(engine, loaded.tokenizer, SamplingParams(max_tokens=40, stop_on_eos=False))
+    full = greedy_n(ckpt, [{"role": "user", "content": "Hello"}], 40)
+
+    class StopAfterTwo(io.StringIO):        # what Ctrl-C does between steps: set the flag the answer loop reads
+        def write(self, s):
+            if len(self.getvalue()) > 2:
+                chat.interrupted = True
+            return super().write(s)
+
+    out = StopAfterTwo()
+    partial = chat.answer("Hello", out)
+    assert full.startswith(partial) and len(partial) < len(full)
+    assert "[stopped]" in capsys.readouterr().err
+    assert engine.num_running == 0 and not engine.has_unfinished()          # its row is free
+    assert chat.messages[-1] == {"role": "assistant", "content": partial}
+    chat.answer("Again", io.StringIO())                                       # and the chat goes on
+    assert len(chat.messages) == 4
+
+
+def greedy_n(ckpt, messages: list[dict], n: int) -> str:
+    loaded = load(str(ckpt))
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1)
+    return engine.generate([loaded.tokenizer.encode_chat(messages)], SamplingParams(max_tokens=n,
+                                                                                     stop_on_eos=False))[0].text
