@@ -15,6 +15,8 @@ from ..errors import SiroccoError
 # verb -> (module, one-line help). Every verb's module is imported to build the parser (for --help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sirocco.cli.generate", "continue prompts with a model (packed, cached, chunked)"),
+    "serve": ("sirocco.cli.serve", "serve a model over HTTP with OpenAI's API (completions, chat, metrics)"),
+    "chat": ("sirocco.cli.chat", "chat with a model in the terminal (streamed answers, the chat template)"),
     "convert": ("sirocco.cli.convert", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
     "train": ("sirocco.cli.train", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
     "train-tokenizer": ("sirocco.cli.train_tokenizer",
@@ -26,6 +28,8 @@ EPILOG = """examples:
   sirocco generate "The sliding window"              # the default model
   sirocco generate --model ./Mistral-7B-v0.1 --dtype bfloat16 "def fib(n):"
   sirocco generate --json --prompts-file prompts.txt  # one JSON object per prompt
+  sirocco serve --model ./Mistral-7B-v0.1 --port 8000   # OpenAI's API on 127.0.0.1:8000
+  sirocco chat --model ./Mistral-7B-Instruct-v0.2
 run 'sirocco VERB --help' for the options of each verb."""
 
 

@@ -1,0 +1,341 @@
+"""``sirocco serve`` under load, against the same prompts run offline through the Engine, in the same run.
+
+A Mistral-shaped checkpoint with random weights is written once into the work folder (default: the 1B shape of
+bench_inference.py, dim 2048, 16 layers, 16/4 heads, hidden 7168, vocab 32000, window 4096, bf16; ``--quick``:
+dim 256, 4 layers, fp32) with Mistral's v1 tokenizer. Then:
+
+    load     ``sirocco serve`` in a subprocess on 127.0.0.1 (a free port), driven by --concurrency streaming
+             clients over the committed mix of benchmarks/serve_mix.json (prompt lengths in random token ids,
+             exact output lengths with ignore_eos, greedy). The offline part runs first, then the server. Per request: TTFT (first chunk with text), ITL (gaps
+             between text chunks), TPOT ((latency - TTFT) / (output tokens - 1), tokens from the usage chunk),
+             end-to-end latency; each as mean/p50/p90/p99; requests/s and output tokens/s over the whole run.
+    offline  the same prompts and lengths through ``Engine.generate`` in this process, with min(rows,
+             concurrency) rows (the most the server can have in flight), before the server starts (so the two
+             never share the CPU); both are warmed up first with every prompt for 2 tokens: output tokens/s, and the server's share of it.
+    long     4 streams decoding, then a 2000-token prompt arrives: the 4 streams' inter-token gaps while it is
+             pre-filled, with mixed steps (the engine's default: decodes and pre-fill chunks share each step)
+             and without (--no-mixed: pre-fill steps until the prompt is cached, the decodes wait).
+
+Every request goes to 127.0.0.1 only; the number of requests is fixed by the mix; the server is stopped at the
+end of each part.
+
+    python benchmarks/bench_serve.py --quick            # seconds: the tiny shape
+    python benchmarks/bench_serve.py --json > serve.json   # the 1B shape (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MIX = HERE / "serve_mix.json"
+
+FULL = dict(dim=2048, n_layers=16, head_dim=128, hidden_dim=7168, n_heads=16, n_kv_heads=4, vocab_size=32000,
+            sliding_window=4096, max_seq_len=4096, dtype="bfloat16")
+QUICK = dict(dim=256, n_layers=4, head_dim=64, hidden_dim=768, n_heads=4, n_kv_heads=2, vocab_size=32000,
+             sliding_window=4096, max_seq_len=4096, dtype="float32")
+
+
+def log(msg: str) -> None:
+    print(f"bench_serve: {msg}", file=sys.stderr, flush=True)
+
+
+# -- the checkpoint --------------------------------------------------------------------------------------------
+def checkpoint(workdir: Path, shape: dict) -> Path:
+    import mistral_common
+    import torch
+
+    from sirocco.checkpoint import save_consolidated
+    from sirocco.config import ModelArgs
+    from sirocco.model import build_model
+
+    dtype = shape["dtype"]
+    fields = {k: v for k, v in shape.items() if k != "dtype"}
+    folder = workdir / ("serve-d{dim}-l{n_layers}-h{n_heads}-kv{n_kv_heads}-f{hidden_dim}".format(**fields) + f"-{dtype}")
+    if (folder / "params.json").is_file() and (folder / "tokenizer.model").is_file():
+        return folder
+    log(f"writing {folder.name} (random weights)")
+    args = ModelArgs(norm_eps=1e-5, rope_theta=10000.0, **fields)
+    torch_dtype = getattr(torch, dtype)
+    model = build_model(args, dtype=torch_dtype, seed=0)
+    save_consolidated(model, args, folder, dtype=torch_dtype)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
+    return folder
+
+
+def prompt_ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(1000, 31000) for _ in range(n - 1)]
+
+
+# -- statistics --------------------------------------------------------------------------------------------
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values) if values else float("nan"), "p50": pct(values, 0.5),
+            "p90": pct(values, 0.9), "p99": pct(values, 0.99), "n": len(values)}
+
+
+def ms(d: dict) -> str:
+    return f"mean {d['mean'] * 1e3:.1f} p50 {d['p50'] * 1e3:.1f} p90 {d['p90'] * 1e3:.1f} p99 {d['p99'] * 1e3:.1f} ms"
+
+
+# -- the server ------------------------------------------------------------------------------------------------
+class Server:
+    """``sirocco serve`` in a subprocess on 127.0.0.1 at a free port."""
+
+    def __init__(self, folder: Path, dtype: str, max_rows: int, chunk_size: int, mixed: bool = True,
+                 threads: int | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "sirocco.cli", "-q", "serve", "--model", str(folder), "--dtype", dtype,
+               "--host", "127.0.0.1", "--port", str(self.port), "--max-rows", str(max_rows), "--max-queue", "1000",
+               "--chunk-size", str(chunk_size), "--served-model-name", "bench"]
+        if not mixed:
+            cmd.append("--no-mixed")
+        if threads:
+            cmd += ["--threads", str(threads)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(self, timeout: float = 300) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.2)
+
+    def __enter__(self) -> "Server":
+        self.wait()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def stream_one(client, prompt: list[int], max_tokens: int, stop_after: float | None = None) -> dict:
+    """One streaming completion: arrival, chunk times, output tokens (from the usage chunk)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                times.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if stop_after is not None and time.perf_counter() > stop_after:
+                break                                   # hang up: the server aborts the rest
+    end = time.perf_counter()
+    return {"start": t0, "times": times, "end": end, "tokens": tokens}
+
+
+async def drive(url: str, jobs: list[tuple[list[int], int]], concurrency: int) -> tuple[list[dict], float]:
+    import httpx
+
+    queue = list(enumerate(jobs))
+    results: list[Any] = [None] * len(jobs)
+
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        async def worker() -> None:
+            while queue:
+                i, (prompt, m) = queue.pop(0)
+                results[i] = await stream_one(c, prompt, m)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+
+def load_figures(results: list[dict], wall: float) -> dict:
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    e2e = [r["end"] - r["start"] for r in results]
+    tpot = [(r["end"] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["times"] and r["tokens"] > 1]
+    out_tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "seconds": wall, "ttft_s": summary(ttft), "tpot_s": summary(tpot),
+            "itl_s": summary(itl), "e2e_s": summary(e2e), "requests_per_s": len(results) / wall,
+            "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / wall}
+
+
+def offline(folder: Path, dtype: str, jobs: list[tuple[list[int], int]], max_rows: int, chunk_size: int) -> dict:
+    import torch
+
+    from sirocco.generate.engine import Engine
+    from sirocco.generate.sampling import SamplingParams
+    from sirocco.pretrained import load
+
+    loaded = load(str(folder), dtype=getattr(torch, dtype))
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=max_rows, chunk_size=chunk_size)
+    # warm-up: every prompt for 2 tokens, so first-use costs (lazy torch set-up, kernels) fall outside the timing
+    engine.generate([p for p, _ in jobs], SamplingParams(max_tokens=2, stop_on_eos=False))
+    params = [SamplingParams(max_tokens=m, stop_on_eos=False) for _, m in jobs]
+    t0 = time.perf_counter()
+    done = engine.generate([p for p, _ in jobs], params)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.tokens) for c in done)
+    return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+
+
+async def long_prompt_case(url: str, streams: int, stream_prompt: int, long_prompt: int, seed: int) -> dict:
+    """``streams`` decoding streams; once each has produced a few chunks, one ``long_prompt``-token prompt
+    arrives; the streams hang up a little after it is answered. Their inter-token gaps while it was pending."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        stop_at = [float("inf")]
+        tasks = [asyncio.ensure_future(stream_one_until(c, prompt_ids(stream_prompt, seed + 100 + i), stop_at))
+                 for i in range(streams)]
+        while not all(len(t_times) >= 4 for t_times in _progress(tasks)):
+            await asyncio.sleep(0.01)
+        t_arrive = time.perf_counter()
+        r = await c.post("/v1/completions", json={"model": "bench", "prompt": prompt_ids(long_prompt, seed + 99),
+                                                  "max_tokens": 1, "temperature": 0, "ignore_eos": True})
+        r.raise_for_status()
+        t_done = time.perf_counter()
+        stop_at[0] = t_done + 0.5 * (t_done - t_arrive) + 0.2
+        results = await asyncio.gather(*tasks)
+    during = [b - a for res in results for a, b in zip(res["times"], res["times"][1:])
+              if b > t_arrive and a < t_done]
+    before = [b - a for res in results for a, b in zip(res["times"], res["times"][1:]) if b <= t_arrive]
+    return {"long_prompt_ttft_s": t_done - t_arrive, "itl_during_s": {**summary(during), "max": max(during or [0])},
+            "itl_before_s": summary(before)}
+
+
+_PROGRESS: dict[int, list[float]] = {}
+
+
+def _progress(tasks) -> list[list[float]]:
+    return [_PROGRESS.get(id(t), []) for t in tasks]
+
+
+async def stream_one_until(client, prompt: list[int], stop_at: list[float]) -> dict:
+    """A long greedy stream that records its chunk times (visible to ``_progress``) until ``stop_at[0]``."""
+    task = asyncio.current_task()
+    times = _PROGRESS.setdefault(id(task), [])
+    body = {"model": "bench", "prompt": prompt, "max_tokens": 3000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"]:
+                    times.append(time.perf_counter())
+            if time.perf_counter() > stop_at[0]:
+                break
+    return {"times": list(times)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the tiny shape and the quick mix: seconds")
+    p.add_argument("--concurrency", type=int, default=None, help="streaming clients at once (default 8; quick 4)")
+    p.add_argument("--max-rows", type=int, default=8, help="the server's and the offline engine's rows (default 8)")
+    p.add_argument("--chunk-size", type=int, default=512, help="pre-fill chunk of both (default 512)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server and the offline run")
+    p.add_argument("--skip-long", action="store_true", help="leave out the long-prompt case")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sirocco-bench",
+                   help="where the checkpoint is written once")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object on standard output")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    shape = QUICK if args.quick else FULL
+    mix_doc = json.loads(MIX.read_text())
+    mix = mix_doc["quick" if args.quick else "default"]
+    seed = mix_doc["seed"]
+    concurrency = args.concurrency or (4 if args.quick else 8)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    folder = checkpoint(args.workdir, shape)
+    jobs = [(prompt_ids(m["prompt_tokens"], seed + i), m["max_tokens"]) for i, m in enumerate(mix)]
+    report: dict[str, Any] = {"loadavg_start": os.getloadavg(), "shape": shape, "concurrency": concurrency, "max_rows": args.max_rows,
+                              "chunk_size": args.chunk_size, "mix": "quick" if args.quick else "default"}
+
+    log("offline: the same prompts through Engine.generate")
+    # offline gets as many rows as the server can fill: at most --concurrency sequences are ever in flight there
+    report["offline"] = off = offline(folder, shape["dtype"], jobs, min(args.max_rows, concurrency), args.chunk_size)
+    log(f"  {off['output_tokens_per_s']:.1f} output tokens/s ({off['output_tokens']} tokens in {off['seconds']:.1f} s)")
+    log(f"load: {len(jobs)} requests, {concurrency} concurrent streams, {args.max_rows} rows")
+    with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads) as server:
+        asyncio.run(drive(server.url, [(p, 2) for p, _ in jobs], concurrency))        # warm-up, as offline
+        results, wall = asyncio.run(drive(server.url, jobs, concurrency))
+    report["load"] = load = load_figures(results, wall)
+    log(f"  TTFT {ms(load['ttft_s'])}")
+    log(f"  TPOT {ms(load['tpot_s'])}")
+    log(f"  ITL  {ms(load['itl_s'])}")
+    log(f"  {load['requests_per_s']:.2f} requests/s, {load['output_tokens_per_s']:.1f} output tokens/s "
+        f"({load['output_tokens']} tokens in {wall:.1f} s)")
+    report["server_over_offline"] = load["output_tokens_per_s"] / off["output_tokens_per_s"]
+    log(f"  the server's output tokens/s are {100 * report['server_over_offline']:.0f}% of offline's")
+
+    if not args.skip_long:
+        lp = mix_doc["long_prompt"]["quick" if args.quick else "default"]
+        report["long_prompt"] = {}
+        for mixed in (True, False):
+            name = "mixed" if mixed else "unmixed"
+            with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, mixed=mixed,
+                        threads=args.threads) as server:
+                asyncio.run(drive(server.url, jobs[:1], 1))
+                case = asyncio.run(long_prompt_case(server.url, lp["streams"], lp["stream_prompt_tokens"],
+                                                    lp["prompt_tokens"], seed))
+            report["long_prompt"][name] = case
+            d = case["itl_during_s"]
+            log(f"long prompt ({lp['prompt_tokens']} tokens) beside {lp['streams']} streams, {name}: its TTFT "
+                f"{case['long_prompt_ttft_s'] * 1e3:.0f} ms; streams' ITL meanwhile {ms(d)}, max "
+                f"{d['max'] * 1e3:.1f} ms (before it: p50 {case['itl_before_s']['p50'] * 1e3:.1f} ms)")
+    report["loadavg_end"] = os.getloadavg()
+    log(f"load average of the machine (other work included): {report['loadavg_start'][0]:.1f} at the start, "
+        f"{report['loadavg_end'][0]:.1f} at the end (2 cores: figures taken above 2 are shared with others)")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

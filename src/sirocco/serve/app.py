@@ -1,0 +1,358 @@
+"""The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health, /metrics,
+/tokenize and /detokenize.
+
+Order of work in a generation request, cheapest refusal first: API key (401), JSON and fields (400), model name
+(404), room in the waiting queue (429 with Retry-After, before tokenizing), tokenizing and the context check
+(400), then the engine. None of these touches the running requests.
+
+Streams are written as plain server-sent events by a StreamingResponse (``data: {json}\\n\\n`` per chunk, then
+``data: [DONE]\\n\\n``), not with sse-starlette: its events end lines with ``\\r\\n`` and it adds pings and
+headers of its own, while OpenAI's stream is exactly these lines. A client that goes away is noticed by
+listening for ``http.disconnect`` beside the response (streams) or beside the wait for the result
+(non-streaming), and the request is aborted at once: the engine frees its row at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import SiroccoError
+from ..generate.engine import PromptTooLong
+from . import protocol
+from .metrics import Metrics
+from .protocol import APIError, Logprobs, TokenText, bad
+from .runner import EngineFailed, Runner, ServeParams, TopLogprobsExecutor
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse that always listens for the client's disconnect beside the stream and then cancels
+    it (Starlette does so only for servers older than ASGI spec 2.4), so the generator's ``finally`` aborts."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        stream = asyncio.ensure_future(self.stream_response(send))
+        gone = asyncio.ensure_future(listen())
+        try:
+            done, _ = await asyncio.wait({stream, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stream, gone):
+                t.cancel()
+            await asyncio.gather(stream, gone, return_exceptions=True)
+        if stream in done and not stream.cancelled() and stream.exception() is not None:
+            if not isinstance(stream.exception(), OSError):
+                raise stream.exception()
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Server:
+    """The app's state: engine runner, tokenizer, names and limits."""
+
+    def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
+                 max_queue: int = 128, metrics: Optional[Metrics] = None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.name = served_model_name
+        self.api_key = api_key
+        self.max_queue = max_queue
+        self.max_seq_len = engine.max_seq_len
+        self.metrics = metrics or Metrics()
+        self.runner = Runner(engine, self.metrics)
+        self.token_text = TokenText(tokenizer)
+        self.created = int(time.time())
+
+    # -- checks ----------------------------------------------------------------------------------------------
+    def auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    async def body(self, request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"the request body is not valid JSON: {e}") from None
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.name}'.",
+                           param="model", code="model_not_found")
+
+    def check_queue(self, sequences: int) -> None:
+        waiting = self.runner.waiting()
+        if waiting + sequences > self.max_queue:
+            raise APIError(429, f"The server is busy: {waiting} sequences are waiting and the queue holds at most "
+                                f"{self.max_queue}. Retry after {RETRY_AFTER_S} s.", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def encode(self, prompt: Any, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, bos=True, eos=False)
+        else:
+            ids = [int(t) for t in prompt]
+            out = [t for t in ids if not 0 <= t < self.tokenizer.vocab_size]
+            if out:
+                raise bad(f"token ids outside the vocabulary of {self.tokenizer.vocab_size}: {out[:5]}", param=param)
+        if len(ids) >= self.max_seq_len:
+            raise protocol.context_error(len(ids), self.max_seq_len, param)
+        return ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            ids = self.tokenizer.encode_chat(messages)
+        except SiroccoError as e:
+            raise bad(str(e), param="messages") from None
+        if len(ids) >= self.max_seq_len:
+            raise protocol.context_error(len(ids), self.max_seq_len, "messages")
+        return ids
+
+    # -- generation ------------------------------------------------------------------------------------------
+    async def generate(self, request: Request, chat: bool) -> Response:
+        arrival = time.perf_counter()
+        self.auth(request)
+        req = protocol.parse(await self.body(request), chat=chat)
+        self.check_model(req.model)
+        self.check_queue(req.n * len(req.prompts))
+        if chat:
+            prompts = [self.encode_chat(req.prompts[0])]
+        else:
+            prompts = [self.encode(p, "prompt") for p in req.prompts]
+        out: asyncio.Queue = asyncio.Queue()
+        seqs = []                                   # (choice index, request id, prompt ids)
+        for pi, ids in enumerate(prompts):
+            for j in range(req.n):
+                index = pi * req.n + j
+                seqs.append((index, f"{req.id}-{index}", ids))
+        added: list[str] = []
+        try:
+            for index, rid, ids in seqs:
+                max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
+                params = ServeParams(**vars(req.sampling(max_tokens, index)), top_logprobs=req.logprobs or 0)
+                added.append(rid)
+                await self.runner.add(rid, ids, params, out, arrival)
+        except BaseException as e:
+            for rid in added:
+                self.runner.abort(rid)
+            if isinstance(e, PromptTooLong):
+                raise bad(str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
+            if isinstance(e, (SiroccoError, ValueError)):
+                raise bad(str(e)) from None
+            if isinstance(e, EngineFailed):
+                raise APIError(503, str(e), type="server_error") from None
+            raise
+        rids = {rid: index for index, rid, _ in seqs}
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        if req.stream:
+            return EventStream(self._stream(req, rids, out, prompt_tokens))
+        work = asyncio.ensure_future(self._collect(req, rids, out, prompt_tokens))
+        gone = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():                     # the client went away (or this handler was cancelled)
+                work.cancel()
+                for rid in rids:
+                    self.runner.abort(rid)
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)        # nobody reads it
+        return JSONResponse(work.result())
+
+    async def _events(self, rids: dict[str, int], out: asyncio.Queue) -> AsyncIterator[tuple[int, Any, Any]]:
+        """(choice index, Event, top logprobs) until every sequence of the request has finished."""
+        left = set(rids)
+        while left:
+            ev, top = await out.get()
+            if ev is None:
+                raise APIError(503, str(top), type="server_error")
+            if ev.completion is not None:
+                left.discard(ev.request_id)
+            yield rids[ev.request_id], ev, top
+
+    async def _collect(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
+                       prompt_tokens: int) -> dict:
+        logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
+        done = {}
+        async for index, ev, top in self._events(rids, out):
+            if req.logprobs is not None and ev.token is not None:
+                logprobs[index].add(ev.token, ev.logprob, top if req.logprobs else None)
+            if ev.completion is not None:
+                done[index] = ev.completion
+        choices = [protocol.choice(req, i, done[i].text,
+                                   logprobs[i].whole() if req.logprobs is not None else None,
+                                   done[i].finish_reason) for i in sorted(done)]
+        used = sum(len(c.tokens) for c in done.values())
+        return protocol.response(req, self.name, choices, protocol.usage(prompt_tokens, used))
+
+    async def _stream(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
+                      prompt_tokens: int) -> AsyncIterator[str]:
+        finished: set[str] = set()
+        used = 0
+        logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
+        try:
+            if req.chat:
+                for i in sorted(rids.values()):
+                    yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, i, None, role=True)]))
+            try:
+                async for index, ev, top in self._events(rids, out):
+                    if ev.token is not None:
+                        used += 1
+                        lp = None
+                        if req.logprobs is not None:
+                            lp = logprobs[index].add(ev.token, ev.logprob, top if req.logprobs else None)
+                        if ev.text or lp is not None:
+                            yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text, lp)]))
+                    elif ev.text:
+                        yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text)]))
+                    if ev.completion is not None:
+                        finished.add(ev.request_id)
+                        yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(
+                            req, index, None, finish_reason=ev.completion.finish_reason)]))
+            except APIError as e:
+                yield sse(e.body())
+            if req.include_usage:
+                yield sse(protocol.chunk(req, self.name, [], protocol.usage(prompt_tokens, used)))
+            yield "data: [DONE]\n\n"
+        finally:
+            for rid in set(rids) - finished:
+                self.runner.abort(rid)
+
+    # -- the other routes ------------------------------------------------------------------------------------
+    def models(self, request: Request) -> dict:
+        self.auth(request)
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "sirocco", "max_model_len": self.max_seq_len}]}
+
+    async def tokenize(self, request: Request) -> dict:
+        self.auth(request)
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        self.check_model(protocol._get(body, "model", "str"))
+        if body.get("messages") is not None:
+            req = protocol.parse({"messages": body["messages"]}, chat=True)
+            try:
+                ids = self.tokenizer.encode_chat(req.prompts[0])
+            except SiroccoError as e:
+                raise bad(str(e), param="messages") from None
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise bad("'prompt' (a string) or 'messages' is required", param="prompt")
+            special = protocol._get(body, "add_special_tokens", "bool", True)
+            ids = self.tokenizer.encode(prompt, bos=special, eos=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_seq_len}
+
+    async def detokenize(self, request: Request) -> dict:
+        self.auth(request)
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        self.check_model(protocol._get(body, "model", "str"))
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(protocol._is_int(t) for t in tokens):
+            raise bad("'tokens' must be a list of token ids", param="tokens")
+        bad_ids = [t for t in tokens if not 0 <= t < self.tokenizer.vocab_size]
+        if bad_ids:
+            raise bad(f"token ids outside the vocabulary of {self.tokenizer.vocab_size}: {bad_ids[:5]}",
+                      param="tokens")
+        return {"prompt": self.tokenizer.decode(tokens)}
+
+
+def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
+              metrics: Optional[Metrics] = None) -> FastAPI:
+    """The ASGI app over ``engine`` (an Engine built with ``executor=TopLogprobsExecutor(...)`` for top-k
+    logprobs: see ``wrap_executor``). The engine thread starts and stops with the app's lifespan."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.runner.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, server.runner.stop)
+
+    app = FastAPI(title="sirocco", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", type="server_error").body(), status_code=500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await server.generate(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.generate(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        return server.models(request)
+
+    @app.get("/health")
+    async def health():
+        if server.runner.failed is not None:
+            return JSONResponse({"status": "error", "error": str(server.runner.failed)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=server.metrics.content_type)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await server.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await server.detokenize(request)
+
+    return app
+
+
+def wrap_executor(model) -> TopLogprobsExecutor:
+    """The executor to build a serving Engine with: the local one, plus top-k logprobs."""
+    from ..generate.executor import LocalExecutor
+    return TopLogprobsExecutor(LocalExecutor(model))

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one server (their own registry, so several servers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0)
+disable_created_metrics()       # no *_created series: they only double the output
+
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 10.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("sirocco_requests_running", "Sequences in cache rows, being pre-filled or decoded",
+                             registry=r)
+        self.waiting = Gauge("sirocco_requests_waiting", "Sequences waiting for a cache row", registry=r)
+        self.prompt_tokens = Counter("sirocco_prompt_tokens", "Prompt tokens of admitted sequences", registry=r)
+        self.generation_tokens = Counter("sirocco_generation_tokens", "Tokens generated", registry=r)
+        self.success = Counter("sirocco_request_success", "Sequences finished, by finish reason",
+                               ["finish_reason"], registry=r)
+        self.ttft = Histogram("sirocco_time_to_first_token_seconds", "Arrival to first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("sirocco_time_per_output_token_seconds",
+                              "(latency - time to first token) / (tokens - 1), per sequence",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("sirocco_e2e_request_latency_seconds", "Arrival to last token, per sequence",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        for reason in ("stop", "length", "abort"):
+            self.success.labels(finish_reason=reason)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,318 @@
+"""The OpenAI wire format: request checks and response shapes of /v1/completions and /v1/chat/completions.
+
+Requests are checked by hand rather than by pydantic models so that every refusal is a 400 with OpenAI's error
+body naming the field (``param``), where FastAPI's own validation would answer 422 in its own shape. Unknown
+fields are ignored, as OpenAI's API does; known fields sirocco cannot honour (penalties, logit_bias, echo,
+best_of, tools, a non-text response_format) are refused rather than silently dropped.
+
+The two endpoints' logprobs differ, and mixing them is a recurring bug elsewhere:
+
+    completions (``logprobs: k``):  {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{tok: lp}, ...],
+                                     "text_offset": [...]}
+    chat (``logprobs: true``, ``top_logprobs: k``): {"content": [{"token", "logprob", "bytes",
+                                     "top_logprobs": [{"token", "logprob", "bytes"}, ...]}, ...]}
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from ..generate.sampling import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def context_error(prompt_len: int, limit: int, param: str) -> APIError:
+    """The prompt does not fit: a stable message with both numbers (tools parse them to trim and retry)."""
+    return bad(f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+               f"tokens, which leaves no room for a generated token (at most {limit - 1} prompt tokens). "
+               f"Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
+
+
+# -- field checks ------------------------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _get(body: dict, name: str, kind: str, default: Any = None) -> Any:
+    v = body.get(name, None)
+    if v is None:
+        return default
+    ok = {"int": _is_int, "num": _is_num, "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
+          "dict": lambda x: isinstance(x, dict)}[kind](v)
+    if not ok:
+        names = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string", "dict": "an object"}
+        raise bad(f"'{name}' must be {names[kind]}, got {type(v).__name__} {v!r}"[:300], param=name)
+    return v
+
+
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": None, "suffix": None,
+               "echo": False, "tools": None, "functions": None, "tool_choice": None, "function_call": None}
+
+
+@dataclass
+class Request:
+    """A checked request of either endpoint."""
+
+    chat: bool
+    model: Optional[str]
+    prompts: list                          # completions: str or list[int] each; chat: one list of messages
+    max_tokens: Optional[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: Optional[int]
+    stop: tuple[str, ...]
+    n: int
+    logprobs: Optional[int]                # None: no logprobs; k >= 0: that many alternatives per token
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = ""
+
+    def sampling(self, max_tokens: int, i: int) -> SamplingParams:
+        """Choice i's sampling params (choice i of a seeded request samples with seed + i, like ``generate``)."""
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=None if self.seed is None else self.seed + i,
+                              stop=self.stop, stop_on_eos=not self.ignore_eos)
+
+
+def parse(body: Any, chat: bool) -> Request:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    for name, default in UNSUPPORTED.items():
+        v = body.get(name)
+        if v is not None and v != default and not (name == "best_of" and v == body.get("n", 1)) \
+                and not (name in ("logit_bias", "tools", "functions") and not v):
+            raise bad(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    model = _get(body, "model", "str")
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("'messages' must be a non-empty list of {role, content} objects", param="messages")
+        prompts = [[_message(m, i) for i, m in enumerate(messages)]]
+        max_tokens = _get(body, "max_completion_tokens", "int", _get(body, "max_tokens", "int"))
+        max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    else:
+        if "prompt" not in body or body["prompt"] is None:
+            raise bad("'prompt' is required", param="prompt")
+        prompts = _prompts(body["prompt"])
+        max_tokens = _get(body, "max_tokens", "int", 16)
+        max_name = "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad(f"'{max_name}' must be at least 1, got {max_tokens}", param=max_name)
+    temperature = _get(body, "temperature", "num", 1.0)
+    if temperature < 0 or temperature > 2:
+        raise bad(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    top_p = _get(body, "top_p", "num", 1.0)
+    if not 0 < top_p <= 1:
+        raise bad(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    top_k = _get(body, "top_k", "int", 0)
+    if top_k == -1:
+        top_k = 0                          # vLLM's spelling of "no top-k"
+    if top_k < 0:
+        raise bad(f"'top_k' must be >= 0 (0 or -1 keep every token), got {top_k}", param="top_k")
+    seed = _get(body, "seed", "int")
+    n = _get(body, "n", "int", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+        stop = tuple(stop)
+    else:
+        raise bad("'stop' must be a string or a list of at most 4 strings", param="stop")
+    logprobs = _logprobs(body, chat)
+    stream = _get(body, "stream", "bool", False)
+    options = _get(body, "stream_options", "dict")
+    if options is not None and not stream:
+        raise bad("'stream_options' is only allowed with 'stream': true", param="stream_options")
+    include_usage = bool(options and _get(options, "include_usage", "bool", False))
+    ignore_eos = _get(body, "ignore_eos", "bool", False)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    return Request(chat=chat, model=model, prompts=prompts, max_tokens=max_tokens, temperature=float(temperature),
+                   top_p=float(top_p), top_k=top_k, seed=seed, stop=stop, n=n, logprobs=logprobs, stream=stream,
+                   include_usage=include_usage, ignore_eos=ignore_eos, id=rid)
+
+
+def _message(m: Any, i: int) -> dict:
+    if not isinstance(m, dict):
+        raise bad(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+    role, content = m.get("role"), m.get("content")
+    if role not in ("system", "user", "assistant", "developer"):
+        raise bad(f"messages[{i}].role must be one of system, user, assistant, got {role!r}",
+                  param=f"messages[{i}].role")
+    if isinstance(content, list):            # content parts: only text parts carry anything a text model reads
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise bad(f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
+                          param=f"messages[{i}].content")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _prompts(p: Any) -> list:
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p:
+        if all(_is_int(t) for t in p):
+            return [list(p)]
+        if all(isinstance(s, str) for s in p):
+            return list(p)
+        if all(isinstance(s, list) and s and all(_is_int(t) for t in s) for s in p):
+            return [list(s) for s in p]
+    raise bad("'prompt' must be a string, a list of strings, a list of token ids, or a list of lists of token ids "
+              "(none empty)", param="prompt")
+
+
+def _logprobs(body: dict, chat: bool) -> Optional[int]:
+    if chat:
+        want = _get(body, "logprobs", "bool", False)
+        k = _get(body, "top_logprobs", "int")
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {k}", param="top_logprobs")
+        if k is not None and k > 0 and not want:
+            raise bad("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (k or 0) if want else None
+    v = body.get("logprobs")
+    if v is None:
+        return None
+    if not _is_int(v) or not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise bad(f"'logprobs' must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {v!r}",
+                  param="logprobs")
+    return v
+
+
+# -- token strings -----------------------------------------------------------------------------------------------
+class TokenText:
+    """The text and UTF-8 bytes each token id stands for (cached), for logprobs entries."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token)
+        if hit is None:
+            text = self.tokenizer.decode([token])
+            raw = list(text.encode("utf-8"))
+            if "\ufffd" in text:              # a byte-fallback piece <0xAB>: its byte, not U+FFFD's three
+                piece = _piece(self.tokenizer, token)
+                if piece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                    raw = [int(piece[3:5], 16)]
+            hit = self._cache[token] = (text, raw)
+        return hit
+
+
+def _piece(tokenizer, token: int) -> Optional[str]:
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None and hasattr(sp, "id_to_piece"):
+        return sp.id_to_piece(token)
+    return None
+
+
+# -- logprobs shapes -------------------------------------------------------------------------------------------
+class Logprobs:
+    """Accumulates one choice's logprobs in its endpoint's shape; ``add`` returns the entry for a stream chunk."""
+
+    def __init__(self, chat: bool, token_text: TokenText):
+        self.chat, self.tt = chat, token_text
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top: list = []
+        self.offsets: list[int] = []
+        self.content: list[dict] = []
+        self._offset = 0
+
+    def add(self, token: int, logprob: float, top: Optional[list[tuple[int, float]]]) -> dict:
+        text, raw = self.tt(token)
+        if self.chat:
+            entry = {"token": text, "logprob": logprob, "bytes": raw,
+                     "top_logprobs": [{"token": self.tt(t)[0], "logprob": lp, "bytes": self.tt(t)[1]}
+                                      for t, lp in (top or [])]}
+            self.content.append(entry)
+            return {"content": [entry]}
+        tops = None if top is None else {self.tt(t)[0]: lp for t, lp in top}
+        self.tokens.append(text)
+        self.token_logprobs.append(logprob)
+        self.top.append(tops)
+        self.offsets.append(self._offset)
+        self._offset += len(text)
+        return {"tokens": [text], "token_logprobs": [logprob], "top_logprobs": [tops], "text_offset": [self.offsets[-1]]}
+
+    def whole(self) -> dict:
+        if self.chat:
+            return {"content": self.content}
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
+                "text_offset": self.offsets}
+
+
+# -- response bodies -------------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(req: Request, model: str, choices: Sequence[dict], use: dict) -> dict:
+    obj = "chat.completion" if req.chat else "text_completion"
+    return {"id": req.id, "object": obj, "created": req.created, "model": model, "choices": list(choices),
+            "usage": use}
+
+
+def choice(req: Request, index: int, text: str, logprobs: Optional[dict], finish_reason: str) -> dict:
+    if req.chat:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chunk(req: Request, model: str, choices: list[dict], use: Optional[dict] = None) -> dict:
+    body = {"id": req.id, "object": "chat.completion.chunk" if req.chat else "text_completion",
+            "created": req.created, "model": model, "choices": choices}
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def chunk_choice(req: Request, index: int, text: Optional[str], logprobs: Optional[dict] = None,
+                 finish_reason: Optional[str] = None, role: bool = False) -> dict:
+    if req.chat:
+        delta: dict = {"role": "assistant"} if role else {} if text is None else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
