@@ -1,0 +1,302 @@
+// Decode products over GGUF-quantized weights: a few activation rows times a q8_0 or q4_0 weight matrix.
+//
+//   y (M, N) = x (M, K) @ W (N, K)^T     1 <= M <= 8; x fp32 or bf16; W as GGUF blocks of 32 along K, read in place
+//
+// The activation rows are quantized once per call to blocks of 32 int8 with an fp32 scale each
+// (quantize_activations below, mirrored bit for bit by kernels.py's quantize_activations). Then every output is
+//
+//   y[m, n] = sum over blocks b, in block order, of  float(dot_b) * (d_w[n, b] * d_a[m, b])
+//
+// with dot_b the exact integer dot product of the block's 32 weight and activation quants (q4_0: nibble - 8),
+// each product and sum rounded to fp32 once, no fused multiply-add (built with -ffp-contract=off). The integer
+// part is exact whatever the instruction order, so the AVX2 path (_mm256_maddubs_epi16 with the sign trick, then
+// _mm256_madd_epi16) and the AVX512-VNNI path (_mm512_dpbusd_epi32) give the same bits, and each output's bits
+// depend neither on M, nor on which rows share a tile, nor on the thread count.
+//
+// Layout of the work: a tile is 8 consecutive weight rows (each read where it is: 8 streams, no repacking). Per
+// block, each row's 32 quants are multiplied with the activation block into 8 int32 partial sums; a tree of
+// horizontal additions turns the 8 rows' partial sums into one vector of 8 block dots (lane r = row r), which is
+// converted to float, scaled and added into 8 accumulators (one per output) in one go. Tiles are shared out over
+// the threads in contiguous chunks of output rows by at::parallel_for (OpenMP).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+constexpr int QK = 32;
+constexpr int kQ8 = 0, kQ4 = 1;
+constexpr int kTile = 8;
+
+template <int FMT> constexpr int64_t block_bytes() { return FMT == kQ8 ? 2 + QK : 2 + QK / 2; }
+
+struct Acts {           // the activation rows as q8 blocks
+  const int8_t* q;      // (M, K)
+  const float* d;       // (M, nb)
+  const int32_t* s8;    // (M, nb): 8 * the sum of the block's quants (q4_0's "- 8" folded into one subtraction)
+  int64_t K, nb;
+};
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// C's roundf (ties away from zero) by the exact computation the Python side uses.
+inline float round_half_away(float v) {
+  const float a = std::fabs(v);
+  const float f = std::floor(a);
+  return std::copysign(f + std::floor(2.0f * (a - f)), v);
+}
+
+// One activation row of K floats -> K int8 quants, nb scales, nb scaled sums. A block whose scale would not be a
+// normal float (all zeros, or magnitudes below 127 * FLT_MIN) quantizes to zeros with scale 0.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s8) {
+  for (int64_t b = 0; b < K / QK; ++b) {
+    const float* xb = x + b * QK;
+    float amax = 0.0f;
+    for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    float db = amax / 127.0f;
+    int32_t sum = 0;
+    if (!(db >= FLT_MIN)) {
+      db = 0.0f;
+      std::memset(q + b * QK, 0, QK);
+    } else {
+      const float id = 1.0f / db;
+      for (int i = 0; i < QK; ++i) {
+        const int8_t v = (int8_t)round_half_away(xb[i] * id);
+        q[b * QK + i] = v;
+        sum += v;
+      }
+    }
+    d[b] = db;
+    s8[b] = 8 * sum;
+  }
+}
+
+// Lane r of the result = the sum of the 8 int32 lanes of p[r].
+inline __m256i reduce8(const __m256i* p) {
+  const __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+  const __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+  const __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                          _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+// The 8 rows' fp16 scales of block b (inserted into one vector: stores then a wide load would stall).
+template <int FMT>
+inline __m256 row_scales(const uint8_t* const* rp, int64_t b) {
+  const int64_t off = b * block_bytes<FMT>();
+  auto h = [&](int r) { uint16_t v; std::memcpy(&v, rp[r] + off, 2); return (short)v; };
+  return _mm256_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), h(4), h(5), h(6), h(7)));
+}
+
+// acc[m] (lane r = output row r) += float(dot) * (d_w * d_a[m, b]), the q4_0 correction applied to dot first.
+template <int FMT>
+inline __m256 scale_add(__m256 acc, __m256i dot, __m256 dw, const Acts& a, int64_t m, int64_t b) {
+  if (FMT == kQ4) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(a.s8[m * a.nb + b]));
+  const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[m * a.nb + b]));
+  return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s));
+}
+
+// 32 weight quants of one block as bytes: q8_0's int8 as they are; q4_0's nibbles (0..15) in element order.
+template <int FMT>
+inline __m256i load_quants(const uint8_t* blk) {
+  if (FMT == kQ8) return _mm256_loadu_si256((const __m256i*)(blk + 2));
+  const __m128i packed = _mm_loadu_si128((const __m128i*)(blk + 2));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
+}
+
+template <int FMT>
+inline __m256i block_dot_avx2(__m256i wq, __m256i aq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (FMT == kQ8)   // u8 x s8: |w| times a with w's sign; |a| <= 127 so the int16 pair sums cannot saturate
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(aq, wq)), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, aq), ones);
+}
+
+int64_t kPrefetch = 512;      // bytes ahead in each of the tile's 8 row streams
+
+// Outputs y[m, n0 .. n0 + valid) for the M activation rows (rows past the end repeat the last valid one).
+template <int FMT, int M>
+void tile_avx2(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid, const Acts& a, float* y,
+               int64_t N) {
+  const uint8_t* rp[kTile];
+  for (int r = 0; r < kTile; ++r) rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const int64_t off = b * block_bytes<FMT>();
+    if (kPrefetch)
+      for (int r = 0; r < kTile; ++r) _mm_prefetch((const char*)rp[r] + off + kPrefetch, _MM_HINT_T0);
+    const __m256 dw = row_scales<FMT>(rp, b);
+    if (M <= 2) {               // weights in registers
+      __m256i wq[kTile];
+      for (int r = 0; r < kTile; ++r) wq[r] = load_quants<FMT>(rp[r] + off);
+      for (int m = 0; m < M; ++m) {
+        const __m256i aq = _mm256_loadu_si256((const __m256i*)(a.q + m * a.K + b * QK));
+        __m256i p[kTile];
+        for (int r = 0; r < kTile; ++r) p[r] = block_dot_avx2<FMT>(wq[r], aq);
+        acc[m] = scale_add<FMT>(acc[m], reduce8(p), dw, a, m, b);
+      }
+    } else {                    // more rows than registers: the block's unpacked quants in L1, read per row
+      alignas(32) uint8_t wq[kTile][QK];
+      for (int r = 0; r < kTile; ++r) _mm256_store_si256((__m256i*)wq[r], load_quants<FMT>(rp[r] + off));
+      for (int m = 0; m < M; ++m) {
+        const __m256i aq = _mm256_loadu_si256((const __m256i*)(a.q + m * a.K + b * QK));
+        __m256i p[kTile];
+        for (int r = 0; r < kTile; ++r) {
+          p[r] = block_dot_avx2<FMT>(_mm256_load_si256((const __m256i*)wq[r]), aq);
+        }
+        acc[m] = scale_add<FMT>(acc[m], reduce8(p), dw, a, m, b);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    alignas(32) float out[kTile];
+    _mm256_store_ps(out, acc[m]);
+    for (int r = 0; r < valid; ++r) y[m * N + n0 + r] = out[r];
+  }
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// The same tile with AVX512-VNNI: two blocks per 512-bit step (blocks b and b + 1 of a row in the two halves),
+// |w| x (a with w's sign) by _mm512_dpbusd_epi32 (q4_0: nibbles x a); the same integer dots, the same float steps
+// in block order, so the same bits as tile_avx2. Selected at run time only where the CPU has AVX512-VNNI.
+template <int FMT, int M>
+VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid, const Acts& a,
+                           float* y, int64_t N) {
+  const uint8_t* rp[kTile];
+  for (int r = 0; r < kTile; ++r) rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t b = 0;
+  for (; b + 2 <= a.nb; b += 2) {
+    const int64_t off = b * block_bytes<FMT>();
+    for (int r = 0; r < kTile; ++r) _mm_prefetch((const char*)rp[r] + off + kPrefetch, _MM_HINT_T0);
+    const __m256 dw0 = row_scales<FMT>(rp, b), dw1 = row_scales<FMT>(rp, b + 1);
+    __m512i wq[kTile];
+    for (int r = 0; r < kTile; ++r)
+      wq[r] = _mm512_inserti64x4(_mm512_castsi256_si512(load_quants<FMT>(rp[r] + off)),
+                                 load_quants<FMT>(rp[r] + off + block_bytes<FMT>()), 1);
+    for (int m = 0; m < M; ++m) {
+      const __m512i aq = _mm512_loadu_si512((const void*)(a.q + m * a.K + b * QK));
+      __m256i lo[kTile], hi[kTile];
+      for (int r = 0; r < kTile; ++r) {
+        __m512i p;
+        if (FMT == kQ8) {
+          const __mmask64 neg = _mm512_movepi8_mask(wq[r]);
+          p = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wq[r]), _mm512_mask_sub_epi8(aq, neg, zero, aq));
+        } else {
+          p = _mm512_dpbusd_epi32(zero, wq[r], aq);
+        }
+        lo[r] = _mm512_castsi512_si256(p);
+        hi[r] = _mm512_extracti64x4_epi64(p, 1);
+      }
+      acc[m] = scale_add<FMT>(acc[m], reduce8(lo), dw0, a, m, b);
+      acc[m] = scale_add<FMT>(acc[m], reduce8(hi), dw1, a, m, b + 1);
+    }
+  }
+  for (; b < a.nb; ++b) {                // an odd last block: the 256-bit form of the same dot
+    const int64_t off = b * block_bytes<FMT>();
+    const __m256 dw = row_scales<FMT>(rp, b);
+    for (int m = 0; m < M; ++m) {
+      const __m256i aq = _mm256_loadu_si256((const __m256i*)(a.q + m * a.K + b * QK));
+      __m256i p[kTile];
+      for (int r = 0; r < kTile; ++r) p[r] = block_dot_avx2<FMT>(load_quants<FMT>(rp[r] + off), aq);
+      acc[m] = scale_add<FMT>(acc[m], reduce8(p), dw, a, m, b);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    alignas(32) float out[kTile];
+    _mm256_store_ps(out, acc[m]);
+    for (int r = 0; r < valid; ++r) y[m * N + n0 + r] = out[r];
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const Acts&, float*, int64_t);
+
+template <int FMT>
+TileFn pick(int64_t M, bool vnni) {
+#define SIROCCO_CASE(m) case m: return vnni ? tile_vnni<FMT, m> : tile_avx2<FMT, m>;
+  switch (M) {
+    SIROCCO_CASE(1) SIROCCO_CASE(2) SIROCCO_CASE(3) SIROCCO_CASE(4)
+    SIROCCO_CASE(5) SIROCCO_CASE(6) SIROCCO_CASE(7) SIROCCO_CASE(8)
+  }
+#undef SIROCCO_CASE
+  return nullptr;
+}
+
+bool cpu_has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+}  // namespace
+
+void qlinear_set_prefetch(int64_t bytes) { kPrefetch = bytes; }
+
+// "avx512vnni" where this CPU can run the VNNI path, else "avx2".
+std::string qlinear_isa() { return cpu_has_vnni() ? "avx512vnni" : "avx2"; }
+
+// (q int8 (M, K), d fp32 (M, K / 32)): the activation quantization the kernel uses, for tests and references.
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % QK == 0, "quantize_activations: expected (M, K), K a multiple of 32, got ",
+              x.sizes());
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto d = torch::empty({M, K / QK}, x.options().dtype(torch::kFloat));
+  auto s = torch::empty({M, K / QK}, x.options().dtype(torch::kInt));
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(xf.data_ptr<float>() + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * (K / QK),
+                 s.data_ptr<int32_t>() + m * (K / QK));
+  return {q, d};
+}
+
+// y (M, N) in x's dtype = x (M, K) times the weight of N rows of K / 32 blocks in format fmt (0 q8_0, 1 q4_0).
+// isa: 0 the best this CPU runs, 1 AVX2, 2 AVX512-VNNI (an error where the CPU lacks it).
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa) {
+  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, "qlinear: fmt 0 (q8_0) or 1 (q4_0), got ", fmt);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "qlinear: expected x (M, K) and packed w (N, bytes), got ", x.sizes(),
+              " and ", w.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t bb = fmt == kQ8 ? block_bytes<kQ8>() : block_bytes<kQ4>();
+  TORCH_CHECK(M >= 1 && M <= 8, "qlinear: 1 to 8 rows, got ", M);
+  TORCH_CHECK(K % QK == 0 && w.size(1) == K / QK * bb, "qlinear: x ", x.sizes(), " does not match packed w ",
+              w.sizes(), " (K a multiple of 32, ", bb, " bytes per block)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: fp32 or bf16 rows, got ",
+              x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && x.device().is_cpu(),
+              "qlinear: contiguous uint8 CPU weight blocks and CPU rows only");
+  const bool has_vnni = cpu_has_vnni();
+  TORCH_CHECK(isa != 2 || has_vnni, "qlinear: this CPU has no AVX512-VNNI");
+  const bool vnni = isa == 2 || (isa == 0 && has_vnni);
+
+  const int64_t nb = K / QK;
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto aq = torch::empty({M * K + 64}, x.options().dtype(torch::kInt8));    // + 64: room for a 512-bit load
+  auto ad = torch::empty({M * nb}, x.options().dtype(torch::kFloat));
+  auto as = torch::empty({M * nb}, x.options().dtype(torch::kInt));
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(xf.data_ptr<float>() + m * K, K, aq.data_ptr<int8_t>() + m * K, ad.data_ptr<float>() + m * nb,
+                 as.data_ptr<int32_t>() + m * nb);
+  const Acts a{aq.data_ptr<int8_t>(), ad.data_ptr<float>(), as.data_ptr<int32_t>(), K, nb};
+
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = w.size(1), tiles = (N + kTile - 1) / kTile;
+  // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * row_bytes));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile(wp, row_bytes, t * kTile, std::min<int64_t>(kTile, N - t * kTile), a, yp, N);
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}

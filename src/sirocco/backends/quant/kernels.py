@@ -1,0 +1,120 @@
+"""Decode products over quantized weights: ``qlinear(x (M, K), packed (N, K/32 blocks), fmt) -> (M, N)``.
+
+A decode step multiplies one to eight activation rows by every weight matrix, so it is bound by how fast the
+weights are read; q8_0 reads 34 bytes per 32 weights and q4_0 18, against 64 for bf16. The C++ kernel of
+csrc/qlinear.cpp (built at run time by torch.utils.cpp_extension on CPUs with AVX2 or AVX-512, cached on disk by
+PyTorch) quantizes the activation rows once per call to int8 blocks with an fp32 scale (``quantize_activations``),
+takes integer dot products per block and sums ``float(dot) * d_w * d_a`` over the blocks in order, in fp32.
+Its AVX2 and AVX512-VNNI paths give the same bits, and an output's bits do not depend on how many rows are
+multiplied together.
+
+``qlinear_reference`` is the plain PyTorch product of the dequantized weights with the same int8-quantized
+activations (fp32 matmul; equal to the kernel to fp32 rounding, not bit for bit): the path where no C++ kernel can
+be built, and on CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from sirocco.backends.quant.formats import BLOCK, QuantizedTensor, dequantize, packed_shape, round_half_away
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8                                   # the kernel's largest row count
+FMT_CODES = {"q8_0": 0, "q4_0": 1}
+ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
+
+_module = None
+_failed = False
+
+
+def native_module():
+    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``), or None where the CPU has
+    neither AVX2 nor AVX-512 or building fails (said once in the log)."""
+    global _module, _failed
+    if _module is None and not _failed:
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            _failed = True
+            log.info("no AVX2 on this CPU: the quantized decode kernels are not used")
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+            source = (Path(__file__).parent / "csrc" / "qlinear.cpp").read_text()
+            t0 = time.perf_counter()
+            log.info("preparing the quantized decode kernels (a build of about half a minute the first time, then "
+                     "cached by PyTorch)")
+            _module = load_inline(
+                "sirocco_quant_kernels", cpp_sources=[source],
+                functions=["qlinear", "quantize_activations", "qlinear_isa", "qlinear_set_prefetch"],
+                extra_cflags=["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                extra_ldflags=["-fopenmp"])
+            log.info("quantized decode kernels ready in %.1f s (%s)", time.perf_counter() - t0, _module.qlinear_isa())
+        except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
+            _failed = True
+            log.warning("quantized decode kernels unavailable (%s: %s); using dequantize + matmul",
+                        type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+            return None
+    return _module
+
+
+def kernel_available() -> bool:
+    return native_module() is not None
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x (M, K) -> (q int8 (M, K), d fp32 (M, K // 32)) with x ~ q * d per block of 32, bit for bit as the
+    kernel quantizes them: ``d = max|x| / 127`` (kept in fp32), ``q = round(x * (1/d))`` ties away from zero; a
+    block whose d is not a normal fp32 (all zeros, or tiny) gets d = 0 and q = 0."""
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"activations: K must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    blocks = x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, BLOCK)
+    amax = blocks.abs().amax(-1)
+    d = amax / torch.full_like(amax, 127.0)
+    normal = d >= torch.finfo(torch.float32).tiny
+    d = torch.where(normal, d, torch.zeros_like(d))
+    inv = torch.where(normal, torch.ones_like(d) / torch.where(normal, d, torch.ones_like(d)), torch.zeros_like(d))
+    q = round_half_away(blocks * inv[..., None]).to(torch.int8)
+    return q.reshape(x.shape), d
+
+
+def _unwrap(packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str]) -> tuple[torch.Tensor, str]:
+    if isinstance(packed, QuantizedTensor):
+        return packed.data, packed.fmt
+    if fmt is None:
+        raise ValueError("qlinear: give fmt with a packed tensor")
+    return packed, fmt
+
+
+def qlinear_reference(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor],
+                      fmt: Optional[str] = None) -> torch.Tensor:
+    """The plain PyTorch product: dequantized weights times the int8-quantized activations (``quantize_activations``)
+    in fp32, for any number of rows, on any device; returns (M, N) in x's dtype."""
+    data, fmt = _unwrap(packed, fmt)
+    k = x.shape[-1]
+    n = data.shape[0]
+    w = dequantize(data, fmt, (n, k))
+    q, d = quantize_activations(x)
+    xa = (q.to(torch.float32).reshape(*x.shape[:-1], -1, BLOCK) * d[..., None]).reshape(x.shape)
+    return (xa @ w.T).to(x.dtype)
+
+
+def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str] = None,
+            isa: str = "auto") -> torch.Tensor:
+    """y (M, N) in x's dtype = x (M, K) (fp32 or bf16, M in 1..8) times the quantized weight (N, K) held as packed
+    GGUF blocks (uint8 (N, K // 32 * block_bytes)) of format ``fmt`` ("q8_0" or "q4_0").
+
+    The C++ kernel where it is built and x is on CPU; otherwise ``qlinear_reference``. ``isa`` ("auto", "avx2",
+    "avx512vnni") forces a path of the kernel, for tests on machines that have both."""
+    data, fmt = _unwrap(packed, fmt)
+    if data.dim() != 2 or x.dim() != 2 or tuple(data.shape) != packed_shape((data.shape[0], x.shape[1]), fmt):
+        raise ValueError(f"qlinear: rows {tuple(x.shape)} do not match {fmt} blocks {tuple(data.shape)}")
+    module = native_module() if x.device.type == "cpu" else None
+    if (module is None or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16)
+            or data.device.type != "cpu"):
+        return qlinear_reference(x, data, fmt)
+    return module.qlinear(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa])

@@ -1,0 +1,117 @@
+"""The quantized decode kernel: equal to its scalar definition bit for bit, to the plain PyTorch product over the
+dequantized weights to fp32 rounding, and the same bits for a row alone or packed with others."""
+
+import pytest
+import torch
+
+from sirocco.backends.quant import kernels as qk
+from sirocco.backends.quant.formats import BLOCK, quantize, unpack
+
+needs_kernel = pytest.mark.skipif(not qk.kernel_available(),
+                                  reason="the quantized C++ kernels are not built here (no AVX2, or no compiler)")
+FMTS = ["q8_0", "q4_0"]
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(32 * 3, 13), (32 * 5, 8), (32 * 37, 21)]       # (K, N): K not a multiple of 64 or 256, N odd
+
+
+def scalar_definition(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
+    """sum over blocks b, in order, of float(int dot_b) * (d_w * d_a), each step rounded to fp32: the kernel's
+    definition, computed with exact integer dots and one fp32 operation at a time."""
+    qa, da = qk.quantize_activations(x)
+    qw, dw = unpack(packed, fmt)                                              # (N, nb, 32), (N, nb)
+    qa = qa.reshape(x.shape[0], -1, BLOCK).to(torch.int64)
+    dots = (qa[:, None] * qw.to(torch.int64)[None]).sum(-1).to(torch.float32)  # (M, N, nb), exact
+    scale = dw[None] * da[:, None]                                            # (M, N, nb)
+    acc = torch.zeros(x.shape[0], packed.shape[0])
+    for b in range(dots.shape[-1]):
+        acc = acc + dots[..., b] * scale[..., b]
+    return acc.to(x.dtype)
+
+
+def _case(k: int, n: int, fmt: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    x = torch.randn(qk.MAX_ROWS, k, generator=g) * 3
+    x[1, :BLOCK] = 0                                             # an all-zero activation block
+    return quantize(w, fmt), x
+
+
+def test_activation_quantization_matches_the_kernels():
+    x = torch.randn(5, 96) * torch.logspace(-40, 3, 5)[:, None]    # includes blocks too small for a normal scale
+    q, d = qk.quantize_activations(x)
+    assert q.dtype == torch.int8 and d.shape == (5, 3)
+    assert torch.equal(d[0], torch.zeros(3)) and torch.equal(q[0], torch.zeros(96, dtype=torch.int8))
+    assert ((q.float().reshape(5, 3, 32) * d[..., None]).reshape(5, 96) - x).abs().max() <= x.abs().max() / 254
+    if qk.kernel_available():
+        kq, kd = qk.native_module().quantize_activations(x)
+        assert torch.equal(kq, q) and torch.equal(kd, d)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_kernel_is_its_scalar_definition_and_close_to_pytorch(fmt, dtype, k, n):
+    packed, x = _case(k, n, fmt, seed=k + n)
+    x = x.to(dtype)
+    for m in range(1, qk.MAX_ROWS + 1):
+        y = qk.qlinear(x[:m], packed, fmt)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert torch.equal(y, scalar_definition(x[:m], packed, fmt)), m
+        ref = qk.qlinear_reference(x[:m], packed, fmt).float()
+        tol = 2e-6 * (k ** 0.5) * ref.abs().max().item() + 1e-30
+        if dtype == torch.bfloat16:                    # both round an fp32 sum to bf16: one bf16 step apart
+            tol += ref.abs().max().item() / 128
+        assert (y.float() - ref).abs().max().item() <= tol, m
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_bits_do_not_depend_on_other_rows_or_threads(fmt, dtype):
+    packed, x = _case(32 * 37, 21, fmt, seed=5)
+    x = x.to(dtype)
+    alone = torch.cat([qk.qlinear(x[i:i + 1], packed, fmt) for i in range(len(x))])
+    for m in range(2, qk.MAX_ROWS + 1):
+        assert torch.equal(qk.qlinear(x[:m], packed, fmt), alone[:m]), m
+    assert torch.equal(qk.qlinear(x[3:7], packed, fmt), alone[3:7])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(qk.qlinear(x, packed, fmt), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FMTS)
+def test_avx2_and_vnni_paths_agree(fmt):
+    packed, x = _case(32 * 5, 19, fmt, seed=9)
+    avx2 = qk.qlinear(x, packed, fmt, isa="avx2")
+    assert torch.equal(avx2, scalar_definition(x, packed, fmt))
+    if qk.native_module().qlinear_isa() != "avx512vnni":
+        pytest.skip("no AVX512-VNNI on this CPU: only the AVX2 path runs (the VNNI one is compiled, not run)")
+    assert torch.equal(qk.qlinear(x, packed, fmt, isa="avx512vnni"), avx2)
+
+
+@needs_kernel
+def test_kernel_refuses_wrong_shapes():
+    packed = quantize(torch.randn(4, 64), "q8_0")
+    with pytest.raises(ValueError, match="do not match"):
+        qk.qlinear(torch.randn(1, 96), packed, "q8_0")
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        qk.native_module().qlinear(torch.randn(9, 64), packed, 0, 0)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_fallback_paths(fmt, monkeypatch):
+    """Where no kernel is built (and for more than 8 rows) qlinear is the plain PyTorch product."""
+    packed, x = _case(32 * 3, 7, fmt, seed=1)
+    exact = scalar_definition(x, packed, fmt)
+    ref = qk.qlinear_reference(x, packed, fmt)
+    torch.testing.assert_close(ref, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    monkeypatch.setattr(qk, "native_module", lambda: None)
+    assert torch.equal(qk.qlinear(x, packed, fmt), ref)
+    many = torch.cat([x, x])
+    assert torch.equal(qk.qlinear(many, packed, fmt), qk.qlinear_reference(many, packed, fmt))
+    assert qk.qlinear(x.to(torch.bfloat16), packed, fmt).dtype == torch.bfloat16
