@@ -18,7 +18,7 @@ from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
-from .options import DTYPES, add_model_arguments, add_pipeline_arguments, load_from_args
+from .options import DTYPES, add_model_arguments, add_pipeline_arguments, apply_quantize, load_from_args
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     """The verb on one rank of a pipeline of ``args.pipeline_ranks`` processes under torchrun."""
     prompts = shared_from_rank0(ctx, lambda: read_prompts(args), "prompts")
     stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
+    apply_quantize(args, stage)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
