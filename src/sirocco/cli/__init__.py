@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sirocco.cli.convert", "rewrite a checkpoint in the other format (consolidated <-> Hugging Face)"),
     "train": ("sirocco.cli.train", "train or fine-tune a model on packed documents (recipes, resume, loss curve)"),
     "train-tokenizer": ("sirocco.cli.train_tokenizer", "train a sentencepiece BPE tokenizer with Mistral's special ids"),
+    "quantize": ("sirocco.cli.quantize", "write a model as a GGUF file of q8_0 or q4_0 blocks (llama.cpp loads it)"),
+    "perplexity": ("sirocco.cli.perplexity", "perplexity of a model on a text, in windows of a context with a stride"),
 }
 
 EPILOG = """examples:
