@@ -63,6 +63,12 @@ NAMES = [
 EXPERTS = {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}       # + "_exps" stacked, or ".{e}" per expert
 
 
+def _f32(value: Any) -> float:
+    """A float32 metadata value as the shortest decimal that round-trips in float32 (1e-5 stays 1e-05, not
+    9.999999747378752e-06)."""
+    return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
+
+
 def is_gguf(path: str | Path) -> bool:
     """A ``.gguf`` file (by name; the reader checks the magic)."""
     p = Path(path)
@@ -126,7 +132,7 @@ class GGUFFile:
         n_layers = int(self.require(a + "block_count"))
         hidden = int(self.require(a + "feed_forward_length"))
         n_heads = int(self.require(a + "attention.head_count"))
-        eps = float(self.require(a + "attention.layer_norm_rms_epsilon"))
+        eps = _f32(self.require(a + "attention.layer_norm_rms_epsilon"))
         n_kv = self.get(a + "attention.head_count_kv")
         if n_kv is None:
             n_kv = n_heads
@@ -166,7 +172,7 @@ class GGUFFile:
             max_seq_len = int(self.get(a + "context_length") or 32768)
         try:
             return ModelArgs(dim=dim, n_layers=n_layers, head_dim=int(head_dim), hidden_dim=hidden, n_heads=n_heads,
-                             n_kv_heads=int(n_kv), norm_eps=eps, vocab_size=int(vocab), rope_theta=float(theta),
+                             n_kv_heads=int(n_kv), norm_eps=eps, vocab_size=int(vocab), rope_theta=_f32(theta),
                              sliding_window=None if window is None else int(window), max_seq_len=max_seq_len,
                              moe=moe)
         except ConfigError as e:
@@ -360,9 +366,8 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path,
     w.add_head_count(args.n_heads)
     w.add_head_count_kv(args.n_kv_heads)
     w.add_rope_dimension_count(args.head_dim)
-    if args.head_dim != args.dim // args.n_heads:
-        w.add_key_length(args.head_dim)
-        w.add_value_length(args.head_dim)
+    w.add_key_length(args.head_dim)             # llama.cpp's converter writes both always
+    w.add_value_length(args.head_dim)
     w.add_rope_freq_base(args.rope_theta)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_vocab_size(args.vocab_size)
@@ -372,6 +377,7 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path,
         w.add_expert_count(args.moe.num_experts)
         w.add_expert_used_count(args.moe.num_experts_per_tok)
     w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")              # what llama.cpp's converter writes for sentencepiece vocabularies
     w.add_token_list(vocab.tokens)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
