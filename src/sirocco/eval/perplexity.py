@@ -2,13 +2,14 @@
 models" scheme).
 
 Windows start every ``stride`` tokens and hold at most ``context`` tokens; each scores only the tokens the previous
-window did not (its last ``end - previous end``), each predicted from everything before it in the window. The first
-token of the text (BOS) is never scored: nothing predicts it. So with T tokens, T - 1 are scored exactly once.
+window did not (its last ``end - previous end``), each predicted from everything before it in the window. A
+window's first token has nothing before it in the window and is never scored there: the text's first token (BOS)
+is never scored, and with ``stride < context`` every other token is scored exactly once (T - 1 of T tokens).
+With ``stride == context`` (non-overlapping windows, as in the guide's loop) the first token of each later window
+is skipped too, as transformers' shifted labels skip it.
 
     windows(10, context=4, stride=2) -> [(0, 4, 3), (2, 6, 2), (4, 8, 2), (6, 10, 2)]   # (begin, end, scored)
-
-``stride == context`` gives non-overlapping windows (fast, less context per token); a smaller stride gives every
-scored token at least ``context - stride`` tokens of context.
+    windows(10, context=4, stride=4) -> [(0, 4, 3), (4, 8, 3), (8, 10, 1)]
 
 Hugging Face's guide weights each window's mean loss by (valid labels - 1); that is the count of scored tokens in
 the first window only (later windows score all their valid labels), so it undercounts by one per later window.
@@ -45,8 +46,9 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     prev_end = 1                                   # token 0 is never scored
     for begin in range(0, max(n_tokens - 1, 0), stride):
         end = min(begin + context, n_tokens)
-        if end > prev_end:
-            out.append((begin, end, end - prev_end))
+        scored = min(end - prev_end, end - begin - 1)
+        if scored > 0:
+            out.append((begin, end, scored))
             prev_end = end
         if end == n_tokens:
             break
