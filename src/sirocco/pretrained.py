@@ -1,5 +1,6 @@
 """Which model a name means and loading it with its tokenizer: a checkpoint folder (either published format), a
-bundled model's name, nothing (the default model), or the random demo model."""
+GGUF file (model and tokenizer from the one file), a bundled model's name, nothing (the default model), or the
+random demo model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional
 import mistral_common
 import torch
 
-from .checkpoint import load_model
+from .checkpoint import GGUFFile, is_gguf, load_model
 from .config import preset
 from .errors import SiroccoError
 from .model import Transformer, build_model
@@ -37,8 +38,8 @@ class Loaded:
 
 
 def model_folder(name_or_path: Optional[str]) -> Path:
-    """The checkpoint folder that ``--model`` names: a folder, a bundled model's name, or None for the default
-    (``sirocco-tiny``). A folder that exists wins over a bundled model of the same name."""
+    """The checkpoint that ``--model`` names: a folder or a ``.gguf`` file, a bundled model's name, or None for the
+    default (``sirocco-tiny``). A path that exists wins over a bundled model of the same name."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     path = Path(name_or_path).expanduser()
@@ -46,7 +47,7 @@ def model_folder(name_or_path: Optional[str]) -> Path:
         path = BUNDLED / name_or_path
         log.info("bundled model %s: %s", name_or_path, path)
     if not path.exists():
-        raise SiroccoError(f"--model {name_or_path}: no such folder, and not a bundled model "
+        raise SiroccoError(f"--model {name_or_path}: no such folder or file, and not a bundled model "
                            f"({', '.join(bundled_models() + [DEMO])})")
     return path
 
@@ -58,6 +59,9 @@ def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
     if name_or_path == DEMO:
         return _demo(dtype, device)
     path = model_folder(name_or_path)
+    if is_gguf(path):
+        gguf_file = GGUFFile(path)                  # read the header once for both
+        return Loaded(gguf_file.model(dtype, device), gguf_file.tokenizer(), f"{path} (GGUF, {dtype}, {device})")
     model = load_model(path, dtype=dtype, device=device)
     tokenizer = load_tokenizer(path)
     return Loaded(model, tokenizer, f"{path} ({dtype}, {device})")

@@ -18,6 +18,7 @@ from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
 from .files import HF, Layout, TensorFiles, find_layout
+from .gguf import is_gguf, load_gguf
 from .names import IGNORED_HF, from_hf_name, from_hf_rope, rope_heads, to_hf_name
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
 
     Args:
         path: a folder with ``params.json`` + ``consolidated.safetensors`` / ``consolidated.00.pth``, or
-            ``config.json`` + ``model.safetensors`` / sharded ``model-*.safetensors`` with their index.
+            ``config.json`` + ``model.safetensors`` / sharded ``model-*.safetensors`` with their index, or a
+            ``.gguf`` file (gguf.py: its q8_0/q4_0 weights stay quantized, as ``QuantLinear``).
         dtype, device: of the loaded weights (converted tensor by tensor while reading).
         max_seq_len: overrides the config's (it sizes the KV cache of layers without a window).
         layers, embed, head: load only these layers / the embedding / the final norm and output (a pipeline
             stage); the other tensors are not read.
         progress: a progress bar over tensors (default: when standard error is a terminal).
     """
+    if is_gguf(path):
+        return load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=layers, embed=embed,
+                         head=head, progress=progress)
     layout = find_layout(path)
     args = layout.read_args(max_seq_len)
     with torch.device("meta"):
@@ -61,6 +66,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
 def read_state_dict(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Layout]:
     """Every tensor of a checkpoint, checked and in sirocco's internal names and layout, in its stored dtype
     (what ``sirocco convert`` writes back out). Tensors of safetensors files stay memory-mapped until used."""
+    if is_gguf(path):
+        raise CheckpointError(f"{path}: a GGUF file holds quantized blocks, not a float state dict; load it with "
+                              "load_model")
     layout = find_layout(path)
     args = layout.read_args()
     with torch.device("meta"):

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-tokenizer": ("sirocco.cli.train_tokenizer",
                         "train a sentencepiece BPE tokenizer with Mistral's special ids"),
     "viz": ("sirocco.cli.viz", "draw masks, cache, receptive field, MoE routing, pipeline or memory from a real run"),
+    "quantize": ("sirocco.cli.quantize", "write a model as a GGUF file of q8_0 or q4_0 blocks (llama.cpp loads it)"),
+    "perplexity": ("sirocco.cli.perplexity", "perplexity of a model on a text, in windows of a context with a stride"),
 }
 
 EPILOG = """examples:

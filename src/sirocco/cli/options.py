@@ -136,16 +136,23 @@ def add_progress_argument(g: argparse._ActionsContainer) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
+QUANTIZE = ("int8", "int4")
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --dtype, --device, --threads: what every verb that runs a model takes."""
+    """--model, --dtype, --quantize, --device, --threads: what every verb that runs a model takes."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="PATH|NAME",
-                   help="a checkpoint folder (consolidated or Hugging Face format) or a bundled model's name: "
+                   help="a checkpoint folder (consolidated or Hugging Face format), a .gguf file, or a bundled "
+                        "model's name: "
                         f"{', '.join(bundled_models() + [DEMO])} (default: {DEFAULT_MODEL}; '{DEMO}' is random "
                         "weights, for plumbing)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and activations dtype (default float32; bfloat16 halves memory and is faster "
                         "for large models on CPUs with AVX512-BF16)")
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="quantize the linear layers at load: int8 = GGUF q8_0, int4 = q4_0 blocks of 32 (the output "
+                        "head q8_0 in both; embedding, norms and MoE router stay in --dtype)")
     add_machine_arguments(g)
 
 
@@ -183,7 +190,16 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
-    """The model and tokenizer that --model, --dtype, --device and --threads name."""
+    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    loaded = load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    apply_quantize(args, loaded.model)
+    return loaded
+
+
+def apply_quantize(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--quantize: the quantize-at-load pass (backends/quant), logged with the bytes before and after."""
+    if getattr(args, "quantize", None):
+        from ..backends import quant
+        quant.attach(model, args.quantize)

@@ -80,9 +80,9 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     import sys
+
+    import uvicorn
 
     app = build(args)
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)

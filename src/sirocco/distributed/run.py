@@ -63,6 +63,9 @@ def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype) 
         stage = stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype, device=ctx.device)
         return stage, loaded.tokenizer, f"{loaded.source}, {spec.describe()}"
     path = model_folder(model)
+    if path.is_file():
+        raise SiroccoError(f"--model {path}: pipeline ranks load checkpoint folders; a GGUF file runs in one process "
+                           "(drop --pipeline-ranks)")
     stage = rank_stage(ctx, path, dtype=dtype)
     return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
 

@@ -11,7 +11,8 @@ In a folder, the first of these that exists wins:
 Mistral's own files come first because their names carry the instruct format's version, which a plain
 ``tokenizer.model`` does not; a Hugging Face Mistral folder has both ``tokenizer.model`` and ``tokenizer.json``
 and the sentencepiece model is the original of the two. A file given directly is opened by its name the same
-way (any other ``*.model`` is sentencepiece, any other ``*.json`` a Hugging Face tokenizer).
+way (any other ``*.model`` is sentencepiece, any other ``*.json`` a Hugging Face tokenizer, a ``*.gguf`` file
+the sentencepiece vocabulary it carries: tokenizer/gguf_vocab.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def find_tokenizer_files(folder: Path) -> list[Path]:
 def open_tokenizer_file(file: Path) -> Tokenizer:
     """One tokenizer file, opened by the library its name calls for."""
     name = file.name
+    if name.lower().endswith(".gguf"):
+        from ..checkpoint.gguf import gguf_tokenizer
+        return gguf_tokenizer(file)
     if _is_tekken(name) or _VERSIONED.search(name):
         from .mistral import MistralCommonTokenizer
         return MistralCommonTokenizer(file)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..errors import TokenizerError
 from .base import Tokenizer, first_line
@@ -12,12 +13,17 @@ from .base import Tokenizer, first_line
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | str, model_proto: Optional[bytes] = None):
+        """From a ``tokenizer.model`` file, or from a serialized ModelProto (``model_proto``; ``path`` then names
+        where it came from, for logs and errors)."""
         import sentencepiece
 
         self.source = str(path)
         try:
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            if model_proto is not None:
+                self.sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
             raise TokenizerError(f"{path}: not a readable sentencepiece model ({first_line(e)})") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()

@@ -1,0 +1,73 @@
+"""``sirocco quantize`` and ``--quantize`` end to end through ``sirocco.cli.main``: the GGUF file holds exactly the
+blocks of the quantize-at-load pass, and runs the same greedy tokens."""
+
+import json
+
+import gguf
+import pytest
+import torch
+
+from sirocco.backends import quant
+from sirocco.backends.quant.linear import QuantLinear
+from sirocco.cli import main
+from sirocco.pretrained import load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, err
+
+
+@pytest.mark.parametrize("name", ["sirocco-tiny", "sirocco-tiny-moe"])
+@pytest.mark.parametrize("fmt,flag", [("q8_0", "int8"), ("q4_0", "int4")])
+def test_quantized_gguf_is_the_model_quantized_at_load(tmp_path, capsys, name, fmt, flag):
+    out_file = tmp_path / "m.gguf"
+    out, _ = run(capsys, "quantize", name, str(out_file), "--type", fmt, "--dtype", "float32", "--json",
+                 "--no-progress")
+    summary = json.loads(out)
+    assert summary["type"] == fmt and summary["bytes_after"] < summary["bytes_before"] / 2
+    assert summary["file_bytes"] == out_file.stat().st_size
+
+    expected = load(name)                       # quantize-at-load with the same format
+    quant.attach(expected.model, flag)
+    back = load(str(out_file))
+    want, got = expected.model.state_dict(), back.model.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    assert isinstance(back.model.output, QuantLinear) and back.model.output.fmt == "q8_0"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out_file).tensors}
+    assert types["blk.0.attn_q.weight"] == fmt.upper() and types["output.weight"] == "Q8_0"
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+    assert types["token_embd.weight"] == "F32"
+
+    gen = ["generate", "--json", "--temperature", "0", "--max-tokens", "12", "--ignore-eos", "--no-progress",
+           "The sliding window", "Once upon a time"]
+    from_file, _ = run(capsys, *gen, "--model", str(out_file))
+    at_load, _ = run(capsys, *gen, "--model", name, "--quantize", flag)
+    tokens = [[json.loads(line)["tokens"] for line in o.splitlines()] for o in (from_file, at_load)]
+    assert tokens[0] == tokens[1] and all(len(t) == 12 for t in tokens[0])
+
+
+def test_quantize_refuses_to_overwrite_and_wants_a_gguf_name(tmp_path, capsys):
+    (tmp_path / "m.gguf").write_bytes(b"x")
+    assert main(["quantize", "sirocco-tiny", str(tmp_path / "m.gguf"), "--type", "q8_0"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["quantize", "sirocco-tiny", str(tmp_path / "m.bin"), "--type", "q8_0"]) == 1
+    assert ".gguf" in capsys.readouterr().err
+
+
+def test_quantize_at_load_keeps_embedding_norms_and_router_in_float():
+    loaded = load("sirocco-tiny-moe")
+    report = quant.attach(loaded.model, "int4")
+    m = loaded.model
+    assert type(m.tok_embeddings) is torch.nn.Embedding
+    assert all(type(layer.feed_forward.gate) is torch.nn.Linear for layer in m.layers.values())
+    assert all(isinstance(e.w1, QuantLinear) and e.w1.fmt == "q4_0" for layer in m.layers.values()
+               for e in layer.feed_forward.experts)
+    assert report.bytes_after < report.bytes_before / 2.5 and report.layers == sum(
+        isinstance(x, QuantLinear) for x in m.modules())
