@@ -6,12 +6,14 @@ dim 256, 4 layers, fp32) with Mistral's v1 tokenizer. Then:
 
     load     ``sirocco serve`` in a subprocess on 127.0.0.1 (a free port), driven by --concurrency streaming
              clients over the committed mix of benchmarks/serve_mix.json (prompt lengths in random token ids,
-             exact output lengths with ignore_eos, greedy). The offline part runs first, then the server. Per request: TTFT (first chunk with text), ITL (gaps
-             between text chunks), TPOT ((latency - TTFT) / (output tokens - 1), tokens from the usage chunk),
+             exact output lengths with ignore_eos, greedy). The offline part runs first, then the server.
+             Per request: TTFT (first chunk with text), ITL (gaps between text chunks), TPOT ((latency -
+             TTFT) / (output tokens - 1), tokens from the usage chunk),
              end-to-end latency; each as mean/p50/p90/p99; requests/s and output tokens/s over the whole run.
     offline  the same prompts and lengths through ``Engine.generate`` in this process, with min(rows,
              concurrency) rows (the most the server can have in flight), before the server starts (so the two
-             never share the CPU); both are warmed up first with every prompt for 2 tokens: output tokens/s, and the server's share of it.
+             never share the CPU); both are warmed up first with every prompt for 2 tokens: output tokens/s,
+             and the server's share of it.
     long     4 streams decoding, then a 2000-token prompt arrives: the 4 streams' inter-token gaps while it is
              pre-filled, with mixed steps (the engine's default: decodes and pre-fill chunks share each step)
              and without (--no-mixed: pre-fill steps until the prompt is cached, the decodes wait).
@@ -65,7 +67,8 @@ def checkpoint(workdir: Path, shape: dict) -> Path:
 
     dtype = shape["dtype"]
     fields = {k: v for k, v in shape.items() if k != "dtype"}
-    folder = workdir / ("serve-d{dim}-l{n_layers}-h{n_heads}-kv{n_kv_heads}-f{hidden_dim}".format(**fields) + f"-{dtype}")
+    name = "serve-d{dim}-l{n_layers}-h{n_heads}-kv{n_kv_heads}-f{hidden_dim}".format(**fields)
+    folder = workdir / f"{name}-{dtype}"
     if (folder / "params.json").is_file() and (folder / "tokenizer.model").is_file():
         return folder
     log(f"writing {folder.name} (random weights)")
@@ -294,8 +297,9 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint(args.workdir, shape)
     jobs = [(prompt_ids(m["prompt_tokens"], seed + i), m["max_tokens"]) for i, m in enumerate(mix)]
-    report: dict[str, Any] = {"loadavg_start": os.getloadavg(), "shape": shape, "concurrency": concurrency, "max_rows": args.max_rows,
-                              "chunk_size": args.chunk_size, "mix": "quick" if args.quick else "default"}
+    report: dict[str, Any] = {"loadavg_start": os.getloadavg(), "shape": shape, "concurrency": concurrency,
+                              "max_rows": args.max_rows, "chunk_size": args.chunk_size,
+                              "mix": "quick" if args.quick else "default"}
 
     log("offline: the same prompts through Engine.generate")
     # offline gets as many rows as the server can fill: at most --concurrency sequences are ever in flight there

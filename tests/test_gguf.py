@@ -139,7 +139,8 @@ def texts(n=300, seed=0):
 @pytest.mark.parametrize("sp_file", [TINY_SP, V1], ids=["sirocco-tiny", "mistral-v1"])
 def test_rebuilt_sentencepiece_encodes_and_decodes_like_the_original(sp_file):
     original = sentencepiece.SentencePieceProcessor(model_file=str(sp_file))
-    rebuilt = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_proto(vocab_from_sentencepiece(str(sp_file))))
+    proto = sentencepiece_proto(vocab_from_sentencepiece(str(sp_file)))
+    rebuilt = sentencepiece.SentencePieceProcessor(model_proto=proto)
     assert rebuilt.get_piece_size() == original.get_piece_size()
     for s in texts():
         ids = original.encode(s)

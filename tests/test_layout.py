@@ -9,7 +9,7 @@ import sirocco
 
 ROOT = Path(sirocco.__file__).parent
 # Lower layers first; a package may import its own layer's modules only inside itself, and any lower layer.
-LAYERS = [["errors"], ["config"], ["plan"], ["cache"], ["model"], ["backends", "checkpoint", "tokenizer"],
+LAYERS = [["errors"], ["config"], ["plan"], ["cache"], ["model"], ["backends", "tokenizer"], ["checkpoint"],
           ["pretrained", "generate", "train"], ["distributed", "eval"], ["viz", "serve"], ["cli"]]
 RANK = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 

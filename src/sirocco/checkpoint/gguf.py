@@ -1,11 +1,11 @@
 """GGUF, the third checkpoint format: one file with the config, the tokenizer and the tensors (llama.cpp's format).
 
-Reading (``load_gguf``, ``gguf_tokenizer``): a Mistral or Mixtral file as llama.cpp writes it (architecture
-"llama"), tensors of type F32, F16, BF16, Q8_0 or Q4_0. Quantized linear weights stay as the file's blocks
-(``QuantLinear`` over the memory-mapped bytes, no copy and no re-quantization); float tensors are converted to the
-dtype asked; a quantized embedding or router is dequantized (sirocco keeps those in float). Mixtral's stacked
-experts (``blk.i.ffn_gate_exps`` of shape (E, N, K)) become sirocco's per-expert weights as views of the stacked
-tensor. Every tensor's name, type and shape is checked before anything is read.
+Reading (``load_gguf``; its tokenizer: ``tokenizer.gguf_vocab.gguf_tokenizer``): a Mistral or Mixtral file as
+llama.cpp writes it (architecture "llama"), tensors of type F32, F16, BF16, Q8_0 or Q4_0. Quantized linear weights
+stay as the file's blocks (``QuantLinear`` over the memory-mapped bytes, no copy and no re-quantization); float
+tensors are converted to the dtype asked; a quantized embedding or router is dequantized (sirocco keeps those in
+float). Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape (E, N, K)) become sirocco's per-expert weights
+as views of the stacked tensor. Every tensor's name, type and shape is checked before anything is read.
 
 Writing (``save_gguf``): the tensors a model holds, quantized blocks byte for byte, in llama.cpp's names and
 metadata keys, with the tokenizer of a sentencepiece ``tokenizer.model``.
@@ -276,7 +276,8 @@ class GGUFFile:
                 if type(module) is nn.Linear and not path.endswith("feed_forward.gate"):
                     parent, _, child = path.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child,
-                            QuantLinear(module.in_features, module.out_features, t.fmt, device="meta"))
+                            QuantLinear(module.in_features, module.out_features, t.fmt,
+                                                device=torch.device("meta")))
                     state[path + ".qweight"] = t.data.to(device)
                     continue
                 dequantized.append(f"{entry.tensor.name} ({entry.type_name})")
@@ -296,15 +297,8 @@ class GGUFFile:
         return model
 
     def tokenizer(self):
-        from ..tokenizer.gguf_vocab import sentencepiece_proto, vocab_from_gguf
-        from ..tokenizer.sentencepiece_model import SentencePieceTokenizer
-        vocab = vocab_from_gguf(self.get, str(self.path))
-        if not vocab.add_bos:
-            log.warning("%s: tokenizer.ggml.add_bos_token is false; sirocco's verbs still put BOS in front of "
-                        "prompts", self.path)
-        tok = SentencePieceTokenizer(f"{self.path} (GGUF vocabulary)", model_proto=sentencepiece_proto(vocab))
-        tok.kind = "sentencepiece from GGUF"
-        return tok
+        from ..tokenizer.gguf_vocab import tokenizer_from_fields
+        return tokenizer_from_fields(self.get, self.path)
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -312,11 +306,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: torc
               head: bool = True, progress: Optional[bool] = None) -> Transformer:
     """The model of a GGUF file (see the module docstring); arguments as ``checkpoint.load_model``."""
     return GGUFFile(path).model(dtype, device, max_seq_len, layers, embed, head, progress)
-
-
-def gguf_tokenizer(path: str | Path):
-    """The sentencepiece tokenizer a GGUF file carries."""
-    return GGUFFile(path).tokenizer()
 
 
 # -- writing ----------------------------------------------------------------------------------------------------
@@ -403,8 +392,11 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path,
     def linear(module: nn.Module) -> tuple[np.ndarray, Any]:
         if isinstance(module, QuantLinear):
             return module.qweight.detach().cpu().contiguous().numpy(), Q[module.fmt.upper()]
+        assert isinstance(module, nn.Linear), f"not a linear layer: {type(module).__name__}"
         return _float_array(module.weight, float_dtype)
 
+    assert model.tok_embeddings is not None and model.norm is not None and model.output is not None, \
+        "a whole model (not a pipeline stage)"
     add("token_embd.weight", *_float_array(model.tok_embeddings.weight, float_dtype))
     for i, layer in tqdm(list(model.layers.items()), desc="writing layers", unit="layer", leave=False,
                          disable=None if progress is None else not progress):
@@ -429,7 +421,7 @@ def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path,
     add("output.weight", *linear(model.output))
     quant = {k for k in counts if k in _QUANT}
     ftype = {"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
-    wq = model.layers[next(iter(model.layers))].attention.wq
+    wq = model.layers[next(iter(model.layers))].attention.wq  # type: ignore[union-attr]
     if isinstance(wq, QuantLinear):
         w.add_file_type(ftype[wq.fmt.upper()])
     else:

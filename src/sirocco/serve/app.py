@@ -57,9 +57,10 @@ class EventStream(StreamingResponse):
             for t in (stream, gone):
                 t.cancel()
             await asyncio.gather(stream, gone, return_exceptions=True)
-        if stream in done and not stream.cancelled() and stream.exception() is not None:
-            if not isinstance(stream.exception(), OSError):
-                raise stream.exception()
+        if stream in done and not stream.cancelled():
+            error = stream.exception()
+            if error is not None and not isinstance(error, OSError):
+                raise error
 
 
 def sse(obj: Any) -> str:
@@ -338,7 +339,7 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def prometheus_metrics():
         return Response(server.metrics.render(), media_type=server.metrics.content_type)
 
     @app.post("/tokenize")

@@ -274,7 +274,8 @@ class Logprobs:
         self.top.append(tops)
         self.offsets.append(self._offset)
         self._offset += len(text)
-        return {"tokens": [text], "token_logprobs": [logprob], "top_logprobs": [tops], "text_offset": [self.offsets[-1]]}
+        return {"tokens": [text], "token_logprobs": [logprob], "top_logprobs": [tops],
+                "text_offset": [self.offsets[-1]]}
 
     def whole(self) -> dict:
         if self.chat:
@@ -303,7 +304,7 @@ def choice(req: Request, index: int, text: str, logprobs: Optional[dict], finish
 
 
 def chunk(req: Request, model: str, choices: list[dict], use: Optional[dict] = None) -> dict:
-    body = {"id": req.id, "object": "chat.completion.chunk" if req.chat else "text_completion",
+    body: dict[str, Any] = {"id": req.id, "object": "chat.completion.chunk" if req.chat else "text_completion",
             "created": req.created, "model": model, "choices": choices}
     if use is not None:
         body["usage"] = use

@@ -56,12 +56,12 @@ class TopLogprobsExecutor:
 
     def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams], generators, *args, **kwargs):
         out = self.inner.sample(logits, params, generators, *args, **kwargs)
-        want = [(i, p) for i, p in enumerate(params) if getattr(p, "top_logprobs", 0) > 0]
+        want = [(i, p) for i, p in enumerate(params) if isinstance(p, ServeParams) and p.top_logprobs > 0]
         if want and logits is not None:
             k = min(max(p.top_logprobs for _, p in want), logits.shape[-1])
             rows = torch.tensor([i for i, _ in want], device=logits.device)
-            values, ids = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1).topk(k, dim=-1)
-            values, ids = values.tolist(), ids.tolist()
+            top = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1).topk(k, dim=-1)
+            values, ids = top.values.tolist(), top.indices.tolist()
             for j, (_, p) in enumerate(want):
                 p.top_out.append(list(zip(ids[j][:p.top_logprobs], values[j][:p.top_logprobs])))
         return out
@@ -208,7 +208,7 @@ class Runner:
         m = self.metrics
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for ev in events:
-            r = self._reqs.get(getattr(ev, "request_id", None))
+            r = self._reqs.get(ev.request_id)
             if r is None:
                 continue
             top = None
@@ -218,7 +218,7 @@ class Runner:
                 if r.first is None:
                     r.first = now
                     m.ttft.observe(now - r.arrival)
-                if getattr(r.params, "top_logprobs", 0) > 0 and r.params.top_out:
+                if isinstance(r.params, ServeParams) and r.params.top_logprobs > 0 and r.params.top_out:
                     top = r.params.top_out.pop(0)
             c = ev.completion
             if c is not None:

@@ -73,7 +73,7 @@ def open_tokenizer_file(file: Path) -> Tokenizer:
     """One tokenizer file, opened by the library its name calls for."""
     name = file.name
     if name.lower().endswith(".gguf"):
-        from ..checkpoint.gguf import gguf_tokenizer
+        from .gguf_vocab import gguf_tokenizer
         return gguf_tokenizer(file)
     if _is_tekken(name) or _VERSIONED.search(name):
         from .mistral import MistralCommonTokenizer

@@ -135,3 +135,29 @@ def vocab_from_sentencepiece(model_file: str, vocab_size: Optional[int] = None) 
                     pb.TrainerSpec.ModelType.Name(ts.model_type))
     return GGUFVocab(tokens, scores, types, ts.bos_id, ts.eos_id, ts.unk_id, ts.pad_id, True, False,
                      ns.add_dummy_prefix, ns.remove_extra_whitespaces)
+
+
+def tokenizer_from_fields(get: Callable[[str], Any], path: Any) -> Any:
+    """The sentencepiece tokenizer of a GGUF file's vocabulary fields (``get(key)``: a field's value or None)."""
+    from .sentencepiece_model import SentencePieceTokenizer
+    vocab = vocab_from_gguf(get, str(path))
+    if not vocab.add_bos:
+        log.warning("%s: tokenizer.ggml.add_bos_token is false; sirocco's verbs still put BOS in front of "
+                    "prompts", path)
+    tok = SentencePieceTokenizer(f"{path} (GGUF vocabulary)", model_proto=sentencepiece_proto(vocab))
+    tok.kind = "sentencepiece from GGUF"
+    return tok
+
+
+def gguf_tokenizer(path: Any) -> Any:
+    """The sentencepiece tokenizer a GGUF file carries."""
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:      # a bad magic or version, a truncated file
+        raise TokenizerError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
+
+    def get(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+    return tokenizer_from_fields(get, path)
