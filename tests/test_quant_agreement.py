@@ -1,0 +1,42 @@
+"""``--quantize int8`` / ``int4`` on the bundled models: the quantized model picks the bf16 model's greedy token
+at most positions of the bf16 model's own continuations (teacher-forced, so one early difference does not hide
+the rest). The shares are printed (``pytest -s``) and bounded below."""
+
+import pytest
+import torch
+
+from sirocco.backends import quant
+from sirocco.generate.engine import Engine
+from sirocco.generate.sampling import SamplingParams
+from sirocco.pretrained import load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["The with statement", "Return a new dictionary", "A module is", "The sliding window", "def f(x):"]
+FLOOR = {"int8": 0.97, "int4": 0.9}
+
+
+def agreement(name: str, fmt: str) -> float:
+    base = load(name, dtype=torch.bfloat16).model
+    tok = load(name, dtype=torch.bfloat16).tokenizer
+    engine = Engine(base, tok, max_rows=len(PROMPTS), backend="torch")
+    done = engine.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, stop_on_eos=False))
+    quantized = load(name, dtype=torch.bfloat16).model
+    quant.attach(quantized, fmt)
+    same = total = 0
+    with torch.inference_mode():
+        for c in done:
+            ids = torch.tensor(c.prompt_tokens + c.tokens[:-1])
+            n = len(c.tokens)
+            picks = quantized(ids, [len(ids)])[-n:].argmax(-1)            # each position's choice, bf16 history
+            same += int((picks == torch.tensor(c.tokens)).sum())
+            total += n
+    return same / total
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["sirocco-tiny", "sirocco-tiny-moe"])
+def test_quantized_greedy_tokens_agree_with_bf16(name, fmt):
+    share = agreement(name, fmt)
+    print(f"{name} {fmt}: {share:.1%} of greedy tokens equal to bf16's")
+    assert share >= FLOOR[fmt]
