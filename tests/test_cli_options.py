@@ -31,6 +31,22 @@ REFUSED = [
     (["generate", "--micro-batches", "0"], "--micro-batches", "must be >= 1"),
     (["generate", "--dist-timeout", "0"], "--dist-timeout", "0.0 is out of range: must be > 0"),
     (["generate", "--dist-timeout", "inf"], "--dist-timeout", "not a finite number (must be > 0)"),
+    # chat and serve: the same sampling and engine options, declared once
+    (["chat", "--temperature", "-1"], "--temperature", "must be >= 0"),
+    (["chat", "--top-p", "2"], "--top-p", "must be in (0, 1]"),
+    (["chat", "--max-tokens", "0"], "--max-tokens", "must be >= 1"),
+    (["chat", "--max-seq-len", "0"], "--max-seq-len", "must be >= 1"),
+    (["serve", "--max-rows", "0"], "--max-rows", "must be >= 1"),
+    (["serve", "--max-batch-tokens", "0"], "--max-batch-tokens", "must be >= 1"),
+    (["serve", "--chunk-size", "0"], "--chunk-size", "must be >= 1"),
+    (["serve", "--port", "70000"], "--port", "must be in [0, 65535]"),
+    (["serve", "--max-queue", "-1"], "--max-queue", "must be >= 0"),
+    (["generate", "--max-batch-tokens", "0"], "--max-batch-tokens", "must be >= 1"),
+    (["perplexity", "--text-file", "t.txt", "--context", "1"], "--context", "must be >= 2"),
+    (["perplexity", "--text-file", "t.txt", "--stride", "0"], "--stride", "must be >= 1"),
+    # viz
+    (["viz", "masks", "--window", "0"], "--window", "must be >= 1"),
+    (["viz", "receptive-field", "--token", "-1"], "--token", "must be >= 0"),
     # convert
     ([*CONVERT, "--max-shard-size", "5XB"], "--max-shard-size", "like 5GB, 500MB or 2GiB"),
     ([*CONVERT, "--max-shard-size", "0"], "--max-shard-size", "must be at least 1 byte"),

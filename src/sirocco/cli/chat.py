@@ -15,11 +15,10 @@ import signal
 import sys
 from typing import Optional, TextIO
 
-from ..backends import BACKENDS
 from ..errors import SiroccoError
 from ..generate.engine import Engine, PromptTooLong
 from ..generate.sampling import SamplingParams
-from .options import add_model_arguments, load_from_args
+from .options import add_engine_arguments, add_model_arguments, add_sampling_arguments, load_from_args
 
 HELP = "commands: /reset (new conversation), /system TEXT (system prompt, resets), /exit; Ctrl-C stops an answer"
 
@@ -34,15 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the conversation")
-    s.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default 512)")
-    s.add_argument("--temperature", type=float, default=0.7, help="0 is greedy decoding (default 0.7)")
-    s.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass to keep (default 0.95)")
-    s.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens; 0 keeps all")
-    s.add_argument("--seed", type=int, default=None, help="random seed of the first answer; answer i uses seed + i")
-    e = p.add_argument_group("engine")
-    e.add_argument("--max-seq-len", type=int, default=None,
-                   help="longest conversation + answer in tokens; sizes the cache (default: the model's context)")
-    e.add_argument("--backend", choices=BACKENDS, default="auto", help="what computes the model")
+    add_sampling_arguments(s, max_tokens=512, seed=None, per="answer")
+    add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True)
 
 
 class Chat:
@@ -112,7 +104,8 @@ class Chat:
 
 def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
-    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len, backend=args.backend)
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
+                    attention=args.attention, backend=args.backend)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

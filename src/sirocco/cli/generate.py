@@ -10,7 +10,6 @@ import time
 
 from tqdm import tqdm
 
-from ..backends import BACKENDS
 from ..distributed.executor import PipelineExecutor
 from ..distributed.launch import DistContext
 from ..distributed.run import load_rank_stage, on_ranks, shared_from_rank0
@@ -20,17 +19,14 @@ from ..generate.engine import Engine, fit_cache_len
 from ..generate.sampling import SamplingParams
 from .options import (
     DTYPES,
-    SEED,
+    add_engine_arguments,
     add_model_arguments,
     add_pipeline_arguments,
     add_progress_argument,
+    add_sampling_arguments,
     apply_quantize,
-    float_in,
     load_from_args,
     non_empty,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
 )
 
 log = logging.getLogger(__name__)
@@ -50,30 +46,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", metavar="PATH", help="a file with one prompt per line")
     add_model_arguments(p)
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=positive_int, default=128,
-                   help="most tokens to generate per prompt, at least 1 (default 128)")
-    s.add_argument("--temperature", type=non_negative_float, default=0.7,
-                   help=">= 0; 0 is greedy decoding (default 0.7)")
-    s.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=0.95,
-                   help="nucleus sampling mass to keep, in (0, 1]; 1 keeps all (default 0.95)")
-    s.add_argument("--top-k", type=non_negative_int, default=0, help="keep only the k most likely tokens; 0 keeps all")
-    s.add_argument("--seed", type=SEED, default=0,
-                   help="random seed, a 64-bit signed integer; prompt i samples with seed + i (default 0)")
+    add_sampling_arguments(s, max_tokens=128)
     s.add_argument("--stop", type=non_empty, action="append", default=[], metavar="TEXT",
                    help="stop a sequence when it writes TEXT (repeatable); the text ends before it")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message of the chat template")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-rows", type=positive_int, default=8,
-                   help="most sequences generated at once, at least 1 (default 8)")
-    e.add_argument("--chunk-size", type=positive_int, default=None,
-                   help="pre-fill at most this many tokens of a prompt per step, at least 1 (default: the sliding "
-                        "window)")
-    e.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
-                   help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
-    e.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="what computes the model: torch (the plain-PyTorch reference), cpu (C++ decode kernels, "
-                        "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
+    add_engine_arguments(e)
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
@@ -109,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts),
-                    attention=args.attention, backend=args.backend)
+                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend)
     return generate_and_print(args, engine, tokenizer, prompts)
 
 
@@ -122,7 +101,8 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, stage.args.max_seq_len, tokenizer, prompts),
-                    attention=args.attention, backend=args.backend, executor=executor)
+                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend,
+                    executor=executor)
     return generate_and_print(args, engine, tokenizer, prompts, speak=ctx.rank == 0,
                               where=f" over {ctx.world_size} pipeline ranks")
 

@@ -131,6 +131,44 @@ def add_machine_arguments(g: argparse._ActionsContainer) -> None:
                    help="CPU threads for PyTorch, at least 1 (default: all cores)")
 
 
+def add_sampling_arguments(g: argparse._ActionsContainer, max_tokens: int, seed: Optional[int] = 0,
+                           per: str = "prompt") -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed: how generate, chat and serve's CLI continue text."""
+    g.add_argument("--max-tokens", type=positive_int, default=max_tokens,
+                   help=f"most tokens to generate per {per}, at least 1 (default {max_tokens})")
+    g.add_argument("--temperature", type=non_negative_float, default=0.7,
+                   help=">= 0; 0 is greedy decoding (default 0.7)")
+    g.add_argument("--top-p", type=float_in(0, 1, lo_open=True), default=0.95,
+                   help="nucleus sampling mass to keep, in (0, 1]; 1 keeps all (default 0.95)")
+    g.add_argument("--top-k", type=non_negative_int, default=0, help="keep only the k most likely tokens; 0 keeps all")
+    g.add_argument("--seed", type=SEED, default=seed,
+                   help=f"random seed, a 64-bit signed integer; {per} i samples with seed + i (default {seed})")
+
+
+def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunks: bool = True,
+                         max_seq_len: bool = False) -> None:
+    """The engine's sizes and what computes the model: --max-rows, --chunk-size, --max-batch-tokens,
+    --max-seq-len (where asked), --attention, --backend."""
+    from ..backends import BACKENDS
+    if rows:
+        g.add_argument("--max-rows", type=positive_int, default=8,
+                       help="most sequences generated at once, at least 1 (default 8)")
+    if chunks:
+        g.add_argument("--chunk-size", type=positive_int, default=None,
+                       help="pre-fill at most this many tokens of a prompt per step, at least 1 (default: the "
+                            "sliding window)")
+        g.add_argument("--max-batch-tokens", type=positive_int, default=None,
+                       help="most tokens in one step, over all sequences, at least 1 (default 4 x chunk size)")
+    if max_seq_len:
+        g.add_argument("--max-seq-len", type=positive_int, default=None,
+                       help="longest prompt + generation in tokens; sizes the cache (default: the model's context)")
+    g.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
+                   help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what computes the model: torch (the plain-PyTorch reference), cpu (C++ decode kernels, "
+                        "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
+
+
 def add_progress_argument(g: argparse._ActionsContainer) -> None:
     """--no-progress."""
     g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")

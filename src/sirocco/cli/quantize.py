@@ -15,7 +15,7 @@ from ..checkpoint import is_gguf, save_gguf
 from ..errors import SiroccoError
 from ..pretrained import DEMO, load, model_folder
 from ..tokenizer.sentencepiece_model import SentencePieceTokenizer
-from .options import DTYPES
+from .options import DTYPES, add_progress_argument
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="type of the float tensors other than norms and router (the token embedding)")
     p.add_argument("--force", action="store_true", help="overwrite the destination file")
     p.add_argument("--json", action="store_true", help="print a JSON summary on standard output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars on standard error")
+    add_progress_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

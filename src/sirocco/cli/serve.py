@@ -7,10 +7,16 @@ import logging
 import os
 from pathlib import Path
 
-from ..backends import BACKENDS
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL
-from .options import add_model_arguments, add_pipeline_arguments, load_from_args
+from .options import (
+    add_engine_arguments,
+    add_model_arguments,
+    add_pipeline_arguments,
+    int_in,
+    load_from_args,
+    non_negative_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +34,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     h = p.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    h.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    h.add_argument("--port", type=int_in(0, 65535), default=8000, help="port to listen on, 0 to 65535 (default 8000)")
     h.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: the "
                         "SIROCCO_API_KEY environment variable; none: open)")
     h.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's folder name)")
-    h.add_argument("--max-queue", type=int, default=128,
+    h.add_argument("--max-queue", type=non_negative_int, default=128,
                    help="most sequences waiting for a cache row; past it requests get 429 at once (default 128)")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-rows", type=int, default=8, help="most sequences generated at once (default 8)")
-    e.add_argument("--max-batch-tokens", type=int, default=None,
-                   help="most prompt tokens pre-filled in one step, over all sequences (default 4 x chunk size)")
-    e.add_argument("--chunk-size", type=int, default=None,
-                   help="pre-fill at most this many tokens of a prompt per step (default: the sliding window)")
-    e.add_argument("--max-seq-len", type=int, default=None,
-                   help="longest prompt + generation; sizes the cache (default: the model's context)")
-    e.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="what computes the model (see 'sirocco generate --help')")
+    add_engine_arguments(e, max_seq_len=True)
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
@@ -70,7 +68,8 @@ def build(args: argparse.Namespace):
         raise SiroccoError(f"--max-queue must be >= 0, got {args.max_queue}")
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                    max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, backend=args.backend,
+                    max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
+                    backend=args.backend,
                     executor=wrap_executor(loaded.model), mixed=args.mixed)
     api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
     name = args.served_model_name or served_name(args.model)
