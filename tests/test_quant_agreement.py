@@ -40,3 +40,14 @@ def test_quantized_greedy_tokens_agree_with_bf16(name, fmt):
     share = agreement(name, fmt)
     print(f"{name} {fmt}: {share:.1%} of greedy tokens equal to bf16's")
     assert share >= FLOOR[fmt]
+
+
+def test_the_cpu_backend_counts_quantized_weights_when_it_decides_whether_it_pays():
+    from sirocco.backends import cpu
+    from sirocco.config import preset
+    from sirocco.model import build_model
+    model = build_model(preset("tiny", vocab_size=64), dtype=torch.bfloat16)
+    quant.attach(model, "int8")
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert blocks > 0 and cpu.pays(model, min_bytes=params + blocks) and not cpu.pays(model, params + blocks + 1)

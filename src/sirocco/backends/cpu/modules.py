@@ -114,11 +114,12 @@ def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
 
 
 def pays(model: nn.Module, min_bytes: int = 256 * 2**20) -> bool:
-    """Whether the build (once, about half a minute) is worth it: on CPU, for weights large enough that decode is
-    memory-bound."""
+    """Whether the build (once, about half a minute) is worth it: on CPU, for weights (parameters and buffers) large
+    enough that decode is memory-bound."""
     params = list(model.parameters())
+    tensors = params + list(model.buffers())          # quantized weights are buffers (QuantLinear.qweight)
     return (params[0].device.type == "cpu"
-            and sum(p.numel() * p.element_size() for p in params) >= min_bytes)
+            and sum(t.numel() * t.element_size() for t in tensors) >= min_bytes)
 
 
 def warm_up(model: nn.Module) -> str:
