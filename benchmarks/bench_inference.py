@@ -369,17 +369,19 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
-def spawn(spec: dict, log: Callable[[str], None]) -> dict:
-    """Run one worker in a new Python process; its result comes back through a JSON file."""
+def spawn(spec: dict, log: Callable[[str], None], script: Path = Path(__file__), label: str = "") -> dict:
+    """Run one worker of ``script`` (``--worker SPEC --result FILE``) in a new Python process; its result comes back
+    through a JSON file. ``label`` names the worker in a failure's message."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TRANSFORMERS_VERBOSITY="error",
                    HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
+        cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(spec), "--result", str(result)]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if proc.returncode != 0 or not result.exists():
             tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-            log(f"  {spec['library']} {spec['dtype']} {spec['what']} failed (exit {proc.returncode}):\n{tail}")
+            name = label or f"{spec['library']} {spec['dtype']} {spec['what']}"
+            log(f"  {name} failed (exit {proc.returncode}):\n{tail}")
             return {"error": tail}
         return json.loads(result.read_text())
 

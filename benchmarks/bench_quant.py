@@ -43,9 +43,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,16 +52,17 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_inference import (  # noqa: E402  (the checkpoint, its shape and the process facts are shared)
-                             FULL,
-                             QUICK,
-                             Shape,
-                             build_checkpoints,
-                             busy_jiffies,
-                             checkpoint_dir,
-                             own_cpu_seconds,
-                             proc_status_kib,
-                             random_prompts,
+    FULL,
+    QUICK,
+    Shape,
+    build_checkpoints,
+    busy_jiffies,
+    checkpoint_dir,
+    own_cpu_seconds,
+    proc_status_kib,
+    random_prompts,
 )
+from bench_inference import spawn as run_worker  # noqa: E402
 
 FORMATS = ("bf16", "int8", "int4")
 PPL_MODELS = ("sirocco-tiny", "sirocco-tiny-moe")
@@ -259,18 +258,8 @@ def run_perplexity(spec: dict) -> dict:
 
 # -- the subprocesses ------------------------------------------------------------------------------------------------
 def spawn(spec: dict, log: Callable[[str], None]) -> dict:
-    """Run one worker in a new Python process; its result comes back through a JSON file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TRANSFORMERS_VERBOSITY="error",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0 or not result.exists():
-            tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-            log(f"  {spec['what']} {spec.get('format', '')} failed (exit {proc.returncode}):\n{tail}")
-            return {"error": tail}
-        return json.loads(result.read_text())
+    """One worker of this script in a new Python process (bench_inference's runner)."""
+    return run_worker(spec, log, script=Path(__file__), label=f"{spec['what']} {spec.get('format', '')}")
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
