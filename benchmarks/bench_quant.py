@@ -284,7 +284,7 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
              "| format | " + " | ".join(f"decode {r} row{'s' * (r > 1)} (tok/s) | vs bf16" for r in work.rows)
              + f" | pre-fill {work.prefill_len} (tok/s) | vs bf16 |",
              "|---" * (2 * len(work.rows) + 3) + "|"]
-    for f in FORMATS:
+    for f in (f for f in FORMATS if f in res):         # the formats this run measured
         if f not in ok:
             lines.append(f"| {f} | failed |")
             continue
