@@ -255,6 +255,14 @@ def test_bad_inputs_get_their_status_and_error_body_and_the_server_keeps_serving
         err = r.json()["error"]
         assert r.status_code == 400 and err["code"] == "context_length_exceeded"
         assert "2048" in err["message"] and "3000" in err["message"]
+        # the prompt fits, the completion asked for does not: 400 with the prompt, the completion and their sum
+        r = httpx.post(url + "/v1/completions", json={"prompt": [1] * 2000, "max_tokens": 49}, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens"
+        assert all(str(n) in err["message"] for n in (2048, 2049, 2000, 49)), err["message"]
+        r = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048})
+        assert r.status_code == 400 and "in the messages" in r.json()["error"]["message"]
         rest = [line for line in lines if line]
     assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"

@@ -148,6 +148,11 @@ class Server:
             prompts = [self.encode_chat(req.prompts[0])]
         else:
             prompts = [self.encode(p, "prompt") for p in req.prompts]
+        if req.max_tokens is not None:
+            for ids in prompts:
+                if len(ids) + req.max_tokens > self.max_seq_len:
+                    raise protocol.budget_error(len(ids), req.max_tokens, self.max_seq_len,
+                                                "messages" if chat else "prompt")
         out: asyncio.Queue = asyncio.Queue()
         seqs = []                                   # (choice index, request id, prompt ids)
         for pi, ids in enumerate(prompts):

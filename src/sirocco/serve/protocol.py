@@ -51,6 +51,14 @@ def context_error(prompt_len: int, limit: int, param: str) -> APIError:
                f"Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
 
 
+def budget_error(prompt_len: int, max_tokens: int, limit: int, param: str) -> APIError:
+    """The prompt fits but the completion asked for does not: both numbers and their sum, as OpenAI words it."""
+    return bad(f"This model's maximum context length is {limit} tokens. However, you requested "
+               f"{prompt_len + max_tokens} tokens ({prompt_len} in the {param}, {max_tokens} in the completion). "
+               f"Please reduce the length of the {param} or of the completion.", param="max_tokens",
+               code="context_length_exceeded")
+
+
 # -- field checks ------------------------------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
