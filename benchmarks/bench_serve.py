@@ -14,15 +14,25 @@ dim 256, 4 layers, fp32) with Mistral's v1 tokenizer. Then:
              concurrency) rows (the most the server can have in flight), before the server starts (so the two
              never share the CPU); both are warmed up first with every prompt for 2 tokens: output tokens/s,
              and the server's share of it.
+    padded   the same prompts through transformers' ``generate`` in padded batches of --concurrency requests in
+             mix order (left padding, every request of a batch generating the batch's longest output): the
+             baseline of a library without continuous batching; its output tokens/s count the tokens asked for.
+    single   one streaming client alone against the offline Engine with one row on the same prompt, alternated
+             round by round (the server is idle while the offline engine runs, and the other way round): decode
+             tokens/s = (output tokens - 1) / (last token - first token), median of the rounds' ratios.
     long     4 streams decoding, then a 2000-token prompt arrives: the 4 streams' inter-token gaps while it is
              pre-filled, with mixed steps (the engine's default: decodes and pre-fill chunks share each step)
              and without (--no-mixed: pre-fill steps until the prompt is cached, the decodes wait).
+
+The targets (the 1B shape in bf16): server throughput >= 0.9x offline and >= 2x transformers' padded batches;
+one client >= 0.95x offline batch-1 decode; with mixed steps, the streams' p99 gap while the long prompt is
+pre-filled stays near one step of --chunk-size tokens, far below the prompt's whole pre-fill (without them).
 
 Every request goes to 127.0.0.1 only; the number of requests is fixed by the mix; the server is stopped at the
 end of each part.
 
     python benchmarks/bench_serve.py --quick            # seconds: the tiny shape
-    python benchmarks/bench_serve.py --json > serve.json   # the 1B shape (minutes)
+    python benchmarks/bench_serve.py --json > serve.json   # the 1B shape (about 30 minutes)
 """
 
 from __future__ import annotations
@@ -61,21 +71,21 @@ def checkpoint(workdir: Path, shape: dict) -> Path:
     import mistral_common
     import torch
 
-    from sirocco.checkpoint import save_consolidated
+    from sirocco.checkpoint import save_hf
     from sirocco.config import ModelArgs
     from sirocco.model import build_model
 
     dtype = shape["dtype"]
     fields = {k: v for k, v in shape.items() if k != "dtype"}
     name = "serve-d{dim}-l{n_layers}-h{n_heads}-kv{n_kv_heads}-f{hidden_dim}".format(**fields)
-    folder = workdir / f"{name}-{dtype}"
-    if (folder / "params.json").is_file() and (folder / "tokenizer.model").is_file():
+    folder = workdir / f"{name}-{dtype}-hf"
+    if (folder / "config.json").is_file() and (folder / "tokenizer.model").is_file():
         return folder
     log(f"writing {folder.name} (random weights)")
     args = ModelArgs(norm_eps=1e-5, rope_theta=10000.0, **fields)
     torch_dtype = getattr(torch, dtype)
     model = build_model(args, dtype=torch_dtype, seed=0)
-    save_consolidated(model, args, folder, dtype=torch_dtype)
+    save_hf(model, args, folder, dtype=torch_dtype)
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
     return folder
 
@@ -204,14 +214,10 @@ def load_figures(results: list[dict], wall: float) -> dict:
             "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / wall}
 
 
-def offline(folder: Path, dtype: str, jobs: list[tuple[list[int], int]], max_rows: int, chunk_size: int) -> dict:
-    import torch
-
+def offline(loaded, jobs: list[tuple[list[int], int]], max_rows: int, chunk_size: int) -> dict:
     from sirocco.generate.engine import Engine
     from sirocco.generate.sampling import SamplingParams
-    from sirocco.pretrained import load
 
-    loaded = load(str(folder), dtype=getattr(torch, dtype))
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=max_rows, chunk_size=chunk_size)
     # warm-up: every prompt for 2 tokens, so first-use costs (lazy torch set-up, kernels) fall outside the timing
     engine.generate([p for p, _ in jobs], SamplingParams(max_tokens=2, stop_on_eos=False))
@@ -221,6 +227,53 @@ def offline(folder: Path, dtype: str, jobs: list[tuple[list[int], int]], max_row
     wall = time.perf_counter() - t0
     tokens = sum(len(c.tokens) for c in done)
     return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+
+
+def offline_decode_rate(engine, prompt: list[int], n: int) -> float:
+    """Decode tokens/s of one sequence through ``engine`` (one row): (n - 1) / (last token - first token)."""
+    from sirocco.generate.sampling import SamplingParams
+
+    times = [time.perf_counter() for _ in engine.stream([prompt], SamplingParams(max_tokens=n, stop_on_eos=False))]
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+async def served_decode_rate(url: str, prompt: list[int], n: int) -> float:
+    """The same through the server, one streaming client: (output tokens - 1) / (last chunk - first chunk)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+        r = await stream_one(c, prompt, n)
+    return (r["tokens"] - 1) / (r["times"][-1] - r["times"][0])
+
+
+def transformers_padded(folder: Path, dtype: str, jobs: list[tuple[list[int], int]], batch: int) -> dict:
+    """transformers' generate over the jobs in padded batches of ``batch`` (mix order, left padding, each batch
+    generating its longest output for every row); output tokens/s count the tokens the requests asked for."""
+    import torch
+    import transformers
+    from transformers import MistralForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    model = MistralForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+    def run(group: list[tuple[list[int], int]]) -> None:
+        width = max(len(p) for p, _ in group)
+        n = max(m for _, m in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+
+    groups = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
+    run([(p[:16], 2) for p, _ in groups[0]])                                   # warm-up
+    t0 = time.perf_counter()
+    for g in groups:
+        run(g)
+    wall = time.perf_counter() - t0
+    tokens = sum(m for _, m in jobs)
+    return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "attn_implementation": model.config._attn_implementation, "batches": len(groups)}
 
 
 async def long_prompt_case(url: str, streams: int, stream_prompt: int, long_prompt: int, seed: int) -> dict:
@@ -280,43 +333,87 @@ def main() -> int:
     p.add_argument("--max-rows", type=int, default=8, help="the server's and the offline engine's rows (default 8)")
     p.add_argument("--chunk-size", type=int, default=512, help="pre-fill chunk of both (default 512)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server and the offline run")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the single-client case (default 3)")
+    p.add_argument("--single-tokens", type=int, default=None,
+                   help="tokens the single client generates (default 128; quick 64)")
+    p.add_argument("--requests", type=int, default=None, help="only the first N requests of the mix (default all)")
     p.add_argument("--skip-long", action="store_true", help="leave out the long-prompt case")
+    p.add_argument("--skip-transformers", action="store_true", help="leave out transformers' padded batches")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sirocco-bench",
                    help="where the checkpoint is written once")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object on standard output")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from sirocco.generate.engine import Engine
+    from sirocco.pretrained import load
+
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
     mix_doc = json.loads(MIX.read_text())
-    mix = mix_doc["quick" if args.quick else "default"]
+    mix = mix_doc["quick" if args.quick else "default"][:args.requests]
     seed = mix_doc["seed"]
     concurrency = args.concurrency or (4 if args.quick else 8)
+    single_tokens = args.single_tokens or (64 if args.quick else 128)
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint(args.workdir, shape)
     jobs = [(prompt_ids(m["prompt_tokens"], seed + i), m["max_tokens"]) for i, m in enumerate(mix)]
     report: dict[str, Any] = {"loadavg_start": os.getloadavg(), "shape": shape, "concurrency": concurrency,
                               "max_rows": args.max_rows, "chunk_size": args.chunk_size,
-                              "mix": "quick" if args.quick else "default"}
+                              "mix": "quick" if args.quick else "default", "threads": torch.get_num_threads()}
+    targets: list[tuple[str, float, str, float]] = []        # (what, measured, ">=" or "<=", bound)
 
     log("offline: the same prompts through Engine.generate")
+    loaded = load(str(folder), dtype=getattr(torch, shape["dtype"]))
     # offline gets as many rows as the server can fill: at most --concurrency sequences are ever in flight there
-    report["offline"] = off = offline(folder, shape["dtype"], jobs, min(args.max_rows, concurrency), args.chunk_size)
+    report["offline"] = off = offline(loaded, jobs, min(args.max_rows, concurrency), args.chunk_size)
     log(f"  {off['output_tokens_per_s']:.1f} output tokens/s ({off['output_tokens']} tokens in {off['seconds']:.1f} s)")
+    solo = Engine(loaded.model, loaded.tokenizer, max_rows=1, chunk_size=args.chunk_size)
+    single_prompt = prompt_ids(32, seed + 1000)
+    offline_decode_rate(solo, single_prompt, 4)                                    # warm-up
+
+    if not args.skip_transformers:
+        log(f"transformers: the same prompts in padded batches of {concurrency}")
+        report["transformers_padded"] = tf = transformers_padded(folder, shape["dtype"], jobs, concurrency)
+        log(f"  {tf['output_tokens_per_s']:.1f} output tokens/s ({tf['output_tokens']} tokens asked for, "
+            f"{tf['batches']} batches in {tf['seconds']:.1f} s)")
+
     log(f"load: {len(jobs)} requests, {concurrency} concurrent streams, {args.max_rows} rows")
     with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads) as server:
         asyncio.run(drive(server.url, [(p, 2) for p, _ in jobs], concurrency))        # warm-up, as offline
         results, wall = asyncio.run(drive(server.url, jobs, concurrency))
-    report["load"] = load = load_figures(results, wall)
-    log(f"  TTFT {ms(load['ttft_s'])}")
-    log(f"  TPOT {ms(load['tpot_s'])}")
-    log(f"  ITL  {ms(load['itl_s'])}")
-    log(f"  {load['requests_per_s']:.2f} requests/s, {load['output_tokens_per_s']:.1f} output tokens/s "
-        f"({load['output_tokens']} tokens in {wall:.1f} s)")
-    report["server_over_offline"] = load["output_tokens_per_s"] / off["output_tokens_per_s"]
-    log(f"  the server's output tokens/s are {100 * report['server_over_offline']:.0f}% of offline's")
+        report["load"] = load_ = load_figures(results, wall)
+        log(f"  TTFT {ms(load_['ttft_s'])}")
+        log(f"  TPOT {ms(load_['tpot_s'])}")
+        log(f"  ITL  {ms(load_['itl_s'])}")
+        log(f"  {load_['requests_per_s']:.2f} requests/s, {load_['output_tokens_per_s']:.1f} output tokens/s "
+            f"({load_['output_tokens']} tokens in {wall:.1f} s)")
+        report["server_over_offline"] = load_["output_tokens_per_s"] / off["output_tokens_per_s"]
+        log(f"  the server's output tokens/s are {report['server_over_offline']:.2f}x offline's")
+        targets.append((f"server throughput, {concurrency} clients / offline generate", report["server_over_offline"],
+                        ">=", 0.9))
+        if "transformers_padded" in report:
+            report["server_over_transformers"] = (load_["output_tokens_per_s"]
+                                                  / report["transformers_padded"]["output_tokens_per_s"])
+            log(f"  and {report['server_over_transformers']:.2f}x transformers' padded batches")
+            targets.append(("server throughput / transformers padded batches", report["server_over_transformers"],
+                            ">=", 2.0))
+
+        log(f"single: one streaming client ({single_tokens} tokens) against the offline engine with one row, "
+            f"{args.rounds} rounds alternated")
+        asyncio.run(served_decode_rate(server.url, single_prompt, 4))                  # warm-up
+        rounds = []
+        for i in range(args.rounds):
+            a = offline_decode_rate(solo, single_prompt, single_tokens)
+            b = asyncio.run(served_decode_rate(server.url, single_prompt, single_tokens))
+            rounds.append({"offline_tps": a, "served_tps": b, "ratio": b / a})
+            log(f"  round {i + 1}: offline {a:.2f} tokens/s, served {b:.2f} tokens/s: {b / a:.3f}x")
+        ratio = statistics.median(r["ratio"] for r in rounds)
+        report["single"] = {"tokens": single_tokens, "rounds": rounds, "ratio_median": ratio}
+        targets.append(("one client's decode / offline batch-1 decode", ratio, ">=", 0.95))
+    del solo, loaded
 
     if not args.skip_long:
         lp = mix_doc["long_prompt"]["quick" if args.quick else "default"]
@@ -333,7 +430,25 @@ def main() -> int:
             log(f"long prompt ({lp['prompt_tokens']} tokens) beside {lp['streams']} streams, {name}: its TTFT "
                 f"{case['long_prompt_ttft_s'] * 1e3:.0f} ms; streams' ITL meanwhile {ms(d)}, max "
                 f"{d['max'] * 1e3:.1f} ms (before it: p50 {case['itl_before_s']['p50'] * 1e3:.1f} ms)")
+        mixed, unmixed = report["long_prompt"]["mixed"], report["long_prompt"]["unmixed"]
+        mixed_p99, unmixed_p99 = mixed["itl_during_s"]["p99"], unmixed["itl_during_s"]["p99"]
+        whole = unmixed["long_prompt_ttft_s"]
+        chunks = -(-lp["prompt_tokens"] // args.chunk_size)
+        # one step of the budget: a chunk's share of the whole pre-fill plus the decode step the streams had before
+        budget_step = whole / chunks + mixed["itl_before_s"]["p50"]
+        report["long_prompt"]["summary"] = {"mixed_p99_s": mixed_p99, "unmixed_p99_s": unmixed_p99,
+                                            "whole_prefill_s": whole, "chunks": chunks, "budget_step_s": budget_step}
+        log(f"  streams' p99 gap: {mixed_p99 * 1e3:.0f} ms with mixed steps ({mixed_p99 / budget_step:.2f}x one step "
+            f"of the budget, {budget_step * 1e3:.0f} ms: a {args.chunk_size}-token chunk plus a decode), "
+            f"{unmixed_p99 * 1e3:.0f} ms without ({unmixed_p99 / whole:.2f}x the prompt's whole pre-fill, "
+            f"{whole * 1e3:.0f} ms)")
+        targets.append(("streams' p99 gap with mixed steps / one step of the budget", mixed_p99 / budget_step,
+                        "<=", 1.5))
     report["loadavg_end"] = os.getloadavg()
+    report["targets"] = [{"target": t, "measured": v, "op": op, "bound": b, "pass": v >= b if op == ">=" else v <= b}
+                         for t, v, op, b in targets]
+    for t in report["targets"]:
+        log(f"target {t['target']}: {t['measured']:.2f} ({t['op']} {t['bound']}) {'PASS' if t['pass'] else 'MISS'}")
     log(f"load average of the machine (other work included): {report['loadavg_start'][0]:.1f} at the start, "
         f"{report['loadavg_end'][0]:.1f} at the end (2 cores: figures taken above 2 are shared with others)")
     if args.json:

@@ -21,3 +21,17 @@ def test_paired_benchmark_quick(tmp_path):
         assert row["sirocco_prefill"] > 0 and row["transformers_decode"] > 0 and row["bandwidth"] > 0
     assert set(result["summary"]["prefill_ratio"]) == {"median", "min", "max"}
     assert "pre-fill: sirocco / transformers" in out.stderr
+
+
+def test_serve_benchmark_quick(tmp_path):
+    """The load benchmark end to end on the tiny shape: a real server on 127.0.0.1, transformers' padded batches,
+    the single-client rounds and the targets table (the long-prompt case, two more servers, is left out)."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_serve.py"), "--quick", "--skip-long", "--requests", "8",
+                          "--rounds", "1", "--single-tokens", "8", "--json", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["load"]["requests"] == 8 and result["load"]["output_tokens"] == result["offline"]["output_tokens"]
+    assert result["transformers_padded"]["output_tokens"] == result["offline"]["output_tokens"]
+    assert len(result["single"]["rounds"]) == 1 and result["single"]["ratio_median"] > 0
+    assert {t["target"].split(",")[0] for t in result["targets"]} >= {"server throughput"}
+    assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
