@@ -203,6 +203,19 @@ async def drive(url: str, jobs: list[tuple[list[int], int]], concurrency: int) -
         return results, time.perf_counter() - t0
 
 
+def engine_counters(url: str) -> dict:
+    """The server's model-step counters (/metrics): busy seconds, steps and their tokens."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name in ("sirocco_engine_busy_seconds_total", "sirocco_iteration_tokens_count",
+                     "sirocco_iteration_tokens_sum"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[-1])
+    return values
+
+
 def load_figures(results: list[dict], wall: float) -> dict:
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
@@ -222,11 +235,14 @@ def offline(loaded, jobs: list[tuple[list[int], int]], max_rows: int, chunk_size
     # warm-up: every prompt for 2 tokens, so first-use costs (lazy torch set-up, kernels) fall outside the timing
     engine.generate([p for p, _ in jobs], SamplingParams(max_tokens=2, stop_on_eos=False))
     params = [SamplingParams(max_tokens=m, stop_on_eos=False) for _, m in jobs]
+    engine.stats = type(engine.stats)()
     t0 = time.perf_counter()
     done = engine.generate([p for p, _ in jobs], params)
     wall = time.perf_counter() - t0
     tokens = sum(len(c.tokens) for c in done)
-    return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall}
+    st = engine.stats
+    return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
+            "busy_s": st.prefill_seconds + st.decode_seconds}
 
 
 def offline_decode_rate(engine, prompt: list[int], n: int) -> float:
@@ -383,13 +399,21 @@ def main() -> int:
     log(f"load: {len(jobs)} requests, {concurrency} concurrent streams, {args.max_rows} rows")
     with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads) as server:
         asyncio.run(drive(server.url, [(p, 2) for p, _ in jobs], concurrency))        # warm-up, as offline
+        c0 = engine_counters(server.url)
         results, wall = asyncio.run(drive(server.url, jobs, concurrency))
+        c1 = engine_counters(server.url)
         report["load"] = load_ = load_figures(results, wall)
+        load_["busy_s"] = c1["sirocco_engine_busy_seconds_total"] - c0["sirocco_engine_busy_seconds_total"]
+        load_["steps"] = c1["sirocco_iteration_tokens_count"] - c0["sirocco_iteration_tokens_count"]
+        load_["step_tokens"] = c1["sirocco_iteration_tokens_sum"] - c0["sirocco_iteration_tokens_sum"]
         log(f"  TTFT {ms(load_['ttft_s'])}")
         log(f"  TPOT {ms(load_['tpot_s'])}")
         log(f"  ITL  {ms(load_['itl_s'])}")
         log(f"  {load_['requests_per_s']:.2f} requests/s, {load_['output_tokens_per_s']:.1f} output tokens/s "
             f"({load_['output_tokens']} tokens in {wall:.1f} s)")
+        log(f"  the engine was in model steps {load_['busy_s']:.1f} s of the {wall:.1f} s "
+            f"({load_['steps']:.0f} steps); "
+            f"offline {off['busy_s']:.1f} s of {off['seconds']:.1f} s")
         report["server_over_offline"] = load_["output_tokens_per_s"] / off["output_tokens_per_s"]
         log(f"  the server's output tokens/s are {report['server_over_offline']:.2f}x offline's")
         targets.append((f"server throughput, {concurrency} clients / offline generate", report["server_over_offline"],

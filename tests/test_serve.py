@@ -340,6 +340,15 @@ def test_tokenize_detokenize_models_health_metrics(mistral):
                  "sirocco_generation_tokens_total", "sirocco_time_to_first_token_seconds_count",
                  "sirocco_time_per_output_token_seconds_count", "sirocco_e2e_request_latency_seconds_count"):
         metric(text, name)
+    # one request alone: a pre-fill step of its prompt, then a step per token after the first, each counted once
+    steps0, tokens0 = metric(text, "sirocco_iteration_tokens_count"), metric(text, "sirocco_iteration_tokens_sum")
+    busy0 = metric(text, "sirocco_engine_busy_seconds_total")
+    r = httpx.post(url + "/v1/completions", json={"prompt": [1, 5, 6, 7, 8], "max_tokens": 3, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 3
+    text = httpx.get(url + "/metrics").text
+    assert metric(text, "sirocco_iteration_tokens_count") - steps0 == 3
+    assert metric(text, "sirocco_iteration_tokens_sum") - tokens0 == 5 + 2
+    assert metric(text, "sirocco_engine_busy_seconds_total") > busy0
     assert metric(text, "sirocco_request_success_total", 'finish_reason="length"') > 0
 
 

@@ -12,6 +12,8 @@ disable_created_metrics()       # no *_created series: they only double the outp
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                  5.0, 10.0)
 
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
@@ -32,6 +34,10 @@ class Metrics:
                               buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("sirocco_e2e_request_latency_seconds", "Arrival to last token, per sequence",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.busy = Counter("sirocco_engine_busy_seconds", "Time the engine spent in model steps (the rest of the "
+                            "wall time it was idle or between steps)", registry=r)
+        self.step_tokens = Histogram("sirocco_iteration_tokens", "Tokens per engine step (pre-fill chunks and "
+                                     "decodes)", buckets=STEP_BUCKETS, registry=r)
         for reason in ("stop", "length", "abort"):
             self.success.labels(finish_reason=reason)
 

@@ -91,6 +91,11 @@ def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:
         fut.set_exception(error)
 
 
+def _busy(stats) -> tuple[float, int]:
+    """The engine's model-step seconds and tokens so far."""
+    return stats.prefill_seconds + stats.decode_seconds, stats.prefill_tokens + stats.decode_tokens
+
+
 def _deliver(items: list) -> None:
     for q, item in items:
         q.put_nowait(item)
@@ -173,6 +178,7 @@ class Runner:
                     else:
                         self._abort(cmd[1])
                 if engine.has_unfinished():
+                    before = _busy(engine.stats)
                     try:
                         events = engine.step()
                     except Exception as e:                  # a bug or a device error: fail every request
@@ -181,6 +187,7 @@ class Runner:
                         self._shutdown(EngineFailed(f"the engine failed: {type(e).__name__}: {e}"))
                         self._drain_failing()
                         return
+                    self._count_step(engine.stats, before)
                     self._dispatch(events)
                 self._publish()
 
@@ -202,6 +209,12 @@ class Runner:
     def _abort(self, rid: str) -> None:
         if not self.engine.abort(rid):                      # unknown or already finished: nothing will follow
             self._reqs.pop(rid, None)
+
+    def _count_step(self, stats, before: tuple[float, int]) -> None:
+        seconds, tokens = _busy(stats)
+        if tokens > before[1]:                              # a model call ran (not only abort events)
+            self.metrics.busy.inc(seconds - before[0])
+            self.metrics.step_tokens.observe(tokens - before[1])
 
     def _dispatch(self, events) -> None:
         now = time.perf_counter()
