@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a model over HTTP with OpenAI's API: POST /v1/completions, /v1/chat/completions "
                      "(streaming or not), GET /v1/models, /health, /metrics (Prometheus), POST /tokenize, "
-                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks.")
+                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
+                     "Under torchrun with --pipeline-ranks N, rank 0 serves HTTP and the other ranks run their "
+                     "stages (rank 0 broadcasts each step's new and aborted requests, and a heartbeat every second "
+                     "when idle).")
     p.epilog = ("examples:\n"
                 "  sirocco serve --model ./mistral-7b --dtype bfloat16 --port 8000\n"
                 "  SIROCCO_API_KEY=secret sirocco serve --max-rows 16 --max-queue 64\n"
@@ -151,7 +154,11 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     runner.on_failure = lambda: setattr(server, "should_exit", True)       # a failed engine: stop serving
     _on_signals(lambda sig: setattr(server, "should_exit", True))
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    server.run()               # uvicorn's own handlers while it runs; it raises the signal again to ours after
+    try:
+        server.run()           # uvicorn's own handlers while it runs; it raises the signal again to ours after
+    except SystemExit as e:    # it could not start (the port is taken...): it said why, and stopped the engine
+        raise SiroccoError(f"could not serve on {args.host}:{args.port} (uvicorn exited with {e.code}; its message "
+                           "is above)") from None
     runner.stop(timeout=None)  # the engine thread's last broadcast comes before the group's final barrier
     if runner.failed is not None:
         raise SiroccoError(f"the engine failed, so the server stopped: {type(runner.failed).__name__}: "
