@@ -128,12 +128,12 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     from ..distributed.executor import PipelineExecutor
     from ..distributed.run import load_rank_stage
     from ..distributed.stages import parameter_bytes
-    from ..serve.app import build_app  # noqa: F401   (see below)
+
+    # The HTTP stack (rank 0's) before the ranks meet in load_rank_stage: imported after it, it would keep the
+    # other ranks waiting in their first broadcast for as long, under a timeout.
+    from ..serve.app import build_app  # noqa: F401
     from ..serve.pipeline import PipelineChannel
     from ..serve.runner import Runner, TopLogprobsExecutor
-
-    # The HTTP stack (rank 0's) is imported above, before the ranks meet in load_rank_stage: imported after it,
-    # it would keep the other ranks waiting in their first broadcast for as long, under a timeout.
 
     stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
     apply_quantize(args, stage)
