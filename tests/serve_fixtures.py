@@ -1,17 +1,25 @@
-"""Tiny random Mistral and Mixtral checkpoints with a real sentencepiece tokenizer (the bundled model's), and an
-in-process ``sirocco serve`` on 127.0.0.1 at a free port, for the server and chat tests."""
+"""Tiny random Mistral and Mixtral checkpoints with a real sentencepiece tokenizer (the bundled model's), an
+in-process ``sirocco serve`` on 127.0.0.1 at a free port, and ``sirocco serve --pipeline-ranks N`` under a real
+torchrun, for the server and chat tests."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
+import httpx
 import torch
 
 from sirocco.checkpoint import save_consolidated
@@ -88,3 +96,164 @@ def metric(text: str, name: str, labels: str = "") -> float:
         if line.startswith(key + " "):
             return float(line.split()[-1])
     raise KeyError(key)
+
+
+class PipelineServer:
+    """``torchrun --nproc-per-node N -m sirocco.cli serve --pipeline-ranks N --model MODEL OPTIONS`` (gloo, one
+    thread per rank) in a session of its own, bound to 127.0.0.1 on a free port, its output in ``log_path``.
+
+    torchrun starts each rank in a session (and process group) of its own, so stopping is either the whole
+    launch (``stop("torchrun")``: SIGTERM to torchrun's group, which passes it on to every rank) or rank 0
+    alone (``stop("rank0")``: SIGTERM to rank 0's group). Either way every process must be gone after."""
+
+    def __init__(self, model: Path, log_path: Path, *options: str, ranks: int = 2, start_timeout: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.ranks = ranks
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "sirocco.cli", "serve", "--pipeline-ranks",
+               str(ranks), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--dist-backend",
+               "gloo", "--threads", "1", *options]
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pids: dict[int, int] = {}              # rank -> pid, once they are up
+        self.returncode: Optional[int] = None
+        try:
+            self._wait_healthy(start_timeout)
+        except BaseException:
+            self.stop("torchrun")
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"torchrun exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"the pipeline server did not start:\n{self.log()[-4000:]}"
+            time.sleep(0.25)
+        self.pids = rank_pids(self.proc.pid)
+        assert sorted(self.pids) == list(range(self.ranks)), self.pids
+
+    def stop(self, how: str = "torchrun", timeout: float = 60) -> Optional[int]:
+        """SIGTERM (see the class) and wait for every process; returns torchrun's exit status. Anything still
+        alive at the timeout is killed, and the test fails."""
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            if how == "rank0" and 0 in self.pids:
+                _signal_group(self.pids[0], signal.SIGTERM)
+            else:
+                _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.returncode = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            left = [pid for pid in [self.proc.pid, *self.pids.values()] if alive(pid)]
+        finally:
+            for pid in [self.proc.pid, *self.pids.values()]:
+                if alive(pid):
+                    _signal_group(pid, signal.SIGKILL)
+            if self.proc.poll() is None:
+                self.proc.wait(10)
+            self._log.close()
+        assert not left, f"processes left behind after SIGTERM: {left}\n{self.log()[-4000:]}"
+        self.returncode = self.proc.returncode
+        return self.returncode
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(os.getpgid(pid), sig)
+    except ProcessLookupError:
+        pass
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """The children of ``parent`` that have a RANK in their environment (torchrun's workers): rank -> pid."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        for e in env:
+            if e.startswith(b"RANK="):
+                out[int(e[len(b"RANK="):])] = int(d.name)
+    return out
+
+
+# -- ranks of a spawn_local launch (here, not in a test module: each rank imports this module) ---------------------
+def serve_rank(ctx, argv):
+    """``sirocco serve ARGV`` on this rank of a ``spawn_local`` launch; returns its exit status."""
+    from sirocco.cli import build_parser
+    from sirocco.cli import serve as serve_cli
+    return serve_cli.run(build_parser().parse_args(["serve", *argv]))
+
+
+def failing_server_rank(ctx, bad_rank):
+    """The serving loop without HTTP: rank 0's Runner in its thread, fed one request from an event loop, the
+    other rank following; rank ``bad_rank``'s stage raises at its fourth forward. Re-raises what failed the loop."""
+    from sirocco.config import preset
+    from sirocco.distributed.executor import PipelineExecutor
+    from sirocco.distributed.stages import rank_stage
+    from sirocco.generate.engine import Engine
+    from sirocco.serve.pipeline import PipelineChannel
+    from sirocco.serve.runner import Runner, ServeParams, TopLogprobsExecutor
+
+    torch.set_num_threads(1)
+    stage = rank_stage(ctx, preset("tiny", vocab_size=259), seed=3)
+    if ctx.rank == bad_rank:
+        calls = []
+
+        def explode(module, inputs):
+            calls.append(1)
+            if len(calls) > 3:
+                raise RuntimeError("injected failure")
+        stage.register_forward_pre_hook(explode)
+    engine = Engine(stage, None, executor=TopLogprobsExecutor(PipelineExecutor(stage, ctx), ctx), max_rows=2,
+                    max_seq_len=64)
+    runner = Runner(engine, channel=PipelineChannel(ctx))
+    if ctx.rank != 0:
+        runner.run_here()
+        return "stopped"
+    runner.start()
+
+    async def one_request():
+        out: asyncio.Queue = asyncio.Queue()
+        await runner.add("r", [5, 6, 7], ServeParams(max_tokens=30, top_logprobs=2), out, time.perf_counter())
+        while True:
+            ev, top = await asyncio.wait_for(out.get(), 60)
+            if ev is None:
+                return str(top)
+            if ev.completion is not None:
+                return "finished"
+
+    answer = asyncio.run(one_request())
+    runner.stop()
+    assert answer.startswith("the engine failed"), answer         # the client is told, at once
+    assert runner.failed is not None
+    raise runner.failed

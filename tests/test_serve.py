@@ -386,7 +386,10 @@ def test_serve_cli_with_api_key_from_the_environment(ckpts):
         proc.wait(30)
 
 
-def test_serve_refuses_pipeline_ranks(ckpts, capsys):
+def test_serve_over_pipeline_ranks_outside_torchrun_says_how_to_start(ckpts, capsys, monkeypatch):
     from sirocco.cli import main
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["serve", "--model", str(ckpts["mistral"]), "--pipeline-ranks", "2"]) == 1
-    assert "--pipeline-ranks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "torchrun --nproc-per-node" in err and "--pipeline-ranks" in err     # (tests/test_serve_pipeline.py)

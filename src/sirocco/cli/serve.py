@@ -1,18 +1,26 @@
-"""``sirocco serve``: an OpenAI-compatible HTTP server (completions, chat, models, metrics) over one Engine."""
+"""``sirocco serve``: an OpenAI-compatible HTTP server (completions, chat, models, metrics) over one Engine, in one
+process or over pipeline ranks (rank 0 serves HTTP, the other ranks run their stages: ``serve.pipeline``)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
+from typing import Any, Iterator
 
+from ..distributed.launch import DistContext
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL
 from .options import (
+    DTYPES,
     add_engine_arguments,
     add_model_arguments,
     add_pipeline_arguments,
+    apply_quantize,
     int_in,
     load_from_args,
     non_negative_int,
@@ -24,12 +32,17 @@ log = logging.getLogger(__name__)
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a model over HTTP with OpenAI's API: POST /v1/completions, /v1/chat/completions "
                      "(streaming or not), GET /v1/models, /health, /metrics (Prometheus), POST /tokenize, "
-                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks.")
+                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
+                     "Under torchrun with --pipeline-ranks N, rank 0 serves HTTP and the other ranks run their "
+                     "stages (rank 0 broadcasts each step's new and aborted requests, and a heartbeat every second "
+                     "when idle).")
     p.epilog = ("examples:\n"
                 "  sirocco serve --model ./mistral-7b --dtype bfloat16 --port 8000\n"
                 "  SIROCCO_API_KEY=secret sirocco serve --max-rows 16 --max-queue 64\n"
                 "  curl localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
-                "       -d '{\"prompt\": \"The sliding window\", \"max_tokens\": 16}'")
+                "       -d '{\"prompt\": \"The sliding window\", \"max_tokens\": 16}'\n"
+                "  # over 2 pipeline ranks: rank 0 serves HTTP, rank 1 runs the second half of the layers\n"
+                "  torchrun --nproc-per-node 2 -m sirocco.cli serve --pipeline-ranks 2 --model ./Mixtral-8x7B")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
     h = p.add_argument_group("server")
@@ -56,34 +69,119 @@ def served_name(model: str | None) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def build(args: argparse.Namespace):
-    """The engine and app that the options describe (tests build servers with this too)."""
+def make_engine(args: argparse.Namespace, model, tokenizer, executor):
+    """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage)."""
     from ..generate.engine import Engine
-    from ..serve.app import build_app, wrap_executor
+    return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
+                  max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
+                  backend=args.backend, executor=executor, mixed=args.mixed)
+
+
+def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None):
+    """The app over ``engine``, named and guarded as the options say; logs what is served."""
+    from ..serve.app import build_app
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
+    name = args.served_model_name or served_name(args.model)
+    log.info("serving %s as '%s'%s: %d rows, context %d, queue %d%s", source, name, where, args.max_rows,
+             engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
+    return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel)
+
+
+def build(args: argparse.Namespace):
+    """The engine and app that the options describe, in one process (tests build servers with this too)."""
+    from ..serve.app import wrap_executor
 
     if args.pipeline_ranks > 1:
-        raise SiroccoError("serve: --pipeline-ranks > 1 is not supported yet (rank 0 would have to broadcast "
-                           "every step's adds and aborts to the other ranks); serve on one process")
+        raise SiroccoError("serve: --pipeline-ranks > 1 runs on every rank of a torchrun launch (run); "
+                           "build makes the one-process server")
     if args.max_queue < 0:
         raise SiroccoError(f"--max-queue must be >= 0, got {args.max_queue}")
     loaded = load_from_args(args)
-    engine = Engine(loaded.model, loaded.tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                    max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                    backend=args.backend,
-                    executor=wrap_executor(loaded.model), mixed=args.mixed)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
-    name = args.served_model_name or served_name(args.model)
-    log.info("serving %s as '%s': %d rows, context %d, queue %d%s", loaded.source, name, args.max_rows,
-             engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
-    return build_app(engine, loaded.tokenizer, name, api_key=api_key, max_queue=args.max_queue)
+    engine = make_engine(args, loaded.model, loaded.tokenizer, wrap_executor(loaded.model))
+    return make_app(args, engine, loaded.tokenizer, str(loaded.source))
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     import uvicorn
 
+    if args.pipeline_ranks > 1:
+        from ..distributed.run import on_ranks
+        with _signals_restored():
+            return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     app = build(args)
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
+
+
+def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
+    """The verb on one rank of a pipeline of ``args.pipeline_ranks`` processes under torchrun: every rank loads
+    its stage and builds the same engine; rank 0 serves HTTP and leads the engine loop, the others follow it in
+    their main thread until rank 0 sends stop.
+
+    Once serving, SIGTERM and SIGINT stop rank 0's server (which sends stop to the others) and are ignored by
+    the other ranks, until the process has left the group: torchrun and a terminal's Ctrl-C signal every rank,
+    often twice, and a rank that died of it would fail the others instead of stopping them."""
+    import uvicorn
+
+    from ..distributed.executor import PipelineExecutor
+    from ..distributed.run import load_rank_stage
+    from ..distributed.stages import parameter_bytes
+
+    # The HTTP stack (rank 0's) before the ranks meet in load_rank_stage: imported after it, it would keep the
+    # other ranks waiting in their first broadcast for as long, under a timeout.
+    from ..serve.app import build_app  # noqa: F401
+    from ..serve.pipeline import PipelineChannel
+    from ..serve.runner import Runner, TopLogprobsExecutor
+
+    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
+    apply_quantize(args, stage)
+    log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
+    executor = TopLogprobsExecutor(PipelineExecutor(stage, ctx, micro_batches=args.micro_batches), ctx)
+    engine = make_engine(args, stage, tokenizer, executor)
+    channel = PipelineChannel(ctx)
+    if ctx.rank != 0:
+        _on_signals(lambda sig: log.info("rank %d: %s ignored: the ranks stop when rank 0 stops", ctx.rank,
+                                         signal.Signals(sig).name))
+        Runner(engine, channel=channel).run_here()
+        log.info("rank %d: stopped by rank 0", ctx.rank)
+        return 0
+    app = make_app(args, engine, tokenizer, source, f" over {ctx.world_size} pipeline ranks", channel)
+    runner = app.state.server.runner
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    runner.on_failure = lambda: setattr(server, "should_exit", True)       # a failed engine: stop serving
+    _on_signals(lambda sig: setattr(server, "should_exit", True))
+    print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        server.run()           # uvicorn's own handlers while it runs; it raises the signal again to ours after
+    except SystemExit as e:    # it could not start (the port is taken...): it said why, and stopped the engine
+        raise SiroccoError(f"could not serve on {args.host}:{args.port} (uvicorn exited with {e.code}; its message "
+                           "is above)") from None
+    runner.stop(timeout=None)  # the engine thread's last broadcast comes before the group's final barrier
+    if runner.failed is not None:
+        raise SiroccoError(f"the engine failed, so the server stopped: {type(runner.failed).__name__}: "
+                           f"{runner.failed}")
+    log.info("rank 0: stopped")
+    return 0
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _on_signals(handle) -> None:
+    """SIGTERM and SIGINT call ``handle(signal number)`` instead of ending the process."""
+    for s in SIGNALS:
+        signal.signal(s, lambda sig, frame: handle(sig))
+
+
+@contextlib.contextmanager
+def _signals_restored() -> Iterator[None]:
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in before.items():
+            if h is not None:                       # None: a handler not installed from Python, left alone
+                signal.signal(s, h)

@@ -31,7 +31,7 @@ from ..generate.engine import PromptTooLong
 from . import protocol
 from .metrics import Metrics
 from .protocol import APIError, Logprobs, TokenText, bad
-from .runner import EngineFailed, Runner, ServeParams, TopLogprobsExecutor
+from .runner import Channel, EngineFailed, Runner, ServeParams, TopLogprobsExecutor
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,14 @@ class Server:
     """The app's state: engine runner, tokenizer, names and limits."""
 
     def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
-                 max_queue: int = 128, metrics: Optional[Metrics] = None):
+                 max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
         self.max_queue = max_queue
         self.max_seq_len = engine.max_seq_len
         self.metrics = metrics or Metrics()
-        self.runner = Runner(engine, self.metrics)
+        self.runner = Runner(engine, self.metrics, channel)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
 
@@ -296,10 +296,11 @@ class Server:
 
 
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
-              metrics: Optional[Metrics] = None) -> FastAPI:
+              metrics: Optional[Metrics] = None, channel: Optional[Channel] = None) -> FastAPI:
     """The ASGI app over ``engine`` (an Engine built with ``executor=TopLogprobsExecutor(...)`` for top-k
-    logprobs: see ``wrap_executor``). The engine thread starts and stops with the app's lifespan."""
-    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics)
+    logprobs: see ``wrap_executor``). The engine thread starts and stops with the app's lifespan. ``channel``:
+    rank 0's ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
