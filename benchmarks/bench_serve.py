@@ -235,14 +235,13 @@ def offline(loaded, jobs: list[tuple[list[int], int]], max_rows: int, chunk_size
     # warm-up: every prompt for 2 tokens, so first-use costs (lazy torch set-up, kernels) fall outside the timing
     engine.generate([p for p, _ in jobs], SamplingParams(max_tokens=2, stop_on_eos=False))
     params = [SamplingParams(max_tokens=m, stop_on_eos=False) for _, m in jobs]
-    engine.stats = type(engine.stats)()
+    busy0 = engine.stats.seconds
     t0 = time.perf_counter()
     done = engine.generate([p for p, _ in jobs], params)
     wall = time.perf_counter() - t0
     tokens = sum(len(c.tokens) for c in done)
-    st = engine.stats
     return {"seconds": wall, "output_tokens": tokens, "output_tokens_per_s": tokens / wall,
-            "busy_s": st.prefill_seconds + st.decode_seconds}
+            "busy_s": engine.stats.seconds - busy0}
 
 
 def offline_decode_rate(engine, prompt: list[int], n: int) -> float:

@@ -98,6 +98,43 @@ def metric(text: str, name: str, labels: str = "") -> float:
     raise KeyError(key)
 
 
+def mixed_jobs(n: int, span: int, seeded_tokens: int) -> list[dict]:
+    """``n`` greedy completions of different prompt and output lengths (4 to 3 + ``span`` tokens), then one sampled
+    with a seed: the load of the "each gets its solo output" tests."""
+    words = "the cat sat on a mat while rolling windows of keys slid past every layer".split()
+    jobs = [dict(prompt=" ".join(words[: 1 + (i * 5) % len(words)]) * (1 + i % 3), max_tokens=4 + (i * 7) % span,
+                 temperature=0) for i in range(n)]
+    jobs.append(dict(prompt="Sampled with a seed", max_tokens=seeded_tokens, temperature=1.0, top_p=0.9, seed=1234))
+    return jobs
+
+
+def assert_solo_under_load(url: str, jobs: list[dict], model: str = "tiny-mistral") -> None:
+    """Each job alone, then all at once as streams: every stream's text and finish equal its solo run's."""
+    import openai  # here: spawn_local's ranks import this module without it
+
+    solo = [openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120).completions.create(
+        model=model, extra_body={"ignore_eos": True}, **j) for j in jobs]
+
+    async def all_at_once():
+        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(j):
+            text, finish = "", None
+            async for ch in await ac.completions.create(model=model, stream=True, extra_body={"ignore_eos": True},
+                                                        **j):
+                if ch.choices:
+                    text += ch.choices[0].text
+                    finish = ch.choices[0].finish_reason or finish
+            return text, finish
+
+        return await asyncio.gather(*(one(j) for j in jobs))
+
+    for j, s, (text, finish) in zip(jobs, solo, asyncio.run(all_at_once())):
+        assert text == s.choices[0].text, j
+        assert finish == s.choices[0].finish_reason == "length"
+        assert s.usage.completion_tokens == j["max_tokens"]
+
+
 class PipelineServer:
     """``torchrun --nproc-per-node N -m sirocco.cli serve --pipeline-ranks N --model MODEL OPTIONS`` (gloo, one
     thread per rank) in a session of its own, bound to 127.0.0.1 on a free port, its output in ``log_path``.

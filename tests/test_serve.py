@@ -17,7 +17,15 @@ import httpx
 import openai
 import pytest
 
-from serve_fixtures import free_port, generate_json, metric, serve, write_checkpoint
+from serve_fixtures import (
+    assert_solo_under_load,
+    free_port,
+    generate_json,
+    metric,
+    mixed_jobs,
+    serve,
+    write_checkpoint,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,33 +121,7 @@ def test_chat_equals_generate_chat(ckpts, mistral):
 
 # -- concurrency --------------------------------------------------------------------------------------------------
 def test_concurrent_streams_get_their_solo_output(mistral):
-    url = mistral[0]
-    words = "the cat sat on a mat while rolling windows of keys slid past every layer".split()
-    jobs = [dict(prompt=" ".join(words[: 1 + (i * 5) % len(words)]) * (1 + i % 3), max_tokens=4 + (i * 7) % 21,
-                 temperature=0) for i in range(15)]
-    jobs.append(dict(prompt="Sampled with a seed", max_tokens=16, temperature=1.0, top_p=0.9, seed=1234))
-    c = client(url)
-    solo = [c.completions.create(model="tiny-mistral", extra_body={"ignore_eos": True}, **j) for j in jobs]
-
-    async def all_at_once():
-        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-        async def one(j):
-            text, finish = "", None
-            async for ch in await ac.completions.create(model="tiny-mistral", stream=True,
-                                                        extra_body={"ignore_eos": True}, **j):
-                if ch.choices:
-                    text += ch.choices[0].text
-                    finish = ch.choices[0].finish_reason or finish
-            return text, finish
-
-        return await asyncio.gather(*(one(j) for j in jobs))
-
-    together = asyncio.run(all_at_once())
-    for j, s, (text, finish) in zip(jobs, solo, together):
-        assert text == s.choices[0].text, j
-        assert finish == s.choices[0].finish_reason == "length"
-        assert s.usage.completion_tokens == j["max_tokens"]
+    assert_solo_under_load(mistral[0], mixed_jobs(15, span=21, seeded_tokens=16))
 
 
 def test_stream_and_non_stream_agree_and_chunks_have_openai_shapes(mistral):

@@ -21,9 +21,11 @@ import pytest
 from serve_fixtures import (
     PipelineServer,
     alive,
+    assert_solo_under_load,
     failing_server_rank,
     generate_json,
     metric,
+    mixed_jobs,
     serve,
     serve_rank,
     write_checkpoint,
@@ -149,33 +151,8 @@ def test_top_logprobs_equal_the_one_process_server(pipeline, single):
 
 # -- concurrency, aborts, idling ----------------------------------------------------------------------------------
 def test_concurrent_streams_get_their_solo_output(pipeline):
-    url = pipeline.url
-    words = "the cat sat on a mat while rolling windows of keys slid past every layer".split()
-    jobs = [dict(prompt=" ".join(words[: 1 + (i * 5) % len(words)]) * (1 + i % 3), max_tokens=4 + (i * 7) % 17,
-                 temperature=0) for i in range(7)]
-    jobs.append(dict(prompt="Sampled with a seed", max_tokens=12, temperature=1.0, top_p=0.9, seed=1234))
-    c = client(url)
-    solo = [c.completions.create(model="tiny-mistral", extra_body={"ignore_eos": True}, **j) for j in jobs]
-
-    async def all_at_once():
-        ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-        async def one(j):
-            text, finish = "", None
-            async for ch in await ac.completions.create(model="tiny-mistral", stream=True,
-                                                        extra_body={"ignore_eos": True}, **j):
-                if ch.choices:
-                    text += ch.choices[0].text
-                    finish = ch.choices[0].finish_reason or finish
-            return text, finish
-
-        return await asyncio.gather(*(one(j) for j in jobs))
-
-    together = asyncio.run(all_at_once())              # 8 streams over 4 rows: some wait for a row
-    for j, s, (text, finish) in zip(jobs, solo, together):
-        assert text == s.choices[0].text, j
-        assert finish == s.choices[0].finish_reason == "length"
-        assert s.usage.completion_tokens == j["max_tokens"]
+    # 8 streams over 4 rows: some wait for a row
+    assert_solo_under_load(pipeline.url, mixed_jobs(7, span=17, seeded_tokens=12))
 
 
 def test_a_client_that_disconnects_frees_its_row_on_every_rank(pipeline):

@@ -116,6 +116,16 @@ class Stats:
     decode_steps: int = 0
 
     @property
+    def seconds(self) -> float:
+        """Time in model steps, pre-fill and decode."""
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens(self) -> int:
+        """Tokens through the model, pre-fill and decode."""
+        return self.prefill_tokens + self.decode_tokens
+
+    @property
     def prefill_tps(self) -> float:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
 

@@ -185,11 +185,6 @@ def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:
         fut.set_exception(error)
 
 
-def _busy(stats) -> tuple[float, int]:
-    """The engine's model-step seconds and tokens so far."""
-    return stats.prefill_seconds + stats.decode_seconds, stats.prefill_tokens + stats.decode_tokens
-
-
 def _deliver(items: list) -> None:
     for q, item in items:
         q.put_nowait(item)
@@ -283,9 +278,11 @@ class Runner:
                     else:
                         self._abort(cmd.rid)
                 if engine.has_unfinished():
-                    before = _busy(engine.stats)
+                    seconds, tokens = engine.stats.seconds, engine.stats.tokens
                     events = engine.step()
-                    self._count_step(engine.stats, before)
+                    if engine.stats.tokens > tokens:                # a model call ran (not only abort events)
+                        self.metrics.busy.inc(engine.stats.seconds - seconds)
+                        self.metrics.step_tokens.observe(engine.stats.tokens - tokens)
                     self._dispatch(events)
                 self._publish()
 
@@ -325,12 +322,6 @@ class Runner:
     def _abort(self, rid: str) -> None:
         if not self.engine.abort(rid):                      # unknown or already finished: nothing will follow
             self._reqs.pop(rid, None)
-
-    def _count_step(self, stats, before: tuple[float, int]) -> None:
-        seconds, tokens = _busy(stats)
-        if tokens > before[1]:                              # a model call ran (not only abort events)
-            self.metrics.busy.inc(seconds - before[0])
-            self.metrics.step_tokens.observe(tokens - before[1])
 
     def _dispatch(self, events) -> None:
         now = time.perf_counter()
