@@ -26,9 +26,9 @@ from ..reference import replace_modules, set_attention_ops
 from . import kernels
 
 
-def _served(x: torch.Tensor, dtype: torch.dtype, size: int) -> bool:
+def _served(x: torch.Tensor, dtype: torch.dtype, size: int, kernel: str) -> bool:
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == dtype
-            and kernels.native_serves(dtype, size))
+            and kernels.native_serves(dtype, size, kernel))
 
 
 class CpuLinear(nn.Module):
@@ -43,7 +43,7 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 2 and 0 < x.shape[0] <= kernels.SMALL_M and x.device.type == "cpu"
                 and not torch.is_grad_enabled()):
-            native = kernels.native_kernel() if kernels.native_serves(x.dtype, x.shape[1]) else None
+            native = kernels.native_kernel(x.dtype) if kernels.native_serves(x.dtype, x.shape[1]) else None
             if native is not None and self.weight.is_contiguous():
                 return native(x.contiguous(), self.weight)
             if x.shape[0] == 1:
@@ -77,8 +77,8 @@ class CpuRMSNorm(RMSNorm):
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and _served(x, self.weight.dtype, x.shape[1]):
-            return kernels.native_module().rms_norm(x, self.weight, self.eps)
+        if x.dim() == 2 and _served(x, self.weight.dtype, x.shape[1], "rms_norm"):
+            return kernels.native_for(x.dtype, "rms_norm").rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 
@@ -87,12 +87,12 @@ class CpuAttentionOps(AttentionOps):
     ``decode_scores`` / ``decode_values`` (fp32 scores from the cache in place, masked slots skipped)."""
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if _served(x, x.dtype, x.shape[-1]):
-            return kernels.native_module().rope(x, cos, sin)
+        if _served(x, x.dtype, x.shape[-1], "rope"):
+            return kernels.native_for(x.dtype, "rope").rope(x, cos, sin)
         return apply_rope(x, cos, sin)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.native_serves(q.dtype, q.shape[-1]):
+        if _served(q, q.dtype, q.shape[-1], "attention"):
             return native_decode_attention(q, k, v, valid)
         return decode_attention(q, k, v, valid)
 
@@ -100,7 +100,7 @@ class CpuAttentionOps(AttentionOps):
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
     probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L)."""
-    native = kernels.native_module()
+    native = kernels.native_for(q.dtype, "attention")
     scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
     return native.decode_values(torch.softmax(scores, dim=-1), v)
 
@@ -127,18 +127,19 @@ def warm_up(model: nn.Module) -> str:
     the native kernel once, or the compiled row kernel for every weight shape (Inductor specialises on some
     size relations, so each distinct shape gets its own graph). Returns what was prepared, for the log."""
     shapes = {(m.weight.shape, m.weight.dtype, m.weight.device) for m in model.modules() if isinstance(m, CpuLinear)}
-    native, compiled = 0, set()
+    native, isas, compiled = 0, set(), set()
     with torch.no_grad():
         for (n, k), dtype, device in shapes:
             if device.type == "cpu" and kernels.native_serves(dtype, k):
                 native += 1
+                isas.add(str(kernels.kernel_isa(dtype)))
             else:
                 kernels.row_linear(torch.zeros(1, k, dtype=dtype, device=device),
                                    torch.zeros(n, k, dtype=dtype, device=device))
                 compiled.add((n, k))
     norms = any(isinstance(m, CpuRMSNorm) and m.weight.device.type == "cpu"
-                and kernels.native_serves(m.weight.dtype, m.weight.shape[0]) for m in model.modules())
-    parts = ([f"small-row kernel for {native} weight shapes"] if native else []) + \
+                and kernels.native_serves(m.weight.dtype, m.weight.shape[0], "rms_norm") for m in model.modules())
+    parts = ([f"small-row kernel ({', '.join(sorted(isas))}) for {native} weight shapes"] if native else []) + \
             ([f"compiled row kernel for {len(compiled)} weight shapes"] if compiled else []) + \
             (["one-pass RMSNorm and RoPE"] if norms else [])
     return ", ".join(parts) or "no weight shapes"
