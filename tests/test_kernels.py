@@ -148,6 +148,71 @@ def test_each_dtype_goes_to_a_build_the_cpu_runs(monkeypatch, capability, avx512
     assert kernels.candidate_isas(torch.bfloat16, "attention") == (norms if avx512_bf16 else ())
 
 
+@pytest.mark.parametrize("capability,avx512_bf16,amx,slow", [
+    ("AVX2", False, False, True), ("AVX512", False, False, True), ("AVX512", True, False, False),
+    ("AVX512", False, True, False), ("SVE256", False, False, False)])
+def test_bf16_gemm_is_slow_without_avx512_bf16_or_amx(monkeypatch, capability, avx512_bf16, amx, slow):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    kernels.bf16_gemm_is_slow.cache_clear()
+    try:
+        assert kernels.bf16_gemm_is_slow() == slow
+        with torch.no_grad():
+            assert kernels.upcast_pays(torch.zeros(16, 8, dtype=torch.bfloat16)) == slow
+    finally:
+        kernels.bf16_gemm_is_slow.cache_clear()
+
+
+def test_upcast_pays_only_for_bf16_pre_fill_rows_without_autograd(monkeypatch):
+    monkeypatch.setattr(kernels, "bf16_gemm_is_slow", lambda: True)
+    rows = kernels.UPCAST_MIN_ROWS
+    with torch.no_grad():
+        assert kernels.upcast_pays(torch.zeros(rows, 8, dtype=torch.bfloat16))
+        assert kernels.upcast_pays(torch.zeros(1, rows, 8, dtype=torch.bfloat16))          # leading dims count
+        assert not kernels.upcast_pays(torch.zeros(rows - 1, 8, dtype=torch.bfloat16))
+        assert not kernels.upcast_pays(torch.zeros(rows, 8))                                # fp32: PyTorch's own
+        assert not kernels.upcast_pays(torch.zeros(0, 8, dtype=torch.bfloat16))
+    assert not kernels.upcast_pays(torch.zeros(rows, 8, dtype=torch.bfloat16))              # autograd: reference
+
+
+@pytest.mark.parametrize("rows,k,n", [(4, 64, 40), (37, 72, 300), (2, 3, 5)])
+def test_upcast_linear_equals_bf16_f_linear_to_rounding(monkeypatch, rows, k, n):
+    """The fp32 product rounded once to bf16, weight tiles of a few rows (a partial last one) so that every tile
+    boundary is crossed: within one bf16 step of bf16 F.linear (each rounds an fp32 sum), and equal to the
+    plain fp32 product rounded to bf16 to fp32 rounding."""
+    monkeypatch.setattr(kernels, "UPCAST_TILE_BYTES", 16 * 4 * k + 4)           # 16 rows a tile
+    g = torch.Generator().manual_seed(rows * k)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        ours, theirs = kernels.upcast_linear(x, w), F.linear(x, w)
+        ours3 = kernels.upcast_linear(x[None], w)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, n) and torch.equal(ours3[0], ours)
+    fp32_bound = 2 * k * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+    step = 2.0 ** -7 * theirs.double().abs()
+    assert ((ours.double() - theirs.double()).abs() <= step + fp32_bound).all()
+    reference = (x.float() @ w.float().T).to(torch.bfloat16).double()
+    assert ((ours.double() - reference).abs() <= 2.0 ** -7 * reference.abs() + fp32_bound).all()
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_cpu_linear_takes_the_upcast_path_exactly_where_it_pays(monkeypatch, pays):
+    calls = []
+    real = kernels.upcast_linear
+    monkeypatch.setattr(kernels, "upcast_pays", lambda x: pays)
+    monkeypatch.setattr(kernels, "upcast_linear", lambda x, w: calls.append(x.shape) or real(x, w))
+    weight = torch.nn.Parameter(torch.randn(24, 40).to(torch.bfloat16))
+    layer = modules.CpuLinear(weight)
+    x = torch.randn(kernels.SMALL_M + 3, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        expected = F.linear(x, weight)
+    assert calls == ([x.shape] if pays else [])
+    assert torch.equal(out, expected) if not pays else ((out.float() - expected.float()).abs()
+                                                        <= 2.0 ** -7 * expected.float().abs() + 1e-4).all()
+
+
 def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch, caplog):
     import torch.utils.cpp_extension as cpp
 
@@ -315,3 +380,28 @@ def test_fast_modules_keep_autograd_and_plain_results():
     assert all(p.grad is not None for p in model.parameters())
     with torch.no_grad():                       # no autograd: the kernels, to their rounding
         torch.testing.assert_close(model(tokens, [11]), plain(tokens, [11]), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("lengths", [[5], [9, 4]], ids=["decode-kernel", "pre-fill"])
+def test_bf16_model_on_the_cpu_backend_as_accurate_as_the_reference(monkeypatch, lengths):
+    """A bf16 model through the backend (5 tokens: small_m_linear's bf16 path; 13 packed tokens: the fp32 upcast
+    of the pre-fill products, forced on) against the same weights in fp32: no further off than the reference
+    bf16 model."""
+    monkeypatch.setattr(kernels, "bf16_gemm_is_slow", lambda: True)
+    paths = []
+    native_kernel, upcast_linear = kernels.native_kernel, kernels.upcast_linear
+    monkeypatch.setattr(kernels, "native_kernel", lambda dtype: paths.append("native") or native_kernel(dtype))
+    monkeypatch.setattr(kernels, "upcast_linear", lambda x, w: paths.append("upcast") or upcast_linear(x, w))
+    args = preset("tiny", vocab_size=300)
+    exact = build_model(args, seed=7)
+    model, plain = build_model(args, seed=7, dtype=torch.bfloat16), build_model(args, seed=7, dtype=torch.bfloat16)
+    exact.load_state_dict({k: v.float() for k, v in plain.state_dict().items()})   # the same (bf16) values
+    modules.attach(model)
+    tokens = torch.randint(0, 300, (sum(lengths),))
+    with torch.no_grad():
+        want = exact(tokens, lengths)
+        ours, ref = model(tokens, lengths).float(), plain(tokens, lengths).float()
+    assert set(paths) == ({"native"} if sum(lengths) <= kernels.SMALL_M else {"upcast"})
+    err, ref_err = (ours - want).abs().max().item(), (ref - want).abs().max().item()
+    assert err <= 1.5 * ref_err + 1e-3 * want.abs().max().item(), (err, ref_err)

@@ -14,8 +14,10 @@ torch.utils.cpp_extension, once per instruction set (``BUILDS``: "avx512", and "
 ``kernel_isa`` says which build serves a kernel for a dtype here (bf16 on the avx512 build needs AVX512-BF16;
 without it bf16 products go to the avx2 build), ``native_serves`` whether it serves a size. ``row_linear`` is
 the fallback for single rows where no C++ kernel runs: convert-multiply-reduce compiled by Inductor.
-modules.py puts these kernels under a model's modules. Building happens once per build (cached on disk by PyTorch across runs); a machine where building fails
-keeps PyTorch's paths, with a warning. Measured rates: docs/performance.md.
+``upcast_linear`` computes bf16 products of more rows (pre-fill) in fp32 where PyTorch has no fast bf16 matrix
+product (no AVX512-BF16, no AMX: ``bf16_gemm_is_slow``). modules.py puts these kernels under a model's modules.
+Building happens once per build (cached on disk by PyTorch across runs); a machine where building fails keeps
+PyTorch's paths, with a warning. Measured rates: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -198,3 +200,41 @@ def native_serves(dtype: torch.dtype, k: int, kernel: str = "linear") -> bool:
     (a linear layer's input size, a head_dim for attention and RoPE, a model dim for RMSNorm) on this machine."""
     isa = kernel_isa(dtype, kernel)
     return isa is not None and k % SERVES[isa][kernel][dtype] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_is_slow() -> bool:
+    """Whether PyTorch lacks a fast bf16 matrix product on this CPU: an x86 CPU (AVX2 or AVX-512 as PyTorch reads
+    it) with neither AVX512-BF16 nor AMX tiles (torch's own checks). There its bf16 products run several times
+    slower than fp32 ones (docs/performance.md). Other CPUs (Arm's bf16 instructions) are left to PyTorch."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not any(check is not None and check() for check in checks)
+
+
+UPCAST_MIN_ROWS = 4         # from 4 rows on, the fp32 product with the weight upcast beats bf16 F.linear here
+UPCAST_TILE_BYTES = 4 * 2**20
+
+
+def upcast_pays(x: torch.Tensor) -> bool:
+    """Whether ``upcast_linear`` should compute ``F.linear(x, w)`` for bf16 rows x (..., K) on this CPU: a slow
+    bf16 product (``bf16_gemm_is_slow``), at least UPCAST_MIN_ROWS rows, no autograd."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] > 0 and bf16_gemm_is_slow())
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for bf16 x (..., K) and w (N, K) as an fp32 product rounded to bf16 once: the weight is
+    upcast a tile of output rows at a time (about UPCAST_TILE_BYTES of fp32, one buffer reused, so the upcast
+    copy stays in cache and no fresh pages are faulted in per call), each tile's product written to its columns."""
+    k = x.shape[-1]
+    n = w.shape[0]
+    xf = x.reshape(-1, k).float()
+    out = torch.empty(xf.shape[0], n, dtype=x.dtype, device=x.device)
+    rows = max(16, UPCAST_TILE_BYTES // (4 * k))
+    buf = torch.empty(min(rows, n), k, dtype=torch.float32, device=x.device)
+    for n0 in range(0, n, rows):
+        nt = min(rows, n - n0)
+        out[:, n0:n0 + nt] = xf @ buf[:nt].copy_(w[n0:n0 + nt]).T
+    return out.view(*x.shape[:-1], n)

@@ -4,7 +4,8 @@
 change), and hands every attention layer ``CpuAttentionOps``. Each takes its kernel only where it serves
 (CPU, no autograd, a served dtype and size) and otherwise computes exactly what the reference does:
 
-    nn.Linear (no bias)   -> CpuLinear          products of 1 to 8 rows (decode steps)
+    nn.Linear (no bias)   -> CpuLinear          products of 1 to 8 rows (decode steps); bf16 pre-fill in fp32
+                                                where PyTorch's bf16 product is slow
     model.RMSNorm         -> CpuRMSNorm         RMSNorm in one pass (every step, pre-fill included)
     attention ops         -> CpuAttentionOps    RoPE in one pass, decode attention on the bf16 cache in place
 
@@ -33,7 +34,8 @@ def _served(x: torch.Tensor, dtype: torch.dtype, size: int, kernel: str) -> bool
 
 class CpuLinear(nn.Module):
     """A bias-free linear layer whose products of 1 to 8 rows on CPU, without autograd, use ``small_m_linear``
-    where it serves the dtype, else ``row_linear`` for a single row, else ``F.linear``."""
+    where it serves the dtype, else ``row_linear`` for a single row; bf16 products of more rows (pre-fill) run
+    in fp32 through ``upcast_linear`` where PyTorch's bf16 product is slow (``upcast_pays``); else ``F.linear``."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -48,6 +50,8 @@ class CpuLinear(nn.Module):
                 return native(x.contiguous(), self.weight)
             if x.shape[0] == 1:
                 return kernels.row_linear(x, self.weight)
+        if kernels.upcast_pays(x):
+            return kernels.upcast_linear(x, self.weight)
         return F.linear(x, self.weight)
 
     def reference(self) -> nn.Linear:
