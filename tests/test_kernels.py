@@ -17,28 +17,28 @@ from sirocco.model import Attention, RMSNorm, build_model
 needs_native = pytest.mark.skipif(kernels.native_kernel() is None, reason="no AVX2/AVX-512 or no C++ build here")
 
 
-def _needs(kernel: str):
-    return pytest.mark.skipif(not kernels.native_serves(torch.float32, 64, kernel),
-                              reason=f"no C++ {kernel} kernel for this CPU (the avx512 build only) or no build")
+def _paths(kernel: str):
+    """Every build of ``kernel`` this CPU runs, with each dtype it serves there: (isa, dtype) parameters; the
+    avx512 build's bf16 needs AVX512-BF16, so AVX2 hosts test the avx2 build only, AVX-512 ones both."""
+    paths = [pytest.param(isa, dtype, id=f"{isa}-{str(dtype)[6:]}") for isa in ("avx512", "avx2")
+             for dtype in (torch.float32, torch.bfloat16) if isa in kernels.candidate_isas(dtype, kernel)]
+    return paths or [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no {kernel} build for this CPU"))]
 
 
-def _dtypes(kernel: str):
-    return [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        kernels.kernel_isa(torch.bfloat16, kernel) is None, reason=f"no bf16 {kernel} kernel here (AVX512-BF16)"))]
+LINEAR_PATHS = _paths("linear")
+needs_linear = pytest.mark.skipif(not kernels.cpu_isas(), reason="no small_m_linear build for this CPU")
 
 
-# Every build of small_m_linear this CPU runs, with each dtype it serves: (isa, dtype).
-LINEAR_PATHS = [pytest.param(isa, dtype, id=f"{isa}-{str(dtype)[6:]}") for isa in ("avx512", "avx2")
-                for dtype in (torch.float32, torch.bfloat16) if isa in kernels.candidate_isas(dtype)]
-needs_linear = pytest.mark.skipif(not LINEAR_PATHS, reason="no small_m_linear build for this CPU")
-
-
-def _small_m_linear(isa):
+def _build(isa):
     module = kernels.native_module(isa)
     if module is None:
         pytest.skip(f"the {isa} build is unavailable here")
     assert module.small_m_linear_isa() == isa
-    return module.small_m_linear
+    return module
+
+
+def _small_m_linear(isa):
+    return _build(isa).small_m_linear
 
 
 def _ks(isa, dtype):
@@ -143,9 +143,9 @@ def test_each_dtype_goes_to_a_build_the_cpu_runs(monkeypatch, capability, avx512
     monkeypatch.setattr(kernels, "_bf16_dot_product_supported", lambda: avx512_bf16)
     assert kernels.candidate_isas(torch.float32) == fp32 and kernels.candidate_isas(torch.bfloat16) == bf16
     assert kernels.candidate_isas(torch.float16) == ()
-    norms = ("avx512",) if capability == "AVX512" else ()       # the other kernels: the avx512 build only
-    assert kernels.candidate_isas(torch.float32, "rms_norm") == norms
-    assert kernels.candidate_isas(torch.bfloat16, "attention") == (norms if avx512_bf16 else ())
+    for kernel in ("attention", "rms_norm", "rope"):         # every kernel is in both builds
+        assert kernels.candidate_isas(torch.float32, kernel) == fp32
+        assert kernels.candidate_isas(torch.bfloat16, kernel) == bf16
 
 
 @pytest.mark.parametrize("capability,avx512_bf16,amx,slow", [
@@ -274,14 +274,17 @@ def _exact_decode_attention(q, k, v, valid):
     return torch.einsum("bgjl,bgld->bgjd", torch.softmax(s, -1), v.double()).reshape(B, H, D)
 
 
-@_needs("attention")
-@pytest.mark.parametrize("dtype", _dtypes("attention"))
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (5, 1, 96), (4, 4, 128), (12, 2, 64)])
-def test_native_decode_attention_as_accurate_as_matmul(dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("isa,dtype", _paths("attention"))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 32), (5, 1, 96), (4, 4, 128), (12, 2, 64), (4, 2, 40)])
+def test_native_decode_attention_as_accurate_as_matmul(isa, dtype, heads, kv_heads, head_dim):
     """Several query heads per kv head (1, 4, 5, 6: blocks of 4 plus the rest), head_dims that leave a partial
-    block of 64, cache rows as a view of a larger cache, and rows filled to different lengths."""
+    block of values (96 and 40 of the 4 x 16 or 2 x 8 a block takes), cache rows as a view of a larger cache, and
+    rows filled to different lengths."""
     from sirocco.backends.cpu.modules import native_decode_attention
     from sirocco.model.attention import decode_attention
+    native = _build(isa)
+    if head_dim % kernels.SERVES[isa]["attention"][dtype]:
+        pytest.skip(f"head_dim {head_dim} is not served by the {isa} build")
     g = torch.Generator().manual_seed(heads * head_dim)
     B, S, L = 3, 40, 33
     cache_k = torch.randn(5, kv_heads, S, head_dim, generator=g).to(dtype)
@@ -292,41 +295,47 @@ def test_native_decode_attention_as_accurate_as_matmul(dtype, heads, kv_heads, h
     valid[2, :5] = False                                                # a wrapped ring's empty slots, say
     exact = _exact_decode_attention(q, k, v, valid)
     with torch.no_grad():
-        ours, matmul = native_decode_attention(q, k, v, valid), decode_attention(q, k, v, valid)
+        ours, matmul = native_decode_attention(q, k, v, valid, native), decode_attention(q, k, v, valid)
     assert ours.dtype == dtype and ours.shape == (B, heads, head_dim)
     err, ref_err = (ours.double() - exact).abs().max(), (matmul.double() - exact).abs().max()
     assert err <= ref_err + 1e-6, (err.item(), ref_err.item())
     # a sequence's result does not depend on the others in the step
     for b in range(B):
-        assert torch.equal(native_decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], valid[b:b + 1])[0], ours[b])
+        alone = native_decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], valid[b:b + 1], native)[0]
+        assert torch.equal(alone, ours[b])
 
 
-@_needs("attention")
-def test_native_decode_attention_refuses_bad_input_by_name():
+@pytest.mark.parametrize("isa,dtype", _paths("attention"))
+def test_native_decode_attention_refuses_bad_input_by_name(isa, dtype):
     from sirocco.backends.cpu.modules import native_decode_attention
-    q, kv = torch.zeros(2, 4, 32), torch.zeros(2, 2, 8, 32)
+    native = _build(isa)
+    q, kv = torch.zeros(2, 4, 32, dtype=dtype), torch.zeros(2, 2, 8, 32, dtype=dtype)
     with pytest.raises(RuntimeError, match=r"expected q \(B, H, D\) and k \(B, G, L, D\)"):
-        native_decode_attention(q, torch.zeros(2, 3, 8, 32), kv, torch.ones(2, 8, dtype=torch.bool))
+        native_decode_attention(q, torch.zeros(2, 3, 8, 32, dtype=dtype), kv, torch.ones(2, 8, dtype=torch.bool),
+                                native)
     with pytest.raises(RuntimeError, match="valid a \\(B, L\\) bool"):
-        native_decode_attention(q, kv, kv, torch.ones(2, 7, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
-        native_decode_attention(torch.zeros(2, 4, 24), torch.zeros(2, 2, 8, 24), torch.zeros(2, 2, 8, 24),
-                                torch.ones(2, 8, dtype=torch.bool))
+        native_decode_attention(q, kv, kv, torch.ones(2, 7, dtype=torch.bool), native)
+    width = kernels.SERVES[isa]["attention"][dtype]
+    with pytest.raises(RuntimeError, match=f"head_dim must be a multiple of {width}"):
+        odd = torch.zeros(2, 2, 8, 12, dtype=dtype)
+        native_decode_attention(torch.zeros(2, 4, 12, dtype=dtype), odd, odd, torch.ones(2, 8, dtype=torch.bool),
+                                native)
 
 
-@_needs("rms_norm")
-@pytest.mark.parametrize("dtype", _dtypes("rms_norm"))
-@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 2048), (37, 96)])
-def test_rms_norm_kernel_as_accurate_as_rmsnorm(dtype, rows, dim):
+@pytest.mark.parametrize("isa,dtype", _paths("rms_norm"))
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 2048), (37, 96), (2, 40)])
+def test_rms_norm_kernel_as_accurate_as_rmsnorm(isa, dtype, rows, dim):
     """Against float64 with the model's two roundings (normalised, then times the weight): no larger error than
     model.RMSNorm's, and a row's bits do not depend on the rows beside it."""
     from sirocco.model import RMSNorm
+    native = _build(isa)
+    if dim % kernels.SERVES[isa]["rms_norm"][dtype]:
+        pytest.skip(f"dim {dim} is not served by the {isa} build")
     g = torch.Generator().manual_seed(rows * dim)
     x = (3 * torch.randn(rows, dim, generator=g)).to(dtype)
     norm = RMSNorm(dim, 1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(dim, generator=g))
-        native = kernels.native_for(dtype, "rms_norm")
         ours, theirs = native.rms_norm(x, norm.weight, norm.eps), norm(x)
         xd = x.double()
         normed = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
@@ -339,30 +348,37 @@ def test_rms_norm_kernel_as_accurate_as_rmsnorm(dtype, rows, dim):
         assert torch.equal(native.rms_norm(x[r:r + 1], norm.weight, norm.eps)[0], ours[r])
 
 
-@_needs("rope")
-@pytest.mark.parametrize("dtype", _dtypes("rope"))
-@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 16, 128), (5, 3, 16), (33, 4, 64)])
-def test_rope_kernel_same_bits_as_apply_rope(dtype, tokens, heads, head_dim):
+@pytest.mark.parametrize("isa,dtype", _paths("rope"))
+@pytest.mark.parametrize("tokens,heads,head_dim", [(1, 16, 128), (5, 3, 16), (33, 4, 64), (3, 2, 8)])
+def test_rope_kernel_same_bits_as_apply_rope(isa, dtype, tokens, heads, head_dim):
     from sirocco.model import apply_rope, rope_tables
+    native = _build(isa)
+    if head_dim % kernels.SERVES[isa]["rope"][dtype]:
+        pytest.skip(f"head_dim {head_dim} is not served by the {isa} build")
     g = torch.Generator().manual_seed(tokens * heads)
     cos, sin = rope_tables(head_dim, 4096, 1e6)
     positions = torch.randint(0, 4096, (tokens,), generator=g)
     x = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
-    ours = kernels.native_for(dtype, "rope").rope(x, cos[positions], sin[positions])
-    assert ours.dtype == dtype and torch.equal(ours, apply_rope(x, cos[positions], sin[positions]))
+    x[0, 0, :2] = torch.tensor([float("nan"), float("inf")])            # the roundings of NaN and inf too
+    ours = native.rope(x, cos[positions], sin[positions])
+    assert ours.dtype == dtype and torch.equal(ours.isnan(), apply_rope(x, cos[positions], sin[positions]).isnan())
+    assert torch.equal(ours.nan_to_num(), apply_rope(x, cos[positions], sin[positions]).nan_to_num())
 
 
-@_needs("rms_norm")
-def test_norm_and_rope_kernels_refuse_bad_input_by_name():
-    native = kernels.native_for(torch.float32, "rms_norm")
+@pytest.mark.parametrize("isa,dtype", _paths("rms_norm"))
+def test_norm_and_rope_kernels_refuse_bad_input_by_name(isa, dtype):
+    native = _build(isa)
+    width = kernels.SERVES[isa]["rms_norm"][dtype]
     with pytest.raises(RuntimeError, match=r"rms_norm: expected x \(T, D\) and weight \(D\)"):
-        native.rms_norm(torch.zeros(2, 32), torch.ones(16), 1e-5)
-    with pytest.raises(RuntimeError, match="rms_norm: D must be a multiple of 16"):
-        native.rms_norm(torch.zeros(2, 24), torch.ones(24), 1e-5)
+        native.rms_norm(torch.zeros(2, 32, dtype=dtype), torch.ones(16, dtype=dtype), 1e-5)
+    with pytest.raises(RuntimeError, match=f"rms_norm: D must be a multiple of {width}"):
+        native.rms_norm(torch.zeros(2, 12, dtype=dtype), torch.ones(12, dtype=dtype), 1e-5)
     with pytest.raises(RuntimeError, match=r"rope: expected x \(T, H, D\) and cos, sin \(T, D/2\)"):
-        native.rope(torch.zeros(3, 2, 32), torch.zeros(3, 8), torch.zeros(3, 8))
+        native.rope(torch.zeros(3, 2, 32, dtype=dtype), torch.zeros(3, 8), torch.zeros(3, 8))
     with pytest.raises(RuntimeError, match="rope: cos and sin must be fp32"):
-        native.rope(torch.zeros(3, 2, 32), torch.zeros(3, 16, dtype=torch.float64), torch.zeros(3, 16))
+        native.rope(torch.zeros(3, 2, 32, dtype=dtype), torch.zeros(3, 16, dtype=torch.float64), torch.zeros(3, 16))
+    with pytest.raises(RuntimeError, match=f"rope: head_dim must be a multiple of {width}"):
+        native.rope(torch.zeros(3, 2, 12, dtype=dtype), torch.zeros(3, 6), torch.zeros(3, 6))
 
 
 @needs_native

@@ -7,7 +7,7 @@ torch.utils.cpp_extension, once per instruction set (``BUILDS``: "avx512", and "
 
 - ``small_m_linear`` (small_m_linear.cpp): 1 to 8 rows times a weight matrix, bf16 or fp32, fp32 sums, weights
   read where they are (no second copy, no new layout). Each output's bits do not depend on how many rows are
-  multiplied at once, so a prompt decodes the same alone or packed. Both builds.
+  multiplied at once, so a prompt decodes the same alone or packed.
 - ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row.
 - ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as the model rounds.
 
@@ -76,18 +76,19 @@ def row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 SMALL_M = 8                 # the native kernel's largest row count
 
 
-# The C++ kernels are built once per instruction set, from the same sources: "avx512" (AVX-512F/BW, and
-# AVX512-BF16 for bf16 products) and "avx2" (AVX2 + FMA + F16C, SIROCCO_AVX2 defined). Each build lists the
-# sources it holds and the functions they define.
+# The C++ kernels are built once per instruction set, from the same sources (simd.h first: the vectors
+# decode_attention.cpp and norm_rope.cpp are written in): "avx512" (AVX-512F/BW, and AVX512-BF16 for bf16
+# products) and "avx2" (AVX2 + FMA + F16C, SIROCCO_AVX2 defined). Each build lists its sources and functions.
 BUILDS: dict[str, dict] = {
     "avx512": dict(name="sirocco_decode_kernels",
-                   sources=("small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
+                   sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
                    functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
                               "rope"),
                    cflags=("-mavx512f", "-mavx512bw", "-mavx512bf16")),
     "avx2": dict(name="sirocco_decode_kernels_avx2",
-                 sources=("small_m_linear.cpp",),
-                 functions=("small_m_linear", "small_m_linear_isa"),
+                 sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
+                 functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
+                            "rope"),
                  cflags=("-mavx2", "-mfma", "-mf16c", "-DSIROCCO_AVX2")),
 }
 NATIVE_FUNCTIONS = BUILDS["avx512"]["functions"]
@@ -149,13 +150,17 @@ def _bf16_dot_product_supported() -> bool:
 
 
 # What each build serves: kernel -> dtype -> the multiple the size must be (a linear layer's input size, a
-# head_dim for attention and RoPE, a model dim for RMSNorm). The avx2 build's small_m_linear takes any K.
+# head_dim for attention and RoPE, a model dim for RMSNorm): whole vectors (16 fp32 lanes, or 32 bf16 for the
+# dpbf16 products; 8 lanes in the avx2 build), but the avx2 build's small_m_linear takes any K.
 SERVES: dict[str, dict[str, dict[torch.dtype, int]]] = {
     "avx512": {"linear": {torch.bfloat16: 32, torch.float32: 16},
                "attention": {torch.bfloat16: 32, torch.float32: 16},
                "rms_norm": {torch.bfloat16: 16, torch.float32: 16},
                "rope": {torch.bfloat16: 16, torch.float32: 16}},
-    "avx2": {"linear": {torch.bfloat16: 1, torch.float32: 1}},
+    "avx2": {"linear": {torch.bfloat16: 1, torch.float32: 1},
+             "attention": {torch.bfloat16: 8, torch.float32: 8},
+             "rms_norm": {torch.bfloat16: 8, torch.float32: 8},
+             "rope": {torch.bfloat16: 8, torch.float32: 8}},
 }
 KERNELS = ("linear", "attention", "rms_norm", "rope")
 

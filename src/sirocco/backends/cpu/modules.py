@@ -101,10 +101,12 @@ class CpuAttentionOps(AttentionOps):
         return decode_attention(q, k, v, valid)
 
 
-def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                            native=None) -> torch.Tensor:
     """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
-    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L)."""
-    native = kernels.native_for(q.dtype, "attention")
+    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L). ``native``:
+    the build to use (default: the one serving q's dtype here)."""
+    native = native if native is not None else kernels.native_for(q.dtype, "attention")
     scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
     return native.decode_values(torch.softmax(scores, dim=-1), v)
 
