@@ -3,7 +3,7 @@
 A decode step reads every weight once and multiplies it by one row per running sequence; ``F.linear`` streams
 weights well below the machine's read rate for one to eight rows, and each small operation of the step (norms,
 rotations) costs microseconds whatever its size. The C++ sources of csrc/, built at run time by
-torch.utils.cpp_extension on CPUs with AVX-512:
+torch.utils.cpp_extension, once per instruction set (``BUILDS``: "avx512", and "avx2" for CPUs without AVX-512):
 
 - ``small_m_linear`` (small_m_linear.cpp): 1 to 8 rows times a weight matrix, bf16 or fp32, fp32 sums, weights
   read where they are (no second copy, no new layout). Each output's bits do not depend on how many rows are
@@ -11,9 +11,12 @@ torch.utils.cpp_extension on CPUs with AVX-512:
 - ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row.
 - ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as the model rounds.
 
-``row_linear`` is the fallback for single rows where the C++ kernels cannot run (AVX2-only CPUs, or bf16 without
-AVX512-BF16): convert-multiply-reduce compiled by Inductor. modules.py puts these kernels under a model's
-modules. Building happens once (cached on disk by PyTorch across runs); a machine where building fails keeps
+``kernel_isa`` says which build serves a kernel for a dtype here (bf16 on the avx512 build needs AVX512-BF16;
+without it bf16 products go to the avx2 build), ``native_serves`` whether it serves a size. ``row_linear`` is
+the fallback for single rows where no C++ kernel runs: convert-multiply-reduce compiled by Inductor.
+``upcast_linear`` computes bf16 products of more rows (pre-fill) in fp32 where PyTorch has no fast bf16 matrix
+product (no AVX512-BF16, no AMX: ``bf16_gemm_is_slow``). modules.py puts these kernels under a model's modules.
+Building happens once per build (cached on disk by PyTorch across runs); a machine where building fails keeps
 PyTorch's paths, with a warning. Measured rates: docs/performance.md.
 """
 from __future__ import annotations
@@ -73,58 +76,170 @@ def row_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 SMALL_M = 8                 # the native kernel's largest row count
 
 
-_native_module = None
-_native_failed = False
-NATIVE_SOURCES = ("small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp")
-NATIVE_FUNCTIONS = ("small_m_linear", "decode_scores", "decode_values", "rms_norm", "rope")
+# The C++ kernels are built once per instruction set, from the same sources (simd.h first: the vectors
+# decode_attention.cpp and norm_rope.cpp are written in): "avx512" (AVX-512F/BW, and AVX512-BF16 for bf16
+# products) and "avx2" (AVX2 + FMA + F16C, SIROCCO_AVX2 defined). Each build lists its sources and functions.
+BUILDS: dict[str, dict] = {
+    "avx512": dict(name="sirocco_decode_kernels",
+                   sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
+                   functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
+                              "rope"),
+                   cflags=("-mavx512f", "-mavx512bw", "-mavx512bf16")),
+    "avx2": dict(name="sirocco_decode_kernels_avx2",
+                 sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
+                 functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
+                            "rope"),
+                 cflags=("-mavx2", "-mfma", "-mf16c", "-DSIROCCO_AVX2")),
+}
+NATIVE_FUNCTIONS = BUILDS["avx512"]["functions"]
+
+_modules: dict[str, object] = {}
+_build_failed: set[str] = set()
 
 
-def native_module():
-    """The C++ kernels of csrc/ (``small_m_linear``, ``decode_scores``, ``decode_values``, ``rms_norm``, ``rope``),
-    built on first use; None where the CPU lacks AVX-512 or building fails (said once in the log)."""
-    global _native_module, _native_failed
-    if _native_module is None and not _native_failed:
-        if torch.backends.cpu.get_cpu_capability() != "AVX512":
-            _native_failed = True
-            log.info("no AVX-512 on this CPU: the C++ decode kernels are not used")
+def cpu_isas() -> tuple[str, ...]:
+    """The builds this CPU runs, best first (PyTorch's own reading of the CPU: AVX-512 implies AVX2)."""
+    return {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def native_module(isa: Optional[str] = None):
+    """The C++ kernels of csrc/ built for ``isa`` ("avx512" or "avx2"; by default the best this CPU runs), built
+    on first use; None where the CPU cannot run that build or building fails (said once in the log). Which
+    functions a build holds: ``BUILDS``."""
+    isas = cpu_isas()
+    if isa is None:
+        if not isas:
+            if "none" not in _build_failed:
+                _build_failed.add("none")
+                log.info("neither AVX2 nor AVX-512 on this CPU: the C++ decode kernels are not used")
             return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-            sources = [(Path(__file__).parent / "csrc" / name).read_text() for name in NATIVE_SOURCES]
-            t0 = time.perf_counter()
-            log.info("preparing the C++ decode kernels (a build of about half a minute the first time, then cached "
-                     "by PyTorch)")
-            _native_module = load_inline(
-                "sirocco_decode_kernels", cpp_sources=sources, functions=list(NATIVE_FUNCTIONS),
-                extra_cflags=["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
-                extra_ldflags=["-fopenmp"])
-            log.info("C++ decode kernels ready in %.1f s", time.perf_counter() - t0)
-        except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
-            _native_failed = True
-            log.warning("C++ decode kernels unavailable (%s: %s); using F.linear, the compiled row kernel, "
-                        "matmul attention and PyTorch's norms", type(e).__name__,
-                        str(e).strip().splitlines()[-1] if str(e).strip() else "")
-            return None
-    return _native_module
-
-
-def native_kernel() -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """``small_m_linear(x (M, K), w (N, K)) -> (M, N)`` from csrc/small_m_linear.cpp, or None (see above)."""
-    module = native_module()
-    return None if module is None else module.small_m_linear
+        isa = isas[0]
+    if isa not in BUILDS:
+        raise ValueError(f"unknown kernel build {isa!r}; choose one of {tuple(BUILDS)}")
+    if isa in _modules or isa in _build_failed:
+        return _modules.get(isa)
+    if isa not in isas:
+        _build_failed.add(isa)
+        log.info("this CPU cannot run the %s decode kernels", isa)
+        return None
+    build = BUILDS[isa]
+    try:
+        from torch.utils.cpp_extension import load_inline
+        sources = [(Path(__file__).parent / "csrc" / name).read_text() for name in build["sources"]]
+        t0 = time.perf_counter()
+        log.info("preparing the C++ decode kernels for %s (a build of about half a minute the first time, then "
+                 "cached by PyTorch)", isa)
+        _modules[isa] = load_inline(
+            build["name"], cpp_sources=sources, functions=list(build["functions"]),
+            extra_cflags=["-O3", "-ffp-contract=off", *build["cflags"], "-fopenmp"], extra_ldflags=["-fopenmp"])
+        log.info("C++ decode kernels (%s) ready in %.1f s", isa, time.perf_counter() - t0)
+    except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
+        _build_failed.add(isa)
+        log.warning("C++ decode kernels unavailable (%s: %s); using F.linear, the compiled row kernel, "
+                    "matmul attention and PyTorch's norms", type(e).__name__,
+                    str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        return None
+    return _modules[isa]
 
 
 @functools.lru_cache(maxsize=None)
 def _bf16_dot_product_supported() -> bool:
+    """Whether the CPU has AVX512-BF16 (the avx512 build's bf16 products use its dot-product instruction)."""
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     return bool(check and check())
 
 
-def native_serves(dtype: torch.dtype, k: int) -> bool:
-    """Whether the C++ kernels serve rows of this dtype and length (a linear layer's input size, a head_dim for
-    attention and RoPE, a model dim for RMSNorm) on this machine."""
-    if dtype == torch.bfloat16:
-        return k % 32 == 0 and _bf16_dot_product_supported() and native_module() is not None
-    if dtype == torch.float32:
-        return k % 16 == 0 and native_module() is not None
-    return False
+# What each build serves: kernel -> dtype -> the multiple the size must be (a linear layer's input size, a
+# head_dim for attention and RoPE, a model dim for RMSNorm): whole vectors (16 fp32 lanes, or 32 bf16 for the
+# dpbf16 products; 8 lanes in the avx2 build), but the avx2 build's small_m_linear takes any K.
+SERVES: dict[str, dict[str, dict[torch.dtype, int]]] = {
+    "avx512": {"linear": {torch.bfloat16: 32, torch.float32: 16},
+               "attention": {torch.bfloat16: 32, torch.float32: 16},
+               "rms_norm": {torch.bfloat16: 16, torch.float32: 16},
+               "rope": {torch.bfloat16: 16, torch.float32: 16}},
+    "avx2": {"linear": {torch.bfloat16: 1, torch.float32: 1},
+             "attention": {torch.bfloat16: 8, torch.float32: 8},
+             "rms_norm": {torch.bfloat16: 8, torch.float32: 8},
+             "rope": {torch.bfloat16: 8, torch.float32: 8}},
+}
+KERNELS = ("linear", "attention", "rms_norm", "rope")
+
+
+def candidate_isas(dtype: torch.dtype, kernel: str = "linear") -> tuple[str, ...]:
+    """The builds that could serve ``kernel`` for ``dtype`` on this CPU, best first: those the CPU runs that hold
+    the kernel, bf16 on the avx512 build only with AVX512-BF16 (elsewhere the avx2 build: a shift makes bf16
+    fp32)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    return tuple(isa for isa in cpu_isas() if dtype in SERVES[isa].get(kernel, {})
+                 and not (isa == "avx512" and dtype == torch.bfloat16 and not _bf16_dot_product_supported()))
+
+
+_chosen: dict[tuple[torch.dtype, str], Optional[str]] = {}
+
+
+def kernel_isa(dtype: torch.dtype, kernel: str = "linear") -> Optional[str]:
+    """The build that serves ``kernel`` for ``dtype`` here: the first of ``candidate_isas`` that builds (built on
+    first use), or None. Decided once per (dtype, kernel): every layer asks at every step."""
+    key = (dtype, kernel)
+    if key not in _chosen:
+        _chosen[key] = next((isa for isa in candidate_isas(dtype, kernel) if native_module(isa) is not None), None)
+    return _chosen[key]
+
+
+def native_for(dtype: torch.dtype, kernel: str = "linear"):
+    """The built module whose ``kernel`` serves ``dtype`` here (see ``kernel_isa``), or None."""
+    isa = kernel_isa(dtype, kernel)
+    return None if isa is None else native_module(isa)
+
+
+def native_kernel(dtype: torch.dtype = torch.float32) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """``small_m_linear(x (M, K), w (N, K)) -> (M, N)`` from csrc/small_m_linear.cpp for ``dtype`` rows, or None
+    (see above)."""
+    module = native_for(dtype, "linear")
+    return None if module is None else module.small_m_linear
+
+
+def native_serves(dtype: torch.dtype, k: int, kernel: str = "linear") -> bool:
+    """Whether the C++ ``kernel`` ("linear", "attention", "rms_norm", "rope") serves rows of this dtype and size
+    (a linear layer's input size, a head_dim for attention and RoPE, a model dim for RMSNorm) on this machine."""
+    isa = kernel_isa(dtype, kernel)
+    return isa is not None and k % SERVES[isa][kernel][dtype] == 0
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_gemm_is_slow() -> bool:
+    """Whether PyTorch lacks a fast bf16 matrix product on this CPU: an x86 CPU (AVX2 or AVX-512 as PyTorch reads
+    it) with neither AVX512-BF16 nor AMX tiles (torch's own checks). There its bf16 products run several times
+    slower than fp32 ones (docs/performance.md). Other CPUs (Arm's bf16 instructions) are left to PyTorch."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return not any(check is not None and check() for check in checks)
+
+
+UPCAST_MIN_ROWS = 4         # from 4 rows on, the fp32 product with the weight upcast beats bf16 F.linear here
+UPCAST_TILE_BYTES = 4 * 2**20
+
+
+def upcast_pays(x: torch.Tensor) -> bool:
+    """Whether ``upcast_linear`` should compute ``F.linear(x, w)`` for bf16 rows x (..., K) on this CPU: a slow
+    bf16 product (``bf16_gemm_is_slow``), at least UPCAST_MIN_ROWS rows, no autograd."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1] > 0 and bf16_gemm_is_slow())
+
+
+def upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for bf16 x (..., K) and w (N, K) as an fp32 product rounded to bf16 once: the weight is
+    upcast a tile of output rows at a time (about UPCAST_TILE_BYTES of fp32, one buffer reused, so the upcast
+    copy stays in cache and no fresh pages are faulted in per call), each tile's product written to its columns."""
+    k = x.shape[-1]
+    n = w.shape[0]
+    xf = x.reshape(-1, k).float()
+    out = torch.empty(xf.shape[0], n, dtype=x.dtype, device=x.device)
+    rows = max(16, UPCAST_TILE_BYTES // (4 * k))
+    buf = torch.empty(min(rows, n), k, dtype=torch.float32, device=x.device)
+    for n0 in range(0, n, rows):
+        nt = min(rows, n - n0)
+        out[:, n0:n0 + nt] = xf @ buf[:nt].copy_(w[n0:n0 + nt]).T
+    return out.view(*x.shape[:-1], n)

@@ -4,7 +4,8 @@
 change), and hands every attention layer ``CpuAttentionOps``. Each takes its kernel only where it serves
 (CPU, no autograd, a served dtype and size) and otherwise computes exactly what the reference does:
 
-    nn.Linear (no bias)   -> CpuLinear          products of 1 to 8 rows (decode steps)
+    nn.Linear (no bias)   -> CpuLinear          products of 1 to 8 rows (decode steps); bf16 pre-fill in fp32
+                                                where PyTorch's bf16 product is slow
     model.RMSNorm         -> CpuRMSNorm         RMSNorm in one pass (every step, pre-fill included)
     attention ops         -> CpuAttentionOps    RoPE in one pass, decode attention on the bf16 cache in place
 
@@ -26,14 +27,15 @@ from ..reference import replace_modules, set_attention_ops
 from . import kernels
 
 
-def _served(x: torch.Tensor, dtype: torch.dtype, size: int) -> bool:
+def _served(x: torch.Tensor, dtype: torch.dtype, size: int, kernel: str) -> bool:
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == dtype
-            and kernels.native_serves(dtype, size))
+            and kernels.native_serves(dtype, size, kernel))
 
 
 class CpuLinear(nn.Module):
     """A bias-free linear layer whose products of 1 to 8 rows on CPU, without autograd, use ``small_m_linear``
-    where it serves the dtype, else ``row_linear`` for a single row, else ``F.linear``."""
+    where it serves the dtype, else ``row_linear`` for a single row; bf16 products of more rows (pre-fill) run
+    in fp32 through ``upcast_linear`` where PyTorch's bf16 product is slow (``upcast_pays``); else ``F.linear``."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -43,11 +45,13 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 2 and 0 < x.shape[0] <= kernels.SMALL_M and x.device.type == "cpu"
                 and not torch.is_grad_enabled()):
-            native = kernels.native_kernel() if kernels.native_serves(x.dtype, x.shape[1]) else None
+            native = kernels.native_kernel(x.dtype) if kernels.native_serves(x.dtype, x.shape[1]) else None
             if native is not None and self.weight.is_contiguous():
                 return native(x.contiguous(), self.weight)
             if x.shape[0] == 1:
                 return kernels.row_linear(x, self.weight)
+        if kernels.upcast_pays(x):
+            return kernels.upcast_linear(x, self.weight)
         return F.linear(x, self.weight)
 
     def reference(self) -> nn.Linear:
@@ -77,8 +81,8 @@ class CpuRMSNorm(RMSNorm):
         return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and _served(x, self.weight.dtype, x.shape[1]):
-            return kernels.native_module().rms_norm(x, self.weight, self.eps)
+        if x.dim() == 2 and _served(x, self.weight.dtype, x.shape[1], "rms_norm"):
+            return kernels.native_for(x.dtype, "rms_norm").rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 
@@ -87,20 +91,22 @@ class CpuAttentionOps(AttentionOps):
     ``decode_scores`` / ``decode_values`` (fp32 scores from the cache in place, masked slots skipped)."""
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if _served(x, x.dtype, x.shape[-1]):
-            return kernels.native_module().rope(x, cos, sin)
+        if _served(x, x.dtype, x.shape[-1], "rope"):
+            return kernels.native_for(x.dtype, "rope").rope(x, cos, sin)
         return apply_rope(x, cos, sin)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if q.device.type == "cpu" and not torch.is_grad_enabled() and kernels.native_serves(q.dtype, q.shape[-1]):
+        if _served(q, q.dtype, q.shape[-1], "attention"):
             return native_decode_attention(q, k, v, valid)
         return decode_attention(q, k, v, valid)
 
 
-def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                            native=None) -> torch.Tensor:
     """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
-    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L)."""
-    native = kernels.native_module()
+    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L). ``native``:
+    the build to use (default: the one serving q's dtype here)."""
+    native = native if native is not None else kernels.native_for(q.dtype, "attention")
     scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
     return native.decode_values(torch.softmax(scores, dim=-1), v)
 
@@ -127,18 +133,19 @@ def warm_up(model: nn.Module) -> str:
     the native kernel once, or the compiled row kernel for every weight shape (Inductor specialises on some
     size relations, so each distinct shape gets its own graph). Returns what was prepared, for the log."""
     shapes = {(m.weight.shape, m.weight.dtype, m.weight.device) for m in model.modules() if isinstance(m, CpuLinear)}
-    native, compiled = 0, set()
+    native, isas, compiled = 0, set(), set()
     with torch.no_grad():
         for (n, k), dtype, device in shapes:
             if device.type == "cpu" and kernels.native_serves(dtype, k):
                 native += 1
+                isas.add(str(kernels.kernel_isa(dtype)))
             else:
                 kernels.row_linear(torch.zeros(1, k, dtype=dtype, device=device),
                                    torch.zeros(n, k, dtype=dtype, device=device))
                 compiled.add((n, k))
     norms = any(isinstance(m, CpuRMSNorm) and m.weight.device.type == "cpu"
-                and kernels.native_serves(m.weight.dtype, m.weight.shape[0]) for m in model.modules())
-    parts = ([f"small-row kernel for {native} weight shapes"] if native else []) + \
+                and kernels.native_serves(m.weight.dtype, m.weight.shape[0], "rms_norm") for m in model.modules())
+    parts = ([f"small-row kernel ({', '.join(sorted(isas))}) for {native} weight shapes"] if native else []) + \
             ([f"compiled row kernel for {len(compiled)} weight shapes"] if compiled else []) + \
             (["one-pass RMSNorm and RoPE"] if norms else [])
     return ", ".join(parts) or "no weight shapes"

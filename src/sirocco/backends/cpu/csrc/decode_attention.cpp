@@ -11,6 +11,11 @@
 // query heads, each value row is converted once and kept in registers with 4 x 4 sums, slots past a sequence's
 // fill are skipped (probability 0), and every sum runs in order over d or over the slots, so a sequence's bits
 // do not depend on the other sequences in the step.
+//
+// Written over simd.h's vectors (kLanes fp32 lanes: 16 in the AVX-512 build, 8 in the AVX2 one). bf16 scores
+// use _mm512_dpbf16_ps in the AVX-512 build; the AVX2 build converts the queries to fp32 once per call and each
+// key vector once (a shift), then multiplies and adds in fp32, and takes 4 query heads x 2 vectors of values at a
+// time (16 registers).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -21,16 +26,23 @@
 
 namespace {
 
-inline __m512 load16(const at::BFloat16* p) {       // 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+using simd::kLanes;
+using simd::vec;
+
+inline void store_vec(at::BFloat16* p, vec x) {
+  alignas(64) float tmp[kLanes];
+  simd::store_aligned(tmp, x);
+  for (int i = 0; i < kLanes; ++i) p[i] = at::BFloat16(tmp[i]);
 }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline void store16(at::BFloat16* p, __m512 x) {
-  alignas(64) float tmp[16];
-  _mm512_store_ps(tmp, x);
-  for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);
-}
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store_vec(float* p, vec x) { simd::store(p, x); }
+
+#ifdef SIROCCO_AVX2
+constexpr int kValueVectors = 2;     // vectors of values per query head at a time: 4 x 2 sums + 2 rows
+constexpr bool kDotBF16 = false;
+#else
+constexpr int kValueVectors = 4;
+constexpr bool kDotBF16 = true;      // _mm512_dpbf16_ps for bf16 queries times bf16 keys
+#endif
 
 void check(const torch::Tensor& q, const torch::Tensor& kv, const char* name) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 4 && kv.size(0) == q.size(0) && kv.size(3) == q.size(2) &&
@@ -41,49 +53,52 @@ void check(const torch::Tensor& q, const torch::Tensor& kv, const char* name) {
               " needs each (sequence, kv head) block of L x D contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type() && q.device().is_cpu() && kv.device().is_cpu(),
               "decode attention: q and ", name, " must be CPU tensors of one dtype");
-  const int64_t width = q.scalar_type() == at::kBFloat16 ? 32 : 16;
+  const int64_t width = q.scalar_type() == at::kBFloat16 && kDotBF16 ? 2 * kLanes : kLanes;
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
               "decode attention: bf16 or fp32 only");
   TORCH_CHECK(q.size(2) % width == 0, "decode attention: head_dim must be a multiple of ", width);
 }
 
 // Scores of JN query heads against one key: the key is loaded once per step of d for all JN heads, and the JN
-// dot products run as independent chains.
-template <typename T, int JN>
-inline void key_scores(const T* q, int64_t D, const T* key, float scale, float* out, int64_t stride) {
-  __m512 acc[JN];
-  for (int j = 0; j < JN; ++j) acc[j] = _mm512_setzero_ps();
-  if constexpr (std::is_same_v<T, float>) {
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 kv = _mm512_loadu_ps(key + d);
-      for (int j = 0; j < JN; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + d), kv, acc[j]);
-    }
-  } else {
+// dot products run as independent chains. Q is the queries' type (fp32 or, with dpbf16, bf16), T the keys'.
+template <typename Q, typename T, int JN>
+inline void key_scores(const Q* q, int64_t D, const T* key, float scale, float* out, int64_t stride) {
+  vec acc[JN];
+  for (int j = 0; j < JN; ++j) acc[j] = simd::zero();
+#ifndef SIROCCO_AVX2
+  if constexpr (std::is_same_v<Q, at::BFloat16>) {
     for (int64_t d = 0; d < D; d += 32) {
       const __m512bh kv = (__m512bh)_mm512_loadu_si512(key + d);
       for (int j = 0; j < JN; ++j)
         acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(q + j * D + d), kv);
     }
+  } else
+#endif
+  {
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vec kv = simd::load(key + d);
+      for (int j = 0; j < JN; ++j) acc[j] = simd::fmadd(simd::load(q + j * D + d), kv, acc[j]);
+    }
   }
-  for (int j = 0; j < JN; ++j) out[j * stride] = _mm512_reduce_add_ps(acc[j]) * scale;
+  for (int j = 0; j < JN; ++j) out[j * stride] = simd::sum(acc[j]) * scale;
 }
 
-template <typename T, int JN>
-void block_scores(const T* q, const T* keys, const bool* valid, int64_t L, int64_t D, float scale, float* out) {
+template <typename Q, typename T, int JN>
+void block_scores(const Q* q, const T* keys, const bool* valid, int64_t L, int64_t D, float scale, float* out) {
   for (int64_t l = 0; l < L; ++l) {
     if (valid[l]) {
-      key_scores<T, JN>(q, D, keys + l * D, scale, out + l, L);
+      key_scores<Q, T, JN>(q, D, keys + l * D, scale, out + l, L);
     } else {
       for (int j = 0; j < JN; ++j) out[j * L + l] = -std::numeric_limits<float>::infinity();
     }
   }
 }
 
-template <typename T>
+template <typename Q, typename T>
 void scores_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& valid, float scale,
                  torch::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), G = k.size(1), L = k.size(2), g = H / G;
-  const T* qp = q.data_ptr<T>();
+  const Q* qp = q.data_ptr<Q>();
   const T* kp = k.data_ptr<T>();
   const bool* vp = valid.data_ptr<bool>();
   float* op = out.data_ptr<float>();
@@ -92,47 +107,47 @@ void scores_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
       const int64_t b = t / G, kvh = t % G;
       const T* keys = kp + b * k.stride(0) + kvh * k.stride(1);
       for (int64_t j0 = 0; j0 < g; j0 += 4) {               // query heads of this kv head, up to 4 at a time
-        const T* qj = qp + (b * H + kvh * g + j0) * D;
+        const Q* qj = qp + (b * H + kvh * g + j0) * D;
         float* oj = op + (b * H + kvh * g + j0) * L;
         switch (std::min<int64_t>(4, g - j0)) {
-          case 4: block_scores<T, 4>(qj, keys, vp + b * L, L, D, scale, oj); break;
-          case 3: block_scores<T, 3>(qj, keys, vp + b * L, L, D, scale, oj); break;
-          case 2: block_scores<T, 2>(qj, keys, vp + b * L, L, D, scale, oj); break;
-          default: block_scores<T, 1>(qj, keys, vp + b * L, L, D, scale, oj);
+          case 4: block_scores<Q, T, 4>(qj, keys, vp + b * L, L, D, scale, oj); break;
+          case 3: block_scores<Q, T, 3>(qj, keys, vp + b * L, L, D, scale, oj); break;
+          case 2: block_scores<Q, T, 2>(qj, keys, vp + b * L, L, D, scale, oj); break;
+          default: block_scores<Q, T, 1>(qj, keys, vp + b * L, L, D, scale, oj);
         }
       }
     }
   });
 }
 
-// out[j, d0 : d0 + 16 NC] for JN query heads: each value row's NC vectors are converted once and multiplied by
+// out[j, d0 : d0 + kLanes NC] for JN query heads: each value row's NC vectors are converted once and multiplied by
 // the JN probabilities; the JN x NC sums stay in registers over all slots, in order.
 template <typename T, int JN, int NC>
 void block_values(const float* p, int64_t L, const T* values, int64_t D, int64_t d0, T* out) {
-  __m512 acc[JN][NC];
+  vec acc[JN][NC];
   for (int j = 0; j < JN; ++j)
-    for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) acc[j][c] = simd::zero();
   for (int64_t l = 0; l < L; ++l) {
     bool any = false;
     for (int j = 0; j < JN; ++j) any |= p[j * L + l] != 0.0f;
     if (!any) continue;                                      // a masked slot (probability 0) adds nothing
-    __m512 row[NC];
-    for (int c = 0; c < NC; ++c) row[c] = load16(values + l * D + d0 + 16 * c);
+    vec row[NC];
+    for (int c = 0; c < NC; ++c) row[c] = simd::load(values + l * D + d0 + kLanes * c);
     for (int j = 0; j < JN; ++j) {
-      const __m512 w = _mm512_set1_ps(p[j * L + l]);
-      for (int c = 0; c < NC; ++c) acc[j][c] = _mm512_fmadd_ps(w, row[c], acc[j][c]);
+      const vec w = simd::set1(p[j * L + l]);
+      for (int c = 0; c < NC; ++c) acc[j][c] = simd::fmadd(w, row[c], acc[j][c]);
     }
   }
   for (int j = 0; j < JN; ++j)
-    for (int c = 0; c < NC; ++c) store16(out + j * D + d0 + 16 * c, acc[j][c]);
+    for (int c = 0; c < NC; ++c) store_vec(out + j * D + d0 + kLanes * c, acc[j][c]);
 }
 
 template <typename T, int JN>
 void head_values(const float* p, int64_t L, const T* values, int64_t D, T* out) {
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
-    switch (std::min<int64_t>(4, (D - d0) / 16)) {
-      case 4: block_values<T, JN, 4>(p, L, values, D, d0, out); break;
-      case 3: block_values<T, JN, 3>(p, L, values, D, d0, out); break;
+  for (int64_t d0 = 0; d0 < D; d0 += kValueVectors * kLanes) {
+    switch (std::min<int64_t>(kValueVectors, (D - d0) / kLanes)) {
+      case 4: if constexpr (kValueVectors >= 4) block_values<T, JN, 4>(p, L, values, D, d0, out); break;
+      case 3: if constexpr (kValueVectors >= 3) block_values<T, JN, 3>(p, L, values, D, d0, out); break;
       case 2: block_values<T, JN, 2>(p, L, values, D, d0, out); break;
       default: block_values<T, JN, 1>(p, L, values, D, d0, out);
     }
@@ -171,8 +186,9 @@ torch::Tensor decode_scores(torch::Tensor q, torch::Tensor k, torch::Tensor vali
               valid.dim() == 2 && valid.size(0) == q.size(0) && valid.size(1) == k.size(2),
               "decode attention: q contiguous and valid a (B, L) bool tensor, got ", valid.sizes());
   auto out = torch::empty({q.size(0), q.size(1), k.size(2)}, q.options().dtype(torch::kFloat32));
-  if (q.scalar_type() == at::kBFloat16) scores_impl<at::BFloat16>(q, k, valid, (float)scale, out);
-  else scores_impl<float>(q, k, valid, (float)scale, out);
+  if (q.scalar_type() != at::kBFloat16) scores_impl<float, float>(q, k, valid, (float)scale, out);
+  else if (kDotBF16) scores_impl<at::BFloat16, at::BFloat16>(q, k, valid, (float)scale, out);
+  else scores_impl<float, at::BFloat16>(q.to(torch::kFloat), k, valid, (float)scale, out);   // queries once
   return out;
 }
 

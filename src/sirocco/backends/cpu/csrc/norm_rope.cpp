@@ -9,6 +9,7 @@
 // ``RMSNorm`` and ``apply_rope`` do (fp32 products, round to nearest even into bf16), without fused multiply-add,
 // so ``rope`` gives the same bits as ``apply_rope`` and ``rms_norm`` differs only in the order of the sum of
 // squares. Each row depends on its own inputs only.
+// Written over simd.h's vectors (kLanes fp32 lanes: 16 in the AVX-512 build, 8 in the AVX2 one).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -20,41 +21,29 @@
 
 namespace norm_rope {   // named: the sources are compiled as one file, beside decode_attention's helpers
 
-inline __m512 load16(const at::BFloat16* p) {       // 16 bf16 -> 16 fp32 (a bf16 is the top half of an fp32)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+using simd::kLanes;
+using simd::vec;
 
-// fp32 -> bf16, round to nearest even, NaN -> 0x7fc0: the rounding of at::BFloat16(float), 16 lanes at once.
-inline void store16(at::BFloat16* p, __m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+inline vec round_trip(vec x, at::BFloat16*) {      // what storing to bf16 and loading back gives
+  alignas(64) at::BFloat16 tmp[kLanes];
+  simd::store_rounded(tmp, x);
+  return simd::load(tmp);
 }
-inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
-
-inline __m512 round_trip(__m512 x, at::BFloat16*) {  // what storing to bf16 and loading back gives
-  alignas(64) at::BFloat16 tmp[16];
-  store16(tmp, x);
-  return load16(tmp);
-}
-inline __m512 round_trip(__m512 x, float*) { return x; }
+inline vec round_trip(vec x, float*) { return x; }
 
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t D, float eps) {
   for (int64_t t = 0; t < rows; ++t) {
     const T* xr = x + t * D;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 v = load16(xr + d);
-      acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+    vec acc = simd::zero();
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vec v = simd::load(xr + d);
+      acc = simd::add(acc, simd::mul(v, v));
     }
-    const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps));
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 normed = round_trip(_mm512_mul_ps(load16(xr + d), r), out);
-      store16(out + t * D + d, _mm512_mul_ps(normed, load16(w + d)));
+    const vec r = simd::set1(1.0f / std::sqrt(simd::sum(acc) / static_cast<float>(D) + eps));
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vec normed = round_trip(simd::mul(simd::load(xr + d), r), out);
+      simd::store_rounded(out + t * D + d, simd::mul(normed, simd::load(w + d)));
     }
   }
 }
@@ -62,19 +51,15 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t D, floa
 template <typename T>
 void rope_rows(const T* x, const float* cos, const float* sin, T* out, int64_t t0, int64_t t1, int64_t H,
                int64_t D) {
-  const __m512i pairs = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);   // c_i to lanes 2i, 2i+1
-  const __m512i negate_even = _mm512_set_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN,
-                                               0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN);
   for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t d = 0; d < D; d += 16) {
-      const __m512 c = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(cos + t * D / 2 + d / 2)));
-      __m512 s = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_loadu_ps(sin + t * D / 2 + d / 2)));
-      s = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), negate_even));       // (-s_i, s_i)
+    for (int64_t d = 0; d < D; d += kLanes) {
+      const vec c = simd::pairs(cos + t * D / 2 + d / 2);                              // c_i to lanes 2i, 2i+1
+      const vec s = simd::negate_even(simd::pairs(sin + t * D / 2 + d / 2));           // (-s_i, s_i)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t at = (t * H + h) * D + d;
-        const __m512 v = load16(x + at);
-        const __m512 swapped = _mm512_permute_ps(v, 0xB1);                                  // (x[2i+1], x[2i])
-        store16(out + at, _mm512_add_ps(_mm512_mul_ps(v, c), _mm512_mul_ps(swapped, s)));
+        const vec v = simd::load(x + at);
+        const vec swapped = simd::swap_pairs(v);                                       // (x[2i+1], x[2i])
+        simd::store_rounded(out + at, simd::add(simd::mul(v, c), simd::mul(swapped, s)));
       }
     }
   }
@@ -93,7 +78,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
               "rms_norm: expected x (T, D) and weight (D), got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rms_norm: x is ", x.scalar_type(), ", weight is ",
               w.scalar_type());
-  TORCH_CHECK(x.size(1) % 16 == 0, "rms_norm: D must be a multiple of 16, got ", x.size(1));
+  TORCH_CHECK(x.size(1) % simd::kLanes == 0, "rms_norm: D must be a multiple of ", simd::kLanes, ", got ",
+              x.size(1));
   x = x.contiguous();
   w = w.contiguous();
   auto out = torch::empty_like(x);
@@ -121,7 +107,8 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
               "rope: expected x (T, H, D) and cos, sin (T, D/2), got ", x.sizes(), ", ", cos.sizes(), " and ",
               sin.sizes());
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat, "rope: cos and sin must be fp32");
-  TORCH_CHECK(x.size(2) % 16 == 0, "rope: head_dim must be a multiple of 16, got ", x.size(2));
+  TORCH_CHECK(x.size(2) % simd::kLanes == 0, "rope: head_dim must be a multiple of ", simd::kLanes, ", got ",
+              x.size(2));
   x = x.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
