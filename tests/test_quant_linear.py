@@ -33,7 +33,15 @@ def test_quant_linear_matches_f_linear_over_dequantized_weight(fmt, dtype, rows,
     assert y.dtype == dtype and y.shape == (rows, 37)
     assert (y.float() - ref).abs().max().item() <= _tol(ref, dtype)
     if rows > qk.MAX_ROWS:                      # pre-fill: F.linear over the weight in x's dtype, to its rounding
+        monkeypatch.setattr(ql, "bf16_gemm_is_slow", lambda: False)
+        with torch.no_grad():
+            y = q(x)
         torch.testing.assert_close(y, F.linear(x, w.to(dtype)) + lin.bias.to(dtype))
+        if dtype == torch.bfloat16:             # in fp32 where bf16 products are slow: the fp32 product, rounded
+            monkeypatch.setattr(ql, "bf16_gemm_is_slow", lambda: True)
+            with torch.no_grad():
+                y32 = q(x)
+            torch.testing.assert_close(y32, (F.linear(x.float(), w).to(dtype) + lin.bias.to(dtype)), atol=0, rtol=0.01)
     elif qk.kernel_available():                 # decode: exactly the kernel
         assert torch.equal(y, qk.qlinear(x, q.qweight, fmt) + lin.bias.to(dtype))
 
@@ -57,3 +65,16 @@ def test_from_quantized_uses_the_blocks_in_place():
     qt = ql.QuantizedTensor.from_float(torch.randn(5, 32), "q8_0")
     q = ql.QuantLinear.from_quantized(qt)
     assert q.qweight.data_ptr() == qt.data.data_ptr() and q.shape == (5, 32)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantize_into_gives_the_bits_of_dequantize(fmt):
+    w = torch.randn(37, 96) * torch.logspace(-3, 3, 37)[:, None]       # scales over six decades
+    packed = quantize(w, fmt)
+    out = torch.full((37, 96), float("nan"))
+    assert qk.dequantize_into(packed, fmt, out) is out
+    assert torch.equal(out, dequantize(packed, fmt, (37, 96)))
+    if qk.kernel_available():                   # the C++ pass itself, not the fallback
+        out2 = torch.empty(37, 96)
+        qk.native_module().dequantize_into(packed, qk.FMT_CODES[fmt], out2)
+        assert torch.equal(out2, out)

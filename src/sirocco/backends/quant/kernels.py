@@ -36,14 +36,16 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 def _build(name: str, defines: tuple[str, ...] = ()):
     from torch.utils.cpp_extension import load_inline
-    source = (Path(__file__).parent / "csrc" / "qlinear.cpp").read_text()
-    return load_inline(name, cpp_sources=[source], functions=["qlinear", "quantize_activations", "qlinear_isa"],
+    # One translation unit: dequantize.cpp uses qlinear.cpp's block constants.
+    sources = [(Path(__file__).parent / "csrc" / f).read_text() for f in ("qlinear.cpp", "dequantize.cpp")]
+    return load_inline(name, cpp_sources=sources,
+                       functions=["qlinear", "quantize_activations", "qlinear_isa", "dequantize_into"],
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
 def native_module():
-    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``), or None where the CPU has
-    neither AVX2 nor AVX-512 or building fails (said once in the log)."""
+    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``, ``dequantize_into``), or None
+    where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the log)."""
     global _module, _failed
     if _module is None and not _failed:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -127,3 +129,14 @@ def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: 
             or data.device.type != "cpu"):
         return qlinear_reference(x, data, fmt)
     return module.qlinear(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa])
+
+
+def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (N, K) fp32 = the weights of the packed blocks (N, K // 32 * block_bytes), the bits of
+    ``formats.dequantize``: in one C++ pass where the kernels are built and everything is on CPU, else through
+    ``formats.dequantize``. Pre-fill's tiles (linear.py) reuse one buffer this way."""
+    module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
+    if module is None or not (packed.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32):
+        return out.copy_(dequantize(packed, fmt, tuple(out.shape)))
+    module.dequantize_into(packed, FMT_CODES[fmt], out)
+    return out

@@ -3,7 +3,8 @@
 Forward, by where and how many rows:
 
 - CPU, no autograd, 1..8 rows (decode): the C++ kernel of kernels.py over the blocks in place;
-- CPU, more rows (pre-fill): the weight dequantized to the activations' dtype a tile of output rows at a time,
+- CPU, more rows (pre-fill): the weight dequantized to the activations' dtype (fp32 for bf16 rows where the CPU
+  has no fast bf16 GEMM) a tile of output rows at a time,
   each tile multiplied by F.linear (oneDNN) into its slice of the output, so that memory stays bounded (never the
   whole dequantized matrix for big N) while each F.linear call is still large enough to run at full rate;
 - CUDA (or autograd wanted): dequantize + matmul.
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sirocco.backends.cpu.kernels import bf16_gemm_is_slow
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 
@@ -23,6 +25,10 @@ from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_s
 # F.linear over the whole dequantized weight 1690-1715 ms; tiles of 256, 512, 1024,
 # 2048 rows 1770-1885 ms (within the run-to-run noise of a shared host); 128 rows 3970 ms. 512 rows of K = 2048
 # is 2 MiB of bf16, so memory stays bounded whatever N.
+# Since then the tiles are dequantized in one C++ pass (kernels.dequantize_into) into one reused fp32 buffer, and
+# bf16 rows are multiplied in fp32 where bf16 products are slow: the same product took 430-700 ms on the same kind
+# of host, against 660 ms for the bf16 weight through the CPU backend's upcast_linear (a microbenchmark:
+# QuantLinear.from_linear of a 7168 x 2048 layer, best of 3 calls on 512 random bf16 rows).
 PREFILL_TILE_ROWS = 512
 
 
@@ -90,12 +96,17 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time."""
+        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time: in x's dtype, or for bf16
+        rows on a CPU without a fast bf16 GEMM (``bf16_gemm_is_slow``) in fp32 (the dequantized values as they
+        are, each tile's product rounded to bf16 once), as the CPU backend's bf16 pre-fill does."""
         y = x.new_empty(x.shape[0], self.out_features)
+        in_fp32 = x.dtype == torch.bfloat16 and bf16_gemm_is_slow()
+        xc = x.float() if in_fp32 else x
+        buf = torch.empty(min(PREFILL_TILE_ROWS, self.out_features), self.in_features, device=x.device)
         for n0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             n1 = min(n0 + PREFILL_TILE_ROWS, self.out_features)
-            w = dequantize(self.qweight[n0:n1], self.fmt, (n1 - n0, self.in_features)).to(x.dtype)
-            y[:, n0:n1] = F.linear(x, w)
+            w = kernels.dequantize_into(self.qweight[n0:n1], self.fmt, buf[:n1 - n0])     # fp32, one reused buffer
+            y[:, n0:n1] = F.linear(xc, w.to(xc.dtype))
         return y
 
     def extra_repr(self) -> str:
