@@ -94,6 +94,11 @@ class MoeFeedForward(nn.Module):
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, router_logits: Optional[list] = None) -> torch.Tensor:
+        chosen, weights = self.route(x, router_logits)
+        return self.run_experts(x, chosen, weights)
+
+    def route(self, x: torch.Tensor, router_logits: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's k chosen experts (T, k) and their weights (T, k) in x's dtype."""
         logits = self.gate(x)                                              # (T, E)
         if router_logits is not None:
             router_logits.append(logits)
@@ -101,6 +106,10 @@ class MoeFeedForward(nn.Module):
         weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)   # (T, k)
         if self.on_route is not None:
             self.on_route(chosen, weights)
+        return chosen, weights
+
+    def run_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over each token's k choices of weight * expert(x), expert by expert over the tokens routed to it."""
         # Group the (token, choice) pairs by expert with one sort and one host read of the counts per layer.
         flat = chosen.flatten()                                            # (T*k,)
         order = torch.argsort(flat, stable=True)

@@ -34,15 +34,21 @@ _failed = False
 CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
+# One translation unit: qmoe.cpp (a MoE layer's experts in one call) uses qlinear.cpp's tiles and the backends'
+# shared moe_plan.h.
+SOURCES = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parents[1] / "csrc" / "moe_plan.h",
+           Path(__file__).parent / "csrc" / "qmoe.cpp")
+
+
 def _build(name: str, defines: tuple[str, ...] = ()):
     from torch.utils.cpp_extension import load_inline
-    source = (Path(__file__).parent / "csrc" / "qlinear.cpp").read_text()
-    return load_inline(name, cpp_sources=[source], functions=["qlinear", "quantize_activations", "qlinear_isa"],
+    return load_inline(name, cpp_sources=[f.read_text() for f in SOURCES],
+                       functions=["qlinear", "quantize_activations", "qlinear_isa", "qmoe"],
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
 def native_module():
-    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``), or None where the CPU has
+    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``), or None where the CPU has
     neither AVX2 nor AVX-512 or building fails (said once in the log)."""
     global _module, _failed
     if _module is None and not _failed:
