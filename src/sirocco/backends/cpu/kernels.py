@@ -24,6 +24,7 @@ PyTorch's paths, with a warning. Measured rates: docs/performance.md.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -129,11 +130,14 @@ def native_module(isa: Optional[str] = None):
     try:
         from torch.utils.cpp_extension import load_inline
         sources = [path.read_text() for path in build["sources"]]
+        # The name carries a digest of the sources: PyTorch's build cache is one folder per name, shared by every
+        # process of the user, so two versions of the sources built at once would otherwise overwrite each other.
+        digest = hashlib.sha1("\0".join(sources + list(build["cflags"])).encode()).hexdigest()[:12]
         t0 = time.perf_counter()
         log.info("preparing the C++ decode kernels for %s (a build of about half a minute the first time, then "
                  "cached by PyTorch)", isa)
         _modules[isa] = load_inline(
-            build["name"], cpp_sources=sources, functions=list(build["functions"]),
+            f"{build['name']}_{digest}", cpp_sources=sources, functions=list(build["functions"]),
             extra_cflags=["-O3", "-ffp-contract=off", *build["cflags"], "-fopenmp"], extra_ldflags=["-fopenmp"])
         log.info("C++ decode kernels (%s) ready in %.1f s", isa, time.perf_counter() - t0)
     except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
