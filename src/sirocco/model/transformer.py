@@ -90,11 +90,19 @@ class MoeFeedForward(nn.Module):
         super().__init__()
         self.k = num_experts_per_tok
         self.on_route: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None   # observer: sirocco viz
+        # A backend's kernel for all the chosen experts at once (backends/moe.py), or None; it returns None for
+        # the steps it does not serve.
+        self.experts_kernel: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                               Optional[torch.Tensor]]] = None
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, router_logits: Optional[list] = None) -> torch.Tensor:
         chosen, weights = self.route(x, router_logits)
+        if self.experts_kernel is not None:
+            out = self.experts_kernel(x, chosen, weights)
+            if out is not None:
+                return out
         return self.run_experts(x, chosen, weights)
 
     def route(self, x: torch.Tensor, router_logits: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
