@@ -261,7 +261,7 @@ class TransformersRunner:
         from transformers import AutoModelForCausalLM  # noqa: F401
 
     def load(self, path: Path, dtype) -> None:
-        from transformers import AutoModelForCausalLM          # MistralForCausalLM or MixtralForCausalLM
+        from transformers import AutoModelForCausalLM  # MistralForCausalLM or MixtralForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     def prepare(self, rows: list[int], max_seq_len: int) -> dict:
@@ -432,8 +432,8 @@ def report(results: dict, bounds: dict, spread: dict, shape: Shape, work: Worklo
         lo, hi = spread.get(key, (0.0, 0.0))
         return f"{hi / scale:.{digits}f} {unit} (lowest {lo / scale:.{digits}f})"
 
-    lines = [f"Model: {'Mixtral' if shape.moe else 'Mistral'} shape {shape.name}, {shape.params / 1e9:.2f}B parameters, "
-             "random weights.",
+    kind = "Mixtral" if shape.moe else "Mistral"
+    lines = [f"Model: {kind} shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights.",
              "Ceilings, best of the measurements in this run: "
              f"bf16 matmul {ceiling('matmul_flops_bfloat16', 'GFLOP/s', 1e9, 0)}, "
              f"fp32 matmul {ceiling('matmul_flops_float32', 'GFLOP/s', 1e9, 0)}, "
