@@ -3,7 +3,8 @@
 Forward, by where and how many rows:
 
 - CPU, no autograd, 1..8 rows (decode): the C++ kernel of kernels.py over the blocks in place;
-- CPU, more rows (pre-fill): the weight dequantized to the activations' dtype a tile of output rows at a time,
+- CPU, more rows (pre-fill): the weight dequantized to the activations' dtype (fp32 for bf16 rows where PyTorch's
+  bf16 product is slow) a tile of output rows at a time,
   each tile multiplied by F.linear (oneDNN) into its slice of the output, so that memory stays bounded (never the
   whole dequantized matrix for big N) while each F.linear call is still large enough to run at full rate;
 - CUDA (or autograd wanted): dequantize + matmul.
@@ -90,12 +91,17 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time."""
+        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time; bf16 rows in fp32 (the
+        tile dequantized to fp32, each output rounded to bf16 once) where PyTorch's bf16 product is slow (x86
+        without AVX512-BF16 or AMX: about 10 GFLOP/s against 60 in fp32, cpu/kernels.py's bf16_gemm_is_slow)."""
+        from sirocco.backends.cpu.kernels import bf16_gemm_is_slow
         y = x.new_empty(x.shape[0], self.out_features)
+        upcast = x.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_gemm_is_slow()
+        xw = x.float() if upcast else x
         for n0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             n1 = min(n0 + PREFILL_TILE_ROWS, self.out_features)
-            w = dequantize(self.qweight[n0:n1], self.fmt, (n1 - n0, self.in_features)).to(x.dtype)
-            y[:, n0:n1] = F.linear(x, w)
+            w = dequantize(self.qweight[n0:n1], self.fmt, (n1 - n0, self.in_features)).to(xw.dtype)
+            y[:, n0:n1] = F.linear(xw, w)
         return y
 
     def extra_repr(self) -> str:
