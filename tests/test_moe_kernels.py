@@ -2,6 +2,8 @@
 bit for bit the per-expert path it replaces, each token's bits its own, the stacked storage read in place; the
 model generates the same tokens with and without them, a GGUF Mixtral included."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -204,3 +206,20 @@ def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monk
     from_file = _generate(back, "torch")
     assert calls["kernel"] > 0
     assert from_file == _generate(model, "torch")
+
+
+@needs_quant
+@pytest.mark.skipif(not os.environ.get("SIROCCO_TEST_VNNI_EMULATION"),
+                    reason="set SIROCCO_TEST_VNNI_EMULATION=1 to build (about a minute, once) and check qmoe's VNNI "
+                           "path on scalar emulations of its AVX-512 operations")
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_qmoe_vnni_path_on_emulation_equals_the_avx2_path(fmt):
+    emulated = qkernels.vnni_emulation_module()
+    model = build_model(preset("tiny-moe", vocab_size=64), seed=9)
+    quant.attach(model, fmt)
+    k = model.layers["0"].feed_forward.experts_kernel
+    code = qkernels.FMT_CODES[fmt]
+    for T in (1, 5, 8):
+        x, ids, w = torch.randn(T, 64), _routes(T, 4, seed=T)[0], _weights(T, torch.float32, seed=T)
+        vnni = emulated.qmoe(x, ids, w, k.w1, k.w3, k.w2, code, qkernels.ISA_CODES["avx512vnni"])
+        assert torch.equal(vnni, qkernels.qmoe(x, ids, w, k.w1, k.w3, k.w2, fmt, isa="avx2"))
