@@ -56,7 +56,7 @@ DTYPES = ("bfloat16", "float32")
 
 @dataclass(frozen=True)
 class Shape:
-    """The checkpoint's architecture, in Hugging Face's MistralConfig terms."""
+    """The checkpoint's architecture, in Hugging Face's MistralConfig terms (MixtralConfig's with experts)."""
 
     hidden_size: int
     num_hidden_layers: int
@@ -65,28 +65,43 @@ class Shape:
     intermediate_size: int
     vocab_size: int
     sliding_window: int
+    num_local_experts: int = 0              # 0: a dense Mistral; else a Mixtral of this many experts per layer
+    num_experts_per_tok: int = 0
+
+    @property
+    def moe(self) -> bool:
+        return self.num_local_experts > 0
 
     @property
     def name(self) -> str:
+        experts = f"-e{self.num_local_experts}k{self.num_experts_per_tok}" if self.moe else ""
         return (f"d{self.hidden_size}-l{self.num_hidden_layers}-h{self.num_attention_heads}"
-                f"-kv{self.num_key_value_heads}-f{self.intermediate_size}-v{self.vocab_size}-w{self.sliding_window}")
+                f"-kv{self.num_key_value_heads}-f{self.intermediate_size}-v{self.vocab_size}-w{self.sliding_window}"
+                f"{experts}")
+
+    def _layers(self, experts: int) -> int:
+        head_dim = self.hidden_size // self.num_attention_heads
+        attn = self.hidden_size * head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
+        ffn = 3 * self.hidden_size * self.intermediate_size * max(experts, 1)
+        router = self.hidden_size * self.num_local_experts
+        return self.num_hidden_layers * (attn + ffn + router + 2 * self.hidden_size)
 
     @property
     def layer_params(self) -> int:
-        """Weights of the transformer blocks (the matrices every token multiplies, and the norms)."""
-        head_dim = self.hidden_size // self.num_attention_heads
-        attn = self.hidden_size * head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads)
-        ffn = 3 * self.hidden_size * self.intermediate_size
-        return self.num_hidden_layers * (attn + ffn + 2 * self.hidden_size)
+        """Weights of the transformer blocks that every token multiplies (a MoE token: its k experts only), and
+        the norms."""
+        return self._layers(self.num_experts_per_tok)
 
     @property
     def params(self) -> int:
-        return self.layer_params + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+        """Every weight stored (a MoE: all its experts)."""
+        return self._layers(self.num_local_experts) + 2 * self.vocab_size * self.hidden_size + self.hidden_size
 
     @property
     def decode_read_params(self) -> int:
-        """What one decode step reads: everything but the embedding table (one row of it is a lookup)."""
-        return self.params - self.vocab_size * self.hidden_size
+        """What one decode step of one sequence reads: everything but the embedding table (one row of it is a
+        lookup), and of a MoE layer's experts only the k the token chose."""
+        return self.layer_params + self.vocab_size * self.hidden_size + self.hidden_size
 
     def decode_bound(self, read_bytes_per_s: float, dtype: str) -> float:
         """Decode tokens/s if a step did nothing but read its weights at ``read_bytes_per_s``."""
@@ -106,6 +121,13 @@ FULL = (Shape(2048, 16, 16, 4, 7168, 32000, 4096),
         Workload(512, 64, 128, tuple(range(100, 801, 100)), 128))
 QUICK = (Shape(256, 4, 4, 2, 768, 1000, 64),
          Workload(64, 16, 16, (10, 20, 30, 40, 50, 60, 70, 80), 8))
+# A Mixtral shape (8 experts of hidden 3584, top 2: 0.79B parameters, 0.2B of them per token) and its small one
+MOE = (Shape(1024, 8, 16, 4, 3584, 32000, 4096, 8, 2), FULL[1])
+MOE_QUICK = (Shape(256, 2, 4, 2, 512, 1000, 64, 4, 2), QUICK[1])
+
+
+def shape_for(quick: bool, moe: bool) -> tuple[Shape, Workload]:
+    return (MOE_QUICK if quick else MOE) if moe else (QUICK if quick else FULL)
 
 TARGETS = """\
 - bf16 batch-1 decode: at least 1.8x transformers, and at least 60% of the bandwidth bound
@@ -156,22 +178,25 @@ def random_prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
 
 # -- the checkpoint ----------------------------------------------------------------------------------------------
 def checkpoint_dir(workdir: Path, shape: Shape, dtype: str) -> Path:
-    return workdir / f"mistral-{shape.name}-{dtype}"
+    return workdir / f"{'mixtral' if shape.moe else 'mistral'}-{shape.name}-{dtype}"
 
 
 def build_checkpoints(workdir: Path, shape: Shape, dtypes: list[str], seed: int = 0) -> None:
     """Write a random Mistral checkpoint per dtype with transformers (safetensors), all holding the same
     values (rounded to bf16 once); a folder that already holds config.json is kept."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
     todo = [d for d in dtypes if not (checkpoint_dir(workdir, shape, d) / "config.json").exists()]
     if not todo:
         return
-    config = MistralConfig(**asdict(shape), head_dim=shape.hidden_size // shape.num_attention_heads,
-                           max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
-                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    fields = asdict(shape)
+    if not shape.moe:
+        del fields["num_local_experts"], fields["num_experts_per_tok"]
+    config = (MixtralConfig if shape.moe else MistralConfig)(
+        **fields, head_dim=shape.hidden_size // shape.num_attention_heads, max_position_embeddings=32768,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
-    model = MistralForCausalLM(config).eval()
+    model = (MixtralForCausalLM if shape.moe else MistralForCausalLM)(config).eval()
     model.to(torch.bfloat16).to(torch.float32)      # values every dtype holds exactly: the same weights in each
     for dtype in todo:
         out = checkpoint_dir(workdir, shape, dtype)
@@ -233,11 +258,11 @@ class TransformersRunner:
         import transformers
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        from transformers import MistralForCausalLM  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
     def load(self, path: Path, dtype) -> None:
-        from transformers import MistralForCausalLM
-        self.model = MistralForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        from transformers import AutoModelForCausalLM  # MistralForCausalLM or MixtralForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     def prepare(self, rows: list[int], max_seq_len: int) -> dict:
         return {"attn_implementation": self.model.config._attn_implementation}
@@ -321,7 +346,7 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     if spec["what"] == "bounds":
         return measure_ceilings(spec["quick"])
-    shape, work = (QUICK if spec["quick"] else FULL)
+    shape, work = shape_for(spec["quick"], spec.get("moe", False))
     dtype = getattr(torch, spec["dtype"])
     runner = SiroccoRunner(spec["backend"]) if spec["library"] == "sirocco" else TransformersRunner()
     runner.imports()
@@ -407,7 +432,8 @@ def report(results: dict, bounds: dict, spread: dict, shape: Shape, work: Worklo
         lo, hi = spread.get(key, (0.0, 0.0))
         return f"{hi / scale:.{digits}f} {unit} (lowest {lo / scale:.{digits}f})"
 
-    lines = [f"Model: Mistral shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights.",
+    kind = "Mixtral" if shape.moe else "Mistral"
+    lines = [f"Model: {kind} shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights.",
              "Ceilings, best of the measurements in this run: "
              f"bf16 matmul {ceiling('matmul_flops_bfloat16', 'GFLOP/s', 1e9, 0)}, "
              f"fp32 matmul {ceiling('matmul_flops_float32', 'GFLOP/s', 1e9, 0)}, "
@@ -520,6 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma-separated measurements, from: " + ", ".join(MEASUREMENTS))
     ap.add_argument("--libraries", default=",".join(LIBRARIES), help="comma-separated, from: " + ", ".join(LIBRARIES))
     ap.add_argument("--quick", action="store_true", help="a small shape and workload: seconds, for smoke tests")
+    ap.add_argument("--moe", action="store_true",
+                    help="the Mixtral shape (dim 1024, 8 layers, 8 experts of 3584, top 2) instead of the Mistral one")
     ap.add_argument("--workdir", type=Path, default=HERE / ".cache",
                     help="where the random checkpoints are written once and reused")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every measuring process")
@@ -545,7 +573,8 @@ def main(argv=None) -> int:
     if a.worker:
         spec = json.loads(a.worker)
         if spec["what"] == "build":
-            out = build_checkpoints(Path(spec["workdir"]), (QUICK if spec["quick"] else FULL)[0], spec["dtypes"])
+            out = build_checkpoints(Path(spec["workdir"]), shape_for(spec["quick"], spec.get("moe", False))[0],
+                                    spec["dtypes"])
         else:
             out = run_worker(spec)
         Path(a.result).write_text(json.dumps(out or {}))
@@ -554,12 +583,12 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    shape, work = QUICK if a.quick else FULL
+    shape, work = shape_for(a.quick, a.moe)
     load_avg = os.getloadavg()[0]
     if load_avg > 0.5:
         log(f"warning: load average {load_avg:.2f} before starting: other work will slow these figures down")
     jiffies0, child0, wall0 = busy_jiffies(), own_cpu_seconds(), time.perf_counter()
-    base = dict(quick=a.quick, threads=a.threads, repeats=a.repeats, workdir=str(a.workdir.resolve()),
+    base = dict(quick=a.quick, moe=a.moe, threads=a.threads, repeats=a.repeats, workdir=str(a.workdir.resolve()),
                 backend=a.backend)
 
     log(f"checkpoints under {a.workdir} ({shape.name})")

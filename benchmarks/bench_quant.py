@@ -35,6 +35,7 @@ reports the load average and the share of the CPUs other processes used while it
 
     python benchmarks/bench_quant.py                 # the 1B shape (about 15-20 minutes on 2 cores)
     python benchmarks/bench_quant.py --quick         # a small shape, seconds: a smoke test
+    python benchmarks/bench_quant.py --moe           # the Mixtral shape of bench_inference --moe
     python benchmarks/bench_quant.py --json > quant.json
 """
 from __future__ import annotations
@@ -53,6 +54,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_inference import (  # noqa: E402  (the checkpoint, its shape and the process facts are shared)
     FULL,
+    MOE,
+    MOE_QUICK,
     QUICK,
     Shape,
     build_checkpoints,
@@ -83,6 +86,12 @@ class Workload:
 
 WORK = {False: (FULL[0], Workload(512, 16, 64, (1, 8), 20_000, 256, 128, 1024)),
         True: (QUICK[0], Workload(64, 8, 16, (1, 8), 2_000, 256, 128, 256))}
+# --moe: bench_inference's Mixtral shape (dim 1024, 8 layers, 16/4 heads, 8 experts of 3584, top 2), same workload
+MOE_WORK = {False: (MOE[0], WORK[False][1]), True: (MOE_QUICK[0], WORK[True][1])}
+
+
+def work_for(spec: dict) -> tuple[Shape, Workload]:
+    return (MOE_WORK if spec.get("moe") else WORK)[spec["quick"]]
 CHUNK_MIB = 16
 
 
@@ -146,7 +155,7 @@ def run_format(spec: dict) -> dict:
     from sirocco.checkpoint import load_model
     from sirocco.generate.engine import Engine, Stats
     from sirocco.generate.sampling import SamplingParams
-    shape, work = WORK[spec["quick"]]
+    shape, work = work_for(spec)
     fmt, reps = spec["format"], spec["repeats"]
     out: dict[str, Any] = {"format": fmt, "load_average_start": os.getloadavg()[0]}
     out["bandwidth_before"] = read_bandwidth(work.bandwidth_mib)
@@ -243,7 +252,7 @@ def run_perplexity(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from sirocco.eval import perplexity
     from sirocco.pretrained import load, model_folder
-    _, work = WORK[spec["quick"]]
+    _, work = work_for(spec)
     out: dict[str, Any] = {"format": spec["format"]}
     for name in PPL_MODELS:
         loaded = load(name, dtype=torch.bfloat16)
@@ -277,7 +286,8 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         return f"{a / b:.2f}x"
 
     dk = [f"decode_{r}" for r in work.rows]
-    lines = [f"Model: Mistral shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights loaded in "
+    kind = "Mixtral" if shape.moe else "Mistral"
+    lines = [f"Model: {kind} shape {shape.name}, {shape.params / 1e9:.2f}B parameters, random weights loaded in "
              "bf16; int8 = q8_0, int4 = q4_0 (output head q8_0 in both; embedding and norms bf16).", "",
              f"Speed (median of the timed runs; decode: {work.decode_prompt}-token prompt per row, "
              f"{work.decode_tokens} new tokens, the engine's decode-step time):", "",
@@ -344,6 +354,8 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small shape and workload: seconds, for smoke tests")
+    ap.add_argument("--moe", action="store_true",
+                    help="bench_inference's Mixtral shape (8 experts of 3584, top 2) instead of the dense 1B")
     ap.add_argument("--workdir", type=Path, default=HERE / ".cache",
                     help="where the random checkpoint is written once and reused (default benchmarks/.cache)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, from: " + ", ".join(FORMATS))
@@ -370,7 +382,7 @@ def main(argv=None) -> int:
     if a.worker:
         spec = json.loads(a.worker)
         if spec["what"] == "build":
-            out = build_checkpoints(Path(spec["workdir"]), WORK[spec["quick"]][0], [DTYPE]) or {}
+            out = build_checkpoints(Path(spec["workdir"]), work_for(spec)[0], [DTYPE]) or {}
         elif spec["what"] == "format":
             out = run_format(spec)
         else:
@@ -381,12 +393,12 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    shape, work = WORK[a.quick]
+    shape, work = work_for(dict(quick=a.quick, moe=a.moe))
     load_start = os.getloadavg()
     if load_start[0] > 1.0:
         log(f"warning: load average {load_start[0]:.2f} before starting: other work will slow these figures down")
     jiffies0, child0, wall0 = busy_jiffies(), own_cpu_seconds(), time.perf_counter()
-    base = dict(quick=a.quick, threads=a.threads, repeats=a.repeats, backend=a.backend,
+    base = dict(quick=a.quick, moe=a.moe, threads=a.threads, repeats=a.repeats, backend=a.backend,
                 workdir=str(a.workdir.resolve()))
     log(f"checkpoint under {a.workdir} ({shape.name}, {DTYPE})")
     if "error" in spawn(dict(base, what="build"), log):

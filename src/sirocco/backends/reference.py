@@ -14,6 +14,7 @@ from torch import nn
 
 from ..model import Attention
 from ..model.attention import AttentionOps, Prefill
+from .moe import clear_float_kernels
 
 
 def replace_modules(model: nn.Module, make: Callable[[nn.Module], Optional[nn.Module]]) -> int:
@@ -47,4 +48,5 @@ def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
     modules were replaced."""
     n = replace_modules(model, _reference_of)
     set_attention_ops(model, AttentionOps(prefill))
+    clear_float_kernels(model)
     return n

@@ -90,10 +90,23 @@ class MoeFeedForward(nn.Module):
         super().__init__()
         self.k = num_experts_per_tok
         self.on_route: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None   # observer: sirocco viz
+        # A backend's kernel for all the chosen experts at once (backends/moe.py), or None; it returns None for
+        # the steps it does not serve.
+        self.experts_kernel: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                               Optional[torch.Tensor]]] = None
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor, router_logits: Optional[list] = None) -> torch.Tensor:
+        chosen, weights = self.route(x, router_logits)
+        if self.experts_kernel is not None:
+            out = self.experts_kernel(x, chosen, weights)
+            if out is not None:
+                return out
+        return self.run_experts(x, chosen, weights)
+
+    def route(self, x: torch.Tensor, router_logits: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's k chosen experts (T, k) and their weights (T, k) in x's dtype."""
         logits = self.gate(x)                                              # (T, E)
         if router_logits is not None:
             router_logits.append(logits)
@@ -101,6 +114,10 @@ class MoeFeedForward(nn.Module):
         weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)   # (T, k)
         if self.on_route is not None:
             self.on_route(chosen, weights)
+        return chosen, weights
+
+    def run_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over each token's k choices of weight * expert(x), expert by expert over the tokens routed to it."""
         # Group the (token, choice) pairs by expert with one sort and one host read of the counts per layer.
         flat = chosen.flatten()                                            # (T*k,)
         order = torch.argsort(flat, stable=True)

@@ -10,6 +10,8 @@ torch.utils.cpp_extension, once per instruction set (``BUILDS``: "avx512", and "
   multiplied at once, so a prompt decodes the same alone or packed.
 - ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row.
 - ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as the model rounds.
+- ``moe_experts`` (moe_experts.cpp): a MoE layer's chosen experts for a decode step in one call, over experts
+  stacked (E, H, D) per layer and read in place, with small_m_linear's tile (so its bits).
 
 ``kernel_isa`` says which build serves a kernel for a dtype here (bf16 on the avx512 build needs AVX512-BF16;
 without it bf16 products go to the avx2 build), ``native_serves`` whether it serves a size. ``row_linear`` is
@@ -22,6 +24,7 @@ PyTorch's paths, with a warning. Measured rates: docs/performance.md.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -77,18 +80,19 @@ SMALL_M = 8                 # the native kernel's largest row count
 
 
 # The C++ kernels are built once per instruction set, from the same sources (simd.h first: the vectors
-# decode_attention.cpp and norm_rope.cpp are written in): "avx512" (AVX-512F/BW, and AVX512-BF16 for bf16
+# decode_attention.cpp and norm_rope.cpp are written in; moe_experts.cpp after small_m_linear.cpp, whose tile it
+# uses, and moe_plan.h, shared with the quantized backend): "avx512" (AVX-512F/BW, and AVX512-BF16 for bf16
 # products) and "avx2" (AVX2 + FMA + F16C, SIROCCO_AVX2 defined). Each build lists its sources and functions.
+CSRC = Path(__file__).parent / "csrc"
+SHARED_CSRC = Path(__file__).parents[1] / "csrc"         # C++ shared by the backends (moe_plan.h)
+SOURCES = (CSRC / "simd.h", CSRC / "small_m_linear.cpp", CSRC / "decode_attention.cpp", CSRC / "norm_rope.cpp",
+           SHARED_CSRC / "moe_plan.h", CSRC / "moe_experts.cpp")
+FUNCTIONS = ("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm", "rope",
+             "moe_experts")
 BUILDS: dict[str, dict] = {
-    "avx512": dict(name="sirocco_decode_kernels",
-                   sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
-                   functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
-                              "rope"),
+    "avx512": dict(name="sirocco_decode_kernels", sources=SOURCES, functions=FUNCTIONS,
                    cflags=("-mavx512f", "-mavx512bw", "-mavx512bf16")),
-    "avx2": dict(name="sirocco_decode_kernels_avx2",
-                 sources=("simd.h", "small_m_linear.cpp", "decode_attention.cpp", "norm_rope.cpp"),
-                 functions=("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm",
-                            "rope"),
+    "avx2": dict(name="sirocco_decode_kernels_avx2", sources=SOURCES, functions=FUNCTIONS,
                  cflags=("-mavx2", "-mfma", "-mf16c", "-DSIROCCO_AVX2")),
 }
 NATIVE_FUNCTIONS = BUILDS["avx512"]["functions"]
@@ -125,12 +129,15 @@ def native_module(isa: Optional[str] = None):
     build = BUILDS[isa]
     try:
         from torch.utils.cpp_extension import load_inline
-        sources = [(Path(__file__).parent / "csrc" / name).read_text() for name in build["sources"]]
+        sources = [path.read_text() for path in build["sources"]]
+        # The name carries a digest of the sources: PyTorch's build cache is one folder per name, shared by every
+        # process of the user, so two versions of the sources built at once would otherwise overwrite each other.
+        digest = hashlib.sha1("\0".join(sources + list(build["cflags"])).encode()).hexdigest()[:12]
         t0 = time.perf_counter()
         log.info("preparing the C++ decode kernels for %s (a build of about half a minute the first time, then "
                  "cached by PyTorch)", isa)
         _modules[isa] = load_inline(
-            build["name"], cpp_sources=sources, functions=list(build["functions"]),
+            f"{build['name']}_{digest}", cpp_sources=sources, functions=list(build["functions"]),
             extra_cflags=["-O3", "-ffp-contract=off", *build["cflags"], "-fopenmp"], extra_ldflags=["-fopenmp"])
         log.info("C++ decode kernels (%s) ready in %.1f s", isa, time.perf_counter() - t0)
     except Exception as e:          # no compiler, no ninja, old compiler: keep working, say why once
@@ -150,19 +157,22 @@ def _bf16_dot_product_supported() -> bool:
 
 
 # What each build serves: kernel -> dtype -> the multiple the size must be (a linear layer's input size, a
-# head_dim for attention and RoPE, a model dim for RMSNorm): whole vectors (16 fp32 lanes, or 32 bf16 for the
-# dpbf16 products; 8 lanes in the avx2 build), but the avx2 build's small_m_linear takes any K.
+# head_dim for attention and RoPE, a model dim for RMSNorm, the dim and the hidden size for moe): whole vectors
+# (16 fp32 lanes, or 32 bf16 for the dpbf16 products; 8 lanes in the avx2 build), but the avx2 build's
+# small_m_linear takes any K.
 SERVES: dict[str, dict[str, dict[torch.dtype, int]]] = {
     "avx512": {"linear": {torch.bfloat16: 32, torch.float32: 16},
                "attention": {torch.bfloat16: 32, torch.float32: 16},
                "rms_norm": {torch.bfloat16: 16, torch.float32: 16},
-               "rope": {torch.bfloat16: 16, torch.float32: 16}},
+               "rope": {torch.bfloat16: 16, torch.float32: 16},
+               "moe": {torch.bfloat16: 32, torch.float32: 16}},
     "avx2": {"linear": {torch.bfloat16: 1, torch.float32: 1},
              "attention": {torch.bfloat16: 8, torch.float32: 8},
              "rms_norm": {torch.bfloat16: 8, torch.float32: 8},
-             "rope": {torch.bfloat16: 8, torch.float32: 8}},
+             "rope": {torch.bfloat16: 8, torch.float32: 8},
+             "moe": {torch.bfloat16: 8, torch.float32: 8}},
 }
-KERNELS = ("linear", "attention", "rms_norm", "rope")
+KERNELS = ("linear", "attention", "rms_norm", "rope", "moe")
 
 
 def candidate_isas(dtype: torch.dtype, kernel: str = "linear") -> tuple[str, ...]:

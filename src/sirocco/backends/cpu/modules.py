@@ -8,6 +8,7 @@ change), and hands every attention layer ``CpuAttentionOps``. Each takes its ker
                                                 where PyTorch's bf16 product is slow
     model.RMSNorm         -> CpuRMSNorm         RMSNorm in one pass (every step, pre-fill included)
     attention ops         -> CpuAttentionOps    RoPE in one pass, decode attention on the bf16 cache in place
+    MoE experts           -> stacked (E, H, D)  one ``moe_experts`` call per MoE layer in decode (backends/moe.py)
 
 Training keeps autograd on, so it never reaches these kernels.
 """
@@ -23,6 +24,7 @@ from torch import nn
 from ...model import RMSNorm
 from ...model.attention import AttentionOps, Prefill, decode_attention
 from ...model.rope import apply_rope
+from ..moe import stack_experts
 from ..reference import replace_modules, set_attention_ops
 from . import kernels
 
@@ -116,6 +118,7 @@ def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
     n = replace_modules(model, lambda m: CpuLinear(m.weight) if type(m) is nn.Linear and m.bias is None else
                         CpuRMSNorm.of(m) if type(m) is RMSNorm else None)
     set_attention_ops(model, CpuAttentionOps(prefill))
+    stack_experts(model, quantized=False)
     return n
 
 

@@ -10,7 +10,8 @@ quantized at load and the GGUF file ``sirocco quantize`` writes from it hold the
   small, and a change in its logits changes which experts run), as llama.cpp keeps ``ffn_gate_inp``;
 - a layer whose input size is not a multiple of 32 (the block size) stays in float, logged.
 
-Mixtral's experts stay one ``QuantLinear`` per expert (no stacking yet).
+Mixtral's experts: one ``QuantLinear`` per expert whose ``qweight`` is a view of the layer's stacked blocks, one
+(E, H, bytes) uint8 buffer per matrix (backends/moe.py), which a decode step reads in one ``qmoe`` call.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sirocco.backends.moe import stack_experts
 from sirocco.backends.quant.formats import BLOCK, FORMATS
 from sirocco.backends.quant.linear import QuantLinear
 
@@ -91,6 +93,7 @@ def attach(model: nn.Module, fmt: str, progress: Optional[bool] = None) -> Quant
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, QuantLinear.from_linear(linear, target))
             n += 1
+    stack_experts(model, quantized=True)
     if kept:
         log.info("kept in float (input size not a multiple of %d): %s", BLOCK, ", ".join(kept))
     report = QuantReport(fmt, n, kept, before, model_bytes(model))

@@ -14,6 +14,7 @@ be built, and on CUDA.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -34,18 +35,26 @@ _failed = False
 CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
+# One translation unit: qmoe.cpp (a MoE layer's experts in one call) uses qlinear.cpp's tiles and the backends'
+# shared moe_plan.h; dequantize.cpp (pre-fill's tiles) qlinear.cpp's block constants.
+SOURCES = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parents[1] / "csrc" / "moe_plan.h",
+           Path(__file__).parent / "csrc" / "qmoe.cpp", Path(__file__).parent / "csrc" / "dequantize.cpp")
+
+
 def _build(name: str, defines: tuple[str, ...] = ()):
     from torch.utils.cpp_extension import load_inline
-    # One translation unit: dequantize.cpp uses qlinear.cpp's block constants.
-    sources = [(Path(__file__).parent / "csrc" / f).read_text() for f in ("qlinear.cpp", "dequantize.cpp")]
-    return load_inline(name, cpp_sources=sources,
-                       functions=["qlinear", "quantize_activations", "qlinear_isa", "dequantize_into"],
+    sources = [f.read_text() for f in SOURCES]
+    # The name carries a digest of the sources: PyTorch's build cache is one folder per name, shared by every
+    # process of the user, so two versions of the sources built at once would otherwise overwrite each other.
+    digest = hashlib.sha1("\0".join(sources + list(defines)).encode()).hexdigest()[:12]
+    return load_inline(f"{name}_{digest}", cpp_sources=sources,
+                       functions=["qlinear", "quantize_activations", "qlinear_isa", "qmoe", "dequantize_into"],
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
 def native_module():
-    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``, ``dequantize_into``), or None
-    where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the log)."""
+    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``, ``dequantize_into``),
+    or None where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the log)."""
     global _module, _failed
     if _module is None and not _failed:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -140,3 +149,16 @@ def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor) -> torch.
         return out.copy_(dequantize(packed, fmt, tuple(out.shape)))
     module.dequantize_into(packed, FMT_CODES[fmt], out)
     return out
+
+
+def qmoe(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, q1: torch.Tensor, q3: torch.Tensor,
+         q2: torch.Tensor, fmt: str, isa: str = "auto") -> Optional[torch.Tensor]:
+    """A MoE layer's experts for a decode step in one call (csrc/qmoe.cpp): x (T, D) fp32 or bf16, chosen and
+    weights (T, k) (expert ids, and their weights in x's dtype), q1 / q3 (E, H, D / 32 * block_bytes) and q2
+    (E, D, H / 32 * block_bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).
+    Returns (T, D) in x's dtype, the bits of the per-expert QuantLinear path; None where the kernel is not built
+    or x is not on CPU."""
+    module = native_module() if x.device.type == "cpu" else None
+    if module is None or not 1 <= x.shape[0] <= MAX_ROWS:
+        return None
+    return module.qmoe(x, chosen, weights.to(x.dtype), q1, q3, q2, FMT_CODES[fmt], ISA_CODES[isa])

@@ -351,6 +351,24 @@ TileFn pick(int64_t M, bool vnni) {
   return nullptr;
 }
 
+// Rows x (M, K) fp32 quantized as the kernel takes them (quantize_row per row), in buffers it keeps alive.
+struct QuantizedRows {
+  torch::Tensor q, d, s8;
+  Acts acts;
+  QuantizedRows(const float* x, int64_t M, int64_t K, const torch::TensorOptions& options) {
+    const int64_t nb = K / QK;
+    q = torch::empty({M * K + 64}, options.dtype(torch::kInt8));    // + 64: room for a 512-bit load
+    d = torch::empty({M * nb}, options.dtype(torch::kFloat));
+    s8 = torch::empty({M * nb}, options.dtype(torch::kInt));
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row(x + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * nb,
+                   s8.data_ptr<int32_t>() + m * nb);
+    acts = Acts{q.data_ptr<int8_t>(), d.data_ptr<float>(), s8.data_ptr<int32_t>(), K, nb};
+  }
+  // The activation rows from row m on.
+  Acts from(int64_t m) const { return Acts{acts.q + m * acts.K, acts.d + m * acts.nb, acts.s8 + m * acts.nb, acts.K, acts.nb}; }
+};
+
 bool cpu_has_vnni() {
 #ifdef SIROCCO_VNNI_EMULATION
   return true;
@@ -399,15 +417,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa
   TORCH_CHECK(isa != 2 || has_vnni, "qlinear: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
 
-  const int64_t nb = K / QK;
   auto xf = x.to(torch::kFloat).contiguous();
-  auto aq = torch::empty({M * K + 64}, x.options().dtype(torch::kInt8));    // + 64: room for a 512-bit load
-  auto ad = torch::empty({M * nb}, x.options().dtype(torch::kFloat));
-  auto as = torch::empty({M * nb}, x.options().dtype(torch::kInt));
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row(xf.data_ptr<float>() + m * K, K, aq.data_ptr<int8_t>() + m * K, ad.data_ptr<float>() + m * nb,
-                 as.data_ptr<int32_t>() + m * nb);
-  const Acts a{aq.data_ptr<int8_t>(), ad.data_ptr<float>(), as.data_ptr<int32_t>(), K, nb};
+  const QuantizedRows rows(xf.data_ptr<float>(), M, K, x.options());
+  const Acts& a = rows.acts;
 
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
