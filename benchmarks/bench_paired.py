@@ -6,7 +6,8 @@ slow phase and the other in a fast one. Here both load the same checkpoint (the 
 into one process and take turns, round after round, in ABBA order (sirocco first in even rounds, transformers
 first in odd ones):
 
-    prefill   a 512-token prompt to its first token: tokens/s per library per round, and their ratio
+    prefill   a prompt of each --prefill-lens length (512 and 2048 tokens by default) to its first token: tokens/s
+              per library per round, and their ratio
     decode    batch 1, 64-token prompt: (time for 128 tokens - time for 1) / 127: tokens/s and ratio; the read
               bandwidth is probed (as bench_inference.py does: best of 5 sums over 2 GiB) right before and right
               after sirocco's timed decode, and its fraction of the bound uses the higher of the two probes
@@ -14,8 +15,9 @@ first in odd ones):
 Each ratio is taken within a round, so both libraries saw nearly the same machine; the summary gives the median
 and the range over rounds.
 
-    python benchmarks/bench_paired.py                            # bf16, 5 rounds after a warm-up (about 5 min)
-    python benchmarks/bench_paired.py --dtype float32 --rounds 3 --json
+    python benchmarks/bench_paired.py                            # bf16, 5 rounds after a warm-up (about 8 min)
+    python benchmarks/bench_paired.py --moe                      # the Mixtral shape of bench_inference --moe
+    python benchmarks/bench_paired.py --dtype float32 --rounds 3 --prefill-lens 512 --json
 """
 from __future__ import annotations
 
@@ -40,13 +42,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--workdir", type=Path, default=bi.HERE / ".cache", help="where the checkpoints are")
     ap.add_argument("--quick", action="store_true", help="the small shape, to check the script in seconds")
+    ap.add_argument("--moe", action="store_true",
+                    help="bench_inference's Mixtral shape (8 experts of 3584, top 2) instead of the dense 1B")
+    ap.add_argument("--prefill-lens", default=None,
+                    help="comma-separated pre-fill prompt lengths (default 512,2048; the small shape: its own)")
     ap.add_argument("--json", action="store_true", help="print the rounds and the summary as JSON to stdout")
     a = ap.parse_args(argv)
 
     import torch
     from tqdm import tqdm
     torch.set_num_threads(a.threads)
-    shape, work = bi.QUICK if a.quick else bi.FULL
+    shape, work = bi.shape_for(a.quick, a.moe)
+    lens = ([int(n) for n in a.prefill_lens.split(",")] if a.prefill_lens
+            else [work.prefill_len] if a.quick else [512, 2048])
     path = bi.checkpoint_dir(a.workdir, shape, a.dtype)
     if not (path / "config.json").exists():
         bi.build_checkpoints(a.workdir, shape, [a.dtype])
@@ -55,8 +63,8 @@ def main(argv=None) -> int:
     for r in runners:
         r.imports()
         r.load(path, dtype)
-        r.prepare([1], max(work.prefill_len, work.decode_prompt + work.decode_tokens) + 2)
-    [prefill_prompt] = bi.random_prompts([work.prefill_len], shape.vocab_size, seed=1)
+        r.prepare([1], max(*lens, work.decode_prompt + work.decode_tokens) + 2)
+    prefill_prompts = dict(zip(lens, bi.random_prompts(lens, shape.vocab_size, seed=1)))
     [decode_prompt] = bi.random_prompts([work.decode_prompt], shape.vocab_size, seed=2)
     n = work.decode_tokens
     probe = bi.bandwidth_probe(a.quick)
@@ -65,8 +73,10 @@ def main(argv=None) -> int:
     for i in tqdm(range(a.rounds + 1), desc="rounds", file=sys.stderr):
         order = runners if i % 2 == 0 else runners[::-1]
         row: dict = {"round": i, "first": order[0].name}
-        for r in order:
-            row[f"{r.name}_prefill"] = work.prefill_len / seconds(lambda: r.generate([prefill_prompt], 1))
+        for n_pre, prompt in prefill_prompts.items():
+            for r in order:
+                row[f"{r.name}_prefill_{n_pre}"] = n_pre / seconds(lambda: r.generate([prompt], 1))
+            row[f"prefill_ratio_{n_pre}"] = row[f"sirocco_prefill_{n_pre}"] / row[f"transformers_prefill_{n_pre}"]
         for r in order:
             one = seconds(lambda: r.generate([decode_prompt], 1))
             before = probe() if r.name == "sirocco" else None
@@ -74,33 +84,38 @@ def main(argv=None) -> int:
             row[f"{r.name}_decode"] = (n - 1) / (many - one)
             if before is not None:
                 row["bandwidth"] = max(before, probe())
-        row["prefill_ratio"] = row["sirocco_prefill"] / row["transformers_prefill"]
         row["decode_ratio"] = row["sirocco_decode"] / row["transformers_decode"]
         row["decode_fraction"] = row["sirocco_decode"] / shape.decode_bound(row["bandwidth"], a.dtype)
         if i > 0:                                                   # round 0 warms both libraries up
             rounds.append(row)
 
-    keys = ("sirocco_prefill", "transformers_prefill", "prefill_ratio", "sirocco_decode", "transformers_decode",
-            "decode_ratio", "bandwidth", "decode_fraction")
+    pre_keys = [f"{k}_{n}" for n in lens for k in ("sirocco_prefill", "transformers_prefill", "prefill_ratio")]
+    keys = (*pre_keys, "sirocco_decode", "transformers_decode", "decode_ratio", "bandwidth", "decode_fraction")
     summary = {k: {"median": statistics.median(r[k] for r in rounds), "min": min(r[k] for r in rounds),
                    "max": max(r[k] for r in rounds)} for k in keys}
+    pre_head = "".join(f"| pre-fill {n} tok/s sirocco / transformers | ratio " for n in lens)
     lines = [f"{a.dtype}, shape {shape.name}, {a.threads} threads, {len(rounds)} rounds (ABBA), one process", "",
-             "| round | pre-fill tok/s sirocco / transformers | ratio | decode tok/s sirocco / transformers "
-             "| ratio | read GB/s | decode / bound |", "|---|---|---|---|---|---|---|"]
+             f"| round {pre_head}| decode tok/s sirocco / transformers | ratio | read GB/s | decode / bound |",
+             "|---" * (5 + 2 * len(lens)) + "|"]
     for r in rounds:
-        lines.append(f"| {r['round']} | {r['sirocco_prefill']:.1f} / {r['transformers_prefill']:.1f} "
-                     f"| {r['prefill_ratio']:.2f}x | {r['sirocco_decode']:.1f} / {r['transformers_decode']:.1f} "
+        pre = "".join(f"| {r[f'sirocco_prefill_{n}']:.1f} / {r[f'transformers_prefill_{n}']:.1f} "
+                      f"| {r[f'prefill_ratio_{n}']:.2f}x " for n in lens)
+        lines.append(f"| {r['round']} {pre}| {r['sirocco_decode']:.1f} / {r['transformers_decode']:.1f} "
                      f"| {r['decode_ratio']:.2f}x | {r['bandwidth'] / 1e9:.1f} | {r['decode_fraction']:.0%} |")
     s = summary
-    lines += ["", f"pre-fill: sirocco / transformers {s['prefill_ratio']['median']:.2f}x median "
-                  f"({s['prefill_ratio']['min']:.2f}-{s['prefill_ratio']['max']:.2f}x over rounds)",
-              f"decode, batch 1: sirocco / transformers {s['decode_ratio']['median']:.2f}x median "
+    lines.append("")
+    for n in lens:
+        k = f"prefill_ratio_{n}"
+        lines.append(f"pre-fill {n} tokens: sirocco / transformers {s[k]['median']:.2f}x median "
+                     f"({s[k]['min']:.2f}-{s[k]['max']:.2f}x over rounds)")
+    lines += [f"decode, batch 1: sirocco / transformers {s['decode_ratio']['median']:.2f}x median "
               f"({s['decode_ratio']['min']:.2f}-{s['decode_ratio']['max']:.2f}x); of the bound from the probes "
               f"around it {s['decode_fraction']['median']:.0%} median "
               f"({s['decode_fraction']['min']:.0%}-{s['decode_fraction']['max']:.0%})"]
     print("\n".join(lines), file=sys.stderr)
     if a.json:
-        print(json.dumps({"dtype": a.dtype, "shape": shape.name, "threads": a.threads, "rounds": rounds,
+        print(json.dumps({"dtype": a.dtype, "shape": shape.name, "moe": a.moe, "prefill_lens": lens,
+                          "threads": a.threads, "rounds": rounds,
                           "summary": summary}, indent=1))
     return 0
 

@@ -13,14 +13,17 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def test_paired_benchmark_quick(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH / "bench_paired.py"), "--quick", "--rounds", "2", "--json",
-                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+                          "--workdir", str(tmp_path), "--prefill-lens", "32,64"],
+                         capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert [r["first"] for r in result["rounds"]] == ["transformers", "sirocco"]      # ABBA
+    assert result["prefill_lens"] == [32, 64] and not result["moe"]
     for row in result["rounds"]:
-        assert row["sirocco_prefill"] > 0 and row["transformers_decode"] > 0 and row["bandwidth"] > 0
-    assert set(result["summary"]["prefill_ratio"]) == {"median", "min", "max"}
-    assert "pre-fill: sirocco / transformers" in out.stderr
+        assert row["sirocco_prefill_32"] > 0 and row["transformers_prefill_64"] > 0
+        assert row["transformers_decode"] > 0 and row["bandwidth"] > 0
+    assert set(result["summary"]["prefill_ratio_64"]) == {"median", "min", "max"}
+    assert "pre-fill 32 tokens: sirocco / transformers" in out.stderr
 
 
 def test_serve_benchmark_quick(tmp_path):

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sirocco.backends.cpu import kernels as cpu_kernels
 from sirocco.backends.quant import kernels as qk
 from sirocco.backends.quant import linear as ql
 from sirocco.backends.quant.formats import dequantize, quantize
@@ -33,12 +34,12 @@ def test_quant_linear_matches_f_linear_over_dequantized_weight(fmt, dtype, rows,
     assert y.dtype == dtype and y.shape == (rows, 37)
     assert (y.float() - ref).abs().max().item() <= _tol(ref, dtype)
     if rows > qk.MAX_ROWS:                      # pre-fill: F.linear over the weight in x's dtype, to its rounding
-        monkeypatch.setattr(ql, "bf16_gemm_is_slow", lambda: False)
+        monkeypatch.setattr(cpu_kernels, "bf16_gemm_is_slow", lambda: False)
         with torch.no_grad():
             y = q(x)
         torch.testing.assert_close(y, F.linear(x, w.to(dtype)) + lin.bias.to(dtype))
         if dtype == torch.bfloat16:             # in fp32 where bf16 products are slow: the fp32 product, rounded
-            monkeypatch.setattr(ql, "bf16_gemm_is_slow", lambda: True)
+            monkeypatch.setattr(cpu_kernels, "bf16_gemm_is_slow", lambda: True)
             with torch.no_grad():
                 y32 = q(x)
             torch.testing.assert_close(y32, (F.linear(x.float(), w).to(dtype) + lin.bias.to(dtype)), atol=0, rtol=0.01)
@@ -67,14 +68,32 @@ def test_from_quantized_uses_the_blocks_in_place():
     assert q.qweight.data_ptr() == qt.data.data_ptr() and q.shape == (5, 32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FMTS)
-def test_dequantize_into_gives_the_bits_of_dequantize(fmt):
+def test_dequantize_into_gives_the_bits_of_dequantize(fmt, dtype):
     w = torch.randn(37, 96) * torch.logspace(-3, 3, 37)[:, None]       # scales over six decades
     packed = quantize(w, fmt)
-    out = torch.full((37, 96), float("nan"))
+    want = dequantize(packed, fmt, (37, 96)).to(dtype)                  # bf16: fp32 values rounded to nearest even
+    out = torch.full((37, 96), float("nan"), dtype=dtype)
     assert qk.dequantize_into(packed, fmt, out) is out
-    assert torch.equal(out, dequantize(packed, fmt, (37, 96)))
+    assert torch.equal(out, want)
     if qk.kernel_available():                   # the C++ pass itself, not the fallback
-        out2 = torch.empty(37, 96)
+        out2 = torch.empty(37, 96, dtype=dtype)
         qk.native_module().dequantize_into(packed, qk.FMT_CODES[fmt], out2)
-        assert torch.equal(out2, out)
+        assert torch.equal(out2, want)
+
+
+def test_dequantize_into_bf16_rounds_ties_to_even():
+    # q8_0 blocks whose fp16 scales (1 + 2^-8, 1 + 3 * 2^-8, ...) times the quants -127..127 land on bf16 ties
+    # (the 16 dropped bits exactly 0x8000), with an even and with an odd kept bit, and between them
+    d = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 2**-14, 1 - 2**-11], dtype=torch.float16)
+    q = torch.arange(-127, 129).clamp(max=127).to(torch.int8).reshape(8, 32)
+    blocks = torch.cat([d.repeat(2).view(torch.uint8).reshape(8, 2), q.view(torch.uint8)], dim=1)
+    packed = blocks.reshape(8, 34)
+    want = dequantize(packed, "q8_0", (8, 32))
+    bits = want.view(torch.int32)
+    ties = (bits & 0xFFFF) == 0x8000
+    assert ties.sum() >= 4 and (ties & ((bits >> 16) & 1 == 1)).any() and (ties & ((bits >> 16) & 1 == 0)).any()
+    out = torch.empty(8, 32, dtype=torch.bfloat16)
+    qk.dequantize_into(packed, "q8_0", out)
+    assert torch.equal(out, want.to(torch.bfloat16))

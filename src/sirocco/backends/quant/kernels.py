@@ -141,11 +141,13 @@ def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: 
 
 
 def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (N, K) fp32 = the weights of the packed blocks (N, K // 32 * block_bytes), the bits of
-    ``formats.dequantize``: in one C++ pass where the kernels are built and everything is on CPU, else through
-    ``formats.dequantize``. Pre-fill's tiles (linear.py) reuse one buffer this way."""
+    """``out`` (N, K) fp32 or bf16 = the weights of the packed blocks (N, K // 32 * block_bytes): the bits of
+    ``formats.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
+    one C++ pass where the kernels are built and everything is on CPU, else through ``formats.dequantize``.
+    Pre-fill's tiles (linear.py) reuse one buffer this way."""
     module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
-    if module is None or not (packed.is_contiguous() and out.is_contiguous() and out.dtype == torch.float32):
+    if module is None or not (packed.is_contiguous() and out.is_contiguous()
+                              and out.dtype in (torch.float32, torch.bfloat16)):
         return out.copy_(dequantize(packed, fmt, tuple(out.shape)))
     module.dequantize_into(packed, FMT_CODES[fmt], out)
     return out

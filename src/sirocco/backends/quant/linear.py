@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sirocco.backends.cpu.kernels import bf16_gemm_is_slow
+from sirocco.backends.cpu.kernels import upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 
@@ -29,6 +29,9 @@ from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_s
 # bf16 rows are multiplied in fp32 where bf16 products are slow: the same product took 430-700 ms on the same kind
 # of host, against 660 ms for the bf16 weight through the CPU backend's upcast_linear (a microbenchmark:
 # QuantLinear.from_linear of a 7168 x 2048 layer, best of 3 calls on 512 random bf16 rows).
+# Where bf16 products are fast (AVX512-BF16 or AMX), the C++ pass writes the bf16 tile itself: on a 2-core Xeon with
+# AMX, 512 bf16 rows times a 2048 x 7168 q8_0 weight took 25 ms against 59 ms with an fp32 tile cast to bf16 and
+# 25-33 ms for the bf16 weight (medians of 7 calls; a host shared with other work).
 PREFILL_TILE_ROWS = 512
 
 
@@ -96,16 +99,17 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time: in x's dtype, or for bf16
-        rows on a CPU without a fast bf16 GEMM (``bf16_gemm_is_slow``) in fp32 (the dequantized values as they
-        are, each tile's product rounded to bf16 once), as the CPU backend's bf16 pre-fill does."""
+        """F.linear over the weight dequantized PREFILL_TILE_ROWS output rows at a time into one reused buffer: in
+        x's dtype (bf16 tiles written by the dequantizing pass itself), or for bf16 rows on a CPU without a fast bf16
+        GEMM (``upcast_pays``) in fp32 (the dequantized values as they are, each tile's product rounded to bf16
+        once), as the CPU backend's bf16 pre-fill does."""
         y = x.new_empty(x.shape[0], self.out_features)
-        in_fp32 = x.dtype == torch.bfloat16 and bf16_gemm_is_slow()
-        xc = x.float() if in_fp32 else x
-        buf = torch.empty(min(PREFILL_TILE_ROWS, self.out_features), self.in_features, device=x.device)
+        xc = x.float() if upcast_pays(x) else x
+        buf = torch.empty(min(PREFILL_TILE_ROWS, self.out_features), self.in_features, device=x.device,
+                          dtype=xc.dtype if xc.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         for n0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             n1 = min(n0 + PREFILL_TILE_ROWS, self.out_features)
-            w = kernels.dequantize_into(self.qweight[n0:n1], self.fmt, buf[:n1 - n0])     # fp32, one reused buffer
+            w = kernels.dequantize_into(self.qweight[n0:n1], self.fmt, buf[:n1 - n0])
             y[:, n0:n1] = F.linear(xc, w.to(xc.dtype))
         return y
 
