@@ -239,61 +239,110 @@ void tile_avx2_q4(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid
   }
 }
 
-// The few 512-bit operations of the VNNI tile. Built with SIROCCO_VNNI_EMULATION (a test-only build,
-// tests/test_quant_kernels.py) they are scalar code following Intel's definitions, so that the tile's data flow can
-// be checked on CPUs without AVX-512; normally they are the AVX512-VNNI instructions.
+// The VNNI tile works on block pairs: one 512-bit vector holds two consecutive blocks of a weight row (lanes 0..7
+// block b, lanes 8..15 block b + 1, each int32 lane the sum of 4 products), so one _mm512_dpbusd_epi32 takes a row's
+// products for both blocks, and one tree of 14 shuffles (reduce16) turns the 8 rows' vectors into the 16 block dots
+// of the pair, half of the shuffles of two 256-bit trees. dpbusd multiplies unsigned by signed bytes: q4_0's
+// nibbles are unsigned already; for q8_0 the activation is made unsigned (a + 128, an exclusive or of the sign bit)
+// and the product started from -128 times the sum of the lane's 4 weights, so that each lane is exactly the sum of
+// w * a (a weight of -128 included), one instruction per row and activation row.
+//
+// Built with SIROCCO_VNNI_EMULATION (a test-only build, tests/test_quant_kernels.py) the operations of namespace
+// v512 are scalar code following Intel's definitions, so that the tile's data flow can be checked on CPUs without
+// AVX-512; normally they are the AVX-512 instructions.
 #ifndef SIROCCO_VNNI_EMULATION
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 namespace v512 {
 using vec = __m512i;
+VNNI_TARGET inline vec zero() { return _mm512_setzero_si512(); }
 VNNI_TARGET inline vec load(const int8_t* p) { return _mm512_loadu_si512((const void*)p); }
-VNNI_TARGET inline vec combine(__m256i lo, __m256i hi) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
 VNNI_TARGET inline __m256i low(vec v) { return _mm512_castsi512_si256(v); }
 VNNI_TARGET inline __m256i high(vec v) { return _mm512_extracti64x4_epi64(v, 1); }
-// q8_0: per int32 lane, the sum of 4 products |w| * (a with w's sign) = w * a
-VNNI_TARGET inline vec dot_q8(vec w, vec a) {
-  const vec zero = _mm512_setzero_si512();
-  return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), zero, a));
+// q8_0: the 32 quants at q0 (block b) and at q1 (block b + 1)
+VNNI_TARGET inline vec q8_pair(const uint8_t* q0, const uint8_t* q1) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)q0)),
+                            _mm256_loadu_si256((const __m256i*)q1), 1);
 }
-// q4_0: per int32 lane, the sum of 4 products nibble (unsigned) * a (signed)
-VNNI_TARGET inline vec dot_q4(vec nib, vec a) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib, a); }
+// q4_0: the 16 packed bytes at q0 and at q1 as 64 nibbles in element order (128-bit lanes: q0's low nibbles, q0's
+// high nibbles, q1's low, q1's high)
+VNNI_TARGET inline vec q4_pair(const uint8_t* q0, const uint8_t* q1) {
+  const vec v = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q0))),
+      _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q1)), 1);
+  return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), _mm512_set1_epi8(0x0F));
+}
+// a + 128 as unsigned bytes
+VNNI_TARGET inline vec flip(vec a) { return _mm512_xor_si512(a, _mm512_set1_epi8((char)0x80)); }
+// per int32 lane, -128 times the sum of its 4 signed bytes of w
+VNNI_TARGET inline vec q8_start(vec w) {
+  return _mm512_sub_epi32(zero(), _mm512_dpbusd_epi32(zero(), _mm512_set1_epi8((char)0x80), w));
+}
+// per int32 lane, acc + the sum of 4 products of unsigned u and signed s bytes
+VNNI_TARGET inline vec dpbusd(vec acc, vec u, vec s) { return _mm512_dpbusd_epi32(acc, u, s); }
+// lane r (0..7): the sum of p[r]'s int32 lanes 0..7; lane 8 + r: of its lanes 8..15
+VNNI_TARGET inline vec pairs(vec x, vec y) {
+  return _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+}
+VNNI_TARGET inline vec quads(vec x, vec y) {
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+}
+VNNI_TARGET inline vec reduce16(const vec* p) {
+  // per 128-bit lane of u0: the sums of its 4 int32 lanes for rows 0..3; of u1: rows 4..7
+  const vec u0 = quads(pairs(p[0], p[1]), pairs(p[2], p[3])), u1 = quads(pairs(p[4], p[5]), pairs(p[6], p[7]));
+  const vec first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+  return _mm512_add_epi32(_mm512_permutex2var_epi64(u0, first, u1), _mm512_permutex2var_epi64(u0, second, u1));
+}
 }  // namespace v512
 #else
 #define VNNI_TARGET
 namespace v512 {
 struct vec { int8_t b[64]; };
+inline vec zero() { vec v; std::memset(v.b, 0, 64); return v; }
 inline vec load(const int8_t* p) { vec v; std::memcpy(v.b, p, 64); return v; }
-inline vec combine(__m256i lo, __m256i hi) {
-  vec v; _mm256_storeu_si256((__m256i*)v.b, lo); _mm256_storeu_si256((__m256i*)(v.b + 32), hi); return v;
-}
 inline __m256i low(vec v) { return _mm256_loadu_si256((const __m256i*)v.b); }
 inline __m256i high(vec v) { return _mm256_loadu_si256((const __m256i*)(v.b + 32)); }
-inline vec dpbusd(const vec& u, const vec& s) {      // _mm512_dpbusd_epi32 with a zero accumulator
-  vec out; int32_t lanes[16];
-  for (int j = 0; j < 16; ++j) {
-    lanes[j] = 0;
-    for (int i = 4 * j; i < 4 * j + 4; ++i) lanes[j] += (int32_t)(uint8_t)u.b[i] * (int32_t)s.b[i];
-  }
-  std::memcpy(out.b, lanes, 64);
-  return out;
+inline void lanes(const vec& v, int32_t* out) { std::memcpy(out, v.b, 64); }
+inline vec from_lanes(const int32_t* in) { vec v; std::memcpy(v.b, in, 64); return v; }
+inline vec q8_pair(const uint8_t* q0, const uint8_t* q1) {
+  vec v; std::memcpy(v.b, q0, 32); std::memcpy(v.b + 32, q1, 32); return v;
 }
-inline vec dot_q8(vec w, vec a) {
-  vec absw, signed_a;
-  for (int i = 0; i < 64; ++i) {
-    absw.b[i] = (int8_t)(w.b[i] < 0 ? -(int)w.b[i] : w.b[i]);     // _mm512_abs_epi8: -128 stays 0x80 (128 unsigned)
-    signed_a.b[i] = (int8_t)(w.b[i] < 0 ? -(int)a.b[i] : a.b[i]);  // _mm512_mask_sub_epi8 on the sign mask
+inline vec q4_pair(const uint8_t* q0, const uint8_t* q1) {
+  vec v;
+  for (int i = 0; i < 16; ++i) {
+    v.b[i] = q0[i] & 0x0F; v.b[16 + i] = q0[i] >> 4; v.b[32 + i] = q1[i] & 0x0F; v.b[48 + i] = q1[i] >> 4;
   }
-  return dpbusd(absw, signed_a);
+  return v;
 }
-inline vec dot_q4(vec nib, vec a) { return dpbusd(nib, a); }
+inline vec flip(vec a) { for (auto& x : a.b) x = (int8_t)((uint8_t)x ^ 0x80); return a; }
+inline vec dpbusd(const vec& acc, const vec& u, const vec& s) {   // _mm512_dpbusd_epi32
+  int32_t l[16];
+  lanes(acc, l);
+  for (int j = 0; j < 16; ++j)
+    for (int i = 4 * j; i < 4 * j + 4; ++i) l[j] += (int32_t)(uint8_t)u.b[i] * (int32_t)s.b[i];
+  return from_lanes(l);
+}
+inline vec q8_start(vec w) {
+  vec c; std::memset(c.b, 0x80, 64);
+  int32_t l[16];
+  lanes(dpbusd(zero(), c, w), l);
+  for (auto& x : l) x = -x;
+  return from_lanes(l);
+}
+inline vec reduce16(const vec* p) {
+  int32_t out[16] = {}, l[16];
+  for (int r = 0; r < kTile; ++r) {
+    lanes(p[r], l);
+    for (int j = 0; j < 8; ++j) { out[r] += l[j]; out[8 + r] += l[8 + j]; }
+  }
+  return from_lanes(out);
+}
 }  // namespace v512
 #endif
 
 template <int FMT, int M>
 VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid, const Acts& a,
                            float* y, int64_t N) {
+  constexpr int64_t BB = block_bytes<FMT>();
   const uint8_t* rp[kTile];
   for (int r = 0; r < kTile; ++r) rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
   NextTile<FMT> pf(w + n0 * row_bytes, row_bytes);
@@ -301,27 +350,35 @@ VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int6
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= a.nb; b += 2) {
-    const int64_t off = b * block_bytes<FMT>();
+    const int64_t off = b * BB;
     pf.step();
     pf.step();
     const __m256 dw0 = row_scales<FMT>(rp, b), dw1 = row_scales<FMT>(rp, b + 1);
-    v512::vec wq[kTile];
-    for (int r = 0; r < kTile; ++r)
-      wq[r] = v512::combine(load_quants<FMT>(rp[r] + off), load_quants<FMT>(rp[r] + off + block_bytes<FMT>()));
+    v512::vec wq[kTile], start[kTile];
+    for (int r = 0; r < kTile; ++r) {
+      if (FMT == kQ8) {
+        wq[r] = v512::q8_pair(rp[r] + off + 2, rp[r] + off + BB + 2);
+        start[r] = v512::q8_start(wq[r]);
+      } else {
+        wq[r] = v512::q4_pair(rp[r] + off + 2, rp[r] + off + BB + 2);
+      }
+    }
     for (int m = 0; m < M; ++m) {
       const v512::vec aq = v512::load(a.q + m * a.K + b * QK);
-      __m256i lo[kTile], hi[kTile];
-      for (int r = 0; r < kTile; ++r) {
-        const v512::vec p = FMT == kQ8 ? v512::dot_q8(wq[r], aq) : v512::dot_q4(wq[r], aq);
-        lo[r] = v512::low(p);
-        hi[r] = v512::high(p);
+      v512::vec p[kTile];
+      if (FMT == kQ8) {
+        const v512::vec au = v512::flip(aq);
+        for (int r = 0; r < kTile; ++r) p[r] = v512::dpbusd(start[r], au, wq[r]);
+      } else {
+        for (int r = 0; r < kTile; ++r) p[r] = v512::dpbusd(v512::zero(), wq[r], aq);
       }
-      acc[m] = scale_add<FMT>(acc[m], reduce8(lo), dw0, a, m, b);
-      acc[m] = scale_add<FMT>(acc[m], reduce8(hi), dw1, a, m, b + 1);
+      const v512::vec dots = v512::reduce16(p);
+      acc[m] = scale_add<FMT>(acc[m], v512::low(dots), dw0, a, m, b);
+      acc[m] = scale_add<FMT>(acc[m], v512::high(dots), dw1, a, m, b + 1);
     }
   }
   for (; b < a.nb; ++b) {                // an odd last block: the 256-bit form of the same dot
-    const int64_t off = b * block_bytes<FMT>();
+    const int64_t off = b * BB;
     const __m256 dw = row_scales<FMT>(rp, b);
     for (int m = 0; m < M; ++m) {
       const __m256i aq = _mm256_loadu_si256((const __m256i*)(a.q + m * a.K + b * QK));
