@@ -6,8 +6,9 @@ heads, hidden 7168, vocab 32000: about 1.0B parameters), written once in bf16 by
 folder. Each format runs in its own fresh subprocess, so that its peak memory is its own:
 
     bf16   the checkpoint loaded in bfloat16
-    int8   the same, then ``backends.quant.attach(model, "int8")`` (GGUF q8_0; what --quantize int8 does)
-    int4   the same, then ``attach(model, "int4")`` (q4_0; the output head q8_0 in both)
+    int8   the same with each linear weight quantized to GGUF's q8_0 as it is read (``checkpoint.load_quantized``,
+           what --quantize int8 does: the float model never exists whole)
+    int4   the same to q4_0 (the output head q8_0 in both)
 
 In that process, in this order:
 
@@ -133,14 +134,15 @@ def decode_read_bytes(model) -> tuple[int, int]:
     return total, total - emb.numel() * emb.element_size()
 
 
-def quantize(model, fmt: str) -> dict:
+def load_format(path: Path, fmt: str) -> tuple[Any, dict]:
+    """The checkpoint in bf16, or quantized to ``fmt`` while it is read; what quantizing did."""
+    import torch
+
+    from sirocco.checkpoint import load_model, load_quantized
     if fmt == "bf16":
-        return {}
-    from sirocco.backends.quant import attach
-    t0 = time.perf_counter()
-    report = attach(model, fmt, progress=False)
-    return {"quantize_seconds": time.perf_counter() - t0, "quantized_layers": report.layers,
-            "kept_in_float": report.kept}
+        return load_model(path, dtype=torch.bfloat16, device="cpu", progress=False), {}
+    model, report = load_quantized(path, fmt, dtype=torch.bfloat16, device="cpu", progress=False)
+    return model, {"quantized_layers": report.layers, "kept_in_float": report.kept}
 
 
 def median_run(fn: Callable[[], Any], repeats: int) -> list:
@@ -152,7 +154,6 @@ def run_format(spec: dict) -> dict:
     import torch
     torch.set_num_threads(spec["threads"])
     from sirocco import backends
-    from sirocco.checkpoint import load_model
     from sirocco.generate.engine import Engine, Stats
     from sirocco.generate.sampling import SamplingParams
     shape, work = work_for(spec)
@@ -164,9 +165,9 @@ def run_format(spec: dict) -> dict:
     rss0 = proc_status_kib("VmRSS")
     out["imports_rss_bytes"] = rss0 * 1024
     t0 = time.perf_counter()
-    model = load_model(Path(spec["path"]), dtype=torch.bfloat16, device="cpu")
-    out["load_seconds"] = time.perf_counter() - t0
-    out.update(quantize(model, fmt))
+    model, done = load_format(Path(spec["path"]), fmt)
+    out["load_seconds"] = time.perf_counter() - t0                # reading and quantizing are one pass
+    out.update(done)
     out["load_peak_bytes"] = (proc_status_kib("VmHWM") - rss0) * 1024
     out["model_bytes"], out["decode_read_bytes"] = decode_read_bytes(model)
     out["auto_backend"] = backends.choose(model, "auto")
@@ -255,8 +256,8 @@ def run_perplexity(spec: dict) -> dict:
     _, work = work_for(spec)
     out: dict[str, Any] = {"format": spec["format"]}
     for name in PPL_MODELS:
-        loaded = load(name, dtype=torch.bfloat16)
-        quantize(loaded.model, spec["format"])
+        fmt = spec["format"]
+        loaded = load(name, dtype=torch.bfloat16, quantize=None if fmt == "bf16" else fmt)
         tok_file = model_folder(name) / "tokenizer.model"
         ids = validation_tokens(loaded.tokenizer, tok_file, work.ppl_tokens, Path(spec["workdir"]))
         t0 = time.perf_counter()
@@ -320,11 +321,11 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         lines.append(f"| {f} | {nbytes / gb:.3f} | {bw / gb:.1f} (before {before / gb:.1f}, "
                      f"after {r['bandwidth_after']['pass_bytes_per_s'] / gb:.1f}) | {chunk / gb:.1f} | {bound:.2f} | "
                      + " | ".join(cells) + f" | {r[dk[0]]['steps_per_s'] / (run_best_bw / nbytes):.0%} |")
-    lines += ["", "Peak resident memory above the size before loading (the quantized formats load bf16 first, then "
-              "replace it layer by layer):", "",
-              "| format | model bytes (GB) | peak, load + quantize (GB) | peak, + first token (GB) | peak, whole run "
-              "(GB) | resident after first token (GB) | run peak / model bytes | run peak / bf16 model | load (s) | "
-              "quantize (s) |", "|---" * 10 + "|"]
+    lines += ["", "Peak resident memory above the size before loading (the quantized formats quantize each weight as "
+              "it is read):", "",
+              "| format | model bytes (GB) | peak, load (GB) | peak, + first token (GB) | peak, whole run "
+              "(GB) | resident after first token (GB) | run peak / model bytes | run peak / bf16 model | load (s) |",
+              "|---" * 9 + "|"]
     bf16_bytes = ok.get("bf16", {}).get("model_bytes")
     for f in FORMATS:
         if f not in ok:
@@ -334,7 +335,7 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
                      f"{r['first_token_peak_bytes'] / gb:.2f} | {r['run_peak_bytes'] / gb:.2f} | "
                      f"{r['rss_after_first_token_bytes'] / gb:.2f} | {r['run_peak_bytes'] / r['model_bytes']:.2f}x | "
                      + (f"{r['run_peak_bytes'] / bf16_bytes:.2f}x" if bf16_bytes else "–")
-                     + f" | {r['load_seconds']:.1f} | {num(r.get('quantize_seconds'))} |")
+                     + f" | {r['load_seconds']:.1f} |")
     lines += ["", f"Perplexity on the bundled models' validation text (first {work.ppl_tokens:,} tokens, context "
               f"{work.ppl_context}, stride {work.ppl_stride}; bf16 activations):", "",
               "| model | tokens scored | bf16 | int8 | int8 vs bf16 | int4 | int4 vs bf16 |", "|---" * 7 + "|"]

@@ -7,16 +7,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import mistral_common
 import torch
 
-from .checkpoint import GGUFFile, is_gguf, load_model
+from .checkpoint import GGUFFile, is_gguf, load_model, load_quantized
 from .config import preset
 from .errors import SiroccoError
 from .model import Transformer, build_model
 from .tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from .backends.quant import QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class Loaded:
     model: Transformer
     tokenizer: Tokenizer
     source: str          # what was loaded, from where: for logs and --json
+    quantized: Optional[QuantReport] = None        # what quantizing at load did (load(quantize=...))
 
 
 def model_folder(name_or_path: Optional[str]) -> Path:
@@ -52,19 +56,36 @@ def model_folder(name_or_path: Optional[str]) -> Path:
     return path
 
 
-def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32,
-         device: torch.device | str = "cpu") -> Loaded:
+def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+         quantize: Optional[str] = None) -> Loaded:
     """A model and its tokenizer from a folder, a bundled name, or the default (see ``model_folder``), or the
-    random demo model. Bundled weights are stored in bfloat16 and converted to ``dtype`` while loading."""
+    random demo model. Bundled weights are stored in bfloat16 and converted to ``dtype`` while loading.
+
+    ``quantize`` (``int8``/``int4``, or ``q8_0``/``q4_0``): the linear layers quantized as ``backends.quant.attach``
+    does, each weight as it is read from a checkpoint folder (``checkpoint.load_quantized``: the float model never
+    exists whole); a GGUF file's or the demo model's after loading. The bytes before and after are logged and
+    kept in ``Loaded.quantized``."""
     if name_or_path == DEMO:
-        return _demo(dtype, device)
+        return _quantized(_demo(dtype, device), quantize)
     path = model_folder(name_or_path)
     if is_gguf(path):
         gguf_file = GGUFFile(path)                  # read the header once for both
-        return Loaded(gguf_file.model(dtype, device), gguf_file.tokenizer(), f"{path} (GGUF, {dtype}, {device})")
-    model = load_model(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(path)
-    return Loaded(model, tokenizer, f"{path} ({dtype}, {device})")
+        loaded = Loaded(gguf_file.model(dtype, device), gguf_file.tokenizer(), f"{path} (GGUF, {dtype}, {device})")
+        return _quantized(loaded, quantize)
+    report: Optional[QuantReport] = None
+    if quantize:
+        model, report = load_quantized(path, quantize, dtype=dtype, device=device)
+    else:
+        model = load_model(path, dtype=dtype, device=device)
+    return Loaded(model, load_tokenizer(path), f"{path} ({dtype}, {device})", report)
+
+
+def _quantized(loaded: Loaded, quantize: Optional[str]) -> Loaded:
+    """``loaded`` with its model quantized after loading (``attach``), where ``quantize`` asks."""
+    if quantize:
+        from .backends.quant import attach
+        loaded.quantized = attach(loaded.model, quantize)
+    return loaded
 
 
 def _demo(dtype: torch.dtype, device: torch.device | str) -> Loaded:

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -121,6 +121,13 @@ class TensorFiles:
         path, reader = self._where[name]
         return reader.get(name, mapped)  # type: ignore[attr-defined]
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of the tensor ``name`` as a private copy, read with
+        plain file reads from a safetensors file: a loader that converts a large tensor piece by piece never
+        holds the whole of it, nor leaves its pages resident."""
+        path, reader = self._where[name]
+        return reader.rows(name, start, stop)  # type: ignore[attr-defined]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -154,16 +161,22 @@ class _SafetensorsFile:
         return self._header
 
     def get(self, name: str, mapped: bool = True) -> torch.Tensor:
+        return self._guarded(name, lambda: self.handle.get_tensor(name) if mapped else self._read_copy(name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._guarded(name, lambda: self._read_copy(name, start, stop))
+
+    def _guarded(self, name: str, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``read()``, with any failure of the underlying reader a CheckpointError naming the file and tensor."""
         try:
-            if mapped:
-                return self.handle.get_tensor(name)
-            return self._read_copy(name)
+            return read()
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({_short(e)})") from None
 
-    def _read_copy(self, name: str) -> torch.Tensor:
+    def _read_copy(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor (all of it by default), read into new memory."""
         # The safetensors layout: an 8-byte little-endian header length, a JSON header giving each tensor's
         # [begin, end) byte offsets relative to the end of the header, then the data.
         if self._offsets is None:
@@ -174,6 +187,10 @@ class _SafetensorsFile:
                              for k, v in header.items() if k != "__metadata__"}
         begin, end = self._offsets[name]
         shape, dtype = self._header[name]
+        if start or stop is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            stop = shape[0] if stop is None else stop
+            begin, end, shape = begin + start * row_bytes, begin + stop * row_bytes, (stop - start, *shape[1:])
         buf = bytearray(end - begin)
         with open(self.path, "rb") as f:
             f.seek(begin)
@@ -203,6 +220,9 @@ class _TorchFile:
 
     def get(self, name: str, mapped: bool = True) -> torch.Tensor:
         return self.state[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.state[name][start:stop].clone()
 
 
 def _short(e: Exception) -> str:

@@ -8,8 +8,9 @@ to the internal layout and dtype, and assigned to the model: a 7B checkpoint nev
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from tqdm import tqdm
@@ -21,12 +22,20 @@ from .files import HF, Layout, TensorFiles, find_layout
 from .gguf import is_gguf, load_gguf
 from .names import IGNORED_HF, from_hf_name, from_hf_rope, rope_heads, to_hf_name
 
+if TYPE_CHECKING:
+    from ..backends.quant.convert import QuantReport
+
 log = logging.getLogger(__name__)
+
+
+# Weights read, converted and quantized at once when quantizing while loading (at least one row, or one head of
+# wq/wk): 4 MiB in fp32, so the pass's own memory is a small fraction of even a small quantized model.
+QUANTIZE_CHUNK = 2**16
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
-               head: bool = True, progress: Optional[bool] = None) -> Transformer:
+               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None) -> Transformer:
     """A model from a checkpoint folder in either published format.
 
     Args:
@@ -38,29 +47,84 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: tor
         layers, embed, head: load only these layers / the embedding / the final norm and output (a pipeline
             stage); the other tensors are not read.
         progress: a progress bar over tensors (default: when standard error is a terminal).
+        quantize: ``int8`` / ``int4`` (or ``q8_0`` / ``q4_0``): the model that ``backends.quant.attach`` makes of
+            the loaded one, bit for bit, with each linear weight quantized as it is read (see ``load_quantized``).
     """
+    return _load(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize)[0]
+
+
+def load_quantized(path: str | Path, fmt: str, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
+                   layers: Optional[list[int]] = None, embed: bool = True, head: bool = True,
+                   progress: Optional[bool] = None) -> tuple[Transformer, QuantReport]:
+    """``load_model`` quantizing to ``fmt`` while it reads, and the report (bytes before and after) that
+    ``attach`` would give.
+
+    The linear layers to quantize become ``QuantLinear`` with empty blocks before any data is read; each of their
+    weights is then read from its file a few rows at a time (``QUANTIZE_CHUNK`` weights: plain file reads, no
+    pages of the file left resident), converted to ``dtype`` as loading would, quantized and written into its
+    blocks, so the float model never exists. The other tensors load as in ``load_model``. A GGUF file is loaded
+    as it is and then given to ``attach`` (its quantized layers stay as stored)."""
+    model, report = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, fmt)
+    assert report is not None
+    return model, report
+
+
+def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_seq_len: Optional[int],
+          layers: Optional[list[int]], embed: bool, head: bool, progress: Optional[bool],
+          quantize: Optional[str]) -> tuple[Transformer, Optional[QuantReport]]:
+    """``load_model``'s work; the quantization report too where ``quantize`` asks for it."""
+    from ..backends.quant.convert import attach, empty_quantized, finish
     if is_gguf(path):
-        return load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=layers, embed=embed,
-                         head=head, progress=progress)
+        model = load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=layers, embed=embed,
+                          head=head, progress=progress)
+        return model, attach(model, quantize, progress) if quantize else None
     layout = find_layout(path)
     args = layout.read_args(max_seq_len)
     with torch.device("meta"):
         model = Transformer(args, layers=layers, embed=embed, head=head)
     wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     files, names = _open_checked(layout, args, wanted)
+    empty = empty_quantized(model, quantize, device) if quantize else None
+    blocks = empty.blocks if empty else {}
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(wanted, desc=f"loading {layout.folder.name}", unit="tensor", disable=_no_bar(progress),
                      leave=False):
+        if name in blocks:
+            fmt, out = blocks[name]
+            _quantize_into(out, fmt, files, names[name], name, args, layout.format, dtype)
+            state[name.removesuffix(".weight") + ".qweight"] = out
+            continue
         # Keep a tensor memory-mapped only if it is used as stored; a converted one is read as a private copy.
         mapped = files.dtype(names[name]) == dtype and torch.device(device).type == "cpu"
         state[name] = _read(files, names[name], name, args, layout.format, mapped).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
-    n = sum(t.numel() for t in state.values())
+    n = sum(math.prod(shape) for shape in wanted.values())
     what = "" if layers is None and embed and head else f" (stage: layers {layers}, embed={embed}, head={head})"
     log.info("loaded %s (%s format, %d tensors, %.1fM parameters%s) as %s on %s", layout.folder, layout.format,
              len(state), n / 1e6, what, str(dtype).replace("torch.", ""), device)
-    return model
+    if empty is None:
+        return model, None
+    return model, finish(model, empty.fmt, len(blocks), empty.kept, n * dtype.itemsize)
+
+
+def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str, name: str, args: ModelArgs,
+                   layout_format: str, dtype: torch.dtype) -> None:
+    """Write the stored weight ``stored`` quantized to ``fmt`` into the blocks ``out``, ``QUANTIZE_CHUNK`` weights
+    (whole heads of wq/wk, whose rows the Hugging Face layout permutes within a head) at a time, each converted to
+    ``dtype`` first as a loaded weight would be: the bits of ``quantize(loaded weight)``, since blocks run along
+    rows."""
+    from ..backends.quant.formats import quantize
+    rows, k = files.shape(stored)
+    heads = rope_heads(name, args.n_heads, args.n_kv_heads) if layout_format == HF else None
+    unit = rows // heads if heads else 1
+    step = max(unit, QUANTIZE_CHUNK // k // unit * unit)
+    with torch.no_grad():
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            chunk = _read(files, stored, name, args, layout_format, rows=(r0, r1))
+            out[r0:r1].copy_(quantize(chunk.to(dtype), fmt))
 
 
 def read_state_dict(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Layout]:
@@ -123,10 +187,14 @@ def _open_checked(layout: Layout, args: ModelArgs, wanted: dict[str, tuple[int, 
     return files, internal
 
 
-def _read(files: TensorFiles, stored: str, name: str, args: ModelArgs, fmt: str, mapped: bool = True
-          ) -> torch.Tensor:
-    t = files.get(stored, mapped)
+def _read(files: TensorFiles, stored: str, name: str, args: ModelArgs, fmt: str, mapped: bool = True,
+          rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """The tensor in sirocco's layout (wq/wk of a Hugging Face checkpoint permuted back), whole or only ``rows``
+    (start, stop), which must then hold whole heads of wq/wk (a private copy)."""
+    t = files.get(stored, mapped) if rows is None else files.rows(stored, *rows)
     heads = rope_heads(name, args.n_heads, args.n_kv_heads) if fmt == HF else None
+    if heads and rows is not None:
+        heads = heads * t.shape[0] // files.shape(stored)[0]
     return from_hf_rope(t, heads) if heads else t
 
 

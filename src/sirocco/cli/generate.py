@@ -24,7 +24,6 @@ from .options import (
     add_pipeline_arguments,
     add_progress_argument,
     add_sampling_arguments,
-    apply_quantize,
     load_from_args,
     non_empty,
 )
@@ -95,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
 def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     """The verb on one rank of a pipeline of ``args.pipeline_ranks`` processes under torchrun."""
     prompts = shared_from_rank0(ctx, lambda: read_prompts(args), "prompts")
-    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
-    apply_quantize(args, stage)
+    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype], args.quantize)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,

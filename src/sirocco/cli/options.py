@@ -231,13 +231,5 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
     """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
-    apply_quantize(args, loaded.model)
-    return loaded
-
-
-def apply_quantize(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """--quantize: the quantize-at-load pass (backends/quant), logged with the bytes before and after."""
-    if getattr(args, "quantize", None):
-        from ..backends import quant
-        quant.attach(model, args.quantize)
+    return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
+                quantize=getattr(args, "quantize", None))

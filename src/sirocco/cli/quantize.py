@@ -60,12 +60,14 @@ def run(args: argparse.Namespace) -> int:
     if is_gguf(src):
         raise SiroccoError(f"{src} is already a GGUF file; quantize a checkpoint folder")
     tokenizer_model = src / "tokenizer.model"
-    loaded = load(str(src), dtype=torch.float32)            # exact for every stored dtype; quantized from fp32
+    # fp32 is exact for every stored dtype; each linear weight is quantized as it is read, as --quantize does
+    loaded = load(str(src), dtype=torch.float32, quantize=args.type)
     if not isinstance(loaded.tokenizer, SentencePieceTokenizer) or not tokenizer_model.is_file():
         raise SiroccoError(f"{src}: GGUF's 'llama' vocabulary is written from a sentencepiece tokenizer.model; this "
                            f"folder's tokenizer is {loaded.tokenizer.describe()}")
     progress = None if not args.no_progress else False
-    report = quant.attach(loaded.model, args.type, progress=progress)
+    report = loaded.quantized
+    assert report is not None
     info = save_gguf(loaded.model, dst, tokenizer_model, float_dtype=DTYPES[args.dtype],
                      name=src.name, progress=progress if progress is not None else sys.stderr.isatty())
     summary = {"source": str(src), "destination": str(dst), "type": args.type, "output_type": quant.convert.HEAD_FORMAT,

@@ -20,7 +20,6 @@ from .options import (
     add_engine_arguments,
     add_model_arguments,
     add_pipeline_arguments,
-    apply_quantize,
     int_in,
     load_from_args,
     non_negative_int,
@@ -135,8 +134,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     from ..serve.pipeline import PipelineChannel
     from ..serve.runner import Runner, TopLogprobsExecutor
 
-    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype])
-    apply_quantize(args, stage)
+    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype], args.quantize)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = TopLogprobsExecutor(PipelineExecutor(stage, ctx, micro_batches=args.micro_batches), ctx)
     engine = make_engine(args, stage, tokenizer, executor)

@@ -30,7 +30,7 @@ from .launch import (
     peer_errors,
     shutdown,
 )
-from .stages import rank_stage, stage_from_state_dict, stage_spec
+from .stages import quantized, rank_stage, stage_from_state_dict, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,24 @@ def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any
     return value
 
 
-def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, str]:
+def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype, quantize: Optional[str] = None
+                    ) -> tuple[Transformer, Tokenizer, str]:
     """This rank's stage of the model that ``model`` names (as ``--model``: a folder, a bundled name, None for
-    the default) and the tokenizer, after every rank agreed on what it is loading."""
+    the default) and the tokenizer, after every rank agreed on what it is loading; its linear layers quantized
+    (int8 / int4, as ``--quantize``) where ``quantize`` says, each weight as it is read from a folder."""
     if model == DEMO:
         loaded = load(model, dtype=torch.float32, device="cpu")        # small: built whole, then cut
         margs = loaded.model.args
         agree(ctx, "model to load (the random demo model)", fingerprint(margs.to_dict(), DEMO, str(dtype)))
         spec = stage_spec(margs, ctx.world_size, ctx.rank)
-        stage = stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype, device=ctx.device)
+        stage = quantized(stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype,
+                                                device=ctx.device), quantize)
         return stage, loaded.tokenizer, f"{loaded.source}, {spec.describe()}"
     path = model_folder(model)
     if path.is_file():
         raise SiroccoError(f"--model {path}: pipeline ranks load checkpoint folders; a GGUF file runs in one process "
                            "(drop --pipeline-ranks)")
-    stage = rank_stage(ctx, path, dtype=dtype)
+    stage = rank_stage(ctx, path, dtype=dtype, quantize=quantize)
     return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
 
 

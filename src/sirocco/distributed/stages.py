@@ -127,10 +127,12 @@ def random_stage(args: ModelArgs, spec: StageSpec, seed: int = 0, dtype: torch.d
 
 
 def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", max_seq_len: Optional[int] = None) -> Transformer:
-    """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``)."""
+               device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
+               quantize: Optional[str] = None) -> Transformer:
+    """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``), each linear
+    weight quantized as it is read where ``quantize`` says (int8 / int4)."""
     return load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=list(spec.layers),
-                      embed=spec.embed, head=spec.head)
+                      embed=spec.embed, head=spec.head, quantize=quantize)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -158,12 +160,14 @@ def checkpoint_fingerprint(path: Path) -> dict[str, str]:
 
 
 def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torch.dtype = torch.float32,
-               seed: int = 0, max_seq_len: Optional[int] = None) -> Transformer:
+               seed: int = 0, max_seq_len: Optional[int] = None, quantize: Optional[str] = None) -> Transformer:
     """This rank's stage of a pipeline of ``ctx.world_size`` stages, on ``ctx.device``.
 
     Args:
         model: a checkpoint folder (only this stage's tensors are read), or ``ModelArgs`` for the random
             weights of ``build_model(args, seed=seed)`` (tests, demos).
+        quantize: int8 / int4: the stage's linear layers quantized (``backends.quant``), while reading a
+            checkpoint's tensors.
 
     First every rank compares a fingerprint of what it is about to load (config, checkpoint files or seed,
     dtype); a difference, or more ranks than layers, fails on every rank with the same message."""
@@ -179,5 +183,14 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
     spec = stage_spec(args, ctx.world_size, ctx.rank)
     log.info("rank %d: %s", ctx.rank, spec.describe())
     if isinstance(model, ModelArgs):
-        return random_stage(args, spec, seed=seed, dtype=dtype, device=ctx.device)
-    return load_stage(path, spec, dtype=dtype, device=ctx.device, max_seq_len=max_seq_len)
+        return quantized(random_stage(args, spec, seed=seed, dtype=dtype, device=ctx.device), quantize)
+    return load_stage(path, spec, dtype=dtype, device=ctx.device, max_seq_len=max_seq_len, quantize=quantize)
+
+
+def quantized(stage: Transformer, quantize: Optional[str]) -> Transformer:
+    """``stage`` with its linear layers quantized in place (``backends.quant.attach``) where ``quantize`` asks: for
+    stages built in memory rather than read from a checkpoint."""
+    if quantize:
+        from ..backends.quant import attach
+        attach(stage, quantize)
+    return stage

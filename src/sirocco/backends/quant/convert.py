@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sirocco.backends.moe import stack_experts
-from sirocco.backends.quant.formats import BLOCK, FORMATS
+from sirocco.backends.moe import MATRICES, stack_experts
+from sirocco.backends.quant.formats import BLOCK, FORMATS, packed_shape
 from sirocco.backends.quant.linear import QuantLinear
+from sirocco.model.transformer import MoeFeedForward
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +74,95 @@ class QuantReport:
                 f"and router in float): {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB")
 
 
+def quantized_layers(model: nn.Module, fmt: str) -> tuple[dict[str, tuple[nn.Linear, str]], list[str]]:
+    """The plain linear layers of ``model`` that quantizing to ``fmt`` replaces, module path -> (the layer, its
+    format by ``layer_format``), and those kept in float because of their input size, by path (the router, float
+    by design, is in neither)."""
+    chosen: dict[str, tuple[nn.Linear, str]] = {}
+    kept: list[str] = []
+    for path, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        target = layer_format(path, fmt, m.in_features)
+        if target is not None:
+            chosen[path] = (m, target)
+        elif not path.endswith(ROUTER_SUFFIX):
+            kept.append(path)
+    return chosen, kept
+
+
 def attach(model: nn.Module, fmt: str, progress: Optional[bool] = None) -> QuantReport:
     """Quantize ``model``'s linear layers in place (see the module docstring); ``fmt`` is ``q8_0``/``q4_0`` or
     ``int8``/``int4``. Layers that already are ``QuantLinear`` are left as they are. Logs the bytes before and
     after and returns them."""
     fmt = resolve(fmt)
     before = model_bytes(model)
-    targets = [(path, m) for path, m in model.named_modules() if type(m) is nn.Linear]
-    kept: list[str] = []
-    n = 0
+    chosen, kept = quantized_layers(model, fmt)
     with torch.no_grad():
-        for path, linear in tqdm(targets, desc=f"quantizing to {fmt}", unit="layer", leave=False,
-                                 disable=None if progress is None else not progress):
-            target = layer_format(path, fmt, linear.in_features)
-            if target is None:
-                if not path.endswith(ROUTER_SUFFIX):
-                    kept.append(path)
-                continue
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, QuantLinear.from_linear(linear, target))
-            n += 1
+        for path, (linear, target) in tqdm(chosen.items(), desc=f"quantizing to {fmt}", unit="layer", leave=False,
+                                           disable=None if progress is None else not progress):
+            _replace(model, path, QuantLinear.from_linear(linear, target))
+    return finish(model, fmt, len(chosen), kept, before)
+
+
+@dataclass
+class EmptyBlocks:
+    """What ``empty_quantized`` left for a loader to write: each quantized layer's blocks by the name of the float
+    weight they stand for (``layers.0.attention.wq.weight``), with their format."""
+
+    fmt: str
+    blocks: dict[str, tuple[str, torch.Tensor]]     # weight name -> (format, uint8 blocks to fill in place)
+    kept: list[str]
+
+
+def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> EmptyBlocks:
+    """Replace the linear layers of ``model`` (typically built on the meta device) that ``fmt`` quantizes by
+    ``QuantLinear`` whose blocks are allocated on ``device`` but not yet written, so that a loader can quantize
+    each float weight into them as it reads it: the layers, formats and MoE stacks of ``attach``, without the
+    float model. Every MoE layer's experts of one matrix get rows of one (E, N, bytes) buffer, which
+    ``stack_experts`` (in ``finish``) then takes as it is."""
+    fmt = resolve(fmt)
+    chosen, kept = quantized_layers(model, fmt)
+    blocks: dict[str, tuple[str, torch.Tensor]] = {}
+    for paths in _shared_buffers(model, chosen):
+        first, target = chosen[paths[0]]
+        stacked = torch.empty((len(paths), *packed_shape((first.out_features, first.in_features), target)),
+                              dtype=torch.uint8, device=device)
+        for path, qweight in zip(paths, stacked):
+            linear = chosen[path][0]
+            q = QuantLinear(linear.in_features, linear.out_features, target, bias=linear.bias is not None,
+                            device=torch.device("meta"))
+            q.qweight = qweight
+            _replace(model, path, q)
+            blocks[path + ".weight"] = (target, qweight)
+    return EmptyBlocks(fmt, blocks, kept)
+
+
+def _shared_buffers(model: nn.Module, chosen: dict[str, tuple[nn.Linear, str]]) -> list[list[str]]:
+    """The paths of ``chosen`` grouped by the buffer their blocks share: a MoE layer's experts of one matrix (of one
+    format), else one path each."""
+    grouped: list[list[str]] = []
+    for path, m in model.named_modules():
+        if isinstance(m, MoeFeedForward):
+            for name in MATRICES:
+                paths = [f"{path}.experts.{e}.{name}" for e in range(len(m.experts))]
+                if all(p in chosen for p in paths) and len({chosen[p][1] for p in paths}) == 1:
+                    grouped.append(paths)
+    inside = {p for paths in grouped for p in paths}
+    return grouped + [[p] for p in chosen if p not in inside]
+
+
+def finish(model: nn.Module, fmt: str, layers: int, kept: list[str], bytes_before: int) -> QuantReport:
+    """After the layers are quantized: stack every MoE layer's experts, log what was kept in float and the bytes
+    before and after, and return them."""
     stack_experts(model, quantized=True)
     if kept:
         log.info("kept in float (input size not a multiple of %d): %s", BLOCK, ", ".join(kept))
-    report = QuantReport(fmt, n, kept, before, model_bytes(model))
+    report = QuantReport(fmt, layers, kept, bytes_before, model_bytes(model))
     log.info("%s", report.describe())
     return report
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,77 @@
+"""Quantizing while loading (``load(..., quantize=...)``, what every ``--quantize`` does): each linear weight is
+quantized as it is read, in pieces, so the float model never exists whole. The result must be the model that
+loading in float and then ``quant.attach`` gives, bit for bit, in both checkpoint layouts (Hugging Face's permutes
+wq/wk rows within each head, so a piece must hold whole heads), Mistral and Mixtral (experts stacked in one buffer
+per matrix), fp32 and bf16, whole models and pipeline stages."""
+
+import pytest
+import torch
+
+from sirocco.backends import quant
+from sirocco.backends.quant.linear import QuantLinear
+from sirocco.checkpoint import load_model, load_quantized, read
+from sirocco.cli import main
+from sirocco.pretrained import load
+
+from hf_fixtures import save_hf_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=["mistral", "mixtral"])
+def folders(request, tmp_path_factory):
+    """The same random weights in the Hugging Face layout (two safetensors shards) and the consolidated one."""
+    root = tmp_path_factory.mktemp(request.param)
+    save_hf_checkpoint(request.param, root / "hf", max_shard_size="40KB")
+    assert len(list((root / "hf").glob("*.safetensors"))) > 1
+    assert main(["convert", str(root / "hf"), str(root / "consolidated")]) == 0
+    return request.param, root
+
+
+def assert_same_model(want, got):
+    a, b = want.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+    tokens = torch.randint(0, 320, (13,))
+    with torch.no_grad():
+        assert torch.equal(want(tokens, [13]), got(tokens, [13]))
+
+
+@pytest.mark.parametrize("layout", ["hf", "consolidated"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [read.QUANTIZE_CHUNK, 1])      # 1: one row (or one head of wq/wk) at a time
+def test_quantized_while_loading_equals_quantized_after(folders, monkeypatch, layout, fmt, dtype, chunk):
+    kind, root = folders
+    monkeypatch.setattr(read, "QUANTIZE_CHUNK", chunk)
+    want = load_model(root / layout, dtype=dtype)
+    expected = quant.attach(want, fmt)
+    got, report = load_quantized(root / layout, fmt, dtype=dtype)
+    assert_same_model(want, got)
+    assert (report.fmt, report.layers, report.kept) == (expected.fmt, expected.layers, expected.kept)
+    assert (report.bytes_before, report.bytes_after) == (expected.bytes_before, expected.bytes_after)
+    if kind == "mixtral":                     # the experts' decode kernel reads one stacked buffer per matrix
+        for layer in got.layers.values():
+            moe = layer.feed_forward
+            assert moe.experts_kernel is not None and moe.experts_kernel.fmt == report.fmt
+            stacked = moe.experts_kernel.w1
+            assert all(e.w1.qweight.data_ptr() == stacked[i].data_ptr() for i, e in enumerate(moe.experts))
+
+
+def test_a_pipeline_stage_quantized_while_loading(folders):
+    _, root = folders
+    want = load_model(root / "hf", layers=[1], embed=False, head=True)
+    quant.attach(want, "int4")
+    got = load_model(root / "hf", layers=[1], embed=False, head=True, quantize="int4")
+    a, b = want.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["sirocco-tiny", "sirocco-tiny-moe"])
+def test_load_with_quantize_reports_what_it_did(name):
+    loaded = load(name, quantize="int8")
+    assert loaded.quantized is not None and loaded.quantized.fmt == "q8_0"
+    assert loaded.quantized.bytes_after < loaded.quantized.bytes_before / 2
+    assert loaded.quantized.layers == sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    assert load(name).quantized is None
