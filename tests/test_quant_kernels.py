@@ -136,3 +136,17 @@ def test_fallback_paths(fmt, monkeypatch):
     many = torch.cat([x, x])
     assert torch.equal(qk.qlinear(many, packed, fmt), qk.qlinear_reference(many, packed, fmt))
     assert qk.qlinear(x.to(torch.bfloat16), packed, fmt).dtype == torch.bfloat16
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_rows_are_their_fp32_values_and_the_output_rounded_once(fmt, rows):
+    """bf16 rows go into the kernel as they are and come out as bf16: exactly the fp32 call on their values with
+    its result rounded to nearest even, for every ISA path this CPU has."""
+    packed, x = _case(32 * 7, 19, fmt, seed=3)
+    xb = x[:rows].to(torch.bfloat16)
+    for isa in ["avx2"] + (["avx512vnni"] if qk.native_module().qlinear_isa() == "avx512vnni" else []):
+        got = qk.qlinear(xb, packed, fmt, isa=isa)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, qk.qlinear(xb.float(), packed, fmt, isa=isa).to(torch.bfloat16)), isa

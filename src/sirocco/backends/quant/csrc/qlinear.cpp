@@ -53,9 +53,12 @@ inline float round_half_away(float v) {
 
 // One activation row of K floats -> K int8 quants, nb scales, nb scaled sums. A block whose scale would not be a
 // normal float (all zeros, or magnitudes below 127 * FLT_MIN) quantizes to zeros with scale 0.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, int32_t* s8) {
+// T: float, or at::BFloat16 (whose value is converted to float exactly).
+template <typename T>
+void quantize_row(const T* x, int64_t K, int8_t* q, float* d, int32_t* s8) {
   for (int64_t b = 0; b < K / QK; ++b) {
-    const float* xb = x + b * QK;
+    float xb[QK];
+    for (int i = 0; i < QK; ++i) xb[i] = (float)x[b * QK + i];
     float amax = 0.0f;
     for (int i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
     float db = amax / 127.0f;
@@ -396,7 +399,8 @@ TileFn pick(int64_t M, bool vnni) {
 struct QuantizedRows {
   torch::Tensor q, d, s8;
   Acts acts;
-  QuantizedRows(const float* x, int64_t M, int64_t K, const torch::TensorOptions& options) {
+  template <typename T>
+  QuantizedRows(const T* x, int64_t M, int64_t K, const torch::TensorOptions& options) {
     const int64_t nb = K / QK;
     q = torch::empty({M * K + 64}, options.dtype(torch::kInt8));    // + 64: room for a 512-bit load
     d = torch::empty({M * nb}, options.dtype(torch::kFloat));
@@ -458,19 +462,31 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa
   TORCH_CHECK(isa != 2 || has_vnni, "qlinear: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
 
-  auto xf = x.to(torch::kFloat).contiguous();
-  const QuantizedRows rows(xf.data_ptr<float>(), M, K, x.options());
+  // bf16 rows are read and written as they are (no conversion ops around the call: a decode step makes seven
+  // of these calls per layer, and each extra op costs more than the conversion itself).
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto xc = x.contiguous();
+  const QuantizedRows rows = bf16 ? QuantizedRows(xc.data_ptr<at::BFloat16>(), M, K, x.options())
+                                  : QuantizedRows(xc.data_ptr<float>(), M, K, x.options());
   const Acts& a = rows.acts;
 
-  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto yf = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto y = bf16 ? torch::empty({M, N}, x.options()) : yf;
   const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  float* yp = yf.data_ptr<float>();
+  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
   const int64_t row_bytes = w.size(1), tiles = (N + kTile - 1) / kTile;
   // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * row_bytes));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) tile(wp, row_bytes, t * kTile, std::min<int64_t>(kTile, N - t * kTile), a, yp, N);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile, valid = std::min<int64_t>(kTile, N - n0);
+      tile(wp, row_bytes, n0, valid, a, yp, N);
+      if (yb)          // rounded to nearest even, as .to(torch.bfloat16)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t r = 0; r < valid; ++r) yb[m * N + n0 + r] = at::BFloat16(yp[m * N + n0 + r]);
+    }
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return y;
 }
