@@ -86,6 +86,23 @@ def test_row_bits_do_not_depend_on_other_rows_or_threads(fmt, dtype):
 
 
 @needs_kernel
+def test_activation_quantization_ties_signs_and_scales_match_bit_for_bit():
+    """The kernel's vector quantization against the Python mirror on blocks built to hit its edges: exact ties
+    (x / d = k + 1/2, either sign), the block maximum itself, negative zero, a block of the largest floats, one at
+    the smallest scale that is still normal, and random blocks of every magnitude."""
+    ties = torch.tensor([127.0, 2.5, -2.5, 0.5, -0.5, 126.5, -126.5, -0.0, 1.5, -1.5, 3.49999, -3.50001] + [0.0] * 20)
+    huge = torch.full((32,), torch.finfo(torch.float32).max) * torch.tensor([1.0, -1.0] * 16)
+    smallest = torch.full((32,), 127 * torch.finfo(torch.float32).tiny) * torch.linspace(-1, 1, 32)
+    g = torch.Generator().manual_seed(5)
+    rand = torch.randn(40, 32, generator=g) * torch.logspace(-30, 30, 40)[:, None]
+    x = torch.cat([ties[None], huge[None], smallest[None], rand]).reshape(1, -1)
+    q, d = qk.quantize_activations(x)
+    kq, kd = qk.native_module().quantize_activations(x)
+    assert torch.equal(kq, q) and torch.equal(kd, d)
+    assert q[0, :12].tolist() == [127, 3, -3, 1, -1, 127, -127, 0, 2, -2, 3, -4]
+
+
+@needs_kernel
 @pytest.mark.parametrize("fmt", FMTS)
 def test_avx2_and_vnni_paths_agree(fmt):
     packed, x = _case(32 * 5, 19, fmt, seed=9)

@@ -32,7 +32,10 @@ from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_s
 # Where bf16 products are fast (AVX512-BF16 or AMX), the C++ pass writes the bf16 tile itself: on a 2-core Xeon with
 # AMX, 512 bf16 rows times a 2048 x 7168 q8_0 weight took 25 ms against 59 ms with an fp32 tile cast to bf16 and
 # 25-33 ms for the bf16 weight (medians of 7 calls; a host shared with other work).
-PREFILL_TILE_ROWS = 512
+# On the same AMX host later (whole 1B model, 512-token pre-fill, bf16 model and quantized one alternating in one
+# process, 3 rounds): 512-row tiles 0.7x bf16's tokens/s, 1024 and 2048 rows 1.0-1.15x, 4096 0.95x; bf16 GEMMs of
+# only 512 output columns run well below the library's best. 1024 rows of K = 7168 is 14 MiB of bf16.
+PREFILL_TILE_ROWS = 1024
 
 
 class QuantLinear(nn.Module):
