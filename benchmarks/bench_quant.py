@@ -23,9 +23,10 @@ In that process, in this order:
     bandwidth   measured again after the timing, with the model freed
 
 The bytes a decode step reads are the model's tensors (QuantLinear's qweight blocks, every float tensor) minus
-the embedding table, of which a step reads one row. The decode bound is bandwidth / those bytes, in steps/s: a
-1-row step makes 1 token, an 8-row step 8 tokens from the same weight read. The bandwidth used is the best of the
-format's own two measurements; the best of the whole run is reported too.
+the embedding table, of which a step reads one row, and minus the experts a MoE layer's rows cannot all reach: a
+step of R rows reads at most min(E, R * k) of a layer's E experts. The decode bound is bandwidth / those bytes, in
+steps/s: a 1-row step makes 1 token, an 8-row step 8 tokens from the same weight read. The bandwidth used is the
+best of the format's own two measurements; the best of the whole run is reported too.
 
 Perplexity, in one more subprocess per format: the bundled models (sirocco-tiny, sirocco-tiny-moe), loaded in
 bf16 and quantized the same way, on their validation text (``load_corpus("default")``'s validation documents,
@@ -126,12 +127,22 @@ def reset_peak() -> bool:
 
 
 # -- one format, in this process -------------------------------------------------------------------------------------
-def decode_read_bytes(model) -> tuple[int, int]:
-    """(bytes of every parameter and buffer, the same without the embedding table)."""
+def decode_read_bytes(model, rows: tuple[int, ...]) -> tuple[int, dict[int, int]]:
+    """(bytes of every parameter and buffer, {rows: the bytes a step of that many rows reads at most}): every
+    tensor but the embedding table, and of a MoE layer's experts only min(E, rows * k), the most that many rows can
+    choose."""
     from sirocco.backends.quant.convert import model_bytes
+    from sirocco.model.transformer import MoeFeedForward
     total = model_bytes(model)
     emb = model.tok_embeddings.weight
-    return total, total - emb.numel() * emb.element_size()
+    dense = total - emb.numel() * emb.element_size()
+    moes = [m for m in model.modules() if isinstance(m, MoeFeedForward)]
+    read = {}
+    for r in rows:
+        unread = sum((len(m.experts) - min(len(m.experts), r * m.k)) * (model_bytes(m.experts) // len(m.experts))
+                     for m in moes)
+        read[r] = dense - unread
+    return total, read
 
 
 def load_format(path: Path, fmt: str) -> tuple[Any, dict]:
@@ -169,7 +180,8 @@ def run_format(spec: dict) -> dict:
     out["load_seconds"] = time.perf_counter() - t0                # reading and quantizing are one pass
     out.update(done)
     out["load_peak_bytes"] = (proc_status_kib("VmHWM") - rss0) * 1024
-    out["model_bytes"], out["decode_read_bytes"] = decode_read_bytes(model)
+    out["model_bytes"], by_rows = decode_read_bytes(model, work.rows)
+    out["decode_read_bytes"] = {str(r): b for r, b in by_rows.items()}
     out["auto_backend"] = backends.choose(model, "auto")
 
     def engine(rows: int, seq: int, model=model):
@@ -304,7 +316,8 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         lines.append(f"| {f} | " + " | ".join(cells) + f" | {num(r['prefill']['tokens_per_s'])} | "
                      f"{ratio(f, 'prefill')} |")
     lines += ["", "Bound: bandwidth (best whole pass over the 16 MiB chunks, before and after the format's timing, "
-              "same process) / bytes a decode step reads (every tensor but the embedding table):", "",
+              "same process) / bytes a decode step reads (every tensor but the embedding table; of a MoE layer's "
+              "experts, the most the step's rows can choose: one value per row count where they differ):", "",
               "| format | bytes read per step (GB) | bandwidth (GB/s) | best chunk (GB/s) | bound (steps/s) | "
               + " | ".join(f"{r} row{'s' * (r > 1)}: steps/s, of bound" for r in work.rows)
               + " | of run-best bound (1 row) |",
@@ -313,14 +326,15 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         if f not in ok:
             continue
         r = ok[f]
-        bw, nbytes = r["bandwidth_bytes_per_s"], r["decode_read_bytes"]
+        bw, read = r["bandwidth_bytes_per_s"], r["decode_read_bytes"]
+        nbytes = [read[str(n)] for n in work.rows]
         chunk = max(r["bandwidth_before"]["chunk_bytes_per_s"], r["bandwidth_after"]["chunk_bytes_per_s"])
-        bound = bw / nbytes
-        cells = [f"{r[k]['steps_per_s']:.2f}, {r[k]['steps_per_s'] / bound:.0%}" for k in dk]
+        cells = [f"{r[k]['steps_per_s']:.2f}, {r[k]['steps_per_s'] / (bw / b):.0%}" for k, b in zip(dk, nbytes)]
         before = r['bandwidth_before']['pass_bytes_per_s']
-        lines.append(f"| {f} | {nbytes / gb:.3f} | {bw / gb:.1f} (before {before / gb:.1f}, "
-                     f"after {r['bandwidth_after']['pass_bytes_per_s'] / gb:.1f}) | {chunk / gb:.1f} | {bound:.2f} | "
-                     + " | ".join(cells) + f" | {r[dk[0]]['steps_per_s'] / (run_best_bw / nbytes):.0%} |")
+        lines.append(f"| {f} | {' / '.join(f'{b / gb:.3f}' for b in dict.fromkeys(nbytes))} | {bw / gb:.1f} "
+                     f"(before {before / gb:.1f}, after {r['bandwidth_after']['pass_bytes_per_s'] / gb:.1f}) | "
+                     f"{chunk / gb:.1f} | {' / '.join(f'{bw / b:.2f}' for b in dict.fromkeys(nbytes))} | "
+                     + " | ".join(cells) + f" | {r[dk[0]]['steps_per_s'] / (run_best_bw / nbytes[0]):.0%} |")
     lines += ["", "Peak resident memory above the size before loading (the quantized formats quantize each weight as "
               "it is read):", "",
               "| format | model bytes (GB) | peak, load (GB) | peak, + first token (GB) | peak, whole run "
