@@ -75,3 +75,21 @@ def test_load_with_quantize_reports_what_it_did(name):
     assert loaded.quantized.bytes_after < loaded.quantized.bytes_before / 2
     assert loaded.quantized.layers == sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
     assert load(name).quantized is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_experts_are_read_into_one_stack_per_matrix(folders, dtype):
+    """A Mixtral layer's float experts are loaded as rows of one tensor per matrix, so that the experts' kernel
+    takes them as they are (no copy beside the loaded weights); the values are the checkpoint's."""
+    from sirocco.backends.moe import MATRICES, stack
+    kind, root = folders
+    if kind != "mixtral":
+        pytest.skip("dense model")
+    model = load_model(root / "consolidated", dtype=dtype)
+    hf = load_model(root / "hf", dtype=dtype)
+    for layer, other in zip(model.layers.values(), hf.layers.values()):
+        for matrix in MATRICES:
+            weights = [getattr(e, matrix).weight for e in layer.feed_forward.experts]
+            stacked, copied = stack(weights)
+            assert not copied and stacked.data_ptr() == weights[0].data_ptr()
+            assert all(torch.equal(w, getattr(e, matrix).weight) for w, e in zip(weights, other.feed_forward.experts))

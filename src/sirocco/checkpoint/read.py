@@ -87,6 +87,7 @@ def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_
     files, names = _open_checked(layout, args, wanted)
     empty = empty_quantized(model, quantize, device) if quantize else None
     blocks = empty.blocks if empty else {}
+    expert_rows = _expert_stacks(model, {k: v for k, v in wanted.items() if k not in blocks}, dtype, device)
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(wanted, desc=f"loading {layout.folder.name}", unit="tensor", disable=_no_bar(progress),
                      leave=False):
@@ -94,6 +95,10 @@ def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_
             fmt, out = blocks[name]
             _quantize_into(out, fmt, files, names[name], name, args, layout.format, dtype)
             state[name.removesuffix(".weight") + ".qweight"] = out
+            continue
+        if name in expert_rows:           # read as a private copy (no mapped pages left behind) into its row
+            state[name] = expert_rows[name]
+            state[name].copy_(_read(files, names[name], name, args, layout.format, mapped=False))
             continue
         # Keep a tensor memory-mapped only if it is used as stored; a converted one is read as a private copy.
         mapped = files.dtype(names[name]) == dtype and torch.device(device).type == "cpu"
@@ -107,6 +112,26 @@ def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_
     if empty is None:
         return model, None
     return model, finish(model, empty.fmt, len(blocks), empty.kept, n * dtype.itemsize)
+
+
+def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                   device: torch.device | str) -> dict[str, torch.Tensor]:
+    """For every MoE layer and float expert matrix (w1, w3, w2) of ``wanted``, one (E, out, in) tensor; returns each
+    expert weight's name -> its row, to be read into. The experts' decode kernel (``backends.moe``) wants them
+    stacked: loaded apart, stacking them would copy each (and keep the mapped file's pages resident beside the
+    copy, twice the experts' bytes)."""
+    from ..backends.moe import MATRICES
+    from ..model.transformer import MoeFeedForward
+    rows: dict[str, torch.Tensor] = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, MoeFeedForward):
+            continue
+        for matrix in MATRICES:
+            expert_names = [f"{path}.experts.{e}.{matrix}.weight" for e in range(len(m.experts))]
+            if all(n in wanted for n in expert_names):
+                stacked = torch.empty((len(expert_names), *wanted[expert_names[0]]), dtype=dtype, device=device)
+                rows.update(zip(expert_names, stacked))
+    return rows
 
 
 def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str, name: str, args: ModelArgs,
