@@ -82,9 +82,8 @@ def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, device
 
 def _quantized(loaded: Loaded, quantize: Optional[str]) -> Loaded:
     """``loaded`` with its model quantized after loading (``attach``), where ``quantize`` asks."""
-    if quantize:
-        from .backends.quant import attach
-        loaded.quantized = attach(loaded.model, quantize)
+    from .backends.quant import attach_if
+    loaded.quantized = attach_if(loaded.model, quantize)
     return loaded
 
 

@@ -32,6 +32,13 @@ MAX_TOKENS = 8              # the kernels' largest row count per expert; past it
 MATRICES = ("w1", "w3", "w2")
 
 
+def expert_groups(model: nn.Module) -> list[list[str]]:
+    """Module paths of the experts that share one stack: per MoE layer and matrix, its E experts' linear layers
+    (``layers.0.feed_forward.experts.{0..E-1}.w1``), in stacking order."""
+    return [[f"{path}.experts.{e}.{matrix}" for e in range(len(m.experts))]
+            for path, m in model.named_modules() if isinstance(m, MoeFeedForward) for matrix in MATRICES]
+
+
 def stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     """One (E, *shape) tensor holding ``tensors`` (E tensors of one shape and dtype): a view of their storage when
     they already sit in one storage at equal spacing, each contiguous (returns (view, False)), else a new tensor

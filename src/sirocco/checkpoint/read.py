@@ -74,11 +74,11 @@ def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_
           layers: Optional[list[int]], embed: bool, head: bool, progress: Optional[bool],
           quantize: Optional[str]) -> tuple[Transformer, Optional[QuantReport]]:
     """``load_model``'s work; the quantization report too where ``quantize`` asks for it."""
-    from ..backends.quant.convert import attach, empty_quantized, finish
+    from ..backends.quant.convert import attach_if, empty_quantized, finish
     if is_gguf(path):
         model = load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=layers, embed=embed,
                           head=head, progress=progress)
-        return model, attach(model, quantize, progress) if quantize else None
+        return model, attach_if(model, quantize, progress)
     layout = find_layout(path)
     args = layout.read_args(max_seq_len)
     with torch.device("meta"):
@@ -120,17 +120,13 @@ def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype
     expert weight's name -> its row, to be read into. The experts' decode kernel (``backends.moe``) wants them
     stacked: loaded apart, stacking them would copy each (and keep the mapped file's pages resident beside the
     copy, twice the experts' bytes)."""
-    from ..backends.moe import MATRICES
-    from ..model.transformer import MoeFeedForward
+    from ..backends.moe import expert_groups
     rows: dict[str, torch.Tensor] = {}
-    for path, m in model.named_modules():
-        if not isinstance(m, MoeFeedForward):
-            continue
-        for matrix in MATRICES:
-            expert_names = [f"{path}.experts.{e}.{matrix}.weight" for e in range(len(m.experts))]
-            if all(n in wanted for n in expert_names):
-                stacked = torch.empty((len(expert_names), *wanted[expert_names[0]]), dtype=dtype, device=device)
-                rows.update(zip(expert_names, stacked))
+    for paths in expert_groups(model):
+        expert_names = [p + ".weight" for p in paths]
+        if all(n in wanted for n in expert_names):
+            stacked = torch.empty((len(expert_names), *wanted[expert_names[0]]), dtype=dtype, device=device)
+            rows.update(zip(expert_names, stacked))
     return rows
 
 

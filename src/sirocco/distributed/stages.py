@@ -190,7 +190,6 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
 def quantized(stage: Transformer, quantize: Optional[str]) -> Transformer:
     """``stage`` with its linear layers quantized in place (``backends.quant.attach``) where ``quantize`` asks: for
     stages built in memory rather than read from a checkpoint."""
-    if quantize:
-        from ..backends.quant import attach
-        attach(stage, quantize)
+    from ..backends.quant import attach_if
+    attach_if(stage, quantize)
     return stage

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from sirocco.backends.moe import MATRICES, stack_experts
+from sirocco.backends.moe import expert_groups, stack_experts
 from sirocco.backends.quant.formats import BLOCK, FORMATS, packed_shape
 from sirocco.backends.quant.linear import QuantLinear
-from sirocco.model.transformer import MoeFeedForward
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +104,12 @@ def attach(model: nn.Module, fmt: str, progress: Optional[bool] = None) -> Quant
     return finish(model, fmt, len(chosen), kept, before)
 
 
+def attach_if(model: nn.Module, fmt: Optional[str], progress: Optional[bool] = None) -> Optional[QuantReport]:
+    """``attach(model, fmt)`` where ``fmt`` is given (a model built or loaded in float: a GGUF file's, the demo's,
+    a random pipeline stage); None otherwise."""
+    return attach(model, fmt, progress) if fmt else None
+
+
 @dataclass
 class EmptyBlocks:
     """What ``empty_quantized`` left for a loader to write: each quantized layer's blocks by the name of the float
@@ -141,13 +146,8 @@ def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> E
 def _shared_buffers(model: nn.Module, chosen: dict[str, tuple[nn.Linear, str]]) -> list[list[str]]:
     """The paths of ``chosen`` grouped by the buffer their blocks share: a MoE layer's experts of one matrix (of one
     format), else one path each."""
-    grouped: list[list[str]] = []
-    for path, m in model.named_modules():
-        if isinstance(m, MoeFeedForward):
-            for name in MATRICES:
-                paths = [f"{path}.experts.{e}.{name}" for e in range(len(m.experts))]
-                if all(p in chosen for p in paths) and len({chosen[p][1] for p in paths}) == 1:
-                    grouped.append(paths)
+    grouped = [paths for paths in expert_groups(model)
+               if all(p in chosen for p in paths) and len({chosen[p][1] for p in paths}) == 1]
     inside = {p for paths in grouped for p in paths}
     return grouped + [[p] for p in chosen if p not in inside]
 
