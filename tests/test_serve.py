@@ -334,6 +334,35 @@ def test_tokenize_detokenize_models_health_metrics(mistral):
     assert metric(text, "sirocco_request_success_total", 'finish_reason="length"') > 0
 
 
+def test_the_model_is_loaded_built_and_run_on_one_thread(ckpts, monkeypatch):
+    # PyTorch's CPU threads are an OpenMP team per thread that runs parallel work: a model loaded on one thread
+    # and run on another makes two, and the runtime then lets its workers sleep between operations (a decode
+    # step 12% slower on 2 cores: serve.runner). So the load, the engine's construction and every step must
+    # run on the engine's thread, and none of them on the thread that built the app or the event loop's.
+    import threading
+
+    from sirocco.cli import serve as serve_cli
+    from sirocco.generate.engine import Engine
+
+    seen: dict[str, set] = {"load": set(), "build": set(), "step": set()}
+    load, init, step = serve_cli.load_from_args, Engine.__init__, Engine.step
+
+    def spy(name, fn):
+        def wrapped(*a, **kw):
+            seen[name].add(threading.get_ident())
+            return fn(*a, **kw)
+        return wrapped
+    monkeypatch.setattr(serve_cli, "load_from_args", spy("load", load))
+    monkeypatch.setattr(Engine, "__init__", spy("build", init))
+    monkeypatch.setattr(Engine, "step", spy("step", step))
+    with serve(ckpts["mistral"], "--max-rows", "2") as (url, server):
+        r = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        engine_thread = server.runner.model_thread.thread.ident
+    assert seen["load"] == seen["build"] == seen["step"] == {engine_thread}
+    assert engine_thread != threading.get_ident()
+
+
 def test_serve_cli_with_api_key_from_the_environment(ckpts):
     port = free_port()
     env = {**os.environ, "SIROCCO_API_KEY": "s3cret", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}

@@ -76,7 +76,8 @@ def make_engine(args: argparse.Namespace, model, tokenizer, executor):
                   backend=args.backend, executor=executor, mixed=args.mixed)
 
 
-def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None):
+def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,
+             model_thread: Any = None):
     """The app over ``engine``, named and guarded as the options say; logs what is served."""
     from ..serve.app import build_app
 
@@ -84,21 +85,25 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
     name = args.served_model_name or served_name(args.model)
     log.info("serving %s as '%s'%s: %d rows, context %d, queue %d%s", source, name, where, args.max_rows,
              engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
-    return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel)
+    return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel,
+                     model_thread=model_thread)
 
 
 def build(args: argparse.Namespace):
     """The engine and app that the options describe, in one process (tests build servers with this too)."""
     from ..serve.app import wrap_executor
+    from ..serve.runner import ModelThread
 
     if args.pipeline_ranks > 1:
         raise SiroccoError("serve: --pipeline-ranks > 1 runs on every rank of a torchrun launch (run); "
                            "build makes the one-process server")
     if args.max_queue < 0:
         raise SiroccoError(f"--max-queue must be >= 0, got {args.max_queue}")
-    loaded = load_from_args(args)
-    engine = make_engine(args, loaded.model, loaded.tokenizer, wrap_executor(loaded.model))
-    return make_app(args, engine, loaded.tokenizer, str(loaded.source))
+    # Loaded, built and run on one thread, not loaded here and run on the engine's: see serve.runner's docstring.
+    model_thread = ModelThread()
+    loaded = model_thread.call(load_from_args, args)
+    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer, wrap_executor(loaded.model))
+    return make_app(args, engine, loaded.tokenizer, str(loaded.source), model_thread=model_thread)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,12 +137,19 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     # other ranks waiting in their first broadcast for as long, under a timeout.
     from ..serve.app import build_app  # noqa: F401
     from ..serve.pipeline import PipelineChannel
-    from ..serve.runner import Runner, TopLogprobsExecutor
+    from ..serve.runner import ModelThread, Runner, TopLogprobsExecutor
 
-    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype], args.quantize)
+    # Rank 0 loads, builds and runs its stage on its engine thread (see serve.runner's docstring); the others
+    # on their main thread, which runs their engine loop.
+    model_thread = ModelThread() if ctx.rank == 0 else None
+
+    def on_model_thread(fn, *a):
+        return model_thread.call(fn, *a) if model_thread is not None else fn(*a)
+
+    stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = TopLogprobsExecutor(PipelineExecutor(stage, ctx, micro_batches=args.micro_batches), ctx)
-    engine = make_engine(args, stage, tokenizer, executor)
+    engine = on_model_thread(make_engine, args, stage, tokenizer, executor)
     channel = PipelineChannel(ctx)
     if ctx.rank != 0:
         _on_signals(lambda sig: log.info("rank %d: %s ignored: the ranks stop when rank 0 stops", ctx.rank,
@@ -145,7 +157,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
         Runner(engine, channel=channel).run_here()
         log.info("rank %d: stopped by rank 0", ctx.rank)
         return 0
-    app = make_app(args, engine, tokenizer, source, f" over {ctx.world_size} pipeline ranks", channel)
+    app = make_app(args, engine, tokenizer, source, f" over {ctx.world_size} pipeline ranks", channel, model_thread)
     runner = app.state.server.runner
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False))

@@ -31,7 +31,7 @@ from ..generate.engine import PromptTooLong
 from . import protocol
 from .metrics import Metrics
 from .protocol import APIError, Logprobs, TokenText, bad
-from .runner import Channel, EngineFailed, Runner, ServeParams, TopLogprobsExecutor
+from .runner import Channel, EngineFailed, ModelThread, Runner, ServeParams, TopLogprobsExecutor
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,15 @@ class Server:
     """The app's state: engine runner, tokenizer, names and limits."""
 
     def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
-                 max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None):
+                 max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
+                 model_thread: Optional[ModelThread] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
         self.max_queue = max_queue
         self.max_seq_len = engine.max_seq_len
         self.metrics = metrics or Metrics()
-        self.runner = Runner(engine, self.metrics, channel)
+        self.runner = Runner(engine, self.metrics, channel, model_thread)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
 
@@ -296,11 +297,13 @@ class Server:
 
 
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
-              metrics: Optional[Metrics] = None, channel: Optional[Channel] = None) -> FastAPI:
+              metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
+              model_thread: Optional[ModelThread] = None) -> FastAPI:
     """The ASGI app over ``engine`` (an Engine built with ``executor=TopLogprobsExecutor(...)`` for top-k
-    logprobs: see ``wrap_executor``). The engine thread starts and stops with the app's lifespan. ``channel``:
-    rank 0's ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
-    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel)
+    logprobs: see ``wrap_executor``). The engine loop starts and stops with the app's lifespan, on
+    ``model_thread`` if given (the thread that loaded the model: see ``serve.runner``). ``channel``: rank 0's
+    ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

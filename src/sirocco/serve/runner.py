@@ -18,6 +18,13 @@ when its engine has work. One process uses ``LocalChannel``, which shares nothin
 broadcasting one. The other ranks run the loop in their main thread (``run_here``) with no inbox, no HTTP and
 no one to deliver events to, so their events are dropped.
 
+One thread for all the model's work: PyTorch's CPU threads are an OpenMP team per thread that runs parallel
+operations, and once a process has two teams (the model loaded on the main thread, run on another) the OpenMP
+runtime counts more threads than cores and lets its workers sleep at once instead of spinning between
+operations, so every operation of a decode step pays a wake-up: measured on the 1B shape in bf16 on 2 cores,
+11.4 decode tokens/s loaded and run on one thread (either), 10.0 loaded on one and run on another. A server
+process therefore loads the model, builds the engine and runs this loop on one ``ModelThread``.
+
 Top-k alternatives for logprobs: the engine's sampler returns only the chosen token's log-probability, so the
 engine is handed an executor wrapper (``TopLogprobsExecutor``) that takes the top k of the same logits at the
 same sampling call, for the sequences that asked, and queues them on their sampling params; the runner pairs
@@ -27,10 +34,12 @@ them with the sequence's next event. Nothing is recomputed and nothing is approx
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -190,15 +199,48 @@ def _deliver(items: list) -> None:
         q.put_nowait(item)
 
 
+class ModelThread:
+    """One daemon thread that runs the calls handed to it, in order: a server's model work (loading, building the
+    engine, then ``Runner``'s loop) on the one thread that runs PyTorch's parallel operations (see the module's
+    docstring for why)."""
+
+    def __init__(self, name: str = "sirocco-engine"):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._calls.get()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the thread after the calls before it; its result or error on the future."""
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the thread, waited for: its result, or its error raised here."""
+        return self.submit(lambda: fn(*args, **kwargs)).result()
+
+
 class Runner:
     """Owns the engine and its thread. ``add``/``abort`` are called from the event loop.
 
     ``channel`` shares each iteration's commands with the other ranks of a pipeline (default: ``LocalChannel``,
-    one process). ``on_failure`` is called from the engine thread if it fails (a pipeline's rank 0 stops
-    serving then)."""
+    one process). ``model_thread``: the thread that loaded the model and built the engine, to run the loop on
+    (default: a new one). ``on_failure`` is called from the engine thread if it fails (a pipeline's rank 0
+    stops serving then)."""
 
-    def __init__(self, engine: Any, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None):
+    def __init__(self, engine: Any, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
+                 model_thread: Optional[ModelThread] = None):
         self.engine = engine
+        self.model_thread = model_thread
         self.metrics = metrics or Metrics()
         self.channel: Channel = channel if channel is not None else LocalChannel()
         self.on_failure: Optional[Callable[[], None]] = None
@@ -209,17 +251,22 @@ class Runner:
         self._engine_waiting = 0                    # the engine's own queue, as of the last step
         self._engine_running = 0                    # sequences in rows, as of the last step
         self.failed: Optional[BaseException] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop_done: Optional[Future] = None
 
     # -- event-loop side -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sirocco-engine", daemon=True)
-        self._thread.start()
+        """Run the engine loop on ``model_thread`` (the thread that built the engine), or on a new thread."""
+        self._loop_done = (self.model_thread or ModelThread()).submit(self._loop)
+
+    def _running(self) -> bool:
+        return self._loop_done is not None and not self._loop_done.done()
 
     def stop(self, timeout: Optional[float] = 30.0) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self._running():
+            assert self._loop_done is not None
             self._inbox.put(Command("stop"))
-            self._thread.join(timeout)
+            with contextlib.suppress(TimeoutError):
+                self._loop_done.result(timeout)
 
     def waiting(self) -> int:
         """Sequences that will have to wait for a cache row: those sent or queued past the free rows."""
@@ -237,7 +284,7 @@ class Runner:
         with self._lock:
             self._inbox_adds += 1
         self._inbox.put(Command("add", rid, list(prompt), params, _Reply(out, loop, fut, arrival)))
-        if self._thread is not None and not self._thread.is_alive():
+        if self._loop_done is not None and self._loop_done.done():
             self._drain_failing()
         await fut
 
