@@ -114,6 +114,27 @@ def test_avx2_and_vnni_paths_agree(fmt):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_sharing_an_input_in_one_call_get_the_bits_of_separate_calls(fmt, dtype):
+    # wq, wk, wv (or w1, w3) in one call: one quantization of the rows, one parallel region over every weight's
+    # tiles; sizes with a partial last tile, so tiles of two weights meet inside a thread's share
+    k = 32 * 5
+    weights = [_case(k, n, fmt, seed=n)[0] for n in (13, 8, 21)]
+    x = _case(k, 1, fmt, seed=3)[1].to(dtype)
+    isas = ["avx2"] + (["avx512vnni"] if qk.native_module().qlinear_isa() == "avx512vnni" else [])
+    for isa in isas:
+        for m in range(1, qk.MAX_ROWS + 1):
+            ys = qk.qlinear_many(x[:m], weights, fmt, isa=isa)
+            assert ys is not None and len(ys) == 3
+            for y, w in zip(ys, weights):
+                assert y.dtype == dtype and torch.equal(y, qk.qlinear(x[:m], w, fmt, isa=isa)), (isa, m)
+    with pytest.raises(RuntimeError, match="does not match"):
+        qk.qlinear_many(x[:1], [weights[0], quantize(torch.randn(4, 64), fmt)], fmt)
+    assert qk.qlinear_many(torch.cat([x, x]), weights, fmt) is None          # 16 rows: not a decode step
+
+
+@needs_kernel
 @pytest.mark.skipif(not os.environ.get("SIROCCO_TEST_VNNI_EMULATION"),
                     reason="set SIROCCO_TEST_VNNI_EMULATION=1 to build (about a minute, once) and check the VNNI "
                            "tile on scalar emulations of its AVX-512 operations")

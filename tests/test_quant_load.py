@@ -93,3 +93,43 @@ def test_float_experts_are_read_into_one_stack_per_matrix(folders, dtype):
             stacked, copied = stack(weights)
             assert not copied and stacked.data_ptr() == weights[0].data_ptr()
             assert all(torch.equal(w, getattr(e, matrix).weight) for w, e in zip(weights, other.feed_forward.experts))
+
+
+def test_projections_sharing_an_input_run_in_one_kernel_call(folders, monkeypatch):
+    """Quantized at load, each attention layer's wq, wk, wv and each dense feed-forward's w1, w3 get one kernel
+    call for a decode step (``SharedInputProjections``), with the bits of the separate calls: the same greedy
+    tokens and log-probabilities with the fused calls as without. Experts keep qmoe; pre-fill calls one by one."""
+    from sirocco.backends.quant.linear import SharedInputProjections
+    from sirocco.generate.engine import Engine
+    from sirocco.generate.sampling import SamplingParams
+    from sirocco.model.transformer import Attention, FeedForward
+
+    kind, root = folders
+    model, _ = load_quantized(root / "hf", "q4_0", dtype=torch.float32, device="cpu", progress=False)
+    fused = {m: m.projection_kernel for m in model.modules() if isinstance(m, (Attention, FeedForward))
+             and m.projection_kernel is not None}
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    dense = [m for m in model.modules() if isinstance(m, FeedForward)] if kind == "mistral" else []
+    assert set(fused) == set(attention + dense)
+    assert all(isinstance(k, SharedInputProjections) for k in fused.values())
+    with torch.inference_mode():
+        x = torch.randn(3, attention[0].wq.in_features)
+        q, k, v = fused[attention[0]](x)
+        assert torch.equal(q, attention[0].wq(x)) and torch.equal(v, attention[0].wv(x))
+        assert fused[attention[0]](torch.randn(9, x.shape[1])) is None
+
+    def run():
+        engine = Engine(model, None, max_rows=2, max_seq_len=64)
+        done = engine.generate([[1, 5, 9, 200], [1, 7]], SamplingParams(max_tokens=6, temperature=0,
+                                                                        stop_on_eos=False))
+        return [(c.tokens, c.logprobs) for c in done]
+    from sirocco.backends.quant import kernels as qk
+    calls = []
+    many = qk.qlinear_many
+    monkeypatch.setattr(qk, "qlinear_many", lambda *a, **kw: calls.append(1) or many(*a, **kw))
+    with_fused = run()
+    if qk.kernel_available():                  # without the C++ kernels the layers call their linears one by one
+        assert len(calls) >= 5 * len(fused)    # every decode step of the 6 tokens, every fused layer
+    for m in fused:
+        m.projection_kernel = None
+    assert run() == with_fused

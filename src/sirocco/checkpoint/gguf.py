@@ -288,8 +288,8 @@ class GGUFFile:
                 state[name] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
-        from ..backends.moe import stack_experts
-        stack_experts(model, quantized=True)    # the experts' blocks are views of ffn_*_exps: stacked as they are
+        from ..backends.quant.convert import attach_kernels
+        attach_kernels(model)       # the experts' blocks are views of ffn_*_exps: stacked as they are
         if dequantized:
             log.info("%s: dequantized to %s (kept in float by sirocco): %s", self.path.name,
                      str(dtype).replace("torch.", ""), ", ".join(dequantized))

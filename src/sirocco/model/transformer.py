@@ -52,6 +52,9 @@ class Attention(nn.Module):
         self.ops: AttentionOps = REFERENCE_OPS
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = window
+        # A backend's kernel for wq, wk and wv at once (backends/quant/linear.py), or None; it returns None for the
+        # steps it does not serve.
+        self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -60,9 +63,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan,
                 cache: Optional[RollingCache], layer_id: int) -> torch.Tensor:
         T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
+        q, k, v = (self.projection_kernel and self.projection_kernel(x)) or (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(T, self.n_heads, self.head_dim)
+        k = k.view(T, self.n_kv_heads, self.head_dim)
+        v = v.view(T, self.n_kv_heads, self.head_dim)
         q, k = self.ops.rope(q, *rope), self.ops.rope(k, *rope)
         out = attend(q, k, v, plan.for_window(self.window), None if cache is None else cache[layer_id],
                      self.ops)                                                                  # (T, H, D)
@@ -74,12 +78,15 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
+        # A backend's kernel for w1 and w3 at once, or None (as Attention's projection_kernel).
+        self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.projection_kernel and self.projection_kernel(x)) or (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class MoeFeedForward(nn.Module):

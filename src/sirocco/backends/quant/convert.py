@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from sirocco.backends.moe import expert_groups, stack_experts
 from sirocco.backends.quant.formats import BLOCK, FORMATS, packed_shape
-from sirocco.backends.quant.linear import QuantLinear
+from sirocco.backends.quant.linear import QuantLinear, fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,21 @@ def _shared_buffers(model: nn.Module, chosen: dict[str, tuple[nn.Linear, str]]) 
 
 
 def finish(model: nn.Module, fmt: str, layers: int, kept: list[str], bytes_before: int) -> QuantReport:
-    """After the layers are quantized: stack every MoE layer's experts, log what was kept in float and the bytes
-    before and after, and return them."""
-    stack_experts(model, quantized=True)
+    """After the layers are quantized: give the model the kernels of its quantized weights, log what was kept in
+    float and the bytes before and after, and return them."""
+    attach_kernels(model)
     if kept:
         log.info("kept in float (input size not a multiple of %d): %s", BLOCK, ", ".join(kept))
     report = QuantReport(fmt, layers, kept, bytes_before, model_bytes(model))
     log.info("%s", report.describe())
     return report
+
+
+def attach_kernels(model: nn.Module) -> None:
+    """The one-call kernels of quantized weights: every MoE layer's experts stacked (``qmoe``), and the projections
+    that share an input fused (``SharedInputProjections``)."""
+    stack_experts(model, quantized=True)
+    fuse_projections(model)
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -48,12 +48,14 @@ def _build(name: str, defines: tuple[str, ...] = ()):
     # process of the user, so two versions of the sources built at once would otherwise overwrite each other.
     digest = hashlib.sha1("\0".join(sources + list(defines)).encode()).hexdigest()[:12]
     return load_inline(f"{name}_{digest}", cpp_sources=sources,
-                       functions=["qlinear", "quantize_activations", "qlinear_isa", "qmoe", "dequantize_into"],
+                       functions=["qlinear", "qlinear_many", "quantize_activations", "qlinear_isa", "qmoe",
+                                  "dequantize_into"],
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
 def native_module():
-    """The built C++ module (``qlinear``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``, ``dequantize_into``),
+    """The built C++ module (``qlinear``, ``qlinear_many``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``,
+    ``dequantize_into``),
     or None where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the log)."""
     global _module, _failed
     if _module is None and not _failed:
@@ -138,6 +140,17 @@ def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: 
             or data.device.type != "cpu"):
         return qlinear_reference(x, data, fmt)
     return module.qlinear(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa])
+
+
+def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str = "auto"
+                 ) -> Optional[list[torch.Tensor]]:
+    """[x @ W_i^T for each packed weight W_i] in one C++ call (the projections that share an input: a layer's wq,
+    wk, wv, or w1, w3): x (M, K) fp32 or bf16, M in 1..8, quantized once; each output has the bits ``qlinear``
+    gives it alone. None where the kernel is not built or x is not on CPU."""
+    module = native_module() if x.device.type == "cpu" else None
+    if module is None or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return module.qlinear_many(x, packed, FMT_CODES[fmt], ISA_CODES[isa])
 
 
 def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor) -> torch.Tensor:

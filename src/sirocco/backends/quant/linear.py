@@ -119,3 +119,45 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
                 f"bias={self.bias is not None}")
+
+
+class SharedInputProjections:
+    """The quantized projections of one input, in one kernel call (``kernels.qlinear_many``): an attention layer's
+    wq, wk, wv or a feed-forward's w1, w3, given to the layer as its ``projection_kernel``. The activation rows
+    are quantized once and one parallel region covers the three (or two) weights, where separate calls quantize
+    them each time and wake the threads once per weight; each output has the bits of its QuantLinear alone.
+    Serves decode steps (CPU, no autograd, 1..8 fp32 or bf16 rows); returns None otherwise, and the layer calls
+    its linears one by one. The modules' blocks are read at each call, so moving the model moves them too."""
+
+    def __init__(self, linears: list[QuantLinear]):
+        self.linears = linears
+        self.fmt = linears[0].fmt
+
+    def __call__(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, ...]]:
+        if x.dim() != 2 or torch.is_grad_enabled() or any(m.qweight.device != x.device for m in self.linears):
+            return None
+        ys = kernels.qlinear_many(x, [m.qweight for m in self.linears], self.fmt)
+        return None if ys is None else tuple(ys)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give every attention layer whose wq, wk, wv, and every dense feed-forward whose w1, w3 are QuantLinear of
+    one format without bias their ``SharedInputProjections``; returns how many layers got one."""
+    from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
+
+    in_moe = {id(e) for m in model.modules() if isinstance(m, MoeFeedForward) for e in m.experts}
+    n = 0
+    for m in model.modules():
+        group: list[nn.Module]
+        if isinstance(m, Attention):
+            group = [m.wq, m.wk, m.wv]
+        elif isinstance(m, FeedForward) and id(m) not in in_moe:     # experts decode through qmoe
+            group = [m.w1, m.w3]
+        else:
+            continue
+        quantized: list[QuantLinear] = [q for q in group if isinstance(q, QuantLinear)]
+        if (len(quantized) == len(group) and all(q.bias is None for q in quantized)
+                and len({q.fmt for q in quantized}) == 1):
+            m.projection_kernel = SharedInputProjections(quantized)
+            n += 1
+    return n

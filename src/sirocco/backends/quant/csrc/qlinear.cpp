@@ -463,50 +463,74 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x) {
   return {q, d};
 }
 
-// y (M, N) in x's dtype = x (M, K) times the weight of N rows of K / 32 blocks in format fmt (0 q8_0, 1 q4_0).
-// isa: 0 the best this CPU runs, 1 AVX2, 2 AVX512-VNNI (an error where the CPU lacks it).
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa) {
+// ys[i] (M, N_i) in x's dtype = x (M, K) times weight i of N_i rows of K / 32 blocks in format fmt (0 q8_0, 1
+// q4_0): the projections that share an input (a layer's wq, wk, wv; w1, w3) in one call. The rows are quantized
+// once for all the weights and the tiles of every weight are shared out over the threads in one parallel region
+// (one wake-up of the threads instead of one per weight); each output is computed by the same tile as in a call
+// with its weight alone, so its bits are the same. isa: 0 the best this CPU runs, 1 AVX2, 2 AVX512-VNNI (an error
+// where the CPU lacks it).
+std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t fmt, int64_t isa) {
   TORCH_CHECK(fmt == kQ8 || fmt == kQ4, "qlinear: fmt 0 (q8_0) or 1 (q4_0), got ", fmt);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "qlinear: expected x (M, K) and packed w (N, bytes), got ", x.sizes(),
-              " and ", w.sizes());
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && !ws.empty(), "qlinear: expected x (M, K) and at least one weight, got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
   const int64_t bb = fmt == kQ8 ? block_bytes<kQ8>() : block_bytes<kQ4>();
   TORCH_CHECK(M >= 1 && M <= 8, "qlinear: 1 to 8 rows, got ", M);
-  TORCH_CHECK(K % QK == 0 && w.size(1) == K / QK * bb, "qlinear: x ", x.sizes(), " does not match packed w ",
-              w.sizes(), " (K a multiple of 32, ", bb, " bytes per block)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: fp32 or bf16 rows, got ",
               x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && x.device().is_cpu(),
-              "qlinear: contiguous uint8 CPU weight blocks and CPU rows only");
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && K % QK == 0 && w.size(1) == K / QK * bb, "qlinear: x ", x.sizes(),
+                " does not match packed w ", w.sizes(), " (K a multiple of 32, ", bb, " bytes per block)");
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.device().is_cpu() && x.device().is_cpu(),
+                "qlinear: contiguous uint8 CPU weight blocks and CPU rows only");
+  }
   const bool has_vnni = cpu_has_vnni();
   TORCH_CHECK(isa != 2 || has_vnni, "qlinear: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
 
-  // bf16 rows are read and written as they are (no conversion ops around the call: a decode step makes seven
+  // bf16 rows are read and written as they are (no conversion ops around the call: a decode step makes several
   // of these calls per layer, and each extra op costs more than the conversion itself).
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   auto xc = x.contiguous();
   const QuantizedRows rows = bf16 ? QuantizedRows(xc.data_ptr<at::BFloat16>(), M, K, x.options())
                                   : QuantizedRows(xc.data_ptr<float>(), M, K, x.options());
   const Acts& a = rows.acts;
-
-  auto yf = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  auto y = bf16 ? torch::empty({M, N}, x.options()) : yf;
   const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = yf.data_ptr<float>();
-  at::BFloat16* yb = bf16 ? y.data_ptr<at::BFloat16>() : nullptr;
-  const int64_t row_bytes = w.size(1), tiles = (N + kTile - 1) / kTile;
+  const int64_t row_bytes = K / QK * bb;
+
+  // Weight i's tiles are tiles first[i] .. first[i + 1] - 1 of the call.
+  const size_t n_w = ws.size();
+  std::vector<int64_t> first(n_w + 1, 0), Ns(n_w);
+  std::vector<torch::Tensor> yfs, ys;
+  std::vector<const uint8_t*> wps(n_w);
+  std::vector<float*> yps(n_w);
+  std::vector<at::BFloat16*> ybs(n_w, nullptr);
+  for (size_t i = 0; i < n_w; ++i) {
+    Ns[i] = ws[i].size(0);
+    first[i + 1] = first[i] + (Ns[i] + kTile - 1) / kTile;
+    yfs.push_back(torch::empty({M, Ns[i]}, x.options().dtype(torch::kFloat)));
+    ys.push_back(bf16 ? torch::empty({M, Ns[i]}, x.options()) : yfs.back());
+    wps[i] = ws[i].data_ptr<uint8_t>();
+    yps[i] = yfs[i].data_ptr<float>();
+    if (bf16) ybs[i] = ys[i].data_ptr<at::BFloat16>();
+  }
   // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * row_bytes));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, first[n_w], grain, [&](int64_t t0, int64_t t1) {
+    size_t i = 0;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * kTile, valid = std::min<int64_t>(kTile, N - n0);
-      tile(wp, row_bytes, n0, valid, a, yp, N);
-      if (yb)          // rounded to nearest even, as .to(torch.bfloat16)
+      while (t >= first[i + 1]) ++i;
+      const int64_t N = Ns[i], n0 = (t - first[i]) * kTile, valid = std::min<int64_t>(kTile, N - n0);
+      float* yp = yps[i];
+      tile(wps[i], row_bytes, n0, valid, a, yp, N);
+      if (at::BFloat16* yb = ybs[i])      // rounded to nearest even, as .to(torch.bfloat16)
         for (int64_t m = 0; m < M; ++m)
           for (int64_t r = 0; r < valid; ++r) yb[m * N + n0 + r] = at::BFloat16(yp[m * N + n0 + r]);
     }
   });
-  return y;
+  return ys;
+}
+
+// y (M, N) in x's dtype = x (M, K) times one weight of N rows: qlinear_many with that weight alone.
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa) {
+  return qlinear_many(x, {w}, fmt, isa)[0];
 }
