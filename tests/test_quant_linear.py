@@ -1,5 +1,7 @@
 """QuantLinear against F.linear over its dequantized weight, on every path of its forward."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -68,6 +70,11 @@ def test_from_quantized_uses_the_blocks_in_place():
     assert q.qweight.data_ptr() == qt.data.data_ptr() and q.shape == (5, 32)
 
 
+def avx512_bf16() -> bool:
+    """Whether this CPU runs the AVX512-BF16 pass of dequantize_into (the AVX2 one runs everywhere it is built)."""
+    return "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FMTS)
 def test_dequantize_into_gives_the_bits_of_dequantize(fmt, dtype):
@@ -77,10 +84,11 @@ def test_dequantize_into_gives_the_bits_of_dequantize(fmt, dtype):
     out = torch.full((37, 96), float("nan"), dtype=dtype)
     assert qk.dequantize_into(packed, fmt, out) is out
     assert torch.equal(out, want)
-    if qk.kernel_available():                   # the C++ pass itself, not the fallback
-        out2 = torch.empty(37, 96, dtype=dtype)
-        qk.native_module().dequantize_into(packed, qk.FMT_CODES[fmt], out2)
-        assert torch.equal(out2, want)
+    if qk.kernel_available():                   # the C++ pass itself, not the fallback, on every path this CPU has
+        for isa in ["avx2"] + (["avx512bf16"] if dtype == torch.bfloat16 and avx512_bf16() else []):
+            out2 = torch.empty(37, 96, dtype=dtype)
+            qk.native_module().dequantize_into(packed, qk.FMT_CODES[fmt], out2, qk.DEQUANT_ISA_CODES[isa])
+            assert torch.equal(out2, want), isa
 
 
 def test_dequantize_into_bf16_rounds_ties_to_even():
@@ -94,6 +102,7 @@ def test_dequantize_into_bf16_rounds_ties_to_even():
     bits = want.view(torch.int32)
     ties = (bits & 0xFFFF) == 0x8000
     assert ties.sum() >= 4 and (ties & ((bits >> 16) & 1 == 1)).any() and (ties & ((bits >> 16) & 1 == 0)).any()
-    out = torch.empty(8, 32, dtype=torch.bfloat16)
-    qk.dequantize_into(packed, "q8_0", out)
-    assert torch.equal(out, want.to(torch.bfloat16))
+    for isa in ["auto"] + (["avx2", "avx512bf16"] if qk.kernel_available() and avx512_bf16() else []):
+        out = torch.empty(8, 32, dtype=torch.bfloat16)
+        qk.dequantize_into(packed, "q8_0", out, isa=isa)
+        assert torch.equal(out, want.to(torch.bfloat16)), isa

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8                                   # the kernel's largest row count
 FMT_CODES = {"q8_0": 0, "q4_0": 1}
 ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
+DEQUANT_ISA_CODES = {"auto": 0, "avx2": 1, "avx512bf16": 2}
 
 _module = None
 _failed = False
@@ -153,16 +154,17 @@ def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str
     return module.qlinear_many(x, packed, FMT_CODES[fmt], ISA_CODES[isa])
 
 
-def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor) -> torch.Tensor:
+def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """``out`` (N, K) fp32 or bf16 = the weights of the packed blocks (N, K // 32 * block_bytes): the bits of
     ``formats.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
     one C++ pass where the kernels are built and everything is on CPU, else through ``formats.dequantize``.
-    Pre-fill's tiles (linear.py) reuse one buffer this way."""
+    Pre-fill's tiles (linear.py) reuse one buffer this way. ``isa`` ("auto", "avx2", "avx512bf16") forces a path
+    of the bf16 pass, for tests."""
     module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
     if module is None or not (packed.is_contiguous() and out.is_contiguous()
                               and out.dtype in (torch.float32, torch.bfloat16)):
         return out.copy_(dequantize(packed, fmt, tuple(out.shape)))
-    module.dequantize_into(packed, FMT_CODES[fmt], out)
+    module.dequantize_into(packed, FMT_CODES[fmt], out, DEQUANT_ISA_CODES[isa])
     return out
 
 
