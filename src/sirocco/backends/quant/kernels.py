@@ -56,8 +56,8 @@ def _build(name: str, defines: tuple[str, ...] = ()):
 
 def native_module():
     """The built C++ module (``qlinear``, ``qlinear_many``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``,
-    ``dequantize_into``),
-    or None where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the log)."""
+    ``dequantize_into``), or None where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the
+    log)."""
     global _module, _failed
     if _module is None and not _failed:
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
