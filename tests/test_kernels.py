@@ -421,3 +421,33 @@ def test_bf16_model_on_the_cpu_backend_as_accurate_as_the_reference(monkeypatch,
     assert set(paths) == ({"native"} if sum(lengths) <= kernels.SMALL_M else {"upcast"})
     err, ref_err = (ours - want).abs().max().item(), (ref - want).abs().max().item()
     assert err <= 1.5 * ref_err + 1e-3 * want.abs().max().item(), (err, ref_err)
+
+
+def test_prefill_products_round_their_rows_up_to_a_bucket():
+    # the matrix library keeps a compiled kernel per row count: pre-fill rows (a prompt's length, a MoE expert's
+    # tokens) are padded with zero rows to a multiple of ROW_BUCKET, and the padding's outputs dropped
+    seen = []
+    w = torch.randn(40, 64)
+
+    def linear(rows):
+        seen.append(rows.shape[0])
+        return F.linear(rows, w)
+    with torch.inference_mode():
+        for m, called in [(5, 5), (31, 31), (33, 64), (64, 64), (100, 128)]:
+            x = torch.randn(m, 64)
+            y = kernels.bucketed_linear(x, linear)
+            assert seen[-1] == called and y.shape == (m, 40)
+            torch.testing.assert_close(y, F.linear(x, w))
+    x = torch.randn(33, 64, requires_grad=True)
+    assert kernels.bucketed_linear(x, linear).shape == (33, 40) and seen[-1] == 33      # autograd: as it is
+    # the CPU backend's pre-fill goes through it
+    layer = modules.CpuLinear(torch.nn.Parameter(w))
+    calls = []
+    real = kernels.bucketed_linear
+    try:
+        kernels.bucketed_linear = lambda x, f: calls.append(x.shape[0]) or real(x, f)
+        with torch.inference_mode():
+            layer(torch.randn(50, 64))
+    finally:
+        kernels.bucketed_linear = real
+    assert calls == [50]

@@ -106,3 +106,17 @@ def test_dequantize_into_bf16_rounds_ties_to_even():
         out = torch.empty(8, 32, dtype=torch.bfloat16)
         qk.dequantize_into(packed, "q8_0", out, isa=isa)
         assert torch.equal(out, want.to(torch.bfloat16)), isa
+
+
+def test_prefill_rows_are_rounded_up_to_a_bucket(monkeypatch):
+    """QuantLinear's pre-fill tiles multiply rows padded to a multiple of ROW_BUCKET (one compiled kernel of the
+    matrix library per bucket, not per row count), and return only the real rows."""
+    q = ql.QuantLinear.from_linear(nn.Linear(64, 40, bias=False), "q8_0")
+    rows = []
+    tiled = ql.QuantLinear._tiled
+    monkeypatch.setattr(ql.QuantLinear, "_tiled", lambda self, x: rows.append(x.shape[0]) or tiled(self, x))
+    x = torch.randn(45, 64)
+    with torch.inference_mode():
+        y = q(x)
+    assert rows == [64] and y.shape == (45, 40)
+    torch.testing.assert_close(y, F.linear(x, q.dequantized_weight()))

@@ -37,7 +37,8 @@ def _served(x: torch.Tensor, dtype: torch.dtype, size: int, kernel: str) -> bool
 class CpuLinear(nn.Module):
     """A bias-free linear layer whose products of 1 to 8 rows on CPU, without autograd, use ``small_m_linear``
     where it serves the dtype, else ``row_linear`` for a single row; bf16 products of more rows (pre-fill) run
-    in fp32 through ``upcast_linear`` where PyTorch's bf16 product is slow (``upcast_pays``); else ``F.linear``."""
+    in fp32 through ``upcast_linear`` where PyTorch's bf16 product is slow (``upcast_pays``); else ``F.linear``,
+    its rows rounded up to a multiple of 32 (``bucketed_linear``)."""
 
     def __init__(self, weight: nn.Parameter):
         super().__init__()
@@ -54,7 +55,7 @@ class CpuLinear(nn.Module):
                 return kernels.row_linear(x, self.weight)
         if kernels.upcast_pays(x):
             return kernels.upcast_linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return kernels.bucketed_linear(x, lambda rows: F.linear(rows, self.weight))
 
     def reference(self) -> nn.Linear:
         """The plain ``nn.Linear`` this module replaced, holding the same weight."""

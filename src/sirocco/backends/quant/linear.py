@@ -3,10 +3,11 @@
 Forward, by where and how many rows:
 
 - CPU, no autograd, 1..8 rows (decode): the C++ kernel of kernels.py over the blocks in place;
-- CPU, more rows (pre-fill): the weight dequantized to the activations' dtype (fp32 for bf16 rows where the CPU
-  has no fast bf16 GEMM) a tile of output rows at a time,
-  each tile multiplied by F.linear (oneDNN) into its slice of the output, so that memory stays bounded (never the
-  whole dequantized matrix for big N) while each F.linear call is still large enough to run at full rate;
+- CPU, more rows (pre-fill; rounded up to a multiple of 32 rows, ``bucketed_linear``): the weight dequantized
+  to the activations' dtype (fp32 for bf16 rows where the CPU has no fast bf16 GEMM) a tile of output rows at a
+  time, each tile multiplied by F.linear (oneDNN) into its slice of the output, so that memory stays bounded
+  (never the whole dequantized matrix for big N) while each F.linear call is still large enough to run at full
+  rate;
 - CUDA (or autograd wanted): dequantize + matmul.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sirocco.backends.cpu.kernels import upcast_pays
+from sirocco.backends.cpu.kernels import bucketed_linear, upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 
@@ -94,7 +95,7 @@ class QuantLinear(nn.Module):
             if 1 <= rows <= kernels.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
                 y = kernels.qlinear(x2, self.qweight, self.fmt)
             else:
-                y = self._tiled(x2)
+                y = bucketed_linear(x2, self._tiled)
         else:
             y = F.linear(x2, self.dequantized_weight(x.dtype))
         if self.bias is not None:
