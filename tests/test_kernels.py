@@ -423,7 +423,7 @@ def test_bf16_model_on_the_cpu_backend_as_accurate_as_the_reference(monkeypatch,
     assert err <= 1.5 * ref_err + 1e-3 * want.abs().max().item(), (err, ref_err)
 
 
-def test_prefill_products_round_their_rows_up_to_a_bucket():
+def test_prefill_products_round_their_rows_up_to_a_bucket(monkeypatch):
     # the matrix library keeps a compiled kernel per row count: pre-fill rows (a prompt's length, a MoE expert's
     # tokens) are padded with zero rows to a multiple of ROW_BUCKET, and the padding's outputs dropped
     seen = []
@@ -444,10 +444,7 @@ def test_prefill_products_round_their_rows_up_to_a_bucket():
     layer = modules.CpuLinear(torch.nn.Parameter(w))
     calls = []
     real = kernels.bucketed_linear
-    try:
-        kernels.bucketed_linear = lambda x, f: calls.append(x.shape[0]) or real(x, f)
-        with torch.inference_mode():
-            layer(torch.randn(50, 64))
-    finally:
-        kernels.bucketed_linear = real
+    monkeypatch.setattr(kernels, "bucketed_linear", lambda x, f: calls.append(x.shape[0]) or real(x, f))
+    with torch.inference_mode():
+        layer(torch.randn(50, 64))
     assert calls == [50]

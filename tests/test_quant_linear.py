@@ -1,7 +1,5 @@
 """QuantLinear against F.linear over its dequantized weight, on every path of its forward."""
 
-import os
-
 import pytest
 import torch
 import torch.nn as nn
@@ -71,8 +69,9 @@ def test_from_quantized_uses_the_blocks_in_place():
 
 
 def avx512_bf16() -> bool:
-    """Whether this CPU runs the AVX512-BF16 pass of dequantize_into (the AVX2 one runs everywhere it is built)."""
-    return "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+    """Whether this CPU runs the AVX512-BF16 pass of dequantize_into (the AVX2 one runs everywhere it is built):
+    PyTorch's own reading of the CPU."""
+    return torch.cpu._is_avx512_bf16_supported()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -113,6 +113,14 @@ def _unwrap(packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str]) ->
     return packed, fmt
 
 
+def _decode_module(x: torch.Tensor):
+    """The C++ module where it serves these activation rows (a decode step: CPU, 1..MAX_ROWS rows, fp32 or bf16),
+    else None."""
+    if x.device.type != "cpu" or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native_module()
+
+
 def qlinear_reference(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor],
                       fmt: Optional[str] = None) -> torch.Tensor:
     """The plain PyTorch product: dequantized weights times the int8-quantized activations (``quantize_activations``)
@@ -136,9 +144,8 @@ def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: 
     data, fmt = _unwrap(packed, fmt)
     if data.dim() != 2 or x.dim() != 2 or tuple(data.shape) != packed_shape((data.shape[0], x.shape[1]), fmt):
         raise ValueError(f"qlinear: rows {tuple(x.shape)} do not match {fmt} blocks {tuple(data.shape)}")
-    module = native_module() if x.device.type == "cpu" else None
-    if (module is None or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16)
-            or data.device.type != "cpu"):
+    module = _decode_module(x)
+    if module is None or data.device.type != "cpu":
         return qlinear_reference(x, data, fmt)
     return module.qlinear(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa])
 
@@ -148,8 +155,8 @@ def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str
     """[x @ W_i^T for each packed weight W_i] in one C++ call (the projections that share an input: a layer's wq,
     wk, wv, or w1, w3): x (M, K) fp32 or bf16, M in 1..8, quantized once; each output has the bits ``qlinear``
     gives it alone. None where the kernel is not built or x is not on CPU."""
-    module = native_module() if x.device.type == "cpu" else None
-    if module is None or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
+    module = _decode_module(x)
+    if module is None:
         return None
     return module.qlinear_many(x, packed, FMT_CODES[fmt], ISA_CODES[isa])
 
@@ -175,7 +182,7 @@ def qmoe(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, q1: torch
     (E, D, H / 32 * block_bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).
     Returns (T, D) in x's dtype, the bits of the per-expert QuantLinear path; None where the kernel is not built
     or x is not on CPU."""
-    module = native_module() if x.device.type == "cpu" else None
-    if module is None or not 1 <= x.shape[0] <= MAX_ROWS:
+    module = _decode_module(x)
+    if module is None:
         return None
     return module.qmoe(x, chosen, weights.to(x.dtype), q1, q3, q2, FMT_CODES[fmt], ISA_CODES[isa])
