@@ -13,19 +13,22 @@
 // _mm256_madd_epi16) and the AVX512-VNNI path (_mm512_dpbusd_epi32) give the same bits, and each output's bits
 // depend neither on M, nor on which rows share a tile, nor on the thread count.
 //
-// Layout of the work: a tile is 8 consecutive weight rows (each read where it is: 8 streams, no repacking). Per
-// block, each row's 32 quants are multiplied with the activation block into 8 int32 partial sums; a tree of
-// horizontal additions turns the 8 rows' partial sums into one vector of 8 block dots (lane r = row r), which is
-// converted to float, scaled and added into 8 accumulators (one per output) in one go. q4_0 holds two rows per
-// vector (tile_avx2_q4) and needs three horizontal additions instead of six; with more than 2 activation rows the
-// block's weight bytes are staged in L1 rather than registers. The next tile is prefetched into L2 while a tile is
-// worked on (NextTile). Tiles are shared out over the threads in contiguous chunks of output rows by
-// at::parallel_for (OpenMP).
+// Layout of the work: a tile is consecutive weight rows, each read where it is (no repacking in memory). In the
+// AVX2 tiles (8 rows), per block each row's 32 quants are multiplied with the activation block into 8 int32
+// partial sums; a tree of horizontal additions turns the 8 rows' partial sums into one vector of 8 block dots
+// (lane r = row r), which is converted to float, scaled and added into 8 accumulators (one per output) in one go.
+// q4_0 holds two rows per vector (tile_avx2_q4) and needs three horizontal additions instead of six; with more than
+// 2 activation rows the block's weight bytes are staged in L1 rather than registers. The AVX512-VNNI tile (16 rows)
+// transposes the block's rows in registers instead, so that its dots need no horizontal sums (see tile_vnni). The
+// next tile is prefetched into L2 while a tile is worked on (NextTile). Tiles are shared out over the threads in
+// contiguous chunks of output rows by at::parallel_for (OpenMP).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cfloat>
+#include <climits>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 
@@ -41,6 +44,7 @@ struct Acts {           // the activation rows as q8 blocks
   const int8_t* q;      // (M, K)
   const float* d;       // (M, nb)
   const int32_t* s8;    // (M, nb): 8 * the sum of the block's quants (q4_0's "- 8" folded into one subtraction)
+  const int32_t* start[2];  // (M, nb) each: where the VNNI tile's dots start, -128 (q8_0) and -8 (q4_0) * the sum
   int64_t K, nb;
 };
 
@@ -119,12 +123,10 @@ inline __m256 row_scales(const uint8_t* const* rp, int64_t b) {
   return _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128((long long)lo), _mm_cvtsi64_si128((long long)hi)));
 }
 
-// acc[m] (lane r = output row r) += float(dot) * (d_w * d_a[m, b]), the offset of unsigned weight quants taken
-// off dot first: q4_0's 8 always, q8_0's 128 where the quants were made unsigned (``offset_q8``: the VNNI tile).
-template <int FMT, bool offset_q8 = false>
+// acc[m] (lane r = output row r) += float(dot) * (d_w * d_a[m, b]), q4_0's offset of 8 taken off dot first.
+template <int FMT>
 inline __m256 scale_add(__m256 acc, __m256i dot, __m256 dw, const Acts& a, int64_t m, int64_t b) {
   if (FMT == kQ4) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(a.s8[m * a.nb + b]));
-  if (FMT == kQ8 && offset_q8) dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(16 * a.s8[m * a.nb + b]));
   const __m256 s = _mm256_mul_ps(dw, _mm256_set1_ps(a.d[m * a.nb + b]));
   return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s));
 }
@@ -152,12 +154,12 @@ inline __m256i block_dot_avx2(__m256i wq, __m256i aq) {
 // (2048 x 2048, M = 1, one thread, weights cycled beyond L3): q8_0 4.3-5.3 -> 8.1-8.9 GB/s, q4_0 3.5-5.4 ->
 // 7.9-8.0 GB/s against 512 bytes ahead in each row stream or no software prefetch; into L1 instead of L2, or
 // two tiles ahead, no better.
-template <int FMT>
+template <int FMT, int ROWS = kTile>
 struct NextTile {
-  static constexpr int64_t kStep = kTile * block_bytes<FMT>();       // bytes of the tile per block step
+  static constexpr int64_t kStep = ROWS * block_bytes<FMT>();       // bytes of the tile per block step
   static constexpr int kLines = (kStep + 63) / 64;                    // covers [p, p + kStep) with p's next
   const char* p;
-  NextTile(const uint8_t* rows, int64_t row_bytes) : p((const char*)(rows + kTile * row_bytes)) {}
+  NextTile(const uint8_t* rows, int64_t row_bytes) : p((const char*)(rows + ROWS * row_bytes)) {}
   inline void step() {
     for (int i = 0; i < kLines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
     p += kStep;
@@ -267,139 +269,206 @@ void tile_avx2_q4(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid
   }
 }
 
-// The VNNI tile works on block pairs: one 512-bit vector holds two consecutive blocks of a weight row (lanes 0..7
-// block b, lanes 8..15 block b + 1, each int32 lane the sum of 4 products), so one _mm512_dpbusd_epi32 takes a row's
-// products for both blocks, and one tree of 14 shuffles (reduce16) turns the 8 rows' vectors into the 16 block dots
-// of the pair, half of the shuffles of two 256-bit trees. dpbusd multiplies unsigned by signed bytes: q4_0's
-// nibbles are unsigned already; for q8_0 the activation is made unsigned (a + 128, an exclusive or of the sign bit)
-// and the product started from -128 times the sum of the lane's 4 weights, so that each lane is exactly the sum of
-// w * a (a weight of -128 included), one instruction per row and activation row.
+// The VNNI tile: 16 weight rows, one block at a time, the rows transposed in registers so that no horizontal sum
+// is needed. A row's block is 8 groups of 4 quants (q8_0: 32 bytes; q4_0: 16 bytes whose low nibbles are groups
+// 0..3 and high nibbles groups 4..7). The block's 16 rows are loaded and transposed so that vector j holds group j
+// of every row (int32 lane r = row r): one _mm512_dpbusd_epi32 of vector j against group j of the activation block,
+// broadcast to every lane, adds 4 products to each of the 16 rows' dots, and after 8 of them the 16 block dots sit
+// in one vector, lane r = row r, to be scaled and added in one go with scale_add's arithmetic (so the bits are the
+// AVX2 tiles'). The transposition is paid once per block and shared by the M activation rows; each row then costs
+// 8 dpbusd and 6 other operations for 16 outputs, where the 8-row tile spent about 4 shuffles and scalings per
+// dpbusd on the per-block horizontal sums (measured, 2048 x 7168, 2 threads: q8_0 M=8 16 -> 26 GB/s).
+// dpbusd multiplies unsigned by signed bytes: q4_0's nibbles are unsigned already (w + 8), q8_0's quants are made
+// unsigned (w + 128, an exclusive or of the sign bit), and each dot starts from -8 or -128 times the activation
+// block's sum (Acts::start, broadcast from memory), which leaves it exactly the sum of w * a.
 //
 // Built with SIROCCO_VNNI_EMULATION (a test-only build, tests/test_quant_kernels.py) the operations of namespace
 // v512 are scalar code following Intel's definitions, so that the tile's data flow can be checked on CPUs without
 // AVX-512; normally they are the AVX-512 instructions.
+constexpr int kTileVnni = 16;
+
 #ifndef SIROCCO_VNNI_EMULATION
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 namespace v512 {
 using vec = __m512i;
+using fvec = __m512;
+// The tile's 16 row pointers (rows past the end repeat the last valid one) and their offsets from the first, as
+// int32 lanes for the gather of the scales.
+struct Rows16 {
+  const uint8_t* rp[kTileVnni];
+  vec offsets;
+  VNNI_TARGET Rows16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid) {
+    alignas(64) int32_t o[kTileVnni];
+    for (int r = 0; r < kTileVnni; ++r) {
+      rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
+      o[r] = (int32_t)(rp[r] - rp[0]);
+    }
+    offsets = _mm512_load_si512((const void*)o);
+  }
+};
 VNNI_TARGET inline vec zero() { return _mm512_setzero_si512(); }
-VNNI_TARGET inline vec load(const int8_t* p) { return _mm512_loadu_si512((const void*)p); }
-VNNI_TARGET inline __m256i low(vec v) { return _mm512_castsi512_si256(v); }
-VNNI_TARGET inline __m256i high(vec v) { return _mm512_extracti64x4_epi64(v, 1); }
-// q8_0: the 32 quants at q0 (block b) and at q1 (block b + 1)
-VNNI_TARGET inline vec q8_pair(const uint8_t* q0, const uint8_t* q1) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)q0)),
-                            _mm256_loadu_si256((const __m256i*)q1), 1);
-}
-// q4_0: the 16 packed bytes at q0 and at q1 as 64 nibbles in element order (128-bit lanes: q0's low nibbles, q0's
-// high nibbles, q1's low, q1's high)
-VNNI_TARGET inline vec q4_pair(const uint8_t* q0, const uint8_t* q1) {
-  const vec v = _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q0))),
-      _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q1)), 1);
-  return _mm512_and_si512(_mm512_mask_srli_epi16(v, 0xFF00FF00u, v, 4), _mm512_set1_epi8(0x0F));
-}
-// x + 128: signed bytes as unsigned ones
-VNNI_TARGET inline vec flip(vec a) { return _mm512_xor_si512(a, _mm512_set1_epi8((char)0x80)); }
+VNNI_TARGET inline vec add(vec x, vec y) { return _mm512_add_epi32(x, y); }
+VNNI_TARGET inline vec bcast(const int32_t* p) { return _mm512_set1_epi32(*p); }
+// the 4 bytes at p in every int32 lane
+VNNI_TARGET inline vec bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 // per int32 lane, acc + the sum of 4 products of unsigned u and signed s bytes
 VNNI_TARGET inline vec dpbusd(vec acc, vec u, vec s) { return _mm512_dpbusd_epi32(acc, u, s); }
-// lane r (0..7): the sum of p[r]'s int32 lanes 0..7; lane 8 + r: of its lanes 8..15
-VNNI_TARGET inline vec pairs(vec x, vec y) {
-  return _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+// The 16 rows' fp16 scales at offset off of each row, as fp32 (lane r = row r).
+VNNI_TARGET inline fvec scales(const Rows16& rows, int64_t off) {
+  const vec g = _mm512_i32gather_epi32(rows.offsets, (const void*)(rows.rp[0] + off), 1);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
 }
-VNNI_TARGET inline vec quads(vec x, vec y) {
-  return _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+// In-lane steps of the transpositions: per 128-bit lane, {x0 y0 x1 y1}, {x2 y2 x3 y3}; then {x0 x1 y0 y1} style.
+VNNI_TARGET inline void unpack32(vec x, vec y, vec& lo, vec& hi) {
+  lo = _mm512_unpacklo_epi32(x, y); hi = _mm512_unpackhi_epi32(x, y);
 }
-VNNI_TARGET inline vec reduce16(const vec* p) {
-  // per 128-bit lane of u0: the sums of its 4 int32 lanes for rows 0..3; of u1: rows 4..7
-  const vec u0 = quads(pairs(p[0], p[1]), pairs(p[2], p[3])), u1 = quads(pairs(p[4], p[5]), pairs(p[6], p[7]));
+VNNI_TARGET inline void unpack64(vec x, vec y, vec& lo, vec& hi) {
+  lo = _mm512_unpacklo_epi64(x, y); hi = _mm512_unpackhi_epi64(x, y);
+}
+// q8_0: g[j] lane r = quants 4j..4j+3 of row r (the 32 bytes at rp[r] + off) + 128.
+VNNI_TARGET inline void q8_groups(const Rows16& rows, int64_t off, vec* g) {
+  vec v[8], t[8], s[8];
+  for (int i = 0; i < 8; ++i)         // 256-bit halves: row i, row i + 8
+    v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(rows.rp[i] + off))),
+                              _mm256_loadu_si256((const __m256i*)(rows.rp[i + 8] + off)), 1);
+  // an 8 x 8 transposition of int32 lanes in each 256-bit half: within 128-bit lanes first, which leaves s[x]
+  // (x < 4) with group x of rows 0..3 | group 4 + x of rows 0..3 | group x of rows 8..11 | group 4 + x of rows
+  // 8..11, and s[4 + x] the same for rows 4..7 and 12..15; then whole 128-bit lanes are interleaved.
+  for (int i = 0; i < 8; i += 2) unpack32(v[i], v[i + 1], t[i], t[i + 1]);
+  for (int h = 0; h < 8; h += 4) {
+    unpack64(t[h], t[h + 2], s[h], s[h + 1]);
+    unpack64(t[h + 1], t[h + 3], s[h + 2], s[h + 3]);
+  }
   const vec first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
-  return _mm512_add_epi32(_mm512_permutex2var_epi64(u0, first, u1), _mm512_permutex2var_epi64(u0, second, u1));
+  const vec flip = _mm512_set1_epi8((char)0x80);
+  for (int x = 0; x < 4; ++x) {
+    g[x] = _mm512_xor_si512(_mm512_permutex2var_epi64(s[x], first, s[4 + x]), flip);
+    g[4 + x] = _mm512_xor_si512(_mm512_permutex2var_epi64(s[x], second, s[4 + x]), flip);
+  }
 }
+// q4_0: g[j] lane r = nibbles of row r's 16 packed bytes at rp[r] + off: j < 4 the low nibbles of bytes 4j..4j+3
+// (elements 4j..4j+3), j >= 4 the high nibbles of bytes 4(j-4).. (elements 16 + 4(j-4)..).
+VNNI_TARGET inline void q4_groups(const Rows16& rows, int64_t off, vec* g) {
+  vec v[4], t[4], o[4];
+  auto row = [&](int r) { return _mm_loadu_si128((const __m128i*)(rows.rp[r] + off)); };
+  for (int i = 0; i < 4; ++i)         // 128-bit lanes: rows i, 4 + i, 8 + i, 12 + i
+    v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(row(4 + i), row(i))),
+                              _mm256_set_m128i(row(12 + i), row(8 + i)), 1);
+  // a 4 x 4 transposition within 128-bit lanes: lane L of o[j] = group j of rows 4L .. 4L + 3
+  unpack32(v[0], v[1], t[0], t[1]);
+  unpack32(v[2], v[3], t[2], t[3]);
+  unpack64(t[0], t[2], o[0], o[1]);
+  unpack64(t[1], t[3], o[2], o[3]);
+  const vec mask = _mm512_set1_epi8(0x0F);
+  for (int j = 0; j < 4; ++j) {
+    g[j] = _mm512_and_si512(o[j], mask);
+    g[4 + j] = _mm512_and_si512(_mm512_srli_epi16(o[j], 4), mask);
+  }
+}
+VNNI_TARGET inline fvec fzero() { return _mm512_setzero_ps(); }
+// acc + float(dot) * (dw * da), lane by lane: scale_add's arithmetic on 16 lanes
+VNNI_TARGET inline fvec scale_add(fvec acc, vec dot, fvec dw, float da) {
+  const fvec s = _mm512_mul_ps(dw, _mm512_set1_ps(da));
+  return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(dot), s));
+}
+VNNI_TARGET inline void store(fvec v, float* out) { _mm512_storeu_ps(out, v); }
 }  // namespace v512
 #else
 #define VNNI_TARGET
 namespace v512 {
-struct vec { int8_t b[64]; };
-inline vec zero() { vec v; std::memset(v.b, 0, 64); return v; }
-inline vec load(const int8_t* p) { vec v; std::memcpy(v.b, p, 64); return v; }
-inline __m256i low(vec v) { return _mm256_loadu_si256((const __m256i*)v.b); }
-inline __m256i high(vec v) { return _mm256_loadu_si256((const __m256i*)(v.b + 32)); }
-inline void lanes(const vec& v, int32_t* out) { std::memcpy(out, v.b, 64); }
-inline vec from_lanes(const int32_t* in) { vec v; std::memcpy(v.b, in, 64); return v; }
-inline vec q8_pair(const uint8_t* q0, const uint8_t* q1) {
-  vec v; std::memcpy(v.b, q0, 32); std::memcpy(v.b + 32, q1, 32); return v;
-}
-inline vec q4_pair(const uint8_t* q0, const uint8_t* q1) {
-  vec v;
-  for (int i = 0; i < 16; ++i) {
-    v.b[i] = q0[i] & 0x0F; v.b[16 + i] = q0[i] >> 4; v.b[32 + i] = q1[i] & 0x0F; v.b[48 + i] = q1[i] >> 4;
+struct vec { int32_t l[16]; };
+struct fvec { float f[16]; };
+struct Rows16 {
+  const uint8_t* rp[kTileVnni];
+  Rows16(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid) {
+    for (int r = 0; r < kTileVnni; ++r) rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
   }
+};
+inline vec zero() { vec v; std::memset(v.l, 0, sizeof v.l); return v; }
+inline vec add(vec x, const vec& y) { for (int i = 0; i < 16; ++i) x.l[i] += y.l[i]; return x; }
+inline vec bcast4(const int8_t* p) { vec v; for (auto& x : v.l) std::memcpy(&x, p, 4); return v; }
+inline vec bcast(const int32_t* p) { vec v; for (auto& x : v.l) x = *p; return v; }
+inline vec dpbusd(vec acc, const vec& u, const vec& s) {   // _mm512_dpbusd_epi32
+  const uint8_t* ub = (const uint8_t*)u.l;
+  const int8_t* sb = (const int8_t*)s.l;
+  for (int j = 0; j < 16; ++j)
+    for (int i = 4 * j; i < 4 * j + 4; ++i) acc.l[j] += (int32_t)ub[i] * (int32_t)sb[i];
+  return acc;
+}
+inline fvec scales(const Rows16& rows, int64_t off) {
+  fvec v;
+  for (int r = 0; r < 16; ++r) { uint16_t h; std::memcpy(&h, rows.rp[r] + off, 2); v.f[r] = _cvtsh_ss(h); }
   return v;
 }
-inline vec flip(vec a) { for (auto& x : a.b) x = (int8_t)((uint8_t)x ^ 0x80); return a; }
-inline vec dpbusd(const vec& acc, const vec& u, const vec& s) {   // _mm512_dpbusd_epi32
-  int32_t l[16];
-  lanes(acc, l);
-  for (int j = 0; j < 16; ++j)
-    for (int i = 4 * j; i < 4 * j + 4; ++i) l[j] += (int32_t)(uint8_t)u.b[i] * (int32_t)s.b[i];
-  return from_lanes(l);
+inline void q8_groups(const Rows16& rows, int64_t off, vec* g) {
+  for (int j = 0; j < 8; ++j)
+    for (int r = 0; r < 16; ++r) {
+      uint8_t b[4];
+      for (int i = 0; i < 4; ++i) b[i] = rows.rp[r][off + 4 * j + i] ^ 0x80;
+      std::memcpy(&g[j].l[r], b, 4);
+    }
 }
-inline vec reduce16(const vec* p) {
-  int32_t out[16] = {}, l[16];
-  for (int r = 0; r < kTile; ++r) {
-    lanes(p[r], l);
-    for (int j = 0; j < 8; ++j) { out[r] += l[j]; out[8 + r] += l[8 + j]; }
+inline void q4_groups(const Rows16& rows, int64_t off, vec* g) {
+  for (int j = 0; j < 4; ++j)
+    for (int r = 0; r < 16; ++r) {
+      uint8_t lo[4], hi[4];
+      for (int i = 0; i < 4; ++i) {
+        lo[i] = rows.rp[r][off + 4 * j + i] & 0x0F;
+        hi[i] = rows.rp[r][off + 4 * j + i] >> 4;
+      }
+      std::memcpy(&g[j].l[r], lo, 4);
+      std::memcpy(&g[4 + j].l[r], hi, 4);
+    }
+}
+inline fvec fzero() { fvec v; for (auto& x : v.f) x = 0.0f; return v; }
+inline fvec scale_add(fvec acc, const vec& dot, const fvec& dw, float da) {
+  for (int r = 0; r < 16; ++r) {
+    const float s = dw.f[r] * da;
+    acc.f[r] = acc.f[r] + (float)dot.l[r] * s;
   }
-  return from_lanes(out);
+  return acc;
 }
+inline void store(const fvec& v, float* out) { std::memcpy(out, v.f, sizeof v.f); }
 }  // namespace v512
 #endif
 
+// Outputs y[m, n0 .. n0 + valid) (valid <= 16) for the M activation rows.
 template <int FMT, int M>
 VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid, const Acts& a,
                            float* y, int64_t N) {
   constexpr int64_t BB = block_bytes<FMT>();
-  const uint8_t* rp[kTile];
-  for (int r = 0; r < kTile; ++r) rp[r] = w + (n0 + std::min<int64_t>(r, valid - 1)) * row_bytes;
-  NextTile<FMT> pf(w + n0 * row_bytes, row_bytes);
-  __m256 acc[M];
-  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= a.nb; b += 2) {
+  const v512::Rows16 rows(w, row_bytes, n0, valid);
+  NextTile<FMT, kTileVnni> pf(w + n0 * row_bytes, row_bytes);
+  v512::fvec acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = v512::fzero();
+  for (int64_t b = 0; b < a.nb; ++b) {
     const int64_t off = b * BB;
     pf.step();
-    pf.step();
-    const __m256 dw0 = row_scales<FMT>(rp, b), dw1 = row_scales<FMT>(rp, b + 1);
-    v512::vec wq[kTile];          // unsigned: q4_0's nibbles, q8_0's quants + 128
-    for (int r = 0; r < kTile; ++r)
-      wq[r] = FMT == kQ8 ? v512::flip(v512::q8_pair(rp[r] + off + 2, rp[r] + off + BB + 2))
-                         : v512::q4_pair(rp[r] + off + 2, rp[r] + off + BB + 2);
+    const v512::fvec dw = v512::scales(rows, off);
+    v512::vec g[8];                    // g[j] pairs with the activation's quants 4j .. 4j + 3
+    if (FMT == kQ8) v512::q8_groups(rows, off + 2, g);
+    else v512::q4_groups(rows, off + 2, g);
     for (int m = 0; m < M; ++m) {
-      const v512::vec aq = v512::load(a.q + m * a.K + b * QK);
-      v512::vec p[kTile];
-      for (int r = 0; r < kTile; ++r) p[r] = v512::dpbusd(v512::zero(), wq[r], aq);
-      const v512::vec dots = v512::reduce16(p);
-      acc[m] = scale_add<FMT, true>(acc[m], v512::low(dots), dw0, a, m, b);
-      acc[m] = scale_add<FMT, true>(acc[m], v512::high(dots), dw1, a, m, b + 1);
-    }
-  }
-  for (; b < a.nb; ++b) {                // an odd last block: the 256-bit form of the same dot
-    const int64_t off = b * BB;
-    const __m256 dw = row_scales<FMT>(rp, b);
-    for (int m = 0; m < M; ++m) {
-      const __m256i aq = _mm256_loadu_si256((const __m256i*)(a.q + m * a.K + b * QK));
-      __m256i p[kTile];
-      for (int r = 0; r < kTile; ++r) p[r] = block_dot_avx2<FMT>(load_quants<FMT>(rp[r] + off), aq);
-      acc[m] = scale_add<FMT>(acc[m], reduce8(p), dw, a, m, b);
+      const int8_t* aq = a.q + m * a.K + b * QK;
+      // two chains of dpbusd where few rows are in flight, so that their latency is hidden
+      v512::vec d0 = v512::bcast(a.start[FMT] + m * a.nb + b), d1 = v512::zero();
+      for (int j = 0; j < 8; j += 2) {
+        d0 = v512::dpbusd(d0, g[j], v512::bcast4(aq + 4 * j));
+        if (M <= 2) d1 = v512::dpbusd(d1, g[j + 1], v512::bcast4(aq + 4 * j + 4));
+        else d0 = v512::dpbusd(d0, g[j + 1], v512::bcast4(aq + 4 * j + 4));
+      }
+      acc[m] = v512::scale_add(acc[m], M <= 2 ? v512::add(d0, d1) : d0, dw, a.d[m * a.nb + b]);
     }
   }
   for (int m = 0; m < M; ++m) {
-    alignas(32) float out[kTile];
-    _mm256_store_ps(out, acc[m]);
+    alignas(64) float out[kTileVnni];
+    v512::store(acc[m], out);
     for (int r = 0; r < valid; ++r) y[m * N + n0 + r] = out[r];
   }
 }
+
+// Output rows per tile: 16 for the VNNI tile, 8 for the AVX2 ones.
+inline int64_t tile_rows(bool vnni) { return vnni ? kTileVnni : kTile; }
 
 using TileFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const Acts&, float*, int64_t);
 
@@ -417,7 +486,7 @@ TileFn pick(int64_t M, bool vnni) {
 
 // Rows x (M, K) fp32 quantized as the kernel takes them (quantize_row per row), in buffers it keeps alive.
 struct QuantizedRows {
-  torch::Tensor q, d, s8;
+  torch::Tensor q, d, s8, start;
   Acts acts;
   template <typename T>
   QuantizedRows(const T* x, int64_t M, int64_t K, const torch::TensorOptions& options) {
@@ -425,13 +494,19 @@ struct QuantizedRows {
     q = torch::empty({M * K + 64}, options.dtype(torch::kInt8));    // + 64: room for a 512-bit load
     d = torch::empty({M * nb}, options.dtype(torch::kFloat));
     s8 = torch::empty({M * nb}, options.dtype(torch::kInt));
+    start = torch::empty({2, M * nb}, options.dtype(torch::kInt));
     for (int64_t m = 0; m < M; ++m)
       quantize_row(x + m * K, K, q.data_ptr<int8_t>() + m * K, d.data_ptr<float>() + m * nb,
                    s8.data_ptr<int32_t>() + m * nb);
-    acts = Acts{q.data_ptr<int8_t>(), d.data_ptr<float>(), s8.data_ptr<int32_t>(), K, nb};
+    int32_t *s = s8.data_ptr<int32_t>(), *q8 = start.data_ptr<int32_t>(), *q4 = q8 + M * nb;
+    for (int64_t i = 0; i < M * nb; ++i) { q8[i] = -16 * s[i]; q4[i] = -s[i]; }
+    acts = Acts{q.data_ptr<int8_t>(), d.data_ptr<float>(), s, {q8, q4}, K, nb};
   }
   // The activation rows from row m on.
-  Acts from(int64_t m) const { return Acts{acts.q + m * acts.K, acts.d + m * acts.nb, acts.s8 + m * acts.nb, acts.K, acts.nb}; }
+  Acts from(int64_t m) const {
+    const int64_t i = m * acts.nb;
+    return Acts{acts.q + m * acts.K, acts.d + i, acts.s8 + i, {acts.start[0] + i, acts.start[1] + i}, acts.K, acts.nb};
+  }
 };
 
 bool cpu_has_vnni() {
@@ -495,7 +570,8 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
                                   : QuantizedRows(xc.data_ptr<float>(), M, K, x.options());
   const Acts& a = rows.acts;
   const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
-  const int64_t row_bytes = K / QK * bb;
+  const int64_t row_bytes = K / QK * bb, rows_per_tile = tile_rows(vnni);
+  TORCH_CHECK(kTileVnni * row_bytes < INT32_MAX, "qlinear: rows of ", row_bytes, " bytes are too long");
 
   // Weight i's tiles are tiles first[i] .. first[i + 1] - 1 of the call.
   const size_t n_w = ws.size();
@@ -506,7 +582,7 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
   std::vector<at::BFloat16*> ybs(n_w, nullptr);
   for (size_t i = 0; i < n_w; ++i) {
     Ns[i] = ws[i].size(0);
-    first[i + 1] = first[i] + (Ns[i] + kTile - 1) / kTile;
+    first[i + 1] = first[i] + (Ns[i] + rows_per_tile - 1) / rows_per_tile;
     yfs.push_back(torch::empty({M, Ns[i]}, x.options().dtype(torch::kFloat)));
     ys.push_back(bf16 ? torch::empty({M, Ns[i]}, x.options()) : yfs.back());
     wps[i] = ws[i].data_ptr<uint8_t>();
@@ -514,12 +590,13 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
     if (bf16) ybs[i] = ys[i].data_ptr<at::BFloat16>();
   }
   // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * row_bytes));
+  const int64_t grain = std::max<int64_t>(1, 65536 / (rows_per_tile * row_bytes));
   at::parallel_for(0, first[n_w], grain, [&](int64_t t0, int64_t t1) {
     size_t i = 0;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= first[i + 1]) ++i;
-      const int64_t N = Ns[i], n0 = (t - first[i]) * kTile, valid = std::min<int64_t>(kTile, N - n0);
+      const int64_t N = Ns[i], n0 = (t - first[i]) * rows_per_tile;
+      const int64_t valid = std::min<int64_t>(rows_per_tile, N - n0);
       float* yp = yps[i];
       tile(wps[i], row_bytes, n0, valid, a, yp, N);
       if (at::BFloat16* yb = ybs[i])      // rounded to nearest even, as .to(torch.bfloat16)

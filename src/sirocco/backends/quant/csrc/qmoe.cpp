@@ -27,20 +27,20 @@ namespace qmoe_kernel {
 
 // For every chunk of the plan: y rows [first, first + rows) (row length N) = the activation rows of the chunk times
 // the N rows of its expert's blocks w + expert * stride (and the same with w_b into y_b if given). Tasks are tiles
-// of 8 output rows, chunk after chunk.
+// of output rows (tile_rows), chunk after chunk.
 template <int FMT>
 void products(const moe_plan::Plan& plan, const QuantizedRows& a, bool vnni, int64_t N, int64_t row_bytes,
               const uint8_t* w, int64_t stride, float* y, const uint8_t* w_b = nullptr, int64_t stride_b = 0,
               float* y_b = nullptr) {
-  const int64_t per_chunk = (N + kTile - 1) / kTile;
+  const int64_t rows_per_tile = tile_rows(vnni), per_chunk = (N + rows_per_tile - 1) / rows_per_tile;
   const int64_t tasks = (int64_t)plan.chunks.size() * per_chunk;
   const int64_t matrices = w_b ? 2 : 1;
   // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
-  const int64_t grain = std::max<int64_t>(1, 65536 / (matrices * kTile * row_bytes));
+  const int64_t grain = std::max<int64_t>(1, 65536 / (matrices * rows_per_tile * row_bytes));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const moe_plan::Chunk& c = plan.chunks[t / per_chunk];
-      const int64_t n0 = (t % per_chunk) * kTile, valid = std::min<int64_t>(kTile, N - n0);
+      const int64_t n0 = (t % per_chunk) * rows_per_tile, valid = std::min<int64_t>(rows_per_tile, N - n0);
       const TileFn tile = pick<FMT>(c.rows, vnni);
       const Acts acts = a.from(c.first);
       tile(w + c.expert * stride, row_bytes, n0, valid, acts, y + c.first * N, N);
