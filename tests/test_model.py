@@ -1,5 +1,9 @@
 """The model against the plain reference implementation, on packed sequences, both attention backends."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -79,6 +83,22 @@ def test_meta_device_build_has_no_storage():
         model = Transformer(preset("mistral-7b-v0.1"))
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == preset("mistral-7b-v0.1").num_parameters()
+
+
+def test_meta_build_imports_no_compiler_and_a_real_build_keeps_the_embedding_init():
+    # a loader builds the model on meta first: torch's meta normal_ (nn.Embedding's init) would import
+    # torch._dynamo, ~70 MB resident in every process that loads a model (measured by bench_quant's peak memory)
+    code = ("import sys, torch\n"
+            "from sirocco.config import preset\n"
+            "from sirocco.model import Transformer\n"
+            "with torch.device('meta'):\n"
+            "    Transformer(preset('tiny'))\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+    weight = Transformer(preset("tiny")).tok_embeddings.weight            # on CPU: nn.Embedding's normal(0, 1)
+    assert torch.isfinite(weight).all() and 0.9 < weight.std().item() < 1.1
 
 
 def test_bfloat16_close_to_float32():

@@ -163,6 +163,16 @@ class TransformerBlock(nn.Module):
         return x + self.feed_forward(h)
 
 
+def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding``, without its random initialisation when built on the meta device (as loaders build the
+    model before reading its weights): PyTorch's meta ``normal_`` imports torch._dynamo, about 70 MB of Python
+    modules resident for the rest of the process, for a tensor that holds no data."""
+    weight = torch.empty(vocab_size, dim)
+    if weight.device.type == "meta":
+        return nn.Embedding(vocab_size, dim, _weight=weight)
+    return nn.Embedding(vocab_size, dim)
+
+
 class Transformer(nn.Module):
     """The whole model. Layers sit in a dict keyed by their global index, so a pipeline stage that keeps only
     some of them (and maybe no embedding or no output) keeps the checkpoint's names; ``forward`` passes
@@ -171,7 +181,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, layers: Optional[list[int]] = None, embed: bool = True, head: bool = True):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim) if embed else None
+        self.tok_embeddings = _embedding(args.vocab_size, args.dim) if embed else None
         layer_ids = range(args.n_layers) if layers is None else layers
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
