@@ -1,5 +1,7 @@
 """QuantLinear against F.linear over its dequantized weight, on every path of its forward."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -119,3 +121,24 @@ def test_prefill_rows_are_rounded_up_to_a_bucket(monkeypatch):
         y = q(x)
     assert rows == [64] and y.shape == (45, 40)
     torch.testing.assert_close(y, F.linear(x, q.dequantized_weight()))
+
+
+def test_prefill_tiles_share_one_scratch_buffer_per_thread():
+    # one buffer per thread and dtype, grown to the largest tile asked for; layers of other shapes reuse it and
+    # still get their own product
+    a = ql.tile_buffer(4, 64, torch.device("cpu"), torch.float32)
+    b = ql.tile_buffer(2, 96, torch.device("cpu"), torch.float32)
+    assert b.shape == (2, 96) and b.data_ptr() == a.data_ptr()
+    c = ql.tile_buffer(8, 64, torch.device("cpu"), torch.float32)
+    assert c.shape == (8, 64) and ql.tile_buffer(1, 32, torch.device("cpu"), torch.float32).data_ptr() == c.data_ptr()
+    other = []
+    t = threading.Thread(target=lambda: other.append(ql.tile_buffer(1, 32, torch.device("cpu"), torch.float32)))
+    t.start()
+    t.join()
+    assert other[0].data_ptr() != c.data_ptr()
+    layers = [ql.QuantLinear.from_linear(nn.Linear(k, n, bias=False), "q8_0") for k, n in ((64, 40), (96, 24))]
+    x = [torch.randn(33, 64), torch.randn(33, 96)]
+    with torch.no_grad():
+        ys = [q(xi) for q, xi in zip(layers, x)] + [layers[0](x[0])]
+    for y, q, xi in zip(ys, layers + layers[:1], x + x[:1]):
+        torch.testing.assert_close(y, F.linear(xi, dequantize(q.qweight, "q8_0", q.shape)))
