@@ -13,8 +13,10 @@ folder. Each format runs in its own fresh subprocess, so that its peak memory is
 In that process, in this order:
 
     bandwidth   the read bandwidth before loading: sums of a 1 GiB fp32 tensor (256 MiB if --quick) in 16 MiB
-                chunks, one pass timed whole, best of 3 passes (also the fastest single chunk); freed again, and
-                the peak-memory mark reset, before the model loads
+                chunks, one pass timed whole, best of 3 passes (also the fastest single chunk), once in ordinary
+                memory and once in huge-page memory (hugepages.py, where the quantized blocks live: it reads
+                faster), the better of the two kept; freed again, and the peak-memory mark reset, before the
+                model loads
     load        peak resident memory (VmHWM minus the resident size before loading), seconds to load and to
                 quantize, then again after a first generated token (memory-mapped weights count once touched)
     pre-fill    a 512-token prompt to its first token (generate one token): tokens/s
@@ -99,10 +101,23 @@ CHUNK_MIB = 16
 
 # -- the read bandwidth --------------------------------------------------------------------------------------------
 def read_bandwidth(mib: int, passes: int = 3) -> dict:
-    """Bytes/s of a sum over a ``mib`` MiB fp32 tensor chunk by chunk (16 MiB each, in turn, so each comes from
-    memory): the best whole pass of ``passes`` (after one untimed pass), and the fastest single chunk."""
+    """``read_bandwidth_of`` an ordinary tensor and of one in huge-page memory, and the better of each figure."""
     import torch
-    chunks = torch.ones(mib * 2**20 // 4).chunk(mib // CHUNK_MIB)
+
+    from sirocco.backends.quant.hugepages import huge_page_tensors
+    plain = read_bandwidth_of(torch.ones(mib * 2**20 // 4), passes)
+    [area] = huge_page_tensors([(mib * 2**20,)])
+    huge = read_bandwidth_of(area.view(torch.float32).fill_(1.0), passes)
+    del area
+    return {key: max(plain[key], huge[key]) for key in plain} | {"plain": plain, "huge_pages": huge}
+
+
+def read_bandwidth_of(values, passes: int) -> dict:
+    """Bytes/s of a sum over an fp32 tensor chunk by chunk (16 MiB each, in turn, so each comes from memory): the
+    best whole pass of ``passes`` (after one untimed pass), and the fastest single chunk."""
+    mib = values.numel() * 4 // 2**20
+    chunks = values.chunk(mib // CHUNK_MIB)
+    del values
     for c in chunks:
         c.sum()
     best_pass, best_chunk = float("inf"), float("inf")
@@ -316,7 +331,8 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         lines.append(f"| {f} | " + " | ".join(cells) + f" | {num(r['prefill']['tokens_per_s'])} | "
                      f"{ratio(f, 'prefill')} |")
     lines += ["", "Bound: bandwidth (best whole pass over the 16 MiB chunks, before and after the format's timing, "
-              "same process) / bytes a decode step reads (every tensor but the embedding table; of a MoE layer's "
+              "same process, the better of ordinary and huge-page memory) / bytes a decode step reads (every tensor "
+              "but the embedding table; of a MoE layer's "
               "experts, the most the step's rows can choose: one value per row count where they differ):", "",
               "| format | bytes read per step (GB) | bandwidth (GB/s) | best chunk (GB/s) | bound (steps/s) | "
               + " | ".join(f"{r} row{'s' * (r > 1)}: steps/s, of bound" for r in work.rows)

@@ -1,11 +1,12 @@
 """Decode products over quantized weights against the memory-bandwidth bound, on the shapes of a 1B Mistral.
 
-In one run: the machine's read bandwidth (the sum of a large fp32 tensor in 16 MiB chunks, the best chunk, before
-and after; the bound is the better of the two), then for each weight shape (K=2048 N=2048/512/7168, K=7168
-N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
+In one run: the machine's read bandwidth (the sum of a large fp32 tensor in 16 MiB chunks, the best chunk, in
+ordinary and in huge-page memory, before and after; the bound is the best), then for each weight shape (K=2048
+N=2048/512/7168, K=7168 N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
 Each is reported as GB/s of weight bytes read (bf16: 2 bytes per weight; q8_0: 34 per 32; q4_0: 18 per 32) and
 as the fraction of the measured read bandwidth. Each case cycles through copies of its weight that together
-exceed twice the last-level cache (FOOTPRINT bytes), so the weights come from memory as in a model's decode step.
+exceed twice the last-level cache (FOOTPRINT bytes), so the weights come from memory as in a model's decode step;
+the quantized copies are in huge-page memory, as a loaded model's blocks are.
 Figures swing +-20% with the host's load, more when another process keeps a core busy (then the second thread
 waits for its time slice: compare with --threads 1).
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from sirocco.backends.quant import kernels as qk
 from sirocco.backends.quant.formats import quantize
+from sirocco.backends.quant.hugepages import huge_page_tensors
 
 SHAPES = [(2048, 2048), (2048, 512), (2048, 7168), (7168, 2048)]        # (K, N)
 
@@ -68,11 +70,19 @@ def best_time(fn, calls: int = 40, min_seconds: float = 0.3) -> float:
     return best
 
 
-def read_bandwidth(megabytes: int = FOOTPRINT // 2**20, chunk_megabytes: int = 16) -> float:
-    """GB/s of the fastest sum of one 16 MiB chunk of a FOOTPRINT fp32 tensor, the chunks taken in turn (so each
-    comes from memory, not cache): timed call by call like the kernels, so the bound and the kernels are measured
-    the same way on a shared host."""
-    chunks = torch.ones(megabytes * 2**20 // 4).chunk(megabytes // chunk_megabytes)
+def read_bandwidth(megabytes: int = FOOTPRINT // 2**20) -> float:
+    """``read_bandwidth_of`` a FOOTPRINT fp32 tensor in ordinary memory and one in huge-page memory (where a loaded
+    model's quantized blocks live, and which reads faster), the better of the two."""
+    plain = read_bandwidth_of(torch.ones(megabytes * 2**20 // 4))
+    [area] = huge_page_tensors([(megabytes * 2**20,)])
+    return max(plain, read_bandwidth_of(area.view(torch.float32).fill_(1.0)))
+
+
+def read_bandwidth_of(values: torch.Tensor, chunk_megabytes: int = 16) -> float:
+    """GB/s of the fastest sum of one 16 MiB chunk of ``values`` (fp32), the chunks taken in turn (so each comes
+    from memory, not cache): timed call by call like the kernels, so the bound and the kernels are measured the
+    same way on a shared host."""
+    chunks = values.chunk(values.numel() * 4 // 2**20 // chunk_megabytes)
     state = {"i": 0}
 
     def one():
@@ -96,8 +106,12 @@ def main() -> None:
         w = torch.randn(n, k) * 0.02
         weights = {"bf16": w.to(torch.bfloat16)}
         weights.update({fmt: quantize(w, fmt) for fmt in ("q8_0", "q4_0")})
-        copies = {name: [t.clone() for _ in range(-(-FOOTPRINT // (t.numel() * t.element_size())))]
-                  for name, t in weights.items()}
+        # the quantized copies in huge-page memory, as a loaded model's blocks are (bf16 weights are file pages)
+        copies = {}
+        for name, t in weights.items():
+            count = -(-FOOTPRINT // (t.numel() * t.element_size()))
+            copies[name] = ([t.clone() for _ in range(count)] if name == "bf16" else
+                            [c.copy_(t) for c in huge_page_tensors([tuple(t.shape)] * count)])
         for m in (1, 8):
             xb = torch.randn(m, k).to(torch.bfloat16)
             for name, ws in copies.items():
@@ -123,9 +137,9 @@ def main() -> None:
                               read_bandwidth_after_gb_per_s=bandwidth_after, **load,
                               isa=qk.native_module().qlinear_isa(), results=rows), indent=1))
         return
-    print(f"read bandwidth (sums of 16 MiB fp32 chunks, best): {bandwidth:.1f} GB/s before, {bandwidth_after:.1f} "
-          f"after; {a.threads} threads; kernel path {qk.native_module().qlinear_isa()}; load average "
-          f"{load['load_average_before']:.1f} -> {load['load_average_after']:.1f} on {load['cpus']} CPUs")
+    print(f"read bandwidth (sums of 16 MiB fp32 chunks, best, ordinary or huge-page memory): {bandwidth:.1f} GB/s "
+          f"before, {bandwidth_after:.1f} after; {a.threads} threads; kernel path {qk.native_module().qlinear_isa()}; "
+          f"load average {load['load_average_before']:.1f} -> {load['load_average_after']:.1f} on {load['cpus']} CPUs")
     if max(load["load_average_before"], load["load_average_after"]) > load["cpus"]:
         print("warning: other processes kept the CPUs busy: the figures understate the kernels")
     print(f"{'kernel':<15} {'K':>5} {'N':>5} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")

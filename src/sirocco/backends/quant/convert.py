@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from sirocco.backends.moe import expert_groups, stack_experts
 from sirocco.backends.quant.formats import BLOCK, FORMATS, packed_shape
+from sirocco.backends.quant.hugepages import huge_page_tensors
 from sirocco.backends.quant.linear import QuantLinear, fuse_projections
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,20 @@ def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> E
     ``QuantLinear`` whose blocks are allocated on ``device`` but not yet written, so that a loader can quantize
     each float weight into them as it reads it: the layers, formats and MoE stacks of ``attach``, without the
     float model. Every MoE layer's experts of one matrix get rows of one (E, N, bytes) buffer, which
-    ``stack_experts`` (in ``finish``) then takes as it is."""
+    ``stack_experts`` (in ``finish``) then takes as it is. On CPU all the buffers are in huge-page memory
+    (hugepages.py: decode reads them faster)."""
     fmt = resolve(fmt)
     chosen, kept = quantized_layers(model, fmt)
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
-    for paths in _shared_buffers(model, chosen):
+    groups = _shared_buffers(model, chosen)
+    shapes = []
+    for paths in groups:
         first, target = chosen[paths[0]]
-        stacked = torch.empty((len(paths), *packed_shape((first.out_features, first.in_features), target)),
-                              dtype=torch.uint8, device=device)
+        shapes.append((len(paths), *packed_shape((first.out_features, first.in_features), target)))
+    buffers = (huge_page_tensors(shapes) if torch.device(device).type == "cpu" else
+               [torch.empty(shape, dtype=torch.uint8, device=device) for shape in shapes])
+    for paths, stacked in zip(groups, buffers):
+        target = chosen[paths[0]][1]
         for path, qweight in zip(paths, stacked):
             linear = chosen[path][0]
             q = QuantLinear(linear.in_features, linear.out_features, target, bias=linear.bias is not None,

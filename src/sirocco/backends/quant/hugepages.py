@@ -1,0 +1,53 @@
+"""CPU memory for quantized weight blocks, backed by transparent huge pages where Linux offers them.
+
+A decode step reads every weight block once, from memory, in a few hundred streams: with 4 KiB pages that is a
+TLB miss every 4 KiB of each stream. In 2 MiB pages the same kernels read faster (measured on a 2-core Xeon,
+the 16 layers of the 1B shape in q4_0 called back to back, M = 1: 22.3-23.3 GB/s in ordinary memory,
+26.2-26.8 GB/s in huge pages; a plain sum over fp32 reads 25.1-25.4 and 28.0 GB/s). Linux gives huge pages to
+anonymous memory that asks for them (``madvise(MADV_HUGEPAGE)``, which the "madvise" setting of
+/sys/kernel/mm/transparent_hugepage/enabled requires), so the blocks of a whole model are carved out of one
+anonymous mapping, 2 MiB aligned, that asks. Where the call is missing (another OS) it is an ordinary mapping.
+
+Each tensor is its own storage (``torch.frombuffer`` of its slice), so that checkpoint writers see separate
+tensors; the mapping lives as long as any of them.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import mmap
+
+import torch
+
+HUGE_PAGE = 2 * 2**20
+ALIGN = 64                      # each tensor starts on a cache line
+
+
+def huge_page_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Uninitialised uint8 CPU tensors of these shapes in one mapping advised as huge-page memory.
+
+    Tensor i starts at the 2 MiB-aligned start of the mapping plus the sizes of tensors 0 .. i - 1, each rounded
+    up to 64 bytes: shapes [(3, 34), (2, 18)] give tensors at offsets 0 (102 bytes) and 128 (36 bytes)."""
+    sizes = [math.prod(s) for s in shapes]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // ALIGN) * ALIGN
+    if total == 0:
+        return [torch.empty(s, dtype=torch.uint8) for s in shapes]
+    length = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE          # room to move the start to a 2 MiB boundary
+    area = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    probe = ctypes.c_char.from_buffer(area)
+    start = -ctypes.addressof(probe) % HUGE_PAGE
+    del probe                                                         # no exported pointer left behind
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            area.madvise(advice, start, length - start)
+        except OSError:                                               # a kernel built without THP
+            pass
+    view = memoryview(area)
+    return [torch.frombuffer(view[start + o:start + o + n], dtype=torch.uint8).view(shape) if n else
+            torch.empty(shape, dtype=torch.uint8)
+            for shape, o, n in zip(shapes, offsets, sizes)]
