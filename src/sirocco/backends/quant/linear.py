@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from sirocco.backends.cpu.kernels import bucketed_linear, upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
+from sirocco.backends.quant.hugepages import huge_page_tensors
 
 # Output rows dequantized at once in pre-fill. Measured (512 bf16 rows, K = 2048, N = 7168, q8_0, 2 AVX2 cores):
 # F.linear over the whole dequantized weight 1690-1715 ms; tiles of 256, 512, 1024,
@@ -48,12 +49,18 @@ def tile_buffer(rows: int, cols: int, device: torch.device, dtype: torch.dtype) 
     every QuantLinear and kept at the largest size asked for (at most PREFILL_TILE_ROWS x the widest K). A fresh
     buffer per call is an allocation large enough for the C library to map new pages each time, and those page
     faults cost more than the dequantization itself (1B int4 model, 512-token pre-fill: 605-646 tok/s with a
-    buffer per call)."""
+    buffer per call). On CPU the buffer is a mapping of its own (hugepages.py), not heap memory: kept in the heap
+    it sat above the pre-fill's freed temporaries, which the C library then could not return (the 1B int4
+    model's resident size after a pre-fill grew by 50 MiB, not by the buffer's 14)."""
     buffers: dict = _scratch.__dict__.setdefault("buffers", {})
     key = (device, dtype)
     flat = buffers.get(key)
     if flat is None or flat.numel() < rows * cols:
-        buffers[key] = flat = torch.empty(rows * cols, device=device, dtype=dtype)
+        if device.type == "cpu":        # a mapping of its own: in the C library's heap it would pin the heap's top
+            flat = huge_page_tensors([(rows * cols * dtype.itemsize,)])[0].view(dtype)
+        else:
+            flat = torch.empty(rows * cols, device=device, dtype=dtype)
+        buffers[key] = flat
     return flat[:rows * cols].view(rows, cols)
 
 
