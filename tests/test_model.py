@@ -9,7 +9,7 @@ import torch
 
 from sirocco import backends
 from sirocco.config import preset
-from sirocco.model import Transformer, build_model
+from sirocco.model import Transformer, build_model, rope_tables
 
 from reference import reference_logits
 
@@ -99,6 +99,24 @@ def test_meta_build_imports_no_compiler_and_a_real_build_keeps_the_embedding_ini
     assert out.stdout.strip() == "False", out.stderr
     weight = Transformer(preset("tiny")).tok_embeddings.weight            # on CPU: nn.Embedding's normal(0, 1)
     assert torch.isfinite(weight).all() and 0.9 < weight.std().item() < 1.1
+
+
+def test_rope_tables_grow_with_the_positions_used_and_give_the_full_tables_rows():
+    args = preset("tiny", max_seq_len=10000)
+    model = Transformer(args)
+    full_cos, full_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    positions = torch.tensor([0, 17, 4095])
+    cos, sin = model.rope(positions, 4096)
+    assert len(model._rope[0]) == 4096
+    assert torch.equal(cos, full_cos[positions]) and torch.equal(sin, full_sin[positions])
+    positions = torch.tensor([3, 5000])
+    cos, sin = model.rope(positions, 5001)
+    assert len(model._rope[0]) == 8192
+    assert torch.equal(cos, full_cos[positions]) and torch.equal(sin, full_sin[positions])
+    model.rope(torch.tensor([9999]), 10000)
+    assert len(model._rope[0]) == 10000                            # never past max_seq_len
+    model.rope(torch.tensor([1]), 2)
+    assert len(model._rope[0]) == 10000                            # never shrinks
 
 
 def test_bfloat16_close_to_float32():

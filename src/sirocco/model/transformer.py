@@ -192,10 +192,17 @@ class Transformer(nn.Module):
     def windows(self) -> list[Optional[int]]:
         return self.args.windows()
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for these positions; the tables are built once, on the positions' device."""
-        if self._rope is None or self._rope[0].device != positions.device:
-            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+    def rope(self, positions: torch.Tensor, needed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for these positions, all below ``needed`` (default: max_seq_len). The tables live on the
+        positions' device and cover a power of two of positions, at least 4096, at most max_seq_len, rebuilt
+        longer when a step needs it: Mistral's 32768 positions are 16 MiB of tables (and three times that while
+        they are computed), more than a short conversation's whole cache. A row's values do not depend on the
+        table's length."""
+        limit = self.args.max_seq_len
+        needed = limit if needed is None else min(needed, limit)
+        if self._rope is None or self._rope[0].device != positions.device or len(self._rope[0]) < needed:
+            length = min(limit, max(4096, 1 << (needed - 1).bit_length()))
+            cos, sin = rope_tables(self.args.head_dim, length, self.args.rope_theta)
             self._rope = (cos.to(positions.device), sin.to(positions.device))
         return self._rope[0][positions], self._rope[1][positions]
 
@@ -237,7 +244,7 @@ class Transformer(nn.Module):
         if not isinstance(plan, BatchPlan):
             plan = self.plan(list(plan))
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        rope = self.rope(plan.positions)
+        rope = self.rope(plan.positions, max((s + n for s, n in zip(plan.starts, plan.lengths)), default=1))
         for layer in self.layers.values():
             h = layer(h, rope, plan, cache, router_logits)
         if self.output is None or self.norm is None:
