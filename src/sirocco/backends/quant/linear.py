@@ -49,14 +49,12 @@ def tile_buffer(rows: int, cols: int, device: torch.device, dtype: torch.dtype) 
     every QuantLinear and kept at the largest size asked for (at most PREFILL_TILE_ROWS x the widest K). A fresh
     buffer per call is an allocation large enough for the C library to map new pages each time, and those page
     faults cost more than the dequantization itself (1B int4 model, 512-token pre-fill: 605-646 tok/s with a
-    buffer per call). On CPU the buffer is a mapping of its own (hugepages.py), not heap memory: kept in the heap
-    it sat above the pre-fill's freed temporaries, which the C library then could not return (the 1B int4
-    model's resident size after a pre-fill grew by 50 MiB, not by the buffer's 14)."""
+    buffer per call). On CPU the buffer is a mapping of its own (hugepages.py), outside the C library's heap."""
     buffers: dict = _scratch.__dict__.setdefault("buffers", {})
     key = (device, dtype)
     flat = buffers.get(key)
     if flat is None or flat.numel() < rows * cols:
-        if device.type == "cpu":        # a mapping of its own: in the C library's heap it would pin the heap's top
+        if device.type == "cpu":
             flat = huge_page_tensors([(rows * cols * dtype.itemsize,)])[0].view(dtype)
         else:
             flat = torch.empty(rows * cols, device=device, dtype=dtype)
