@@ -13,6 +13,7 @@ import sentencepiece
 import torch
 
 from sirocco.backends import quant
+from sirocco.backends.quant.hugepages import HUGE_PAGE
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.checkpoint import GGUFFile, load_model, save_gguf
 from sirocco.errors import CheckpointError
@@ -76,12 +77,17 @@ def test_mixtral_experts_are_views_of_the_stacked_blocks(tmp_path):
         4, model.args.dim, model.args.hidden_dim]
     back = g.model()
     experts = back.layers["1"].feed_forward.experts
-    base = torch.from_numpy(stacked.data).data_ptr()
+    # read once into huge-page memory, out of the file's mapping, and every expert a row of that one buffer
+    file = torch.from_numpy(g.reader.data)
+    base = experts[0].w2.qweight.data_ptr()
+    assert not file.data_ptr() <= base < file.data_ptr() + file.numel()
     row = stacked.data[0].nbytes
     for e, expert in enumerate(experts):
         assert isinstance(expert.w2, QuantLinear) and expert.w2.fmt == "q4_0"
-        assert expert.w2.qweight.data_ptr() == base + e * row          # no copy
+        assert expert.w2.qweight.data_ptr() == base + e * row          # rows of one buffer: qmoe reads in place
         assert torch.equal(expert.w2.qweight, model.layers["1"].feed_forward.experts[e].w2.qweight)
+    blocks = [m.qweight for m in back.modules() if isinstance(m, QuantLinear)]
+    assert min(q.data_ptr() for q in blocks) % HUGE_PAGE == 0
     assert type(back.layers["1"].feed_forward.gate) is torch.nn.Linear       # router stays float
 
 

@@ -201,7 +201,9 @@ def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monk
         k = layer.feed_forward.experts_kernel
         assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
         stacked = g.tensors[f"blk.{i}.ffn_gate_exps.weight"]
-        assert k.w1.data_ptr() == torch.from_numpy(stacked.data).data_ptr()        # the file's bytes, no copy
+        # the file's stacked blocks, read once (into huge-page memory) and stacked as they are: no copy per expert
+        assert k.w1.data_ptr() == layer.feed_forward.experts[0].w1.qweight.data_ptr()
+        assert torch.equal(k.w1.flatten(), torch.from_numpy(stacked.data).flatten())
     calls = _count_calls(monkeypatch)
     from_file = _generate(back, "torch")
     assert calls["kernel"] > 0

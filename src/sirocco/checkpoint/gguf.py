@@ -2,10 +2,12 @@
 
 Reading (``load_gguf``; its tokenizer: ``tokenizer.gguf_vocab.gguf_tokenizer``): a Mistral or Mixtral file as
 llama.cpp writes it (architecture "llama"), tensors of type F32, F16, BF16, Q8_0 or Q4_0. Quantized linear weights
-stay as the file's blocks (``QuantLinear`` over the memory-mapped bytes, no copy and no re-quantization); float
-tensors are converted to the dtype asked; a quantized embedding or router is dequantized (sirocco keeps those in
-float). Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape (E, N, K)) become sirocco's per-expert weights
-as views of the stacked tensor. Every tensor's name, type and shape is checked before anything is read.
+stay as the file's blocks, byte for byte with no re-quantization (``QuantLinear``; on CPU the blocks are read
+once into huge-page memory, where decode reads them faster than from the file's mapping, and elsewhere copied to
+the device); float tensors are converted to the dtype asked (or stay memory-mapped where used as stored); a
+quantized embedding or router is dequantized (sirocco keeps those in float). Mixtral's stacked experts
+(``blk.i.ffn_gate_exps`` of shape (E, N, K)) become sirocco's per-expert weights as views of the stacked tensor.
+Every tensor's name, type and shape is checked before anything is read.
 
 Writing (``save_gguf``): the tensors a model holds, quantized blocks byte for byte, in llama.cpp's names and
 metadata keys, with the tokenizer of a sentencepiece ``tokenizer.model``.
@@ -251,6 +253,24 @@ class GGUFFile:
             data = data.view(torch.bfloat16)
         return data.reshape(entry.shape)
 
+    def _read_blocks(self, entries: list[_Entry]) -> dict[int, torch.Tensor]:
+        """The quantized blocks of these entries' GGUF tensors (a MoE layer's stacked experts once), read from the
+        file into huge-page memory (backends/quant/hugepages.py, where decode reads them faster than from the
+        file's 4 KiB pages) by plain reads, so that no page of the file stays mapped: keyed by id(ReaderTensor)."""
+        from ..backends.quant.hugepages import huge_page_tensors
+        tensors = list({id(e.tensor): e.tensor for e in entries}.values())
+        out = huge_page_tensors([tuple(t.data.shape) for t in tensors])
+        with open(self.path, "rb", buffering=0) as f:
+            for t, buf in zip(tensors, out):
+                f.seek(int(t.data_offset))
+                view, done = buf.numpy().data.cast("B"), 0
+                while done < len(view):
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise CheckpointError(f"{self.path}: the file ends inside tensor {t.name}")
+                    done += n
+        return {id(t): buf for t, buf in zip(tensors, out)}
+
     def model(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
               max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
               head: bool = True, progress: Optional[bool] = None) -> Transformer:
@@ -262,6 +282,12 @@ class GGUFFile:
             model = Transformer(args, layers=layers, embed=embed, head=head)
         wanted = list(model.state_dict())
         on_cpu = torch.device(device).type == "cpu"
+
+        def becomes_quant_linear(name: str) -> bool:
+            path = name.rpartition(".")[0]
+            return (entries[name].type_name in _QUANT and type(model.get_submodule(path)) is nn.Linear
+                    and not path.endswith("feed_forward.gate"))
+        blocks = self._read_blocks([entries[n] for n in wanted if becomes_quant_linear(n)]) if on_cpu else {}
         state: dict[str, torch.Tensor] = {}
         dequantized: list[str] = []
         types: dict[str, int] = {}
@@ -273,12 +299,17 @@ class GGUFFile:
             path = name.rpartition(".")[0]
             module = model.get_submodule(path)
             if isinstance(t, QuantizedTensor):
-                if type(module) is nn.Linear and not path.endswith("feed_forward.gate"):
+                if becomes_quant_linear(name):
+                    assert isinstance(module, nn.Linear)
                     parent, _, child = path.rpartition(".")
                     setattr(model.get_submodule(parent) if parent else model, child,
                             QuantLinear(module.in_features, module.out_features, t.fmt,
                                                 device=torch.device("meta")))
-                    state[path + ".qweight"] = t.data.to(device)
+                    if on_cpu:
+                        stacked = blocks[id(entry.tensor)]
+                        state[path + ".qweight"] = stacked if entry.expert is None else stacked[entry.expert]
+                    else:
+                        state[path + ".qweight"] = t.data.to(device)
                     continue
                 dequantized.append(f"{entry.tensor.name} ({entry.type_name})")
                 t = t.dequantize()
