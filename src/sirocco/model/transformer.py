@@ -167,9 +167,8 @@ def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
     """``nn.Embedding``, without its random initialisation when built on the meta device (as loaders build the
     model before reading its weights): PyTorch's meta ``normal_`` imports torch._dynamo, about 70 MB of Python
     modules resident for the rest of the process, for a tensor that holds no data."""
-    weight = torch.empty(vocab_size, dim)
-    if weight.device.type == "meta":
-        return nn.Embedding(vocab_size, dim, _weight=weight)
+    if torch.empty(0).device.type == "meta":           # the default device: meta inside ``with torch.device("meta")``
+        return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
     return nn.Embedding(vocab_size, dim)
 
 

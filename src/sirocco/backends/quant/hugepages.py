@@ -6,7 +6,8 @@ the 16 layers of the 1B shape in q4_0 called back to back, M = 1: 22.3-23.3 GB/s
 26.2-26.8 GB/s in huge pages; a plain sum over fp32 reads 25.1-25.4 and 28.0 GB/s). Linux gives huge pages to
 anonymous memory that asks for them (``madvise(MADV_HUGEPAGE)``, which the "madvise" setting of
 /sys/kernel/mm/transparent_hugepage/enabled requires), so the blocks of a whole model are carved out of one
-anonymous mapping, 2 MiB aligned, that asks. Where the call is missing (another OS) it is an ordinary mapping.
+anonymous mapping, 2 MiB aligned, that asks. Where the call is missing it is an ordinary mapping, and without
+POSIX mmap (Windows) ordinary tensors.
 
 Each tensor is its own storage (``torch.frombuffer`` of its slice), so that checkpoint writers see separate
 tensors; the mapping lives as long as any of them.
@@ -33,7 +34,7 @@ def huge_page_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     for n in sizes:
         offsets.append(total)
         total += -(-n // ALIGN) * ALIGN
-    if total == 0:
+    if total == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):             # nothing to map, or no POSIX mmap (Windows)
         return [torch.empty(s, dtype=torch.uint8) for s in shapes]
     length = -(-total // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE          # room to move the start to a 2 MiB boundary
     area = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
