@@ -126,13 +126,13 @@ def test_prefill_rows_are_rounded_up_to_a_bucket(monkeypatch):
 def test_prefill_tiles_share_one_scratch_buffer_per_thread():
     # one buffer per thread and dtype, grown to the largest tile asked for; layers of other shapes reuse it and
     # still get their own product
-    a = ql.tile_buffer(4, 64, torch.device("cpu"), torch.float32)
-    b = ql.tile_buffer(2, 96, torch.device("cpu"), torch.float32)
+    a = ql.tile_buffer(4, 64, torch.float32)
+    b = ql.tile_buffer(2, 96, torch.float32)
     assert b.shape == (2, 96) and b.data_ptr() == a.data_ptr()
-    c = ql.tile_buffer(8, 64, torch.device("cpu"), torch.float32)
-    assert c.shape == (8, 64) and ql.tile_buffer(1, 32, torch.device("cpu"), torch.float32).data_ptr() == c.data_ptr()
+    c = ql.tile_buffer(8, 64, torch.float32)
+    assert c.shape == (8, 64) and ql.tile_buffer(1, 32, torch.float32).data_ptr() == c.data_ptr()
     other = []
-    t = threading.Thread(target=lambda: other.append(ql.tile_buffer(1, 32, torch.device("cpu"), torch.float32)))
+    t = threading.Thread(target=lambda: other.append(ql.tile_buffer(1, 32, torch.float32)))
     t.start()
     t.join()
     assert other[0].data_ptr() != c.data_ptr()

@@ -132,14 +132,13 @@ def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> E
     chosen, kept = quantized_layers(model, fmt)
     blocks: dict[str, tuple[str, torch.Tensor]] = {}
     groups = _shared_buffers(model, chosen)
-    shapes = []
-    for paths in groups:
-        first, target = chosen[paths[0]]
-        shapes.append((len(paths), *packed_shape((first.out_features, first.in_features), target)))
+    targets = [chosen[paths[0]][1] for paths in groups]
+    firsts = [chosen[paths[0]][0] for paths in groups]
+    shapes = [(len(paths), *packed_shape((first.out_features, first.in_features), target))
+              for paths, first, target in zip(groups, firsts, targets)]
     buffers = (huge_page_tensors(shapes) if torch.device(device).type == "cpu" else
                [torch.empty(shape, dtype=torch.uint8, device=device) for shape in shapes])
-    for paths, stacked in zip(groups, buffers):
-        target = chosen[paths[0]][1]
+    for paths, target, stacked in zip(groups, targets, buffers):
         for path, qweight in zip(paths, stacked):
             linear = chosen[path][0]
             q = QuantLinear(linear.in_features, linear.out_features, target, bias=linear.bias is not None,

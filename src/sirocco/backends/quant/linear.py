@@ -44,21 +44,16 @@ PREFILL_TILE_ROWS = 1024
 _scratch = threading.local()
 
 
-def tile_buffer(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A (rows, cols) scratch tensor for pre-fill's dequantized tiles, one per thread, device and dtype, shared by
+def tile_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, cols) CPU scratch tensor for pre-fill's dequantized tiles, one per thread and dtype, shared by
     every QuantLinear and kept at the largest size asked for (at most PREFILL_TILE_ROWS x the widest K). A fresh
     buffer per call is an allocation large enough for the C library to map new pages each time, and those page
     faults cost more than the dequantization itself (1B int4 model, 512-token pre-fill: 605-646 tok/s with a
-    buffer per call). On CPU the buffer is a mapping of its own (hugepages.py), outside the C library's heap."""
+    buffer per call). The buffer is a mapping of its own (hugepages.py), outside the C library's heap."""
     buffers: dict = _scratch.__dict__.setdefault("buffers", {})
-    key = (device, dtype)
-    flat = buffers.get(key)
+    flat = buffers.get(dtype)
     if flat is None or flat.numel() < rows * cols:
-        if device.type == "cpu":
-            flat = huge_page_tensors([(rows * cols * dtype.itemsize,)])[0].view(dtype)
-        else:
-            flat = torch.empty(rows * cols, device=device, dtype=dtype)
-        buffers[key] = flat
+        buffers[dtype] = flat = huge_page_tensors([(rows * cols * dtype.itemsize,)])[0].view(dtype)
     return flat[:rows * cols].view(rows, cols)
 
 
@@ -132,7 +127,7 @@ class QuantLinear(nn.Module):
         once), as the CPU backend's bf16 pre-fill does."""
         y = x.new_empty(x.shape[0], self.out_features)
         xc = x.float() if upcast_pays(x) else x
-        buf = tile_buffer(min(PREFILL_TILE_ROWS, self.out_features), self.in_features, x.device,
+        buf = tile_buffer(min(PREFILL_TILE_ROWS, self.out_features), self.in_features,
                           xc.dtype if xc.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         for n0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             n1 = min(n0 + PREFILL_TILE_ROWS, self.out_features)

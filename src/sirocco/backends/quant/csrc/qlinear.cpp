@@ -468,8 +468,12 @@ VNNI_TARGET void tile_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, int6
   }
 }
 
-// Output rows per tile: 16 for the VNNI tile, 8 for the AVX2 ones.
-inline int64_t tile_rows(bool vnni) { return vnni ? kTileVnni : kTile; }
+// Output rows per tile: 16 for the VNNI tile, 8 for the AVX2 ones. The VNNI tile gathers its scales at int32
+// offsets of up to 15 rows, so a weight's rows must be short enough for that (K up to about 130 million).
+inline int64_t tile_rows(bool vnni, int64_t row_bytes) {
+  TORCH_CHECK(kTileVnni * row_bytes < INT32_MAX, "quantized kernels: rows of ", row_bytes, " bytes are too long");
+  return vnni ? kTileVnni : kTile;
+}
 
 using TileFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const Acts&, float*, int64_t);
 
@@ -569,8 +573,7 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
                                   : QuantizedRows(xc.data_ptr<float>(), M, K, x.options());
   const Acts& a = rows.acts;
   const TileFn tile = fmt == kQ8 ? pick<kQ8>(M, vnni) : pick<kQ4>(M, vnni);
-  const int64_t row_bytes = K / QK * bb, rows_per_tile = tile_rows(vnni);
-  TORCH_CHECK(kTileVnni * row_bytes < INT32_MAX, "qlinear: rows of ", row_bytes, " bytes are too long");
+  const int64_t row_bytes = K / QK * bb, rows_per_tile = tile_rows(vnni, row_bytes);
 
   // Weight i's tiles are tiles first[i] .. first[i + 1] - 1 of the call.
   const size_t n_w = ws.size();

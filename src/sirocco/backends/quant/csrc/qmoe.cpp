@@ -32,7 +32,7 @@ template <int FMT>
 void products(const moe_plan::Plan& plan, const QuantizedRows& a, bool vnni, int64_t N, int64_t row_bytes,
               const uint8_t* w, int64_t stride, float* y, const uint8_t* w_b = nullptr, int64_t stride_b = 0,
               float* y_b = nullptr) {
-  const int64_t rows_per_tile = tile_rows(vnni), per_chunk = (N + rows_per_tile - 1) / rows_per_tile;
+  const int64_t rows_per_tile = tile_rows(vnni, row_bytes), per_chunk = (N + rows_per_tile - 1) / rows_per_tile;
   const int64_t tasks = (int64_t)plan.chunks.size() * per_chunk;
   const int64_t matrices = w_b ? 2 : 1;
   // Grain: about 64 KiB of weights per task, so that small matrices do not pay for waking a second thread.
