@@ -258,8 +258,9 @@ def failing_server_rank(ctx, bad_rank):
     from sirocco.distributed.executor import PipelineExecutor
     from sirocco.distributed.stages import rank_stage
     from sirocco.generate.engine import Engine
+    from sirocco.generate.sampling import SamplingParams
     from sirocco.serve.pipeline import PipelineChannel
-    from sirocco.serve.runner import Runner, ServeParams, TopLogprobsExecutor
+    from sirocco.serve.runner import Runner
 
     torch.set_num_threads(1)
     stage = rank_stage(ctx, preset("tiny", vocab_size=259), seed=3)
@@ -271,7 +272,7 @@ def failing_server_rank(ctx, bad_rank):
             if len(calls) > 3:
                 raise RuntimeError("injected failure")
         stage.register_forward_pre_hook(explode)
-    engine = Engine(stage, None, executor=TopLogprobsExecutor(PipelineExecutor(stage, ctx), ctx), max_rows=2,
+    engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx), max_rows=2,
                     max_seq_len=64)
     runner = Runner(engine, channel=PipelineChannel(ctx))
     if ctx.rank != 0:
@@ -281,11 +282,11 @@ def failing_server_rank(ctx, bad_rank):
 
     async def one_request():
         out: asyncio.Queue = asyncio.Queue()
-        await runner.add("r", [5, 6, 7], ServeParams(max_tokens=30, top_logprobs=2), out, time.perf_counter())
+        await runner.add("r", [5, 6, 7], SamplingParams(max_tokens=30, logprobs=2), out, time.perf_counter())
         while True:
-            ev, top = await asyncio.wait_for(out.get(), 60)
-            if ev is None:
-                return str(top)
+            ev = await asyncio.wait_for(out.get(), 60)
+            if isinstance(ev, BaseException):
+                return str(ev)
             if ev.completion is not None:
                 return "finished"
 

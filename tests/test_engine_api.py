@@ -1,5 +1,7 @@
 """The engine as a service: requests added and aborted between steps, FCFS admission, mixed steps."""
 
+import math
+
 import pytest
 import torch
 
@@ -262,3 +264,69 @@ def test_a_decode_row_in_a_mixed_step_gets_the_bits_of_a_decode_step(window):
     prefill = BatchPlan.build([5], starts=[3], rows=[2], windows=[window], cache_lens=lens)
     assert torch.equal(attend(q[2:], k[2:], v[2:], prefill.for_window(window), copy.deepcopy(layer), REFERENCE_OPS),
                        together[2:])
+
+
+# -- the sampling seam through the engine: processors, top-k, the constraint's view of the tokens ----------------
+def full_logprobs(model, tokens):
+    """log_softmax of the logits at every position of ``tokens``, recomputed without a cache."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor(tokens), [len(tokens)]).float(), dim=-1)
+
+
+@pytest.mark.parametrize("name", ["mistral", "mixtral"])
+def test_logit_bias_and_top_logprobs_through_the_engine(name):
+    model = model_for(name)
+    p = prompt(11, 3)
+    engine = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=64)
+    plain, biased = engine.generate([p, p], [SamplingParams(max_tokens=8, logprobs=3),
+                                             SamplingParams(max_tokens=8, logit_bias={42: 100.0}, logprobs=2)])
+    assert biased.tokens == [42] * 8
+    ref = full_logprobs(model, p + biased.tokens)
+    for i, (t, lp) in enumerate(zip(biased.tokens, biased.logprobs)):
+        assert math.isclose(lp, float(ref[len(p) - 1 + i, t]), abs_tol=1e-5)      # the unbiased distribution
+    ref = full_logprobs(model, p + plain.tokens)
+    assert len(plain.top_logprobs) == len(plain.tokens)
+    for i, (t, top) in enumerate(zip(plain.tokens, plain.top_logprobs)):
+        values, ids = ref[len(p) - 1 + i].topk(3)
+        assert [a for a, _ in top] == ids.tolist() and top[0][0] == t
+        assert all(math.isclose(a, float(b), abs_tol=1e-5) for (_, a), b in zip(top, values))
+    assert "top_logprobs" in plain.to_json() and "top_logprobs" not in alone(model, p, SamplingParams(
+        max_tokens=2)).to_json()
+
+
+class EvenOnly:
+    """A constraint: even token ids only; its processors remember what they were told."""
+
+    made: list = []
+
+    def processor(self, tokenizer, vocab_size):
+        from sirocco.generate.sampling import AllowedTokens
+
+        class Told(AllowedTokens):
+            def __init__(self):
+                super().__init__(range(0, vocab_size, 2), vocab_size)
+                self.accepted = []
+
+            def accept(self, tokens):
+                self.accepted += tokens
+
+        self.made.append(Told())
+        return self.made[-1]
+
+
+def test_a_constraint_masks_its_row_only_and_is_told_every_kept_token():
+    model = model_for("mistral")
+    constraint = EvenOnly()
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, constraint=constraint)
+    free = SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+    engine = Engine(model, None, max_rows=2, chunk_size=5, max_seq_len=64)
+    constrained, beside = engine.generate([prompt(9, 1), prompt(7, 2)], [params, free])
+    assert all(t % 2 == 0 for t in constrained.tokens)
+    assert constraint.made[0].accepted == constrained.tokens
+    assert beside.tokens == alone(model, prompt(7, 2), free).tokens           # the free row beside it is untouched
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused_when_added():
+    engine = Engine(model_for("mistral"), None, max_rows=1, max_seq_len=64)
+    with pytest.raises(SiroccoError, match="outside the vocabulary of 259"):
+        engine.add_request([5, 6], SamplingParams(logit_bias={300: 1.0}))

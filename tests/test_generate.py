@@ -5,7 +5,7 @@ import torch
 
 from sirocco.config import preset
 from sirocco.generate.engine import Engine, PromptTooLong
-from sirocco.generate.sampling import SamplingParams, filter_logits, make_generator, sample
+from sirocco.generate.sampling import RowSampling, SamplingParams, filter_logits, make_generator, sample
 from sirocco.generate.text import TextTracker
 from sirocco.model import build_model
 
@@ -26,10 +26,10 @@ def recompute(model, prompt, params, n):
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor(seq), [len(seq)])[-1:]
-            t, lp = sample(logits, [params], [gen])
-            tokens.append(int(t))
-            logprobs.append(float(lp))
-            seq.append(int(t))
+            (got,) = sample(logits, [RowSampling(params, gen)])
+            tokens += got.tokens
+            logprobs += got.logprobs
+            seq += got.tokens
     return tokens, logprobs
 
 
@@ -123,5 +123,7 @@ def test_top_p_and_top_k_filtering():
 def test_logprobs_are_of_the_unmodified_distribution():
     logits = torch.randn(2, 10)
     params = [SamplingParams(temperature=0.3, top_k=2, seed=1), SamplingParams()]
-    toks, lps = sample(logits, params, [make_generator(1, torch.device("cpu")), None])
+    got = sample(logits, [RowSampling(params[0], make_generator(1, torch.device("cpu"))), RowSampling(params[1])])
+    toks = [g.tokens[0] for g in got]
+    lps = torch.tensor([g.logprobs[0] for g in got])
     torch.testing.assert_close(lps, torch.log_softmax(logits, -1)[[0, 1], toks])

@@ -209,6 +209,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"the": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5000": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": [5000]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"model": "tiny-mistral"}, 400, "messages"),
@@ -216,6 +219,18 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
 ]
+
+
+def test_logit_bias_forces_a_token_and_logprobs_stay_the_model_s(mistral):
+    c = client(mistral[0])
+    plain = c.completions.create(model="tiny-mistral", prompt="The sliding window", max_tokens=4, temperature=0,
+                                 logprobs=1)
+    forced = c.completions.create(model="tiny-mistral", prompt="The sliding window", max_tokens=4, temperature=0,
+                                  logprobs=1, logit_bias={"123": 100})
+    piece = httpx.post(mistral[0] + "/detokenize", json={"tokens": [123]}, timeout=30).json()["prompt"]
+    assert forced.choices[0].logprobs.tokens == [piece] * 4 != plain.choices[0].logprobs.tokens
+    # the first token's log-probability is of the same unbiased distribution in both
+    assert forced.choices[0].logprobs.top_logprobs[0] == plain.choices[0].logprobs.top_logprobs[0]
 
 
 def test_bad_inputs_get_their_status_and_error_body_and_the_server_keeps_serving(mistral):

@@ -68,8 +68,9 @@ def served_name(model: str | None) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def make_engine(args: argparse.Namespace, model, tokenizer, executor):
-    """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage)."""
+def make_engine(args: argparse.Namespace, model, tokenizer, executor=None):
+    """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage; ``executor``:
+    this rank's ``PipelineExecutor``, or None for one process)."""
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                   max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
@@ -91,18 +92,17 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
 
 def build(args: argparse.Namespace):
     """The engine and app that the options describe, in one process (tests build servers with this too)."""
-    from ..serve.app import wrap_executor
-    from ..serve.runner import ModelThread
+    from ..serve.model_thread import ModelThread
 
     if args.pipeline_ranks > 1:
         raise SiroccoError("serve: --pipeline-ranks > 1 runs on every rank of a torchrun launch (run); "
                            "build makes the one-process server")
     if args.max_queue < 0:
         raise SiroccoError(f"--max-queue must be >= 0, got {args.max_queue}")
-    # Loaded, built and run on one thread, not loaded here and run on the engine's: see serve.runner's docstring.
+    # Loaded, built and run on one thread, not loaded here and run on the engine's: see serve.model_thread.
     model_thread = ModelThread()
     loaded = model_thread.call(load_from_args, args)
-    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer, wrap_executor(loaded.model))
+    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer)
     return make_app(args, engine, loaded.tokenizer, str(loaded.source), model_thread=model_thread)
 
 
@@ -136,10 +136,11 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     # The HTTP stack (rank 0's) before the ranks meet in load_rank_stage: imported after it, it would keep the
     # other ranks waiting in their first broadcast for as long, under a timeout.
     from ..serve.app import build_app  # noqa: F401
+    from ..serve.model_thread import ModelThread
     from ..serve.pipeline import PipelineChannel
-    from ..serve.runner import ModelThread, Runner, TopLogprobsExecutor
+    from ..serve.runner import Runner
 
-    # Rank 0 loads, builds and runs its stage on its engine thread (see serve.runner's docstring); the others
+    # Rank 0 loads, builds and runs its stage on its engine thread (see serve.model_thread); the others
     # on their main thread, which runs their engine loop.
     model_thread = ModelThread() if ctx.rank == 0 else None
 
@@ -148,7 +149,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
 
     stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
-    executor = TopLogprobsExecutor(PipelineExecutor(stage, ctx, micro_batches=args.micro_batches), ctx)
+    executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = on_model_thread(make_engine, args, stage, tokenizer, executor)
     channel = PipelineChannel(ctx)
     if ctx.rank != 0:

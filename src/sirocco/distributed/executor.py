@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import RollingCache
-from ..generate.sampling import SamplingParams, sample
+from ..generate.sampling import RowSampling, Sampled, sample
 from ..model import Transformer
 from ..plan import BatchPlan
 from .launch import DistContext, peer_errors
@@ -161,20 +161,71 @@ class PipelineExecutor:
                     work.wait()
         self._inflight.clear()
 
-    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
-               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
-        """The last rank samples (one generator per sequence) and broadcasts tokens and log-probabilities;
-        every rank returns the same lists."""
+    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
+        """The last rank samples (``sampling.sample``) and broadcasts what every row gained in one message; every
+        rank returns the same results."""
         ctx = self.ctx
+        size = packed_size(rows, self.model.args.vocab_size)
         if ctx.is_last:
             assert logits is not None
-            tokens, logprobs = sample(logits, list(params), list(generators))
-            # float64 holds every token id and every fp32 log-probability exactly: one message.
-            packed = torch.stack([tokens.double(), logprobs.double()])               # (2, B)
+            packed = pack(sample(logits, rows), rows, self.model.args.vocab_size).to(self.device)
         else:
-            packed = torch.empty(2, len(params), dtype=torch.float64, device=self.device)
+            packed = torch.empty(size, dtype=torch.float64, device=self.device)
         self._wait_sends()
         with peer_errors(ctx, "receiving the sampled tokens"):
             dist.broadcast(packed, src=ctx.last)
         # Stop checks need the ids on the host: one read per step, as in LocalExecutor.sample.
-        return packed[0].long().tolist(), packed[1].float().tolist()
+        return unpack(packed.tolist(), rows, self.model.args.vocab_size)
+
+
+# What a step's sampling gives every row, as one float64 vector (float64 holds every token id and every fp32
+# log-probability exactly). Per row, sized by what every rank knows from the rows alone (P = its positions,
+# k = its top alternatives):
+#     [ n kept | P token ids | P log-probabilities | P * k top ids | P * k top log-probabilities ]
+# of which the first n of each part are meaningful.
+
+def _top_k(row: RowSampling, vocab_size: int) -> int:
+    return min(row.params.logprobs, vocab_size)
+
+
+def packed_size(rows: Sequence[RowSampling], vocab_size: int) -> int:
+    """Length of the vector ``pack`` fills for these rows.
+
+    >>> from sirocco.generate.sampling import SamplingParams
+    >>> packed_size([RowSampling(SamplingParams()), RowSampling(SamplingParams(logprobs=2), draft=[5, 6])], 100)
+    22
+    """
+    return sum(1 + 2 * r.positions + 2 * r.positions * _top_k(r, vocab_size) for r in rows)
+
+
+def pack(results: Sequence[Sampled], rows: Sequence[RowSampling], vocab_size: int) -> torch.Tensor:
+    """The results of ``sample`` for ``rows`` as the vector described above."""
+    values: list[float] = []
+    for res, r in zip(results, rows):
+        n, p, k = len(res.tokens), r.positions, _top_k(r, vocab_size)
+        pad = [0.0] * (p - n)
+        values += [n, *res.tokens, *pad, *res.logprobs, *pad]
+        if k:
+            top = res.top or []
+            values += [float(t) for pairs in top for t, _ in pairs] + [0.0] * (p - n) * k
+            values += [lp for pairs in top for _, lp in pairs] + [0.0] * (p - n) * k
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def unpack(values: list[float], rows: Sequence[RowSampling], vocab_size: int) -> list[Sampled]:
+    """``pack``'s inverse."""
+    out: list[Sampled] = []
+    at = 0
+    for r in rows:
+        p, k = r.positions, _top_k(r, vocab_size)
+        n = int(values[at])
+        tokens = [int(t) for t in values[at + 1:at + 1 + n]]
+        logprobs = values[at + 1 + p:at + 1 + p + n]
+        at += 1 + 2 * p
+        top = None
+        if k:
+            ids, lps = values[at:at + n * k], values[at + p * k:at + p * k + n * k]
+            top = [[(int(ids[j * k + i]), lps[j * k + i]) for i in range(k)] for j in range(n)]
+            at += 2 * p * k
+        out.append(Sampled(tokens, logprobs, top))
+    return out

@@ -3,7 +3,8 @@
 The data path of one step::
 
     running sequences --(starts, lengths, rows)--> BatchPlan --> executor: model(tokens, plan, cache) --> logits
-        --> sample (one generator per sequence) --> tokens, logprobs --> stop checks --> events
+        --> executor.sample (sampling.py: each row's processor, generator, draft) --> tokens, logprobs, top-k
+        --> stop checks --> events
 
 The engine runs forever and takes requests at any time: ``add_request`` queues a prompt, ``step`` runs one
 model step and returns its events, ``abort`` stops a request (its row is free at once). ``generate`` and
@@ -31,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 
@@ -41,7 +42,7 @@ from ..model import Transformer
 from ..model.attention import Prefill
 from ..plan import BatchPlan
 from .executor import Executor, LocalExecutor
-from .sampling import SamplingParams, make_generator
+from .sampling import LogitsProcessor, RowSampling, Sampled, SamplingParams, make_generator
 from .scheduler import Scheduler, Step
 from .text import TextTracker
 
@@ -87,11 +88,16 @@ class Completion:
     text: str = ""
     finish_reason: Optional[str] = None          # "stop" (EOS or a stop string), "length" or "abort"
     request_id: str = ""
+    # per token, its most likely alternatives [(id, logprob), ...], where SamplingParams.logprobs asked for them
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"index": self.index, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
-                "tokens": self.tokens, "text": self.text, "logprobs": self.logprobs,
-                "finish_reason": self.finish_reason}
+        out: dict[str, Any] = {"index": self.index, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
+               "tokens": self.tokens, "text": self.text, "logprobs": self.logprobs,
+               "finish_reason": self.finish_reason}
+        if self.top_logprobs:
+            out["top_logprobs"] = [[[t, lp] for t, lp in alternatives] for alternatives in self.top_logprobs]
+        return out
 
 
 @dataclass
@@ -105,6 +111,7 @@ class Event:
     text: str
     completion: Optional[Completion] = None
     request_id: str = ""
+    top: Optional[list[tuple[int, float]]] = None     # the token's alternatives, where the params asked for them
 
 
 @dataclass
@@ -152,6 +159,7 @@ class _Running:
     row: int
     generator: Optional[torch.Generator]
     text: Optional[TextTracker]
+    processor: Optional[LogitsProcessor] = None
     order: int = 0
     cached: int = 0
 
@@ -270,8 +278,8 @@ class Engine:
             plan = self.scheduler.schedule()
             if plan is None:
                 return events
-            for seq, token, logprob in self._run(plan):
-                events.append(self._advance(seq, token, logprob))
+            for seq, sampled in self._run(plan):
+                events += self._advance(seq, sampled)
             done = [s for s in plan.seqs if s.out.finish_reason is not None]
             for s in done:
                 self._unfinished.discard(s.out.request_id)
@@ -327,7 +335,7 @@ class Engine:
                 self._aborted.clear()
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _run(self, step: Step[_Running]) -> list[tuple[_Running, int, float]]:
+    def _run(self, step: Step[_Running]) -> list[tuple[_Running, Sampled]]:
         """One model call over the step's packed sequences; samples for every sequence whose prompt is then
         all in the cache (decoding ones, and chunks that end their prompt)."""
         t0 = time.perf_counter()
@@ -367,11 +375,11 @@ class Engine:
             self.stats.decode_seconds += seconds * decoded / total
         return result
 
-    def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, int, float]]:
+    def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, Sampled]]:
         if not seqs:
             return []
-        tokens, logprobs = self.executor.sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return list(zip(seqs, tokens, logprobs))
+        rows = [RowSampling(s.params, s.generator, s.processor) for s in seqs]
+        return list(zip(seqs, self.executor.sample(logits, rows)))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _request(self, index: int, prompt: Prompt, params: SamplingParams,
@@ -393,6 +401,10 @@ class Engine:
                                f"{bad[:5]}")
         if params.stop and self.tokenizer is None:
             raise SiroccoError("stop strings need a tokenizer")
+        wrong = [t for t in params.logit_bias or () if not 0 <= int(t) < self.args.vocab_size]
+        if wrong:
+            raise SiroccoError(f"logit_bias names token ids outside the vocabulary of {self.args.vocab_size}: "
+                               f"{wrong[:5]}")
         if request_id is None:
             request_id = self._new_id()
         return _Waiting(Completion(index=index, prompt=text, prompt_tokens=ids, request_id=request_id), params)
@@ -412,18 +424,34 @@ class Engine:
         out, params = req.out, req.params
         gen = make_generator(params.seed, self.device) if params.temperature > 0 else None
         text = TextTracker(self.tokenizer, out.prompt_tokens, params.stop) if self.tokenizer is not None else None
-        return _Running(out=out, params=params, row=row, generator=gen, text=text, order=order)
+        return _Running(out=out, params=params, row=row, generator=gen, text=text,
+                        processor=params.processor(self.tokenizer, self.args.vocab_size), order=order)
 
     def _move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
         if self.trace is not None:
             self.trace.on_row_move(src, dst)
 
-    def _advance(self, seq: _Running, token: int, logprob: float) -> Event:
+    def _advance(self, seq: _Running, sampled: Sampled) -> list[Event]:
+        """Append what the row gained this step, token by token until the sequence is done; one event each."""
+        events = []
+        for j, (token, logprob) in enumerate(zip(sampled.tokens, sampled.logprobs)):
+            top = sampled.top[j] if sampled.top is not None else None
+            events.append(self._advance_one(seq, token, logprob, top))
+            if seq.out.finish_reason is not None:
+                break
+        if seq.processor is not None:
+            seq.processor.accept(seq.out.tokens[len(seq.out.tokens) - len(events):])
+        return events
+
+    def _advance_one(self, seq: _Running, token: int, logprob: float,
+                     top: Optional[list[tuple[int, float]]]) -> Event:
         """Append a sampled token, decide whether the sequence is done, and say what text it adds."""
         out, p = seq.out, seq.params
         out.tokens.append(token)
         out.logprobs.append(logprob)
+        if top is not None:
+            out.top_logprobs.append(top)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
         piece = ""
         if p.stop_on_eos and eos is not None and token == eos:
@@ -439,5 +467,5 @@ class Engine:
             if seq.text is not None:
                 piece += seq.text.finish()
                 out.text = seq.text.text
-            return Event(out.index, token, logprob, piece, completion=out, request_id=out.request_id)
-        return Event(out.index, token, logprob, piece, request_id=out.request_id)
+            return Event(out.index, token, logprob, piece, completion=out, request_id=out.request_id, top=top)
+        return Event(out.index, token, logprob, piece, request_id=out.request_id, top=top)

@@ -14,7 +14,7 @@ import torch
 from ..cache import RollingCache
 from ..model import Transformer
 from ..plan import BatchPlan
-from .sampling import SamplingParams, sample
+from .sampling import RowSampling, Sampled, sample
 
 
 class Executor(Protocol):
@@ -30,9 +30,9 @@ class Executor(Protocol):
         that does not hold the output head."""
         ...
 
-    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
-               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
-        """One token and its log-probability per row of ``logits``, as host lists (the same on every process)."""
+    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
+        """Each row's tokens, log-probabilities and top-k alternatives from the step's ``logits`` (``sampling.sample``),
+        as host lists, the same on every process."""
         ...
 
 
@@ -51,9 +51,6 @@ class LocalExecutor:
                 logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         return self.model(tokens, plan, cache, logits_at=logits_at)
 
-    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams],
-               generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
+    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
         assert logits is not None
-        tokens, logprobs = sample(logits, list(params), list(generators))
-        # Stop checks and streaming need the ids on the host: one read per step.
-        return tokens.tolist(), logprobs.tolist()
+        return sample(logits, rows)

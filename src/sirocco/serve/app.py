@@ -27,11 +27,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SiroccoError
-from ..generate.engine import PromptTooLong
+from ..generate.engine import Completion, Event, PromptTooLong
 from . import protocol
 from .metrics import Metrics
+from .model_thread import ModelThread
+from .pipeline import Channel
 from .protocol import APIError, Logprobs, TokenText, bad
-from .runner import Channel, EngineFailed, ModelThread, Runner, ServeParams, TopLogprobsExecutor
+from .runner import EngineFailed, Runner
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,10 @@ class Server:
         self.auth(request)
         req = protocol.parse(await self.body(request), chat=chat)
         self.check_model(req.model)
+        wrong = [t for t in req.logit_bias or () if not 0 <= t < self.tokenizer.vocab_size]
+        if wrong:
+            raise bad(f"'logit_bias' names token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
+                      f"{wrong[:5]}", param="logit_bias")
         self.check_queue(req.n * len(req.prompts))
         if chat:
             prompts = [self.encode_chat(req.prompts[0])]
@@ -164,7 +170,7 @@ class Server:
         try:
             for index, rid, ids in seqs:
                 max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
-                params = ServeParams(**vars(req.sampling(max_tokens, index)), top_logprobs=req.logprobs or 0)
+                params = req.sampling(max_tokens, index)
                 added.append(rid)
                 await self.runner.add(rid, ids, params, out, arrival)
         except BaseException as e:
@@ -195,29 +201,29 @@ class Server:
             return Response(status_code=499)        # nobody reads it
         return JSONResponse(work.result())
 
-    async def _events(self, rids: dict[str, int], out: asyncio.Queue) -> AsyncIterator[tuple[int, Any, Any]]:
-        """(choice index, Event, top logprobs) until every sequence of the request has finished."""
+    async def _events(self, rids: dict[str, int], out: asyncio.Queue) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, Event) until every sequence of the request has finished."""
         left = set(rids)
         while left:
-            ev, top = await out.get()
-            if ev is None:
-                raise APIError(503, str(top), type="server_error")
+            ev = await out.get()
+            if isinstance(ev, BaseException):           # the engine stopped or failed
+                raise APIError(503, str(ev), type="server_error")
             if ev.completion is not None:
                 left.discard(ev.request_id)
-            yield rids[ev.request_id], ev, top
+            yield rids[ev.request_id], ev
 
     async def _collect(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
                        prompt_tokens: int) -> dict:
         logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
-        done = {}
-        async for index, ev, top in self._events(rids, out):
+        done: dict[int, Completion] = {}
+        async for index, ev in self._events(rids, out):
             if req.logprobs is not None and ev.token is not None:
-                logprobs[index].add(ev.token, ev.logprob, top if req.logprobs else None)
+                logprobs[index].add(ev, top=bool(req.logprobs))
             if ev.completion is not None:
                 done[index] = ev.completion
         choices = [protocol.choice(req, i, done[i].text,
                                    logprobs[i].whole() if req.logprobs is not None else None,
-                                   done[i].finish_reason) for i in sorted(done)]
+                                   done[i].finish_reason or "stop") for i in sorted(done)]
         used = sum(len(c.tokens) for c in done.values())
         return protocol.response(req, self.name, choices, protocol.usage(prompt_tokens, used))
 
@@ -231,12 +237,12 @@ class Server:
                 for i in sorted(rids.values()):
                     yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, i, None, role=True)]))
             try:
-                async for index, ev, top in self._events(rids, out):
+                async for index, ev in self._events(rids, out):
                     if ev.token is not None:
                         used += 1
                         lp = None
                         if req.logprobs is not None:
-                            lp = logprobs[index].add(ev.token, ev.logprob, top if req.logprobs else None)
+                            lp = logprobs[index].add(ev, top=bool(req.logprobs))
                         if ev.text or lp is not None:
                             yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text, lp)]))
                     elif ev.text:
@@ -299,8 +305,7 @@ class Server:
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
               metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
               model_thread: Optional[ModelThread] = None) -> FastAPI:
-    """The ASGI app over ``engine`` (an Engine built with ``executor=TopLogprobsExecutor(...)`` for top-k
-    logprobs: see ``wrap_executor``). The engine loop starts and stops with the app's lifespan, on
+    """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
     ``model_thread`` if given (the thread that loaded the model: see ``serve.runner``). ``channel``: rank 0's
     ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
     server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
@@ -360,9 +365,3 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
         return await server.detokenize(request)
 
     return app
-
-
-def wrap_executor(model) -> TopLogprobsExecutor:
-    """The executor to build a serving Engine with: the local one, plus top-k logprobs."""
-    from ..generate.executor import LocalExecutor
-    return TopLogprobsExecutor(LocalExecutor(model))

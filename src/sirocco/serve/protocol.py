@@ -2,7 +2,7 @@
 
 Requests are checked by hand rather than by pydantic models so that every refusal is a 400 with OpenAI's error
 body naming the field (``param``), where FastAPI's own validation would answer 422 in its own shape. Unknown
-fields are ignored, as OpenAI's API does; known fields sirocco cannot honour (penalties, logit_bias, echo,
+fields are ignored, as OpenAI's API does; known fields sirocco cannot honour (penalties, echo,
 best_of, tools, a non-text response_format) are refused rather than silently dropped.
 
 The two endpoints' logprobs differ, and mixing them is a recurring bug elsewhere:
@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from ..generate.engine import Event
 from ..generate.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
@@ -80,7 +81,7 @@ def _get(body: dict, name: str, kind: str, default: Any = None) -> Any:
     return v
 
 
-UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "best_of": None, "suffix": None,
+UNSUPPORTED = {"presence_penalty": 0, "frequency_penalty": 0, "best_of": None, "suffix": None,
                "echo": False, "tools": None, "functions": None, "tool_choice": None, "function_call": None}
 
 
@@ -102,6 +103,7 @@ class Request:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    logit_bias: Optional[dict[int, float]] = None
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
@@ -109,7 +111,8 @@ class Request:
         """Choice i's sampling params (choice i of a seeded request samples with seed + i, like ``generate``)."""
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=None if self.seed is None else self.seed + i,
-                              stop=self.stop, stop_on_eos=not self.ignore_eos)
+                              stop=self.stop, stop_on_eos=not self.ignore_eos, logprobs=self.logprobs or 0,
+                              logit_bias=self.logit_bias)
 
 
 def parse(body: Any, chat: bool) -> Request:
@@ -118,7 +121,7 @@ def parse(body: Any, chat: bool) -> Request:
     for name, default in UNSUPPORTED.items():
         v = body.get(name)
         if v is not None and v != default and not (name == "best_of" and v == body.get("n", 1)) \
-                and not (name in ("logit_bias", "tools", "functions") and not v):
+                and not (name in ("tools", "functions") and not v):
             raise bad(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
     model = _get(body, "model", "str")
     if chat:
@@ -167,10 +170,28 @@ def parse(body: Any, chat: bool) -> Request:
         raise bad("'stream_options' is only allowed with 'stream': true", param="stream_options")
     include_usage = bool(options and _get(options, "include_usage", "bool", False))
     ignore_eos = _get(body, "ignore_eos", "bool", False)
+    logit_bias = _logit_bias(body)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     return Request(chat=chat, model=model, prompts=prompts, max_tokens=max_tokens, temperature=float(temperature),
                    top_p=float(top_p), top_k=top_k, seed=seed, stop=stop, n=n, logprobs=logprobs, stream=stream,
-                   include_usage=include_usage, ignore_eos=ignore_eos, id=rid)
+                   include_usage=include_usage, ignore_eos=ignore_eos, logit_bias=logit_bias, id=rid)
+
+
+def _logit_bias(body: dict) -> Optional[dict[int, float]]:
+    """OpenAI's ``logit_bias``: token ids (as strings, JSON's keys) to values in [-100, 100]; None when absent or
+    empty. Ids outside the vocabulary are refused by the engine when the request is added."""
+    raw = _get(body, "logit_bias", "dict")
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise bad(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias")
+        if not _is_num(value) or not -100 <= value <= 100:
+            raise bad(f"'logit_bias' values must be numbers in [-100, 100], got {value!r} for token {key}",
+                      param="logit_bias")
+        out[int(key)] = float(value)
+    return out
 
 
 def _message(m: Any, i: int) -> dict:
@@ -268,15 +289,18 @@ class Logprobs:
         self.content: list[dict] = []
         self._offset = 0
 
-    def add(self, token: int, logprob: float, top: Optional[list[tuple[int, float]]]) -> dict:
+    def add(self, ev: Event, top: bool) -> dict:
+        """The entry of a token event ``ev`` (with its alternatives where ``top``)."""
+        assert ev.token is not None and ev.logprob is not None, "a token event"
+        token, logprob, alternatives = ev.token, ev.logprob, ev.top if top else None
         text, raw = self.tt(token)
         if self.chat:
             entry = {"token": text, "logprob": logprob, "bytes": raw,
                      "top_logprobs": [{"token": self.tt(t)[0], "logprob": lp, "bytes": self.tt(t)[1]}
-                                      for t, lp in (top or [])]}
+                                      for t, lp in (alternatives or [])]}
             self.content.append(entry)
             return {"content": [entry]}
-        tops = None if top is None else {self.tt(t)[0]: lp for t, lp in top}
+        tops = None if alternatives is None else {self.tt(t)[0]: lp for t, lp in alternatives}
         self.tokens.append(text)
         self.token_logprobs.append(logprob)
         self.top.append(tops)

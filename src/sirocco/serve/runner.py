@@ -1,34 +1,17 @@
-"""The engine in its own thread, so that the event loop never waits for the model.
+"""The engine loop of a server: the HTTP handlers' commands in, the engine's events out, metrics on the way.
 
-    HTTP handlers (event loop)                       engine thread
+    HTTP handlers (event loop)                       engine thread (serve.model_thread)
     ------------------------------                   ------------------------------------------------------
     runner.add(rid, ids, params, queue)  --inbox-->  engine.add_request(...)  -> future set (or its error)
     runner.abort(rid)                    --inbox-->  engine.abort(rid)
                                                      events = engine.step()
-    queue.get() -> (Event, top)          <--------   loop.call_soon_threadsafe(deliver, this step's events)
+    queue.get() -> Event                 <--------   loop.call_soon_threadsafe(deliver, this step's events)
 
-The engine is single-threaded and only this thread touches it. The thread drains the whole inbox before each
-step, so an abort takes effect at the next step and an add joins the next step's batch. Metrics are updated
-here, where the events are seen first.
-
-Over pipeline ranks every rank runs this same loop on its own Engine, and a channel keeps the engines equal:
-rank 0's thread collects each iteration's commands (add with the request id, prompt ids and sampling params;
-abort; stop) and ``channel.share`` hands that list to every rank, which applies it in the same order and steps
-when its engine has work. One process uses ``LocalChannel``, which shares nothing; ``serve.pipeline`` has the
-broadcasting one. The other ranks run the loop in their main thread (``run_here``) with no inbox, no HTTP and
-no one to deliver events to, so their events are dropped.
-
-One thread for all the model's work: PyTorch's CPU threads are an OpenMP team per thread that runs parallel
-operations, and once a process has two teams (the model loaded on the main thread, run on another) the OpenMP
-runtime counts more threads than cores and lets its workers sleep at once instead of spinning between
-operations, so every operation of a decode step pays a wake-up: measured on the 1B shape in bf16 on 2 cores,
-11.4 decode tokens/s loaded and run on one thread (either), 10.0 loaded on one and run on another. A server
-process therefore loads the model, builds the engine and runs this loop on one ``ModelThread``.
-
-Top-k alternatives for logprobs: the engine's sampler returns only the chosen token's log-probability, so the
-engine is handed an executor wrapper (``TopLogprobsExecutor``) that takes the top k of the same logits at the
-same sampling call, for the sequences that asked, and queues them on their sampling params; the runner pairs
-them with the sequence's next event. Nothing is recomputed and nothing is approximated.
+The engine is single-threaded and only the engine thread touches it. The thread drains the whole inbox before
+each step, so an abort takes effect at the next step and an add joins the next step's batch. Each iteration's
+commands pass through a ``Channel`` (serve.pipeline), which over pipeline ranks gives the same list to every
+rank's loop. Metrics are updated here, where the events are seen first. An event carries everything its client
+asked for (the token, its log-probability, its top-k alternatives: the engine's one sampling step returns them).
 """
 
 from __future__ import annotations
@@ -40,78 +23,17 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from ..distributed.launch import DistContext, peer_errors
 from ..generate.sampling import SamplingParams
 from .metrics import Metrics
+from .model_thread import ModelThread
+from .pipeline import Channel, Command, LocalChannel, Reply
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ServeParams(SamplingParams):
-    """SamplingParams plus how many alternatives per token the client wants; ``top_out`` receives them (a list
-    shared by any copy the engine makes with ``dataclasses.replace``)."""
-
-    top_logprobs: int = 0
-    top_out: list = field(default_factory=list, compare=False, repr=False)
-
-
-class TopLogprobsExecutor:
-    """Wraps the engine's executor: after each sampling call, the k most likely tokens and their log-probabilities
-    (of the unmodified distribution, like the engine's own logprobs) for every row whose params want them.
-
-    With ``ctx`` (a pipeline), only the last rank has the logits: it computes the top k and broadcasts them, and
-    rank 0, the one that answers the clients, stores them. Every rank knows how many rows and which k from the
-    params, which are the same everywhere, so the receivers size the message without asking."""
-
-    def __init__(self, inner: Any, ctx: Optional[DistContext] = None):
-        self.inner = inner
-        self.ctx = ctx if ctx is not None and ctx.world_size > 1 else None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def sample(self, logits: Optional[torch.Tensor], params: Sequence[SamplingParams], generators, *args, **kwargs):
-        out = self.inner.sample(logits, params, generators, *args, **kwargs)
-        want = [(i, p) for i, p in enumerate(params) if isinstance(p, ServeParams) and p.top_logprobs > 0]
-        if not want or (logits is None and self.ctx is None):
-            return out
-        k = min(max(p.top_logprobs for _, p in want), self.inner.model.args.vocab_size)
-        values = ids = None
-        if logits is not None:
-            rows = torch.tensor([i for i, _ in want], device=logits.device)
-            top = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1).topk(k, dim=-1)
-            values, ids = top.values, top.indices
-        if self.ctx is not None:
-            values, ids = self._share(values, ids, len(want), k)
-            if self.ctx.rank != 0:
-                return out
-        assert values is not None and ids is not None
-        value_rows, id_rows = values.tolist(), ids.tolist()
-        for j, (_, p) in enumerate(want):
-            p.top_out.append(list(zip(id_rows[j][:p.top_logprobs], value_rows[j][:p.top_logprobs])))
-        return out
-
-    def _share(self, values: Optional[torch.Tensor], ids: Optional[torch.Tensor], rows: int, k: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last rank's (rows, k) top values and ids, on every rank. float64 holds every fp32 log-probability
-        and token id exactly, so rank 0 stores the numbers one process would: one message."""
-        ctx = self.ctx
-        assert ctx is not None
-        if ctx.is_last:
-            assert values is not None and ids is not None
-            packed = torch.stack([values.double(), ids.double()])                     # (2, rows, k)
-        else:
-            packed = torch.empty(2, rows, k, dtype=torch.float64, device=ctx.device)
-        with peer_errors(ctx, "receiving the top logprobs"):
-            dist.broadcast(packed, src=ctx.last)
-        return packed[0], packed[1].long()
 
 
 class EngineFailed(RuntimeError):
@@ -119,67 +41,9 @@ class EngineFailed(RuntimeError):
 
 
 @dataclass
-class _Reply:
-    """Where an add's acceptance and events go on rank 0; it never leaves the process."""
-
-    queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    arrival: float
-
-
-@dataclass
-class Command:
-    """One entry of the engine thread's inbox: ``add`` (rid, prompt ids, params), ``abort`` (rid) or ``stop``.
-    Every rank of a pipeline applies the same commands in the same order; ``reply`` is rank 0's alone."""
-
-    kind: str
-    rid: str = ""
-    prompt: list[int] = field(default_factory=list)
-    params: Optional[SamplingParams] = None
-    reply: Optional[_Reply] = field(default=None, compare=False)
-
-    def shared(self) -> "Command":
-        """What the other ranks receive: the command without rank 0's reply."""
-        return Command(self.kind, self.rid, self.prompt, self.params)
-
-
-class Channel(Protocol):
-    """How each iteration's commands reach every rank's engine (see the module docstring).
-
-    ``leader``: this rank collects the commands (rank 0) rather than receives them. ``heartbeat_s``: longest
-    wait for a command while idle before ``share`` is called anyway (None: no limit), so the other ranks, which
-    wait inside ``share``, never reach their timeout."""
-
-    leader: bool
-    heartbeat_s: Optional[float]
-
-    def share(self, cmds: list[Command]) -> list[Command]:
-        """Called once per iteration on every rank: the leader's commands, on every rank."""
-        ...
-
-    def abort(self) -> None:
-        """The loop failed here: make the other ranks fail now rather than at their timeout."""
-        ...
-
-
-class LocalChannel:
-    """One process: nothing to share, and nobody waits for a heartbeat."""
-
-    leader = True
-    heartbeat_s: Optional[float] = None
-
-    def share(self, cmds: list[Command]) -> list[Command]:
-        return cmds
-
-    def abort(self) -> None:
-        pass
-
-
-@dataclass
 class _Req:
     rid: str
-    reply: _Reply
+    reply: Reply
     params: SamplingParams
     first: Optional[float] = None
     tokens: int = 0
@@ -197,36 +61,6 @@ def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:
 def _deliver(items: list) -> None:
     for q, item in items:
         q.put_nowait(item)
-
-
-class ModelThread:
-    """One daemon thread that runs the calls handed to it, in order: a server's model work (loading, building the
-    engine, then ``Runner``'s loop) on the one thread that runs PyTorch's parallel operations (see the module's
-    docstring for why)."""
-
-    def __init__(self, name: str = "sirocco-engine"):
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        while True:
-            fn, fut = self._calls.get()
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn())
-                except BaseException as e:
-                    fut.set_exception(e)
-
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn()`` on the thread after the calls before it; its result or error on the future."""
-        fut: Future = Future()
-        self._calls.put((fn, fut))
-        return fut
-
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the thread, waited for: its result, or its error raised here."""
-        return self.submit(lambda: fn(*args, **kwargs)).result()
 
 
 class Runner:
@@ -276,14 +110,15 @@ class Runner:
     async def add(self, rid: str, prompt: Sequence[int], params: SamplingParams, out: asyncio.Queue,
                   arrival: float) -> None:
         """Queue a sequence; returns once the engine accepted it (raises the engine's error if it refused).
-        Its events, as ``(Event, top_logprobs or None)``, arrive on ``out``."""
+        Its events arrive on ``out``, then nothing more; if the engine stops first, an ``EngineFailed`` (or the
+        shutdown's error) arrives instead of the rest."""
         if self.failed is not None:
             raise EngineFailed(f"the engine stopped: {self.failed}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
             self._inbox_adds += 1
-        self._inbox.put(Command("add", rid, list(prompt), params, _Reply(out, loop, fut, arrival)))
+        self._inbox.put(Command("add", rid, list(prompt), params, Reply(out, loop, fut, arrival)))
         if self._loop_done is not None and self._loop_done.done():
             self._drain_failing()
         await fut
@@ -378,15 +213,12 @@ class Runner:
             r = self._reqs.get(ev.request_id)
             if r is None:
                 continue
-            top = None
             if ev.token is not None:
                 r.tokens += 1
                 m.generation_tokens.inc()
                 if r.first is None:
                     r.first = now
                     m.ttft.observe(now - r.reply.arrival)
-                if isinstance(r.params, ServeParams) and r.params.top_logprobs > 0 and r.params.top_out:
-                    top = r.params.top_out.pop(0)
             c = ev.completion
             if c is not None:
                 del self._reqs[r.rid]
@@ -394,7 +226,7 @@ class Runner:
                 m.e2e.observe(now - r.reply.arrival)
                 if r.first is not None and r.tokens > 1:
                     m.tpot.observe((now - r.first) / (r.tokens - 1))
-            batches.setdefault(r.reply.loop, []).append((r.reply.queue, (ev, top)))
+            batches.setdefault(r.reply.loop, []).append((r.reply.queue, ev))
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_deliver, items)
 
@@ -412,7 +244,7 @@ class Runner:
                 self.engine.abort(rid)
             except Exception:
                 pass
-            r.reply.loop.call_soon_threadsafe(r.reply.queue.put_nowait, (None, error))
+            r.reply.loop.call_soon_threadsafe(r.reply.queue.put_nowait, error)
         self._reqs.clear()
 
     def _drain_failing(self) -> None:
