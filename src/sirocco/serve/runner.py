@@ -21,9 +21,9 @@ no one to deliver events to, so their events are dropped.
 One thread for all the model's work: PyTorch's CPU threads are an OpenMP team per thread that runs parallel
 operations, and once a process has two teams (the model loaded on the main thread, run on another) the OpenMP
 runtime counts more threads than cores and lets its workers sleep at once instead of spinning between
-operations, so every operation of a decode step pays a wake-up: measured on the 1B shape in bf16 on 2 cores,
-11.4 decode tokens/s loaded and run on one thread (either), 10.0 loaded on one and run on another. A server
-process therefore loads the model, builds the engine and runs this loop on one ``ModelThread``.
+operations, so every operation of a decode step pays a wake-up, and decode is measurably slower
+(docs/performance.md, "AMX: serving"). A server process therefore loads the model, builds the engine and runs this
+loop on one ``ModelThread``.
 
 Top-k alternatives for logprobs: the engine's sampler returns only the chosen token's log-probability, so the
 engine is handed an executor wrapper (``TopLogprobsExecutor``) that takes the top k of the same logits at the
