@@ -165,8 +165,8 @@ class TransformerBlock(nn.Module):
 
 def _embedding(vocab_size: int, dim: int) -> nn.Embedding:
     """``nn.Embedding``, without its random initialisation when built on the meta device (as loaders build the
-    model before reading its weights): PyTorch's meta ``normal_`` imports torch._dynamo, about 70 MB of Python
-    modules resident for the rest of the process, for a tensor that holds no data."""
+    model before reading its weights): PyTorch's meta ``normal_`` imports torch._dynamo and its dependencies,
+    resident for the rest of the process (docs/performance.md), for a tensor that holds no data."""
     if torch.empty(0).device.type == "meta":           # the default device: meta inside ``with torch.device("meta")``
         return nn.Embedding(vocab_size, dim, _weight=torch.empty(vocab_size, dim))
     return nn.Embedding(vocab_size, dim)

@@ -240,11 +240,9 @@ def upcast_pays(x: torch.Tensor) -> bool:
 
 
 # Pre-fill products have as many rows as the step has tokens (a prompt's length, a chunk, or the tokens a MoE layer
-# routed to one expert), and the matrix library (oneDNN) compiles and keeps a kernel for every new row count: on a
-# 2-core Xeon with AMX, about 0.85 MB of memory and a compilation per (rows, N, K). The Mixtral shape's int4 pre-fill
-# of five different 512-540-token prompts in a row ran at 618-867 tok/s and grew the process to 2.38x the model's
-# bytes; with rows rounded up to a multiple of 32 (zero rows appended, their outputs dropped), 1024-1577 tok/s and
-# 1.48x (docs/performance.md).
+# routed to one expert), and the matrix library (oneDNN) compiles a kernel for every new (rows, N, K) and keeps it in
+# memory. Rows rounded up to a multiple of 32 (zero rows appended, their outputs dropped) bound how many there are:
+# varied prompts pre-fill faster and the process stays smaller (docs/performance.md, "Pre-fill row counts").
 ROW_BUCKET = 32
 
 

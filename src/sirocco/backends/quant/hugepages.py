@@ -1,9 +1,8 @@
 """CPU memory for quantized weight blocks, backed by transparent huge pages where Linux offers them.
 
 A decode step reads every weight block once, from memory, in a few hundred streams: with 4 KiB pages that is a
-TLB miss every 4 KiB of each stream. In 2 MiB pages the same kernels read faster (measured on a 2-core Xeon,
-the 16 layers of the 1B shape in q4_0 called back to back, M = 1: 22.3-23.3 GB/s in ordinary memory,
-26.2-26.8 GB/s in huge pages; a plain sum over fp32 reads 25.1-25.4 and 28.0 GB/s). Linux gives huge pages to
+TLB miss every 4 KiB of each stream. In 2 MiB pages the same kernels read faster, and so does a plain sum
+(docs/performance.md, "Huge pages"). Linux gives huge pages to
 anonymous memory that asks for them (``madvise(MADV_HUGEPAGE)``, which the "madvise" setting of
 /sys/kernel/mm/transparent_hugepage/enabled requires), so the blocks of a whole model are carved out of one
 anonymous mapping, 2 MiB aligned, that asks. Where the call is missing it is an ordinary mapping, and without

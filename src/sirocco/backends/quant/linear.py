@@ -24,20 +24,13 @@ from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
 
-# Output rows dequantized at once in pre-fill. Measured (512 bf16 rows, K = 2048, N = 7168, q8_0, 2 AVX2 cores):
-# F.linear over the whole dequantized weight 1690-1715 ms; tiles of 256, 512, 1024,
-# 2048 rows 1770-1885 ms (within the run-to-run noise of a shared host); 128 rows 3970 ms. 512 rows of K = 2048
-# is 2 MiB of bf16, so memory stays bounded whatever N.
-# Since then the tiles are dequantized in one C++ pass (kernels.dequantize_into) into one reused fp32 buffer, and
-# bf16 rows are multiplied in fp32 where bf16 products are slow: the same product took 430-700 ms on the same kind
-# of host, against 660 ms for the bf16 weight through the CPU backend's upcast_linear (a microbenchmark:
-# QuantLinear.from_linear of a 7168 x 2048 layer, best of 3 calls on 512 random bf16 rows).
-# Where bf16 products are fast (AVX512-BF16 or AMX), the C++ pass writes the bf16 tile itself: on a 2-core Xeon with
-# AMX, 512 bf16 rows times a 2048 x 7168 q8_0 weight took 25 ms against 59 ms with an fp32 tile cast to bf16 and
-# 25-33 ms for the bf16 weight (medians of 7 calls; a host shared with other work).
-# On the same AMX host later (whole 1B model, 512-token pre-fill, bf16 model and quantized one alternating in one
-# process, 3 rounds): 512-row tiles 0.7x bf16's tokens/s, 1024 and 2048 rows 1.0-1.15x, 4096 0.95x; bf16 GEMMs of
-# only 512 output columns run well below the library's best. 1024 rows of K = 7168 is 14 MiB of bf16.
+# Output rows dequantized at once in pre-fill. The tiles are dequantized in one C++ pass (kernels.dequantize_into)
+# into one reused buffer: fp32 where bf16 products are slow (bf16 rows are then multiplied in fp32), bf16 written
+# by the pass itself where they are fast (AVX512-BF16 or AMX), so no fp32 tile is cast again. Where bf16 products
+# are fast, tiles of 512 rows (GEMMs of only 512 output columns) run well below the matrix library's best and
+# 1024 or 2048 rows do not; where they are slow, any size from 256 to 2048 rows matches the whole dequantized weight
+# and 128 does not (docs/performance.md, "Pre-fill tiles"). 1024 rows of K = 7168 is 14 MiB of bf16, so memory
+# stays bounded whatever N.
 PREFILL_TILE_ROWS = 1024
 
 
@@ -48,8 +41,8 @@ def tile_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A (rows, cols) CPU scratch tensor for pre-fill's dequantized tiles, one per thread and dtype, shared by
     every QuantLinear and kept at the largest size asked for (at most PREFILL_TILE_ROWS x the widest K). A fresh
     buffer per call is an allocation large enough for the C library to map new pages each time, and those page
-    faults cost more than the dequantization itself (1B int4 model, 512-token pre-fill: 605-646 tok/s with a
-    buffer per call). The buffer is a mapping of its own (hugepages.py), outside the C library's heap."""
+    faults cost more than the dequantization itself (docs/performance.md, "Pre-fill tiles"). The buffer is a
+    mapping of its own (hugepages.py), outside the C library's heap."""
     buffers: dict = _scratch.__dict__.setdefault("buffers", {})
     flat = buffers.get(dtype)
     if flat is None or flat.numel() < rows * cols:

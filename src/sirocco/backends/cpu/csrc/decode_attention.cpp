@@ -5,12 +5,11 @@
 //
 // with softmax in between (PyTorch's, in fp32). Query head h reads kv head h / (H / G), as in attention.py.
 // The matmul path there multiplies bf16 blocks of 4 queries by up to thousands of keys, where PyTorch takes slow
-// small-matrix paths and adds fp32 copies and a masked_fill per layer: 1.4-2.2 ms per layer for 8 sequences,
-// 929 slots, 16 heads of 128 (4 kv heads) in bf16, for 15 MB of keys and values; these kernels take 0.31 ms
-// (fp32: 0.55 against 1.9). Each (sequence, kv head) block is one task: each key is loaded once for up to 4
-// query heads, each value row is converted once and kept in registers with 4 x 4 sums, slots past a sequence's
-// fill are skipped (probability 0), and every sum runs in order over d or over the slots, so a sequence's bits
-// do not depend on the other sequences in the step.
+// small-matrix paths and adds fp32 copies and a masked_fill per layer, several times the time of these kernels in
+// bf16 and fp32 (docs/performance.md, "Decode attention"). Each (sequence, kv head) block is one task: each key
+// is loaded once for up to 4 query heads, each value row is converted once and kept in registers with 4 x 4 sums,
+// slots past a sequence's fill are skipped (probability 0), and every sum runs in order over d or over the slots,
+// so a sequence's bits do not depend on the other sequences in the step.
 //
 // Written over simd.h's vectors (kLanes fp32 lanes: 16 in the AVX-512 build, 8 in the AVX2 one). bf16 scores
 // use _mm512_dpbf16_ps in the AVX-512 build; the AVX2 build converts the queries to fp32 once per call and each

@@ -5,7 +5,8 @@
 //       (x[2i], x[2i+1]) -> (x[2i] c_i - x[2i+1] s_i, x[2i] s_i + x[2i+1] c_i), in fp32
 //
 // In a decode step every operation of PyTorch costs a few microseconds whatever its size, and a 16-layer model
-// spends about 40 of them per layer on these two: 2-3 ms of a 40 ms step. The results round as model.py's
+// spends about 40 of them per layer on these two, a share of the step worth saving (docs/performance.md, "CPU
+// backend"). The results round as model.py's
 // ``RMSNorm`` and ``apply_rope`` do (fp32 products, round to nearest even into bf16), without fused multiply-add,
 // so ``rope`` gives the same bits as ``apply_rope`` and ``rms_norm`` differs only in the order of the sum of
 // squares. Each row depends on its own inputs only.

@@ -8,12 +8,12 @@
 // works through them row by row in order:
 //
 //   - a tile is R consecutive weight rows; per step of k it loads R weight vectors and each input row once, and
-//     multiplies every pair. R by measurement (bf16, 7168 x 2048, 2 threads): R = 1 for M = 1 (one stream,
-//     35-42 GB/s; R = 2 or 4 gave 26-34); R = 4 otherwise (M = 8: 31 GB/s, against 21 with R = 3 or 5);
+//     multiplies every pair. R by measurement (docs/performance.md, "small_m_linear's tile"): R = 1 for M = 1
+//     (one stream reads fastest), R = 4 otherwise (3 or 5 were slower at M = 8);
 //   - bf16 uses _mm512_dpbf16_ps (32 bf16 pairs multiplied and added into 16 fp32 lanes in one instruction);
 //     fp32 uses _mm512_fmadd_ps (16 lanes);
 //   - for M > 1 the weights are prefetched into L2 16 KiB ahead: the core is busy with arithmetic and would
-//     otherwise wait on memory (measured: 17 -> 22 GB/s at M = 8 with R = 3);
+//     otherwise wait on memory (measured at M = 8: docs/performance.md);
 //   - tiles are shared out over the threads by at::parallel_for, so each thread streams a contiguous range.
 //
 // Every output (m, n) has one accumulator that runs over k in order, then a horizontal sum: its bits do not
@@ -29,9 +29,9 @@
 //   - AVX2 has 16 vector registers, so the rows of x are taken in groups of at most 4 against R = 3 weight rows
 //     (12 accumulators, 3 weight vectors), R = 4 for 1 or 2 rows; with more than 4 rows each group runs over a
 //     chunk of 512 values of k in turn, the accumulators kept in L1 between chunks, so the chunk of weights is
-//     read from memory once (at 8 rows about 1.5x the rate of one weight row against all 8 rows, whose 8
-//     accumulators leave the input rows to be re-read from L2 for every weight vector);
-//   - no software prefetch: it measured slower at 1 and 8 rows (docs/performance.md has the figures).
+//     read from memory once (at 8 rows faster than one weight row against all 8 rows, whose 8 accumulators
+//     leave the input rows to be re-read from L2 for every weight vector; docs/performance.md);
+//   - no software prefetch: it measured slower at 1 and 8 rows.
 //
 // The bf16 products here are exact in fp32 and rounded once per fused multiply-add, where _mm512_dpbf16_ps
 // rounds differently: the two paths agree to rounding, not bit for bit; each alone keeps the invariants above.

@@ -50,8 +50,8 @@ inline void block_q4(const uint8_t* blk, T* out) {
 
 // The same blocks to bf16 with AVX512-BF16, 16 values per instruction: vcvtneps2bf16 rounds to nearest even as
 // store8 does (it reads denormal inputs as zero, and none arise: an fp16 scale times a quant of at most 127 is a
-// normal fp32 or zero), so both paths give the same bits; measured on a 2-core Xeon with AMX, the Mixtral shape's
-// int4 pre-fill of 512 tokens spent a third of its time in the AVX2 pass.
+// normal fp32 or zero), so both paths give the same bits; the AVX2 pass was a large share of a quantized pre-fill
+// on CPUs that have AVX512-BF16 (docs/performance.md).
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 BF16_TARGET inline void store16(at::BFloat16* out, __m512 v) {
   _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(v));

@@ -59,7 +59,7 @@ inline __m256 load8(const at::BFloat16* p) {
 // Python side uses (floor(a) + floor(2 (a - floor(a))) on a = |x / d|, the sign put back: every step exact or
 // one IEEE rounding, as in scalar code). A block whose scale would not be a normal float (all zeros, or
 // magnitudes below 127 * FLT_MIN) quantizes to zeros with scale 0. Vector code because a decode step makes
-// this call about a hundred times: the scalar loop cost 20 us per row of 2048, as much as reading a small weight.
+// this call about a hundred times: the scalar loop cost as much as reading a small weight (docs/performance.md).
 template <typename T>
 void quantize_row(const T* x, int64_t K, int8_t* q, float* d, int32_t* s8) {
   const __m256 sign = _mm256_set1_ps(-0.0f), two = _mm256_set1_ps(2.0f);
@@ -114,7 +114,7 @@ inline __m256i reduce8(const __m256i* p) {
 
 // The 8 rows' fp16 scales of block b, gathered four at a time in a general-purpose register and moved over in
 // two: inserting them one by one (_mm_setr_epi16) costs a shuffle-port uop each, which the 8-row tiles are short
-// of (measured, 7168 x 2048, 2 threads: q8_0 M=1 14.5 -> 16.0 GB/s, M=8 6.5 -> 8.9 GB/s).
+// of (measured at 1 and 8 rows: docs/performance.md).
 template <int FMT>
 inline __m256 row_scales(const uint8_t* const* rp, int64_t b) {
   const int64_t off = b * block_bytes<FMT>();
@@ -151,9 +151,8 @@ inline __m256i block_dot_avx2(__m256i wq, __m256i aq) {
 // The 8 rows of a tile are contiguous in memory (rows n0 .. n0 + 7), and so is the next tile. While a tile is
 // worked through (8 streams advancing block by block), the next one is prefetched into L2 as one linear stream,
 // a fixed number of lines per block step (no branch), so that it sits in cache when its turn comes. Measured
-// (2048 x 2048, M = 1, one thread, weights cycled beyond L3): q8_0 4.3-5.3 -> 8.1-8.9 GB/s, q4_0 3.5-5.4 ->
-// 7.9-8.0 GB/s against 512 bytes ahead in each row stream or no software prefetch; into L1 instead of L2, or
-// two tiles ahead, no better.
+// against 512 bytes ahead in each row stream and against no software prefetch, it reads faster than both; into
+// L1 instead of L2, or two tiles ahead, is no better (docs/performance.md).
 template <int FMT, int ROWS = kTile>
 struct NextTile {
   static constexpr int64_t kStep = ROWS * block_bytes<FMT>();       // bytes of the tile per block step
@@ -277,8 +276,7 @@ void tile_avx2_q4(const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t valid
 // in one vector, lane r = row r, to be scaled and added in one go with scale_add's arithmetic (so the bits are the
 // AVX2 tiles'). The transposition is paid once per block and shared by the M activation rows; each row then costs
 // 8 dpbusd and 6 other operations for 16 outputs, where the 8-row tile spent about 4 shuffles and scalings per
-// dpbusd on the per-block horizontal sums (measured, 2048 x 7168, 2 threads: q8_0 M=8 952 -> 770 us,
-// q4_0 M=8 778 -> 506 us).
+// dpbusd on the per-block horizontal sums, so that at 8 rows it was compute-bound (docs/performance.md).
 // dpbusd multiplies unsigned by signed bytes: q4_0's nibbles are unsigned already (w + 8), q8_0's quants are made
 // unsigned (w + 128, an exclusive or of the sign bit), and each dot starts from -8 or -128 times the activation
 // block's sum (Acts::start, broadcast from memory), which leaves it exactly the sum of w * a.
