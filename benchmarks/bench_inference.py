@@ -129,12 +129,6 @@ MOE_QUICK = (Shape(256, 2, 4, 2, 512, 1000, 64, 4, 2), QUICK[1])
 def shape_for(quick: bool, moe: bool) -> tuple[Shape, Workload]:
     return (MOE_QUICK if quick else MOE) if moe else (QUICK if quick else FULL)
 
-TARGETS = """\
-- bf16 batch-1 decode: at least 1.8x transformers, and at least 60% of the bandwidth bound
-- bf16 pre-fill of 512 tokens: no slower than transformers, and at least 75% of the matmul bound
-- 8 prompts of 100..800 tokens, 128 generated each: at least 2x transformers' padded-batch throughput
-- peak memory while loading: at most 1.2x the weights' bytes"""
-
 
 # -- process facts ---------------------------------------------------------------------------------------------
 def proc_status_kib(field: str) -> int:

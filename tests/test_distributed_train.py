@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from sirocco.checkpoint import save_consolidated
+from sirocco.checkpoint.config_files import args_to_params
 from sirocco.config import preset
-from sirocco.distributed.launch import spawn_local
+from sirocco.distributed.launch import DistContext, spawn_local
 from sirocco.distributed.pipeline_train import (
     IGNORE_INDEX,
     PipelineStep,
-    PipelineTrainer,
     document_lengths,
-    save_checkpoint,
 )
 from sirocco.distributed.stages import rank_stage
 from sirocco.model import build_model
@@ -50,20 +50,33 @@ def batch():
     return tokens, targets, torch.tensor(positions), lengths
 
 
+def micro_batches():
+    """The batch's ROWS rows cut into MICRO micro-batches, in order."""
+    tokens, targets, positions, _ = batch()
+    return [Batch(*parts) for parts in zip(*(t.split(ROWS // MICRO) for t in (tokens, targets, positions)))]
+
+
+def save(step_fn, args, folder):
+    """The whole model gathered on rank 0, which writes it as one consolidated checkpoint."""
+    full = step_fn.full_state_dict()
+    if full is not None:
+        save_consolidated(full, args, folder)
+
+
 def train_rank(ctx, args, folder):
     stage = rank_stage(ctx, args, seed=SEED)
-    tokens, targets, positions, _ = batch()
     out = {}
     for schedule in ("1f1b", "gpipe"):                 # gpipe last: its gradients feed the steps below
         stage.zero_grad()
-        trainer = PipelineTrainer(stage, ctx, n_microbatches=MICRO, schedule=schedule, aux_loss_coef=AUX)
-        out[schedule] = (trainer.step(tokens, targets, positions), trainer.last_aux,
-                         {k: p.grad.clone() for k, p in stage.named_parameters()})
-    save_checkpoint(stage, ctx, args, f"{folder}/initial")
-    out["norm"] = trainer.clip_grad_norm_(0.5)
+        step_fn = PipelineStep(stage, ctx, n_microbatches=MICRO, schedule=schedule, aux_loss_coef=AUX)
+        ce, aux, tokens = step_fn.train_step(micro_batches())
+        assert tokens == ROWS * COLS
+        out[schedule] = (ce + aux, aux, {k: p.grad.clone() for k, p in stage.named_parameters()})
+    save(step_fn, args, f"{folder}/initial")
+    out["norm"] = step_fn.clip_grad_norm_(0.5)
     opt = torch.optim.AdamW(stage.parameters(), lr=LR)
     opt.step()
-    save_checkpoint(stage, ctx, args, f"{folder}/trained")
+    save(step_fn, args, f"{folder}/trained")
     return out
 
 
@@ -140,7 +153,7 @@ def test_checkpoint_is_the_file_a_single_process_writes(trained, tmp_path):
               metadata={"format": "pt"})
     assert (folder / "initial" / "consolidated.safetensors").read_bytes() == \
         (tmp_path / "single.safetensors").read_bytes()
-    assert json.loads((folder / "initial" / "params.json").read_text()) == ARGS[name].to_params()
+    assert json.loads((folder / "initial" / "params.json").read_text()) == args_to_params(ARGS[name])
     trained_sd = load_file(str(folder / "trained" / "consolidated.safetensors"))
     assert set(trained_sd) == set(final)
     for k, v in final.items():                        # after clipping and one AdamW step on every stage
@@ -150,7 +163,7 @@ def test_checkpoint_is_the_file_a_single_process_writes(trained, tmp_path):
 
 def evaluate_rank(ctx, args, batches):
     stage = rank_stage(ctx, args, seed=SEED)
-    step_fn = PipelineStep(stage, ctx, TrainRecipe(accum=MICRO, autocast="off"))
+    step_fn = PipelineStep(stage, ctx, n_microbatches=MICRO)
     return evaluate(step_fn, batches), step_fn.num_parameters(), stage.training
 
 
@@ -170,6 +183,23 @@ def test_pipeline_step_evaluates_as_the_one_process_step(name):
         loss, n_params, training = r.value
         assert loss == pytest.approx(expected, rel=1e-5)
         assert n_params == one.num_parameters() and training
+
+
+def test_a_step_of_the_wrong_micro_batches_is_refused_naming_them():
+    """Checked before any message is sent, so one process without peers sees it (a whole model stands in for
+    the stage: nothing runs through it)."""
+    ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), process_group="gloo",
+                      timeout_s=1.0)
+    model = build_model(ARGS["mistral"], seed=SEED)
+    step_fn = PipelineStep(model, ctx, n_microbatches=MICRO)
+    batches = micro_batches()
+    with pytest.raises(ValueError, match=r"needs 4 micro-batches .* got 3 with shapes \[\(2, 24\)\]"):
+        step_fn.train_step(batches[:3])
+    uneven = batches[:3] + [Batch(*(t[:1] for t in (batches[3].tokens, batches[3].targets, batches[3].positions)))]
+    with pytest.raises(ValueError, match=r"got 4 with shapes \[\(1, 24\), \(2, 24\)\]"):
+        step_fn.train_step(uneven)
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'zigzag'"):
+        PipelineStep(model, ctx, schedule="zigzag")
 
 
 def test_document_lengths_from_positions():

@@ -7,6 +7,7 @@
 - :func:`read_state_dict`: the checked tensors in sirocco's names and layout, in their stored dtype.
 - :func:`save_consolidated`, :func:`save_hf`: write either format.
 - GGUF (gguf.py): :func:`load_model` also takes a ``.gguf`` file; :func:`save_gguf` writes one.
+- ``config_files``: ``params.json`` and ``config.json`` read into ``ModelArgs`` and written from it.
 - ``names``: the name mapping and the q/k permutation between the two layouts.
 """
 

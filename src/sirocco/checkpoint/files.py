@@ -18,6 +18,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import CheckpointError
+from .config_files import read_hf_config, read_params
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ class Layout:
 
     def read_args(self, max_seq_len: Optional[int] = None) -> ModelArgs:
         if self.format == CONSOLIDATED:
-            return ModelArgs.from_params_json(self.config, max_seq_len=max_seq_len)
-        return ModelArgs.from_hf_config_json(self.config, max_seq_len=max_seq_len)
+            return read_params(self.config, max_seq_len=max_seq_len)
+        return read_hf_config(self.config, max_seq_len=max_seq_len)
 
 
 def find_layout(folder: str | Path) -> Layout:

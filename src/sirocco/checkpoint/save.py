@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelArgs
 from ..model import Transformer
+from .config_files import args_to_hf_config, args_to_params
 from .names import rope_heads, to_hf_name, to_hf_rope
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def save_consolidated(model: Transformer | State, args: ModelArgs, folder: str |
     folder.mkdir(parents=True, exist_ok=True)
     state = _state(model, dtype)
     save_file(state, str(folder / "consolidated.safetensors"), metadata={"format": "pt"})
-    (folder / "params.json").write_text(json.dumps(args.to_params(), indent=2) + "\n")
+    (folder / "params.json").write_text(json.dumps(args_to_params(args), indent=2) + "\n")
     log.info("wrote %s (consolidated format, %d tensors)", folder, len(state))
     return folder
 
@@ -42,7 +43,7 @@ def save_hf(model: Transformer | State, args: ModelArgs, folder: str | Path, dty
     for name, t in _state(model, dtype).items():
         heads = rope_heads(name, args.n_heads, args.n_kv_heads)
         state[to_hf_name(name)] = to_hf_rope(t, heads).contiguous() if heads else t
-    config = args.to_hf_config()
+    config = args_to_hf_config(args)
     config["dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards = _shards(state, max_shard_bytes)

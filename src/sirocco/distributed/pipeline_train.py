@@ -1,10 +1,11 @@
 """Pipeline-parallel training: the model's stages on several ranks, driven by a ``torch.distributed.pipelining``
 schedule (GPipe, or 1F1B which holds fewer micro-batches' activations at once).
 
-A batch is B rows of T tokens; each row packs whole documents back to back, and ``positions`` (B, T) gives each
-token's position in its document (0 where a document starts), so every stage can rebuild the documents'
-block-diagonal causal mask on its own: the positions travel to every stage as a keyword argument, the
-activations (b, T, dim) from stage to stage. The schedule cuts the B rows into micro-batches along dimension 0:
+A step's micro-batches, stacked, are one batch of B rows of T tokens; each row packs whole documents back to back,
+and ``positions`` (B, T) gives each token's position in its document (0 where a document starts), so every stage
+can rebuild the documents' block-diagonal causal mask on its own: the positions travel to every stage as a keyword
+argument, the activations (b, T, dim) from stage to stage. The schedule cuts the B rows back into the
+micro-batches along dimension 0:
 
     rows  [r0 r1 | r2 r3 | r4 r5 | r6 r7]   B = 8, 4 micro-batches of 2 rows
     GPipe (2 stages):   rank 0  F0 F1 F2 F3 .  .  .  .  B0 B1 B2 B3        (F forward, B backward)
@@ -41,14 +42,12 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from ..backends import reference
-from ..checkpoint import save_consolidated
-from ..config import ModelArgs
 from ..model import Transformer
 from ..model.attention import Prefill
 from ..train.data import Batch
 from ..train.loop import use_autocast
 from ..train.losses import IGNORE_INDEX, BatchTokenLoss, cross_entropy_sum, document_lengths, load_balancing_loss
-from ..train.recipe import Recipe, TrainRecipe
+from ..train.recipe import Recipe
 from .launch import DistContext, agree, peer_errors
 from .run import shared_from_rank0
 from .stages import rank_stage
@@ -153,21 +152,24 @@ class TrainStage(nn.Module):
         return h.view(b, T, -1)
 
 
-class PipelineTrainer:
-    """Forward and backward of whole batches over the pipeline; one per rank, all with the same arguments.
+class PipelineStep:
+    """This rank's stage of a model trained over a pipeline: the training loop's step function
+    (``sirocco.train.loop.StepFunction``), one per rank, all built with the same arguments. A step's
+    micro-batches go through the pipeline schedule; validation runs forward only, activations sent rank to rank.
+    Every value it returns is the same on every rank.
 
     Args:
         stage: this rank's ``Transformer`` stage (trainable parameters, on ``ctx.device``).
         ctx: the rank's ``DistContext``.
-        n_microbatches: micro-batches per batch (the batch's rows must divide evenly).
+        n_microbatches: micro-batches per step (the recipe's ``accum``).
         schedule: "gpipe" (all forwards, then all backwards) or "1f1b" (one forward, one backward in the
             steady state: activations of at most ``world_size`` micro-batches alive at once).
         attention: pre-fill attention path ("per_sequence" or "dense"; both have a backward on the CPU), set on
             the stage's attention layers.
         aux_loss_coef: weight of the MoE load-balancing loss (mean over layers and micro-batches); 0 for none.
 
-    >>> trainer = PipelineTrainer(stage, ctx, n_microbatches=4)                      # doctest: +SKIP
-    >>> loss = trainer.step(tokens, targets, positions); opt.step(); opt.zero_grad()  # doctest: +SKIP
+    >>> step_fn = PipelineStep(stage, ctx, n_microbatches=4)                              # doctest: +SKIP
+    >>> ce, aux, tokens = step_fn.train_step(micro_batches); opt.step(); opt.zero_grad()  # doctest: +SKIP
     """
 
     def __init__(self, stage: Transformer, ctx: DistContext, n_microbatches: int = 4,
@@ -177,14 +179,12 @@ class PipelineTrainer:
             raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
         if n_microbatches < 1:
             raise ValueError(f"n_microbatches must be at least 1, got {n_microbatches}")
-        self.ctx = ctx
-        self.stage = stage
+        self.stage, self.ctx, self.args = stage, ctx, stage.args
         reference.attach(stage, attention)
         self.module = TrainStage(stage, aux_loss_coef, n_microbatches)
         self.n_microbatches = n_microbatches
         self.schedule_name = schedule
         self.loss_fn = BatchTokenLoss()
-        self.last_ce = self.last_aux = 0.0       # the two parts of the last step's loss
         # A stage and its schedule are fixed to the first shape they see: keep one per batch shape.
         self._schedules: dict[tuple[int, int], object] = {}
 
@@ -207,25 +207,26 @@ class PipelineTrainer:
             log.debug("rank %d: new %s schedule for batches of shape %s", self.ctx.rank, self.schedule_name, shape)
         return self._schedules[shape]
 
-    def step(self, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor) -> float:
-        """Accumulate the gradients of one batch into the stage's parameters.
+    def train_step(self, batches: list[Batch]) -> tuple[float, float, int]:
+        """Accumulate the gradients of one step into the stage's parameters.
 
-        Args (the same on every rank; the first stage reads ``tokens``, the last ``targets``, all ``positions``):
-            tokens: (B, T) input ids; targets: (B, T) next-token ids, ``IGNORE_INDEX`` where no loss is wanted;
-            positions: (B, T) position of each token in its document.
-        Returns:
-            the batch's loss on every rank: mean cross-entropy per target token (``last_ce``), plus the
-            load-balancing term (``last_aux``) if any.
+        Args:
+            batches: the step's ``n_microbatches`` micro-batches, each (b, T), the same on every rank (the first
+                stage reads the tokens, the last the targets, every stage the positions).
+        Returns, on every rank:
+            (mean cross-entropy per target token of the step, the load-balancing term (0 without), tokens).
         """
+        shapes = {tuple(t.shape) for b in batches for t in (b.tokens, b.targets, b.positions)}
+        if len(batches) != self.n_microbatches or len(shapes) != 1:
+            raise ValueError(f"a step needs {self.n_microbatches} micro-batches of tokens, targets and positions "
+                             f"of one (rows, tokens) shape; got {len(batches)} with shapes {sorted(shapes)}")
         ctx = self.ctx
-        B, T = positions.shape
-        if tokens.shape != (B, T) or targets.shape != (B, T):
-            raise ValueError(f"tokens {tuple(tokens.shape)}, targets {tuple(targets.shape)} and positions "
-                             f"{tuple(positions.shape)} must all be (rows, tokens)")
-        if B % self.n_microbatches:
-            raise ValueError(f"{B} rows do not split into {self.n_microbatches} equal micro-batches")
         dev = ctx.device
+        # One (n_microbatches * b, T) batch, which the schedule cuts back into the micro-batches.
+        tokens, targets, positions = (torch.cat([getattr(b, k) for b in batches])
+                                      for k in ("tokens", "targets", "positions"))
         positions = positions.to(dev)
+        B, T = positions.shape
         self.loss_fn.count = max(1, int((targets != IGNORE_INDEX).sum()))
         schedule = self._schedule((B, T))
         losses: list[torch.Tensor] = []
@@ -242,55 +243,8 @@ class PipelineTrainer:
             parts[1] = torch.stack(self.module.aux_values[-self.n_microbatches:]).sum().float()
         with peer_errors(ctx, "summing the loss"):
             dist.all_reduce(parts)
-        self.last_ce, self.last_aux = parts.tolist()
-        return self.last_ce + self.last_aux
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.stage.parameters() if p.requires_grad]
-
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Scale every stage's gradients so that the norm over *all* stages is at most ``max_norm`` (as
-        ``torch.nn.utils.clip_grad_norm_`` on the whole model); returns that norm before clipping."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
-        for g in grads:
-            sq += g.float().pow(2).sum()
-        with peer_errors(self.ctx, "summing the gradient norm"):
-            dist.all_reduce(sq)
-        total = sq.sqrt()
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-        return float(total)
-
-
-# -- the training loop's step function and place ---------------------------------------------------------------
-def step_batch(batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step's micro-batches as one (accum * rows, T) batch: tokens, targets, positions."""
-    return (torch.cat([b.tokens for b in batches]), torch.cat([b.targets for b in batches]),
-            torch.cat([b.positions for b in batches]))
-
-
-class PipelineStep:
-    """The step function (``sirocco.train.loop.StepFunction``) of this rank's stage: a step's micro-batches
-    through the pipeline schedule, validation forward only with activations sent rank to rank. Every value it
-    returns is the same on every rank.
-
-    Args:
-        stage: this rank's stage (fp32, trainable); ctx: the rank's ``DistContext``.
-        recipe: the [train] section (accum micro-batches per step, aux_loss_coef).
-        schedule: "gpipe" or "1f1b".
-    """
-
-    def __init__(self, stage: Transformer, ctx: DistContext, recipe: TrainRecipe,
-                 schedule: Literal["gpipe", "1f1b"] = "gpipe"):
-        self.stage, self.ctx, self.args = stage, ctx, stage.args
-        self.trainer = PipelineTrainer(stage, ctx, n_microbatches=recipe.accum, schedule=schedule,
-                                       aux_loss_coef=recipe.aux_loss_coef)
-
-    def train_step(self, batches: list[Batch]) -> tuple[float, float, int]:
-        self.trainer.step(*step_batch(batches))
-        return self.trainer.last_ce, self.trainer.last_aux, sum(b.num_tokens for b in batches)
+        ce, aux = parts.tolist()
+        return ce, aux, sum(b.num_tokens for b in batches)
 
     @torch.no_grad()
     def eval_sum(self, batch: Batch) -> float:
@@ -316,10 +270,22 @@ class PipelineStep:
         self.stage.train(mode)
 
     def parameters(self) -> list[nn.Parameter]:
-        return self.trainer.parameters()
+        return [p for p in self.stage.parameters() if p.requires_grad]
 
     def clip_grad_norm_(self, max_norm: float) -> float:
-        return self.trainer.clip_grad_norm_(max_norm)
+        """Scale every stage's gradients so that the norm over *all* stages is at most ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_`` on the whole model); returns that norm before clipping."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        with peer_errors(self.ctx, "summing the gradient norm"):
+            dist.all_reduce(sq)
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return float(total)
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         return gather_state_dict(self.stage, self.ctx)
@@ -354,7 +320,8 @@ class PipelinePlace:
         stage.train()
         for p in stage.parameters():
             p.requires_grad_(True)
-        return PipelineStep(stage, self.ctx, recipe.train, self.schedule)
+        return PipelineStep(stage, self.ctx, n_microbatches=recipe.train.accum, schedule=self.schedule,
+                            aux_loss_coef=recipe.train.aux_loss_coef)
 
     def barrier(self, what: str) -> None:
         with peer_errors(self.ctx, what):
@@ -391,17 +358,4 @@ def gather_state_dict(stage: nn.Module, ctx: DistContext) -> Optional[dict[str, 
                 dist.recv(buf, src=r)
                 full[name] = buf.cpu()
     return full
-
-
-def save_checkpoint(stage: nn.Module, ctx: DistContext, args: ModelArgs, folder: str | Path) -> Optional[Path]:
-    """Write the whole model as one consolidated checkpoint (``params.json`` + ``consolidated.safetensors``),
-    the files a single process saving the same weights writes. Rank 0 writes; every rank returns once the
-    files exist (the folder on rank 0, None elsewhere)."""
-    full = gather_state_dict(stage, ctx)
-    path = None
-    if full is not None:
-        path = save_consolidated(full, args, folder)
-    with peer_errors(ctx, "waiting for rank 0 to write the checkpoint"):
-        dist.barrier()
-    return path
 

@@ -48,19 +48,14 @@ W = TypeVar("W")                   # a waiting request, opaque to the scheduler
 class Step(Generic[S]):
     """One step: ``seqs[i]`` brings ``lengths[i]`` new tokens; packing order is list order.
 
-    ``decode`` is how many leading entries have one token each (all of them when every length is 1: then the
-    plan takes its decode path, pre-fill chunks of one token included); the rest are pre-fill chunks.
+    Decoding sequences (one token each) come first, then pre-fill chunks; when every length is 1 (the plan's
+    decode path, pre-fill chunks of one token included) the sequences are in row order instead.
     ``phase`` says what the sequences do: "decode" (all past their prompt), "prefill" (none), else "mixed".
     """
 
     seqs: list[S]
     lengths: list[int]
-    decode: int
     phase: str
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.lengths)
 
 
 class Scheduler(Generic[W, S]):
@@ -93,10 +88,6 @@ class Scheduler(Generic[W, S]):
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def ids(self) -> Iterable[str]:
-        yield from (self._id_of(w) for w in self.waiting)
-        yield from (s.request_id for s in self.running)
 
     def abort(self, request_id: str) -> tuple[Optional[W], Optional[S]]:
         """Remove a request: (the waiting request, None), (None, the running sequence, its row already freed
@@ -131,7 +122,7 @@ class Scheduler(Generic[W, S]):
         decoding = [s for s in self.running if not s.prompt_left]
         if not self.mixed:
             if not prefilling:
-                return Step(decoding, [1] * len(decoding), len(decoding), "decode")
+                return Step(decoding, [1] * len(decoding), "decode")
             decoding = []
         seqs, lengths = list(decoding), [1] * len(decoding)
         budget = self.max_batch_tokens - len(decoding)
@@ -149,22 +140,19 @@ class Scheduler(Generic[W, S]):
             # The plan's decode path (chunks of one token included): pack in row order so that the cache rows
             # are read as a view.
             order = sorted(range(len(seqs)), key=lambda i: seqs[i].row)
-            return Step([seqs[i] for i in order], [1] * len(seqs), len(seqs), phase)
-        return Step(seqs, lengths, len(decoding), phase)
+            return Step([seqs[i] for i in order], [1] * len(seqs), phase)
+        return Step(seqs, lengths, phase)
 
-    def release(self, done: Iterable[S]) -> list[tuple[int, int]]:
-        """Free the rows of finished (or aborted) sequences and compact; returns the (src, dst) row moves."""
+    def release(self, done: Iterable[S]) -> None:
+        """Free the rows of finished (or aborted) sequences and compact (``move_row`` for each move)."""
         gone = {id(s) for s in done}
         if not gone:
-            return []
+            return
         alive = [s for s in self.running if id(s) not in gone]
         n = len(alive)
         free = sorted(set(range(n)) - {s.row for s in alive})
-        moves = []
         for s in [s for s in alive if s.row >= n]:
             dst = free.pop(0)
             self._move_row(s.row, dst)
-            moves.append((s.row, dst))
             s.row = dst
         self.running = sorted(alive, key=lambda s: s.row)
-        return moves

@@ -46,26 +46,25 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
 
 def _pipeline_rank(ctx, args, micro_batches: int, rows: int, seq_len: int, schedule: str, seed: int) -> list:
     """One rank of a real pipeline training step: a warm-up step, then the timed one; returns its events."""
-    from ..distributed.pipeline_train import PipelineTrainer
+    from ..distributed.pipeline_train import PipelineStep
     from ..distributed.stages import rank_stage
+    from ..train.data import Batch
 
     stage = rank_stage(ctx, args, seed=seed)
-    trainer = PipelineTrainer(stage, ctx, n_microbatches=micro_batches, schedule=schedule)  # type: ignore[arg-type]
+    step_fn = PipelineStep(stage, ctx, n_microbatches=micro_batches, schedule=schedule)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
-    batch = rows * micro_batches
-    tokens = torch.randint(0, args.vocab_size, (batch, seq_len), generator=g)
-    positions = torch.arange(seq_len).repeat(batch, 1)
-    targets = tokens.roll(-1, dims=1)
-    trainer.step(tokens, targets, positions)           # warm-up: the first backward allocates and is slow
-    trainer.module.events = []
-    trainer.step(tokens, targets, positions)
-    return trainer.module.events
+    tokens = torch.randint(0, args.vocab_size, (rows * micro_batches, seq_len), generator=g).split(rows)
+    batches = [Batch(t, t.roll(-1, dims=1), torch.arange(seq_len).repeat(rows, 1)) for t in tokens]
+    step_fn.train_step(batches)                         # warm-up: the first backward allocates and is slow
+    step_fn.module.events = []
+    step_fn.train_step(batches)
+    return step_fn.module.events
 
 
 def record_pipeline(args, stages: int, micro_batches: int, tokens: int, trace: Trace, seed: int = 0,
                     schedule: str = "gpipe", rows: int = 1) -> None:
     """The forward and backward events of every stage and micro-batch in one real pipeline training step:
-    ``stages`` processes on this machine (gloo, one thread each), ``PipelineTrainer`` with the ``schedule``
+    ``stages`` processes on this machine (gloo, one thread each), ``PipelineStep`` with the ``schedule``
     ("gpipe" or "1f1b"), micro-batches of ``rows`` rows of ``tokens`` tokens. Times are each process's
     ``time.perf_counter()``, a clock the processes of one machine share."""
     from ..distributed.launch import spawn_local

@@ -95,7 +95,6 @@ BUILDS: dict[str, dict] = {
     "avx2": dict(name="sirocco_decode_kernels_avx2", sources=SOURCES, functions=FUNCTIONS,
                  cflags=("-mavx2", "-mfma", "-mf16c", "-DSIROCCO_AVX2")),
 }
-NATIVE_FUNCTIONS = BUILDS["avx512"]["functions"]
 
 _modules: dict[str, object] = {}
 _build_failed: set[str] = set()

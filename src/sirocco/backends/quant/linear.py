@@ -69,10 +69,6 @@ class QuantLinear(nn.Module):
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
 
-    @property
-    def weight_q(self) -> QuantizedTensor:
-        return QuantizedTensor(self.qweight, self.fmt, self.shape)
-
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantLinear":
         """A QuantLinear holding ``linear``'s weight quantized to ``fmt`` (its bias kept as it is)."""
