@@ -41,8 +41,9 @@ def reference_sample(logits, params, generators):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_without_processors_sample_as_the_plain_rule(dtype):
     logits = (torch.randn(5, 50) * 3).to(dtype)
-    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_k=5, seed=2),
-              SamplingParams(temperature=0.5, top_p=0.7, seed=3), SamplingParams()]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=1),
+              SamplingParams(temperature=1.3, top_k=5, seed=2), SamplingParams(temperature=0.5, top_p=0.7, seed=3),
+              SamplingParams()]
     got = sample(logits, [RowSampling(p, make_generator(p.seed, CPU) if p.temperature else None) for p in params])
     want = reference_sample(logits, params, [make_generator(p.seed, CPU) if p.temperature else None for p in params])
     assert [g.tokens[0] for g in got] == want[0]

@@ -3,8 +3,8 @@
 PyTorch runs each thread's parallel CPU operations on an OpenMP team of its own. Once a process has two teams
 (the model loaded on the main thread and run on another), the OpenMP runtime counts more threads than cores and
 lets its workers sleep between operations instead of spinning, so every operation of a decode step pays a
-wake-up (docs/performance.md, "AMX: serving, the 1B shape in bf16"). A server process therefore loads the model, builds the engine and
-runs ``Runner``'s loop on one ``ModelThread``.
+wake-up (docs/performance.md, "AMX: serving, the 1B shape in bf16"). A server process therefore loads the model,
+builds the engine and runs ``Runner``'s loop on one ``ModelThread``.
 """
 
 from __future__ import annotations
