@@ -41,6 +41,13 @@ REFUSED = [
     (["serve", "--chunk-size", "0"], "--chunk-size", "must be >= 1"),
     (["serve", "--port", "70000"], "--port", "must be in [0, 65535]"),
     (["serve", "--max-queue", "-1"], "--max-queue", "must be >= 0"),
+    (["serve", "--max-body-mib", "0"], "--max-body-mib", "0.0 is out of range: must be > 0"),
+    (["serve", "--max-body-mib", "ten"], "--max-body-mib", "'ten' is not a number (must be > 0)"),
+    (["serve", "--allowed-hosts", "http://box.lan/"], "--allowed-hosts", "not a URL"),
+    (["serve", "--allowed-hosts", ","], "--allowed-hosts", "',' names no host"),
+    (["serve", "--allowed-hosts", "box*.lan"], "--allowed-hosts", "'*' stands alone (any Host) or starts a domain"),
+    (["serve", "--allow-origin", "https://app.example/"], "--allow-origin", "no path or trailing '/'"),
+    (["serve", "--allow-origin", "app.example"], "--allow-origin", "'app.example' is not an origin"),
     (["generate", "--max-batch-tokens", "0"], "--max-batch-tokens", "must be >= 1"),
     (["perplexity", "--text-file", "t.txt", "--context", "1"], "--context", "must be >= 2"),
     (["perplexity", "--text-file", "t.txt", "--stride", "0"], "--stride", "must be >= 1"),
@@ -115,6 +122,11 @@ ACCEPTED = [
     (["train-tokenizer", "--vocab-size", "260"], "vocab_size", 260),
     (["train-tokenizer", "--val-fraction", "0"], "val_fraction", 0.0),
     (["train-tokenizer", "--val-fraction", "0.99"], "val_fraction", 0.99),
+    (["serve", "--max-body-mib", "0.5"], "max_body_mib", 0.5),
+    (["serve", "--allowed-hosts", "a.lan, *.corp.example", "--allowed-hosts", "*"], "allowed_hosts",
+     ["a.lan", "*.corp.example", "*"]),
+    (["serve", "--allow-origin", "HTTP://LocalHost:3000", "--allow-origin", "*"], "allow_origin",
+     ["http://localhost:3000", "*"]),
 ]
 
 
@@ -124,7 +136,7 @@ def test_boundary_values_are_accepted(argv, name, value):
 
 
 @pytest.mark.parametrize("verb, argv", [("generate", []), ("convert", CONVERT[1:]), ("train", TRAIN[1:]),
-                                        ("train-tokenizer", [])])
+                                        ("train-tokenizer", []), ("serve", [])])
 def test_defaults_are_unchanged_and_pass_their_own_validators(verb, argv):
     args = build_parser().parse_args([verb, *argv])
     expected = {
@@ -134,6 +146,7 @@ def test_defaults_are_unchanged_and_pass_their_own_validators(verb, argv):
         "convert": {"max_shard_size": None},
         "train": {"steps": None, "lr": None, "seed": None, "vocab_size": None, "stop_at": None, "pipeline_ranks": 1},
         "train-tokenizer": {"vocab_size": 4096, "val_fraction": 0.05},
+        "serve": {"host": "127.0.0.1", "allowed_hosts": [], "allow_origin": [], "max_body_mib": 16},
     }[verb]
     assert {k: getattr(args, k) for k in expected} == expected
 

@@ -241,7 +241,8 @@ def test_bad_inputs_get_their_status_and_error_body_and_the_server_keeps_serving
         lines = running.iter_lines()
         first = next(lines)                                  # a request in flight all along
         for path, body, status, param in BAD:
-            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body}
             r = httpx.post(url + path, timeout=30, **kw)
             assert r.status_code == status, (body, r.text)
             err = r.json()["error"]

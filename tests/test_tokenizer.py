@@ -2,7 +2,9 @@
 mistral-common), the tokenizers library for Hugging Face files; slices and streaming against whole decodes."""
 
 import json
+import random
 import shutil
+import string
 from pathlib import Path
 
 import mistral_common
@@ -357,3 +359,134 @@ def test_bad_chat_messages_are_named(kind, messages, match, request):
 def test_tool_messages_need_a_mistral_tokenizer(plain_v1):
     with pytest.raises(TokenizerError, match="role 'tool'"):
         plain_v1.encode_chat([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+
+
+# -- a lower bound on tokens from characters ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gguf_v1():
+    """Mistral's v1 vocabulary as a GGUF file carries it, read back as sentencepiece."""
+    from sirocco.tokenizer.gguf_vocab import sentencepiece_proto, vocab_from_sentencepiece
+    from sirocco.tokenizer.sentencepiece_model import SentencePieceTokenizer
+    return SentencePieceTokenizer("v1 (GGUF)", model_proto=sentencepiece_proto(vocab_from_sentencepiece(str(V1))))
+
+
+@pytest.fixture(scope="module")
+def hf_byte_level(tmp_path_factory):
+    """A byte-level BPE as the tokenizers library trains one (GPT-2's shape): no byte fallback, no fused unknowns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator([LONG, "=" * 40, " " * 40, "The sliding window.", "A rolling buffer cache."] * 10, trainer)
+    folder = tmp_path_factory.mktemp("hf_byte_level")
+    hf.save(str(folder / "tokenizer.json"))
+    return load_tokenizer(folder)
+
+
+BOUND_KINDS = {"v1": 16, "v3": 18, "tekken": 76, "plain_v1": 16, "gguf_v1": 16, "hf_v1": 16, "hf_byte_level": None}
+
+
+def adversarial_texts(tok) -> list[str]:
+    """Texts that push characters per token up: runs of one character (whitespace and punctuation are the
+    longest pieces), every piece of the vocabulary, its longest pieces repeated; and down: byte-fallback emoji,
+    random code points."""
+    rng = random.Random(0)
+    pieces = [tok.decode([i]) for i in range(tok.vocab_size)]
+    longest = sorted(pieces, key=len, reverse=True)[:40]
+    shuffled = rng.sample(pieces, len(pieces))
+    code_points = [rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0xA0, 0xD800), rng.randrange(0xE000, 0x110000)])
+                   for _ in range(3000)]
+    return [
+        *(c * 3000 for c in " a\n\t=0▁-_.*/🙂龘"),
+        " \n" * 1000, "  \t\n" * 600, "ab " * 1000, "\r\n" * 1000,
+        *(p * 60 for p in longest), "".join(longest) * 5, "".join(shuffled),
+        "".join(rng.choice(string.printable) for _ in range(5000)),
+        "".join(chr(c) for c in code_points),
+        "🙂🦜𝔘龘 " * 300, *TEXTS,
+    ]
+
+
+@pytest.mark.parametrize("kind", BOUND_KINDS)
+def test_max_chars_per_token_bounds_every_text(kind, request):
+    """tokens * m >= characters for every text; and for Mistral's files m is not loose: some text comes within a
+    factor 2 of it (a run of the longest piece's character)."""
+    tok = request.getfixturevalue(kind)
+    m = tok.max_chars_per_token()
+    assert m is not None and m == (BOUND_KINDS[kind] or m)
+    best = 0.0
+    for text in adversarial_texts(tok):
+        n = len(tok.encode(text, bos=False))
+        assert n * m >= len(text), (kind, m, n, len(text), text[:40])
+        best = max(best, len(text) / max(n, 1))
+    assert BOUND_KINDS[kind] is None or best > m / 2, (kind, m, best)
+
+
+CHAT_BOUND = [
+    [{"role": "user", "content": " " * 5000}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "=" * 3000 + " " * 3000},
+     {"role": "user", "content": "-" * 3000}],
+    [{"role": "system", "content": "\n" * 2000 + "*" * 2000}, {"role": "user", "content": "  " + "/" * 4000 + "  "}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": " " * 3000},
+     {"role": "assistant", "content": " " * 1000 + "b", "prefix": True}],
+]
+
+
+@pytest.mark.parametrize("kind", ["v1", "v3", "tekken", "plain_v1", "plain_v3", "hf_v1"])
+def test_chat_prompts_have_at_least_the_tokens_of_their_kept_characters(kind, request):
+    """What the server checks before encoding a conversation: 1 + ceil(kept characters / m) tokens at least, with
+    contents of long runs of the longest pieces (and whitespace at their ends, which some formats cut)."""
+    from sirocco.tokenizer.chat import kept_chars
+    tok = request.getfixturevalue(kind)
+    m = tok.max_chars_per_token()
+    for messages in CHAT_BOUND:
+        n = len(tok.encode_chat(messages))
+        assert n >= 1 + -(-kept_chars(messages) // m), (kind, messages[0]["content"][:10], n)
+
+
+def test_no_bound_where_characters_are_dropped_or_merged(tmp_path, hf_byte_level):
+    """None where the file lets one token stand for any number of characters, each shown to happen."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    lines = ["The sliding window attends to the last W keys.", "A rolling buffer cache keeps W slots."] * 20
+
+    def train(name, **options):
+        folder = tmp_path / name
+        folder.mkdir()
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"), model_type="bpe",
+            vocab_size=300 if options["byte_fallback"] else 40, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=1.0, minloglevel=2, **options)
+        return load_tokenizer(folder)
+
+    nfkc = train("nfkc", byte_fallback=True)                 # the trainer's default: NFKC, extra spaces removed
+    assert nfkc.max_chars_per_token() is None and len(nfkc.encode(" " * 1000, bos=False)) <= 2
+    no_bytes = train("no_bytes", byte_fallback=False, normalization_rule_name="identity",
+                     remove_extra_whitespaces=False)
+    assert no_bytes.max_chars_per_token() is None and len(no_bytes.encode("日本語" * 100, bos=False)) <= 2
+    with_bytes = train("with_bytes", byte_fallback=True, normalization_rule_name="identity",
+                       remove_extra_whitespaces=False)
+    assert with_bytes.max_chars_per_token() is not None
+
+    def hf(name, model, **steps):
+        t = Tokenizer(model)
+        for attr, step in steps.items():
+            setattr(t, attr, step)
+        (tmp_path / name).mkdir()
+        t.save(str(tmp_path / name / "tokenizer.json"))
+        return load_tokenizer(tmp_path / name)
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}
+    word_piece = hf("word_piece", models.WordPiece(vocab, unk_token="<unk>"))
+    assert word_piece.max_chars_per_token() is None and len(word_piece.encode("x" * 90, bos=False)) == 1
+    fused = hf("fused", models.BPE(vocab, [], unk_token="<unk>", fuse_unk=True))
+    assert fused.max_chars_per_token() is None and len(fused.encode("x" * 90, bos=False)) == 1
+    assert hf("unfused", models.BPE(vocab, [], unk_token="<unk>")).max_chars_per_token() == 5
+    split = hf("split", models.BPE(vocab, [], unk_token="<unk>"), pre_tokenizer=pre_tokenizers.WhitespaceSplit())
+    assert split.max_chars_per_token() is None and split.encode(" " * 90, bos=False) == []
+    stripped = hf("stripped", models.BPE(vocab, [], unk_token="<unk>"), normalizer=normalizers.Strip())
+    assert stripped.max_chars_per_token() is None and stripped.encode(" " * 90, bos=False) == []
+    truncating = type(hf_byte_level)(Path(hf_byte_level.source))     # its own copy of the fixture's file
+    truncating.tok.enable_truncation(8)
+    assert truncating.max_chars_per_token() is None and len(truncating.encode("a b " * 90, bos=False)) == 8

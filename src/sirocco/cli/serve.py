@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Iterator
 from ..distributed.launch import DistContext
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL
+from ..serve.doors import DEFAULT_MAX_BODY_MIB, MIB
 from .options import (
     DTYPES,
     add_engine_arguments,
@@ -23,6 +25,7 @@ from .options import (
     int_in,
     load_from_args,
     non_negative_int,
+    positive_float,
 )
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.epilog = ("examples:\n"
                 "  sirocco serve --model ./mistral-7b --dtype bfloat16 --port 8000\n"
                 "  SIROCCO_API_KEY=secret sirocco serve --max-rows 16 --max-queue 64\n"
+                "  # on the network under a name, called from one web app's pages\n"
+                "  sirocco serve --host 0.0.0.0 --allowed-hosts gpu-box.lan --allow-origin https://app.example\n"
                 "  curl localhost:8000/v1/completions -H 'content-type: application/json' \\\n"
                 "       -d '{\"prompt\": \"The sliding window\", \"max_tokens\": 16}'\n"
                 "  # over 2 pipeline ranks: rank 0 serves HTTP, rank 1 runs the second half of the layers\n"
@@ -54,12 +59,51 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="the model name clients send and /v1/models lists (default: the model's folder name)")
     h.add_argument("--max-queue", type=non_negative_int, default=128,
                    help="most sequences waiting for a cache row; past it requests get 429 at once (default 128)")
+    h.add_argument("--allowed-hosts", type=host_names, action="extend", default=[], metavar="NAMES",
+                   help="more Host names to answer, comma-separated or repeated ('*.example.com' for a domain, "
+                        "'*' for any); besides these, requests get 403 unless their Host is the --host address, "
+                        "localhost, 127.0.0.1 or [::1] (or any IP address when bound to 0.0.0.0 or ::), which "
+                        "stops web pages that rebind their own name to this address")
+    h.add_argument("--allow-origin", type=origin, action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example.com, with a port if not the scheme's) whose pages may "
+                        "call this server: CORS headers for it alone; repeatable, '*' for any. By default no CORS "
+                        "headers, so no page of another origin can read an answer or send JSON")
+    h.add_argument("--max-body-mib", type=positive_float, default=DEFAULT_MAX_BODY_MIB, metavar="MIB",
+                   help=f"largest request body in MiB; a larger one gets 413 before it is read (default "
+                        f"{DEFAULT_MAX_BODY_MIB}: a 128k-token prompt is 0.5 to 1.5 MB of JSON)")
     e = p.add_argument_group("engine")
     add_engine_arguments(e, max_seq_len=True)
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
     add_pipeline_arguments(p)
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+
+
+def host_names(text: str) -> list[str]:
+    """--allowed-hosts: comma-separated host names ('a.example,b.example:8000', '*.lan', '*'); the port is
+    ignored, as the Host check ignores it."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no host")
+    for n in names:
+        if "/" in n or " " in n:
+            raise argparse.ArgumentTypeError(f"{n!r} is not a host name: give the name alone, as in a Host header "
+                                             "(example.com, example.com:8000), not a URL")
+        if "*" in n and n != "*" and not (n.startswith("*.") and "*" not in n[2:]):
+            raise argparse.ArgumentTypeError(f"{n!r}: '*' stands alone (any Host) or starts a domain ('*.example.com')")
+    return names
+
+
+def origin(text: str) -> str:
+    """--allow-origin: scheme://host[:port] exactly as a browser sends it in Origin (no path, no trailing '/'),
+    or '*'."""
+    if text == "*" or _ORIGIN.fullmatch(text.lower()):
+        return text.lower()
+    raise argparse.ArgumentTypeError(f"{text!r} is not an origin: write scheme://host[:port] as browsers send it "
+                                     "(https://app.example.com, http://localhost:3000), with no path or trailing '/'")
 
 
 def served_name(model: str | None) -> str:
@@ -87,7 +131,8 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
     log.info("serving %s as '%s'%s: %d rows, context %d, queue %d%s", source, name, where, args.max_rows,
              engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
     return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel,
-                     model_thread=model_thread)
+                     model_thread=model_thread, bind_host=args.host, allowed_hosts=args.allowed_hosts,
+                     allow_origins=args.allow_origin, max_body=max(1, int(args.max_body_mib * MIB)))
 
 
 def build(args: argparse.Namespace):

@@ -1,9 +1,11 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health, /metrics,
 /tokenize and /detokenize.
 
-Order of work in a generation request, cheapest refusal first: API key (401), JSON and fields (400), model name
-(404), room in the waiting queue (429 with Retry-After, before tokenizing), tokenizing and the context check
-(400), then the engine. None of these touches the running requests.
+Order of work in a generation request, cheapest refusal first: the Host header (403) and the body's size (413)
+at the door (``doors``), API key (401), the Content-Type (415, before the body is read), JSON and fields (400),
+model name (404), room in the waiting queue (429 with Retry-After, before tokenizing), a prompt whose characters
+alone prove it past the context (400, before tokenizing: ``Tokenizer.max_chars_per_token``), tokenizing and the
+context check (400), then the engine. None of these touches the running requests.
 
 Streams are written as plain server-sent events by a StreamingResponse (``data: {json}\\n\\n`` per chunk, then
 ``data: [DONE]\\n\\n``), not with sse-starlette: its events end lines with ``\\r\\n`` and it adds pings and
@@ -20,7 +22,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SiroccoError
 from ..generate.engine import Completion, Event, PromptTooLong
-from . import protocol
+from ..tokenizer.chat import kept_chars
+from . import doors, protocol
 from .metrics import Metrics
 from .model_thread import ModelThread
 from .pipeline import Channel
@@ -89,6 +92,7 @@ class Server:
         self.runner = Runner(engine, self.metrics, channel, model_thread)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
+        self.max_chars_per_token: Optional[int] = tokenizer.max_chars_per_token()
 
     # -- checks ----------------------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -101,6 +105,7 @@ class Server:
                            code="invalid_api_key")
 
     async def body(self, request: Request) -> Any:
+        doors.check_json(request.headers.get("content-type"))
         raw = await request.body()
         try:
             return json.loads(raw)
@@ -119,8 +124,18 @@ class Server:
                                 f"{self.max_queue}. Retry after {RETRY_AFTER_S} s.", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    def check_chars(self, chars: int, param: str) -> None:
+        """Refuse, untokenized, a prompt of ``chars`` characters (BOS and its text) that cannot fit the context:
+        it has at least 1 + ceil(chars / max_chars_per_token) tokens (see ``tokenizer.base``)."""
+        if self.max_chars_per_token is None:
+            return
+        at_least = 1 + -(-chars // self.max_chars_per_token)
+        if at_least >= self.max_seq_len:
+            raise protocol.context_error(at_least, self.max_seq_len, param, at_least=True)
+
     def encode(self, prompt: Any, param: str) -> list[int]:
         if isinstance(prompt, str):
+            self.check_chars(len(prompt), param)
             ids = self.tokenizer.encode(prompt, bos=True, eos=False)
         else:
             ids = [int(t) for t in prompt]
@@ -132,6 +147,7 @@ class Server:
         return ids
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        self.check_chars(kept_chars(messages), "messages")
         try:
             ids = self.tokenizer.encode_chat(messages)
         except SiroccoError as e:
@@ -154,6 +170,9 @@ class Server:
         if chat:
             prompts = [self.encode_chat(req.prompts[0])]
         else:
+            for p in req.prompts:                   # every prompt's length, before tokenizing any of them
+                if isinstance(p, str):
+                    self.check_chars(len(p), "prompt")
             prompts = [self.encode(p, "prompt") for p in req.prompts]
         if req.max_tokens is not None:
             for ids in prompts:
@@ -304,10 +323,15 @@ class Server:
 
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
               metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-              model_thread: Optional[ModelThread] = None) -> FastAPI:
+              model_thread: Optional[ModelThread] = None, bind_host: str = "127.0.0.1",
+              allowed_hosts: Sequence[str] = (), allow_origins: Sequence[str] = (),
+              max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB) -> FastAPI:
     """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
-    ``model_thread`` if given (the thread that loaded the model: see ``serve.runner``). ``channel``: rank 0's
-    ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
+    ``model_thread`` if given (the thread that loaded the model: see ``serve.model_thread``). ``channel``: rank 0's
+    ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``). ``bind_host`` (the
+    address the server listens on) and ``allowed_hosts`` say which Host headers are answered, ``allow_origins``
+    which web origins get CORS headers (none by default), ``max_body`` the largest request body in bytes: see
+    ``serve.doors``."""
     server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
 
     @asynccontextmanager
@@ -318,7 +342,8 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
         finally:
             await asyncio.get_running_loop().run_in_executor(None, server.runner.stop)
 
-    app = FastAPI(title="sirocco", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="sirocco", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  middleware=doors.middleware(bind_host, allowed_hosts, allow_origins, max_body))
     app.state.server = server
 
     @app.exception_handler(APIError)

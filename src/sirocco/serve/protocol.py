@@ -45,11 +45,13 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
     return APIError(400, message, param=param, code=code)
 
 
-def context_error(prompt_len: int, limit: int, param: str) -> APIError:
-    """The prompt does not fit: a stable message with both numbers (tools parse them to trim and retry)."""
-    return bad(f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
-               f"tokens, which leaves no room for a generated token (at most {limit - 1} prompt tokens). "
-               f"Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
+def context_error(prompt_len: int, limit: int, param: str, at_least: bool = False) -> APIError:
+    """The prompt does not fit: a stable message with both numbers (tools parse them to trim and retry).
+    ``at_least``: ``prompt_len`` is a lower bound, from the prompt's characters, for a prompt refused untokenized."""
+    return bad(f"This model's maximum context length is {limit} tokens. However, your prompt has "
+               f"{'at least ' if at_least else ''}{prompt_len} tokens, which leaves no room for a generated token "
+               f"(at most {limit - 1} prompt tokens). Please reduce the length of the prompt.", param=param,
+               code="context_length_exceeded")
 
 
 def budget_error(prompt_len: int, max_tokens: int, limit: int, param: str) -> APIError:

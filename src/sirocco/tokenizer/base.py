@@ -16,6 +16,21 @@ anchor's text off again, which works for every decoder that only treats the firs
 ``decode(a) + decode(b) == decode(a + b)`` whenever the split cuts no character in two and ``a`` holds some text
 (BOS followed only by control tokens decodes to "" and cannot tell ``b`` that the text starts there). Byte
 pieces of an incomplete character decode to U+FFFD, which is how streaming knows to wait (generate/text.py).
+
+``max_chars_per_token()`` bounds a text's token count from below by its length alone, so that a server can refuse
+a prompt far past the context without tokenizing it (tokenizing tens of megabytes takes seconds and gigabytes).
+Every token ``encode`` gives stands for one piece of the vocabulary matched in the text, or for one byte of it
+(byte fallback), so with ``m`` the longest piece, in characters, that text can match:
+
+    len(encode(text, bos=False)) >= ceil(len(text) / m)
+    # Mistral's v1 sentencepiece model: m = 16 ("▁" * 16), so a text of 60,000,000 characters has at least
+    # 3,750,000 tokens, and one of 1,000 characters at least 63
+
+That holds only where every character of the text reaches the vocabulary: no normalizer that drops or merges
+characters (sentencepiece's ``remove_extra_whitespaces``, NFKC, a pre-tokenizer that splits whitespace away) and
+no unknown token that stands for a run of characters (sentencepiece and ``tokenizers`` fuse unknown characters
+into one, a WordPiece word too long for the vocabulary is one [UNK]): byte fallback, or a byte-level vocabulary,
+instead. Each kind checks its file for that and answers None when it cannot promise a bound.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ class Tokenizer:
     eos_id: int
     vocab_size: int
     inst_ids: Optional[tuple[int, int]] = None   # ids of the [INST] / [/INST] control tokens, if the vocab has them
+    _max_chars: Optional[int]                    # max_chars_per_token(), once computed
 
     # -- what subclasses provide -----------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -47,6 +63,10 @@ class Tokenizer:
     def _decode_text(self, ids: list[int]) -> str:
         """The library's own decode: drops special tokens and the first text piece's leading space."""
         raise NotImplementedError
+
+    def _longest_piece(self) -> Optional[int]:
+        """The bound of ``max_chars_per_token`` for this file, or None (the default: no promise)."""
+        return None
 
     def _setup(self) -> None:
         self._anchor = self._encode_text(_ANCHOR)
@@ -75,6 +95,14 @@ class Tokenizer:
         if not text.startswith(self._anchor_text):
             return self._decode_text(ids)
         return text[len(self._anchor_text):]
+
+    def max_chars_per_token(self) -> Optional[int]:
+        """The most characters of a text one token of ``encode`` stands for, or None where this tokenizer cannot
+        promise a bound (see the module docstring): ``len(encode(text, bos=False)) >= ceil(len(text) / m)``.
+        Computed once from the vocabulary."""
+        if not hasattr(self, "_max_chars"):
+            self._max_chars = self._longest_piece()
+        return self._max_chars
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """Prompt ids for a conversation ([{"role": "user", "content": "..."}, ...]) ending with a user

@@ -104,3 +104,13 @@ def instruct_ids(messages: Sequence[dict], encode: Callable[[str], list[int]], b
                 raise TokenizerError(f"chat: assistant message {i} is empty")
             ids += encode(content) + ([] if m.prefix else [eos_id])
     return ids
+
+
+def kept_chars(messages: Sequence[dict]) -> int:
+    """The characters of the messages' contents that every chat format puts in the prompt: all but the whitespace
+    at either end of a content (v3 and later cut an assistant reply's trailing spaces). Each content is encoded
+    inside a text at least as long (a turn, or a whole message), so with ``m = max_chars_per_token()`` a chat
+    prompt has at least ``1 + ceil(kept_chars(messages) / m)`` tokens: BOS, then the contents. Contents that are
+    not strings count 0 (encode_chat refuses them)."""
+    return sum(len(m["content"].strip()) for m in messages
+               if isinstance(m, dict) and isinstance(m.get("content"), str))

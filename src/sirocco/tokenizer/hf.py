@@ -10,8 +10,9 @@ control tokens when the vocabulary has them as special tokens.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import TokenizerError
 from .base import Tokenizer, first_line
@@ -54,6 +55,73 @@ class HFTokenizer(Tokenizer):
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _longest_piece(self) -> Optional[int]:
+        if self.tok.truncation is not None:       # encode would cut a long text short
+            return None
+        return longest_piece(json.loads(self.tok.to_str()), self.tok.get_vocab(with_added_tokens=True))
+
+
+# What ``longest_piece`` accepts in a tokenizer.json: the steps that keep every character of a text (or turn it
+# into several), by their "type". Anything else (NFC/NFKC, Strip, StripAccents, Precompiled, BertNormalizer; the
+# Whitespace, WhitespaceSplit, BertPreTokenizer and CharDelimiterSplit pre-tokenizers) may drop or merge characters.
+_KEEPING_NORMALIZERS = ("Prepend", "NFD", "NFKD", "Lowercase", "ByteLevel")
+_KEEPING_PRE_TOKENIZERS = ("ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Punctuation", "Split")
+_ANCHORS = re.compile(r"\\[AzZbB]|\^|\$")
+_REGEX_SYNTAX = ".^$*+?{}[]()|\\"
+
+
+def longest_piece(spec: dict, vocab: dict[str, int]) -> Optional[int]:
+    """``Tokenizer.max_chars_per_token`` of a tokenizer.json (``spec``, parsed) with its vocabulary (added tokens
+    included): the longest vocabulary string, when every character of a text reaches the model. That needs
+    normalizers and pre-tokenizers that drop nothing (a Replace's content at least as long as what it replaces), a
+    model that never lets one unknown token stand for several characters (BPE with byte fallback, with an unfused
+    unknown token, or over a byte-level alphabet it holds whole; Unigram with byte fallback), and no added token that
+    swallows the whitespace beside it (lstrip/rstrip). None otherwise."""
+    steps = _flatten(spec.get("normalizer"), "normalizers") + _flatten(spec.get("pre_tokenizer"), "pretokenizers")
+    if not all(_keeps_characters(s) for s in steps):
+        return None
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or [] if not t.get("special")):
+        return None
+    model = spec.get("model") or {}
+    byte_tokens = all(f"<0x{b:02X}>" in vocab for b in range(256))
+    if model.get("type") == "BPE":
+        byte_level = (any(s.get("type") == "ByteLevel" for s in steps) and not model.get("continuing_subword_prefix")
+                      and not model.get("end_of_word_suffix") and _byte_level_alphabet().issubset(vocab))
+        if not ((model.get("byte_fallback") and byte_tokens) or (model.get("unk_token") and not model.get("fuse_unk"))
+                or byte_level):
+            return None
+    elif not (model.get("type") == "Unigram" and model.get("byte_fallback") and byte_tokens):
+        return None                 # WordPiece and WordLevel: a word the vocabulary lacks is one [UNK]
+    return max((len(piece) for piece in vocab), default=1)
+
+
+def _flatten(step: Any, key: str) -> list[dict]:
+    if step is None:
+        return []
+    if step.get("type") == "Sequence":
+        return [s for inner in step.get(key, []) for s in _flatten(inner, key)]
+    return [step]
+
+
+def _keeps_characters(step: dict) -> bool:
+    kind = step.get("type")
+    if kind in _KEEPING_NORMALIZERS or kind in _KEEPING_PRE_TOKENIZERS:
+        return str(step.get("behavior", "")).lower() != "removed"          # Split and Punctuation may drop matches
+    if kind == "Replace":           # a string, or a regex of plain characters and anchors: its matches' length is known
+        pattern = step.get("pattern") or {}
+        literal: Optional[str] = pattern.get("String")
+        if literal is None and "Regex" in pattern:
+            literal = _ANCHORS.sub("", pattern["Regex"])
+            if set(literal) & set(_REGEX_SYNTAX):
+                return False        # a class, a repetition, an alternative, an escape: a match of unknown length
+        return literal is not None and len(literal) > 0 and len(step.get("content", "")) >= len(literal)
+    return False
+
+
+def _byte_level_alphabet() -> set[str]:
+    from tokenizers import pre_tokenizers
+    return set(pre_tokenizers.ByteLevel.alphabet())
 
 
 def _configured_token(folder: Path, key: str) -> tuple[Optional[str], str]:

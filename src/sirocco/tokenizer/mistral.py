@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import TokenizerError
 from . import chat
@@ -38,6 +38,18 @@ class MistralCommonTokenizer(Tokenizer):
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.raw.decode(ids)
+
+    def _longest_piece(self) -> Optional[int]:
+        model: Any = getattr(self.raw, "_model", None)   # what mistral-common encodes with
+        if hasattr(model, "serialized_model_proto"):     # a SentencePieceProcessor
+            from .sentencepiece_model import longest_piece
+            return longest_piece(model, self.source)
+        if hasattr(model, "token_byte_values"):          # tekken's tiktoken.Encoding: byte-level BPE, no normalizer
+            pieces = model.token_byte_values()
+            if len({p for p in pieces if len(p) == 1}) < 256:     # a byte it lacks could not be encoded
+                return None
+            return max(len(p) for p in pieces)           # bytes: at least as many as the characters they hold
+        return None
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
         """mistral-common's encoding of the conversation (``encode_chat_completion``) for this file's instruct
