@@ -103,10 +103,11 @@ class PipelineExecutor:
                              f"{self.ctx.is_first} and output head={self.ctx.is_last}, got embedding={has_embed} "
                              f"and output head={has_head}")
 
-    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
+    def make_cache(self, rows: int, max_seq_len: int, spare_slots: int = 0) -> RollingCache:
         """Cache rows for this stage's layers only."""
         return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device,
-                            max_seq_len=max_seq_len, layers=[int(i) for i in self.model.layers])
+                            max_seq_len=max_seq_len, layers=[int(i) for i in self.model.layers],
+                            spare_slots=spare_slots)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
