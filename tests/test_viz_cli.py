@@ -85,3 +85,30 @@ def test_a_trace_changes_nothing_the_engine_generates(arch):
         engine = Engine(build_model(args, seed=1), None, max_rows=2, chunk_size=4, max_seq_len=32, trace=trace)
         runs.append([(c.tokens, c.logprobs) for c in engine.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+def test_the_cache_of_a_speculative_run_shows_drafts_rolled_back_after_the_wrap(tmp_path, capsys):
+    """``--draft-tokens``: a ring of W + K slots, verify steps, rejected drafts marked rolled back (positions the row
+    no longer holds), some of them after the ring has wrapped; each verify query's mask is its own window."""
+    png = tmp_path / "rollback.png"
+    data = json.loads(run_viz("cache", ["--max-tokens", "14", "--draft-tokens", "3", "--out", str(png), "--json"],
+                              capsys).out)
+    assert png.stat().st_size > 1000 and data["window"] == 4 and data["slots"] == 7
+    steps = [s for s in data["steps"] if s["phase"] == "verify"]
+    assert steps and any(s["rolled_back"] for s in steps)
+    wrapped = [s for s in steps if s["rolled_back"] and min(s["cached"].values()) > 7]
+    assert wrapped                                                      # a rollback after the ring wrapped
+    for s in steps:
+        cached = {int(r): c for r, c in s["cached"].items()}
+        assert all(s["rows"][r][slot] >= cached[r] for r, slot in s["rolled_back"])
+    masks = json.loads(run_viz("masks", ["--prompts", "6", "--window", "4", "--max-tokens", "14", "--draft-tokens",
+                                         "3", "--json"], capsys).out)
+    verify = [s for s in masks["steps"] if s["phase"] == "verify"]
+    assert verify and max(len(s["queries"]) for s in verify) > 1
+    for s in verify:
+        for (seq, p), allowed in zip(s["queries"], s["allowed"]):
+            seen = sorted(k[1] for k, a in zip(s["keys"], allowed) if a)
+            assert seen == list(range(max(0, p - 3), p + 1))            # its window, no later draft
+    with pytest.raises(SystemExit) as e:
+        main(["viz", "moe", "--draft-tokens", "2"])
+    assert "--draft-tokens draws masks and cache" in str(e.value)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import viz
-from .options import add_machine_arguments, non_negative_int, positive_int
+from ..generate.speculation import ROW_EXACT_TOKENS
+from .options import add_machine_arguments, int_in, non_negative_int, positive_int
 
 DESCRIPTION = """Draw what sirocco's engine really did in a run: every step's attention masks as the plan lowered
 them, the rolling cache's slots over time, the receptive field of a token layer by layer (checked against
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
   sirocco viz masks --prompts 7,5,6 --window 3 --chunk-size 4 --out masks.png
   sirocco viz masks --model sirocco-tiny --chunk-size 16 "The with statement" "Return a new dictionary"
   sirocco viz cache --prompts 6 --window 4 --max-tokens 6 --out cache.png
+  sirocco viz cache --prompts 6 --window 4 --max-tokens 14 --draft-tokens 3 --out rollback.png   # speculative
   sirocco viz receptive-field --window 3 --layers 5 --token 12 --out rf.png
   sirocco viz moe --text "The with statement wraps a block" --out moe.png      # the bundled MoE model
   sirocco viz pipeline --ranks 2 --micro-batches 4 --out pipeline.png
@@ -59,6 +61,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="pre-fill chunk (default: the window)")
     p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help="tokens generated after the pre-fill (default 2 for masks, 4 for cache and moe)")
+    p.add_argument("--draft-tokens", type=int_in(0, ROW_EXACT_TOKENS - 1), default=0, metavar="K",
+                   help="masks and cache: a speculative run, drafts of up to K tokens on a ring of W + K slots; the "
+                        "drafts are the run's own greedy continuation with about one token in two made wrong, so "
+                        "some are accepted and some rejected and rolled back (default 0: plain decode)")
     p.add_argument("--layers", type=positive_int, default=5, help="layers (receptive-field; default 5)")
     p.add_argument("--token", type=non_negative_int, default=None, metavar="P",
                    help="position of the token whose receptive field is drawn (default: the last of the prompt)")
@@ -84,18 +90,21 @@ def record(args: argparse.Namespace) -> tuple[dict, str]:
     """The data and terminal text of ``args.kind``."""
     texts = list(args.texts) + list(args.text)
     kind = args.kind
+    if args.draft_tokens and kind not in ("masks", "cache"):
+        raise SystemExit(f"sirocco viz: error: --draft-tokens draws masks and cache, not {kind}")
     if kind in ("masks", "cache"):
         window = args.window or (3 if kind == "masks" else 4)
         max_tokens = args.max_tokens or (2 if kind == "masks" else 4)
         fn = viz.masks if kind == "masks" else viz.cache
+        extra: dict[str, Any] = {"draft_tokens": args.draft_tokens} if args.draft_tokens else {}
         if args.model is not None:
             loaded = _loaded(args.model)
             prompts = _prompt_ids(loaded.tokenizer, texts or ["The sliding window"])
             ws = [w for w in loaded.model.args.windows() if w is not None]
             return fn(prompts, window=min(ws) if ws else None, chunk_size=args.chunk_size,
-                      max_tokens=max_tokens, model=loaded.model)
+                      max_tokens=max_tokens, model=loaded.model, **extra)
         return fn(args.prompts or ((7, 5, 6) if kind == "masks" else (6,)), window=window,
-                  chunk_size=args.chunk_size, max_tokens=max_tokens)
+                  chunk_size=args.chunk_size, max_tokens=max_tokens, **extra)
     if kind == "receptive-field":
         window = args.window or 3
         length = max((args.prompts or [0])[0], (args.token or 0) + 1, window * args.layers)

@@ -67,7 +67,7 @@ class StepRecord:
 
 def _phase(wp: Any) -> str:
     if wp.decode:
-        return "decode"
+        return "verify" if max(wp.q_seqlens) > 1 else "decode"
     pre = [int(c) for c in wp.prefix_lens]
     if not any(pre):
         return "first chunk"
@@ -162,17 +162,25 @@ class Trace:
         q_seq, q_pos = [ids[b] for b in wp.q_seq.tolist()], wp.q_pos.tolist()
         queries = list(zip(q_seq, q_pos))
         if wp.decode:
-            # Keys: the first decode_len slots of each sequence's row, after this step's write.
-            n = wp.decode_len
+            # Keys: the first decode_len slots of each sequence's row, after this step's write; where the op reads
+            # through maps (several queries per row, a ring larger than the window), every slot of the row, each
+            # query's canonical entries placed at their slots.
+            mapped = getattr(wp, "query_rows", None) is not None
+            n = wp.cache_len if mapped else wp.decode_len
             keys: list[Key] = []
             for b, r in enumerate(wp.rows):
                 held = self._slots_after_write(wp, r)
                 keys += [(ids[b], held[s], s) for s in range(n)]
             valid = wp.decode_valid.cpu()
+            read = wp.decode_slots.cpu() if mapped else None
             allowed = torch.zeros(len(queries), len(keys), dtype=torch.bool)
-            for b in range(len(queries)):
-                allowed[b, b * n:(b + 1) * n] = valid[b]
-            return MaskRecord(wp.window, "decode", queries, keys, allowed.int().tolist(), "decode_valid", n)
+            for q, b in enumerate(wp.q_seq.tolist()):
+                if read is None:
+                    allowed[q, b * n:(b + 1) * n] = valid[q]
+                else:
+                    allowed[q, b * n + read[q][valid[q]]] = True
+            return MaskRecord(wp.window, _phase(wp), queries, keys, allowed.int().tolist(),
+                              "decode_slots" if mapped else "decode_valid", n)
         k_seq, k_pos = [ids[b] for b in wp.k_seq.tolist()], wp.k_pos.tolist()
         slots: list[Optional[int]] = [None] * len(k_seq)
         if wp.key_order is not None:                 # keys = cat([prefix, new])[key_order]
@@ -241,8 +249,13 @@ class Trace:
             n_rows = max(rows) + 1
             size = len(next(iter(rows.values())))
             grid = [rows.get(r, [None] * size) for r in range(n_rows)]
+            # slots holding a position the row no longer has: the keys of rejected drafts, rolled back
+            cached = st.cached or {}
+            dropped = [[r, s] for r in range(n_rows) for s, p in enumerate(grid[r])
+                       if p is not None and r in cached and p >= cached[r]]
             steps.append({"step": st.step, "phase": st.phase, "kind": st.kind, "rows": grid,
-                          "written": [list(x) for x in st.written.get(self.window, [])], "cached": st.cached})
+                          "written": [list(x) for x in st.written.get(self.window, [])], "cached": st.cached,
+                          "rolled_back": dropped})
         return {"window": self.window, "slots": size, "steps": steps}
 
     def _moe_json(self) -> dict:
