@@ -51,6 +51,11 @@ REFUSED = [
     (["generate", "--max-batch-tokens", "0"], "--max-batch-tokens", "must be >= 1"),
     (["perplexity", "--text-file", "t.txt", "--context", "1"], "--context", "must be >= 2"),
     (["perplexity", "--text-file", "t.txt", "--stride", "0"], "--stride", "must be >= 1"),
+    # speculative decoding: generate, chat and serve share the options
+    (["generate", "--draft-tokens", "0"], "--draft-tokens", "0 is out of range: must be in [1, 7]"),
+    (["chat", "--draft-tokens", "8"], "--draft-tokens", "must be in [1, 7]"),
+    (["serve", "--ngram", "0"], "--ngram", "must be in [1, 16]"),
+    (["viz", "cache", "--draft-tokens", "8"], "--draft-tokens", "must be in [0, 7]"),
     # viz
     (["viz", "masks", "--window", "0"], "--window", "must be >= 1"),
     (["viz", "receptive-field", "--token", "-1"], "--token", "must be >= 0"),

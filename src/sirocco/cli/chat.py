@@ -18,7 +18,14 @@ from typing import Optional, TextIO
 from ..errors import SiroccoError
 from ..generate.engine import Engine, PromptTooLong
 from ..generate.sampling import SamplingParams
-from .options import add_engine_arguments, add_model_arguments, add_sampling_arguments, load_from_args
+from .options import (
+    add_engine_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speculation_arguments,
+    load_from_args,
+    speculation_from_args,
+)
 
 HELP = "commands: /reset (new conversation), /system TEXT (system prompt, resets), /exit; Ctrl-C stops an answer"
 
@@ -35,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the conversation")
     add_sampling_arguments(s, max_tokens=512, seed=None, per="answer")
     add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True)
+    add_speculation_arguments(p.add_argument_group("speculative decoding"))
 
 
 class Chat:
@@ -105,7 +113,7 @@ class Chat:
 def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
-                    attention=args.attention, backend=args.backend)
+                    attention=args.attention, backend=args.backend, speculation=speculation_from_args(args, loaded))
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

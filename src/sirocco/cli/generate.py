@@ -24,8 +24,10 @@ from .options import (
     add_pipeline_arguments,
     add_progress_argument,
     add_sampling_arguments,
+    add_speculation_arguments,
     load_from_args,
     non_empty,
+    speculation_from_args,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  sirocco generate \"The sliding window\" \"A rolling buffer\"\n"
                 "  sirocco generate --model ./mistral-7b --dtype bfloat16 --temperature 0 \"def fib(n):\"\n"
                 "  sirocco generate --json --max-tokens 32 --prompts-file prompts.txt > out.jsonl\n"
+                "  sirocco generate --speculate ngram --temperature 0 \"1, 2, 3, 4, 5, 6,\"\n"
                 "  echo 'Hello' | sirocco generate --stop '.'")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("prompts", nargs="*", help="prompt texts (none: read --prompts-file or standard input)")
@@ -52,10 +55,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message of the chat template")
     e = p.add_argument_group("engine")
     add_engine_arguments(e)
+    add_speculation_arguments(p.add_argument_group("speculative decoding"))
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, prompt_tokens, tokens, text, "
-                        "logprobs, finish_reason")
+                        "logprobs, finish_reason (and proposed_tokens, accepted_tokens with --speculate)")
     add_progress_argument(o)
     add_pipeline_arguments(p)
 
@@ -81,13 +85,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.pipeline_ranks > 1:
+        if args.speculate is not None:
+            raise SiroccoError("--speculate runs in one process: not with --pipeline-ranks")
         return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     prompts = read_prompts(args)
     loaded = load_from_args(args)
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts),
-                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend)
+                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend,
+                    speculation=speculation_from_args(args, loaded))
     return generate_and_print(args, engine, tokenizer, prompts)
 
 
@@ -148,6 +155,10 @@ def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: lis
     print(f"sirocco: {len(prompts)} prompts{where}, {st.prefill_tokens} prompt tokens pre-filled at "
           f"{st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode {st.decode_tps:.1f} tok/s, "
           f"{elapsed:.2f} s in all", file=sys.stderr)
+    if getattr(engine, "speculator", None) is not None:
+        share = st.accepted_tokens / st.proposed_tokens if st.proposed_tokens else 0.0
+        print(f"sirocco: speculation: {st.accepted_tokens} of {st.proposed_tokens} draft tokens accepted "
+              f"({share:.0%}), in {st.draft_steps} of {st.decode_steps} decode steps", file=sys.stderr)
     return 0
 
 

@@ -233,3 +233,38 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
                 quantize=getattr(args, "quantize", None))
+
+
+# -- speculative decoding ------------------------------------------------------------------------------------------
+def add_speculation_arguments(g: argparse._ActionsContainer) -> None:
+    """--speculate, --draft-tokens, --ngram: speculative decoding, for generate, chat and serve."""
+    from ..generate.speculation import ROW_EXACT_TOKENS
+    g.add_argument("--speculate", default=None, metavar="ngram|PATH",
+                   help="speculative decoding: 'ngram' (prompt lookup: the continuation of the longest recent n-gram "
+                        "found earlier in the sequence) or a draft model (a folder, .gguf file or bundled name, with "
+                        "this model's tokenizer). Greedy output is the same, bit for bit; it needs the cpu backend")
+    g.add_argument("--draft-tokens", type=int_in(1, ROW_EXACT_TOKENS - 1), default=4, metavar="K",
+                   help=f"most tokens drafted per sequence and step, 1 to {ROW_EXACT_TOKENS - 1} (default 4); each "
+                        "sequence adapts its own to its acceptance")
+    g.add_argument("--ngram", type=int_in(1, 16), default=3, metavar="N",
+                   help="longest n-gram prompt lookup matches, 1 to 16 (default 3; it tries N down to 1)")
+
+
+def speculation_from_args(args: argparse.Namespace, loaded: Loaded):
+    """The ``Speculation`` that --speculate and its options ask for (None without --speculate); a draft model is
+    loaded as the target was (--dtype, --device), and must encode text as the target's tokenizer does."""
+    from ..generate.speculation import Speculation
+
+    name = getattr(args, "speculate", None)
+    if name is None:
+        return None
+    if name == "ngram":
+        return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)
+    draft = load(name, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    probe = "The sliding window: 1, 2, 3 and caf\u00e9"
+    if (draft.model.args.vocab_size != loaded.model.args.vocab_size
+            or draft.tokenizer.encode(probe, bos=True, eos=False) != loaded.tokenizer.encode(probe, bos=True,
+                                                                                          eos=False)):
+        raise SiroccoError(f"--speculate {name}: the draft model's tokenizer ({draft.model.args.vocab_size} tokens) is "
+                           f"not the model's ({loaded.model.args.vocab_size} tokens): a draft model needs the same")
+    return Speculation(draft.model, draft_tokens=args.draft_tokens, ngram=args.ngram)

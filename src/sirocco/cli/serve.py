@@ -22,10 +22,12 @@ from .options import (
     add_engine_arguments,
     add_model_arguments,
     add_pipeline_arguments,
+    add_speculation_arguments,
     int_in,
     load_from_args,
     non_negative_int,
     positive_float,
+    speculation_from_args,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
+    add_speculation_arguments(p.add_argument_group("speculative decoding"))
     add_pipeline_arguments(p)
 
 
@@ -112,13 +115,13 @@ def served_name(model: str | None) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def make_engine(args: argparse.Namespace, model, tokenizer, executor=None):
+def make_engine(args: argparse.Namespace, model, tokenizer, executor=None, speculation=None):
     """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage; ``executor``:
-    this rank's ``PipelineExecutor``, or None for one process)."""
+    this rank's ``PipelineExecutor``, or None for one process; ``speculation``: from ``speculation_from_args``)."""
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                   max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                  backend=args.backend, executor=executor, mixed=args.mixed)
+                  backend=args.backend, executor=executor, mixed=args.mixed, speculation=speculation)
 
 
 def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,
@@ -147,7 +150,8 @@ def build(args: argparse.Namespace):
     # Loaded, built and run on one thread, not loaded here and run on the engine's: see serve.model_thread.
     model_thread = ModelThread()
     loaded = model_thread.call(load_from_args, args)
-    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer)
+    speculation = model_thread.call(speculation_from_args, args, loaded)
+    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer, None, speculation)
     return make_app(args, engine, loaded.tokenizer, str(loaded.source), model_thread=model_thread)
 
 
@@ -156,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pipeline_ranks > 1:
         from ..distributed.run import on_ranks
+        if args.speculate is not None:
+            raise SiroccoError("--speculate runs in one process: not with --pipeline-ranks")
         with _signals_restored():
             return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     app = build(args)

@@ -38,6 +38,10 @@ class Metrics:
                             "wall time it was idle or between steps)", registry=r)
         self.step_tokens = Histogram("sirocco_iteration_tokens", "Tokens per engine step (pre-fill chunks and "
                                      "decodes)", buckets=STEP_BUCKETS, registry=r)
+        self.spec_proposed = Counter("sirocco_spec_tokens_proposed", "Draft tokens verified (speculative decoding)",
+                                     registry=r)
+        self.spec_accepted = Counter("sirocco_spec_tokens_accepted", "Draft tokens accepted (speculative decoding)",
+                                     registry=r)
         for reason in ("stop", "length", "abort"):
             self.success.labels(finish_reason=reason)
 

@@ -160,11 +160,16 @@ class Runner:
                     else:
                         self._abort(cmd.rid)
                 if engine.has_unfinished():
-                    seconds, tokens = engine.stats.seconds, engine.stats.tokens
+                    st = engine.stats
+                    seconds, tokens = st.seconds, st.tokens
+                    proposed, accepted = getattr(st, "proposed_tokens", 0), getattr(st, "accepted_tokens", 0)
                     events = engine.step()
-                    if engine.stats.tokens > tokens:                # a model call ran (not only abort events)
-                        self.metrics.busy.inc(engine.stats.seconds - seconds)
-                        self.metrics.step_tokens.observe(engine.stats.tokens - tokens)
+                    if st.tokens > tokens:                          # a model call ran (not only abort events)
+                        self.metrics.busy.inc(st.seconds - seconds)
+                        self.metrics.step_tokens.observe(st.tokens - tokens)
+                    if getattr(st, "proposed_tokens", 0) > proposed:
+                        self.metrics.spec_proposed.inc(st.proposed_tokens - proposed)
+                        self.metrics.spec_accepted.inc(st.accepted_tokens - accepted)
                     self._dispatch(events)
                 self._publish()
 
