@@ -38,3 +38,19 @@ def test_serve_benchmark_quick(tmp_path):
     assert len(result["single"]["rounds"]) == 1 and result["single"]["ratio_median"] > 0
     assert {t["target"].split(",")[0] for t in result["targets"]} >= {"server throughput"}
     assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
+
+
+def test_speculate_benchmark_quick(tmp_path):
+    """The bundled model's repetitive and sampled prompts, plain against prompt lookup (the same tokens, checked
+    by the script), and the verification cost on the small shape in bf16 and int4."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_speculate.py"), "--quick", "--repeats", "1", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    for part in ("bundled", "sampled"):
+        rows = result["results"][part]["rows"]
+        assert len(rows) == 3 and all(r["same_output"] and r["speculative"]["tokens_per_s"] > 0 for r in rows)
+    for fmt in ("bf16", "int4"):
+        cost = result["results"]["cost"][fmt]
+        assert len(cost["step_seconds"]) == 8 and cost["runs"]["p=1.0"]["accepted"] > 0
+        assert cost["runs"]["p=0.0"]["accepted"] == 0
+    assert len(result["targets"]) == 4 and "int4, k = 4, every draft right" in out.stderr

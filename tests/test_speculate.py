@@ -438,3 +438,16 @@ def test_each_row_adapts_its_draft_length_to_its_acceptance():
     spec.settle(seq, Draft([1, 2, 3, 4, 5]), [9])               # the first draft rejected: k falls to one
     assert st.k == 1 and st.acceptance < high
     assert math.isclose(st.trials, 0.8 * trials + 1) and math.isclose(st.hits, 0.8 * hits)   # one trial, no hit
+
+
+def test_the_cost_curve_is_the_lower_envelope_of_the_best_readings():
+    from sirocco.generate.speculation import measure_steps
+
+    readings = [9, 9, 9,                 # the untimed round
+                1.0, 1.2, 5.0,           # a busy moment on the third count's first reading
+                1.1, 1.3, 1.4,
+                1.2, 9.0, 1.5]           # ... and on the second count's last
+    clock = iter([t for r in readings for t in (0.0, r)])
+    assert measure_steps(lambda n: None, counts=3, repeats=3, clock=lambda: next(clock)) == [1.0, 1.2, 1.4]
+    clock = iter([t for r in [9, 9, 9, 2.0, 1.5, 3.0] for t in (0.0, r)])    # a reading below a smaller count's
+    assert measure_steps(lambda n: None, counts=3, repeats=1, clock=lambda: next(clock)) == [1.5, 1.5, 3.0]

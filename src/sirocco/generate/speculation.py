@@ -19,19 +19,19 @@ the random numbers of plain decoding, so a seeded row keeps its tokens too; samp
 distributions keep the target's distribution (the rejection rule), not its draws.
 
 **How many drafts: the rule.** At start-up the engine measures ``c(T)``, the seconds of a step of T = 1 ..
-``ROW_EXACT_TOKENS`` tokens on the real model (a forward per count, the best of a few). Each row keeps an
-estimate ``a`` of the chance that its next draft token is accepted, from its recent drafts (counts decayed by
-``DECAY`` per observation, with a prior of one accept in two trials); its j-th draft token is then expected to
-add ``a ** j`` tokens. A step of T0 tokens in which R rows sample is given the drafts that maximise the step's
-expected tokens per second, ``(R + sum of the a ** j taken) / (c(T0 + drafts) + the drafter's own time)``,
-against ``R / c(T0)`` without: the extra rows must cost less than they are expected to save. Drafts are taken
-in order of their expected gain, so a row of higher acceptance drafts more; a step that is compute-bound (many
-rows, or pre-fill in it, where c rises steeply) or already at ``ROW_EXACT_TOKENS`` tokens gets none. Each row
-also caps its drafts at ``k``, which grows by one after a draft accepted whole and falls to one more than the
-accepted count after a rejection, within [1, draft_tokens]. A free drafter (prompt lookup) is asked first and
-its proposal bounds the row's drafts; where a row does not draft, the first token it proposed is compared with
-the token the row gets, which keeps the estimate current at no cost. A costly drafter (a draft model) is asked
-only for the drafts chosen, its time (measured the same way) counted in the step's.
+``ROW_EXACT_TOKENS`` tokens on the real model (``measure_steps``: the best of a few readings of each count). Each
+row keeps an estimate ``a`` of the chance that its next draft token is accepted, from its recent drafts (counts
+decayed by ``DECAY`` per observation, with a prior of one accept in two trials); its j-th draft token is then
+expected to add ``a ** j`` tokens. A step of T0 tokens in which R rows sample is given the drafts that maximise the
+step's expected tokens per second, ``(R + sum of the a ** j taken) / (c(T0 + drafts) + the drafter's own time)``,
+against ``R / c(T0)`` without: the extra rows must cost less than they are expected to save. Drafts are taken in
+order of their expected gain, so a row of higher acceptance drafts more; a step that is compute-bound (many rows, or
+pre-fill in it, where c rises steeply) or already at ``ROW_EXACT_TOKENS`` tokens gets none. Each row also caps its
+drafts at ``k``, which grows by one after a draft accepted whole and falls to one more than the accepted count after
+a rejection, within [1, draft_tokens]. A free drafter (prompt lookup) is asked first and its proposal bounds the
+row's drafts; where a row does not draft, the first token it proposed is compared with the token the row gets, which
+keeps the estimate current at no cost. A costly drafter (a draft model) is asked only for the drafts chosen, its
+time (measured the same way) counted in the step's.
 """
 
 from __future__ import annotations
@@ -124,18 +124,24 @@ def leading_decode(lengths: Sequence[int]) -> int:
     return next((i for i, n in enumerate(lengths) if n != 1), len(lengths))
 
 
-def measure_steps(run: Callable[[int], None], counts: int = ROW_EXACT_TOKENS, repeats: int = 3) -> list[float]:
-    """Seconds of ``run(n)`` for n = 1 .. counts: the best of ``repeats`` after a warm-up, each count no cheaper
-    than the one before (a step never gets cheaper with more rows; a lower reading is the host's noise)."""
-    out: list[float] = []
-    for n in range(1, counts + 1):
-        best = float("inf")
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
+def measure_steps(run: Callable[[int], None], counts: int = ROW_EXACT_TOKENS, repeats: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of ``run(n)`` for n = 1 .. counts: rounds over every count in turn (one untimed, then ``repeats``),
+    so that a busy moment of a shared host falls on one reading of each count rather than on all readings of one,
+    the best reading of each count kept; then each count no dearer than any larger one (a step never gets cheaper
+    with more rows, and noise only ever adds time, so the lower envelope is the better estimate).
+    """
+    best = [float("inf")] * counts
+    for round_ in range(repeats + 1):
+        for n in range(1, counts + 1):
+            t0 = clock()
             run(n)
-            best = min(best, time.perf_counter() - t0)
-        out.append(max(best, out[-1] if out else 0.0))
-    return out
+            seconds = clock() - t0
+            if round_:
+                best[n - 1] = min(best[n - 1], seconds)
+    for i in range(counts - 2, -1, -1):
+        best[i] = min(best[i], best[i + 1])
+    return best
 
 
 class Speculator:
