@@ -42,6 +42,7 @@ PICTURES := docs/pictures
 pictures: $(VENV)/.runtime    ## regenerate the gallery of docs/pictures.md from real runs
 	$(BIN)/sirocco -q viz masks --prompts 7,5,6 --window 3 --chunk-size 4 --max-tokens 2 --out $(PICTURES)/masks.png >/dev/null
 	$(BIN)/sirocco -q viz cache --prompts 6 --window 4 --max-tokens 6 --out $(PICTURES)/cache.png >/dev/null
+	$(BIN)/sirocco -q viz cache --prompts 6 --window 4 --max-tokens 14 --draft-tokens 3 --out $(PICTURES)/cache-rollback.png >/dev/null
 	$(BIN)/sirocco -q viz receptive-field --window 3 --layers 5 --out $(PICTURES)/receptive-field.png >/dev/null
 	$(BIN)/sirocco -q viz moe --out $(PICTURES)/moe.png >/dev/null
 	$(BIN)/sirocco -q viz pipeline --ranks 2 --micro-batches 4 --out $(PICTURES)/pipeline.png >/dev/null

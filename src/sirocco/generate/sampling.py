@@ -57,7 +57,9 @@ class LogitsProcessor:
     def fill_mask(self, out: torch.Tensor, draft: Sequence[int]) -> bool:
         """Write the allowed tokens of the row's next ``len(draft) + 1`` positions into ``out`` (that many rows of
         int32 words, packed as ``MASK_BITS`` says; row j: what may follow the draft's first j tokens). Returns
-        False, leaving ``out`` unwritten, where every token is allowed at every position."""
+        False, leaving ``out`` unwritten, where every token is allowed at every position. A draft token this
+        processor does not allow is rejected by its own row's mask, so the rows after it are never used: fill them
+        with anything. Nothing here is kept: only ``accept`` advances."""
         return False
 
     def accept(self, tokens: Sequence[int]) -> None:

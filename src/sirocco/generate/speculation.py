@@ -287,6 +287,10 @@ def make_drafter(config: Speculation, model: "Transformer", max_rows: int, max_s
                              f"{model.args.vocab_size}: a draft model needs the target's tokenizer")
         if next(d.parameters()).device != next(model.parameters()).device:
             raise ValueError("the draft model must be on the target's device")
+        if d.args.max_seq_len < max_seq_len:
+            raise ValueError(f"the draft model's context ({d.args.max_seq_len} positions) is shorter than the "
+                             f"engine's ({max_seq_len}): give the engine a max_seq_len of at most "
+                             f"{d.args.max_seq_len}")
         return ModelDrafter(d, max_rows, max_seq_len, config.draft_tokens, chunk_size=chunk_size)
     return d
 
