@@ -313,7 +313,7 @@ def test_a_stateful_processor_sees_the_drafts_and_only_the_kept_tokens():
 
 
 # -- what speculation refuses ----------------------------------------------------------------------------------
-def test_speculation_needs_row_exact_kernels_and_one_process():
+def test_speculation_needs_row_exact_kernels_and_an_executor_that_shares_its_step_times():
     model = model_for("mistral")
     with pytest.raises(SiroccoError, match="needs the cpu backend"):
         Engine(model, None, backend="torch", speculation=Speculation(cost_curve=FLAT))
@@ -322,7 +322,7 @@ def test_speculation_needs_row_exact_kernels_and_one_process():
         def __init__(self, m):
             self.model = m
 
-    with pytest.raises(SiroccoError, match="one process"):
+    with pytest.raises(SiroccoError, match="an executor that can share the step times"):
         Engine(model, None, executor=Remote(model), speculation=Speculation(cost_curve=FLAT))
     with pytest.raises(ValueError, match=r"draft_tokens must be in \[1, 7\]"):
         Speculation(draft_tokens=8)
@@ -451,3 +451,39 @@ def test_the_cost_curve_is_the_lower_envelope_of_the_best_readings():
     assert measure_steps(lambda n: None, counts=3, repeats=3, clock=lambda: next(clock)) == [1.0, 1.2, 1.4]
     clock = iter([t for r in [9, 9, 9, 2.0, 1.5, 3.0] for t in (0.0, r)])    # a reading below a smaller count's
     assert measure_steps(lambda n: None, counts=3, repeats=1, clock=lambda: next(clock)) == [1.5, 1.5, 3.0]
+
+
+# -- over pipeline ranks -------------------------------------------------------------------------------------------
+def _pipeline_rank(ctx, continuations):
+    from sirocco.distributed.executor import PipelineExecutor
+    from sirocco.distributed.stages import rank_stage
+
+    stage = rank_stage(ctx, ARGS["mistral"], seed=21)
+    out = []
+    for speculation in (None, Speculation(KnownDrafter(continuations, 259, p=0.6, seed=2), draft_tokens=3)):
+        engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx), max_rows=4, chunk_size=4, max_seq_len=96,
+                        backend="cpu", speculation=speculation)
+        done = engine.generate(prompts_for(), GREEDY)
+        out.append({"done": [(c.tokens, c.logprobs) for c in done], "proposed": engine.stats.proposed_tokens,
+                    "accepted": engine.stats.accepted_tokens,
+                    "cost": None if speculation is None else engine.speculator.cost})
+    return out
+
+
+@pytest.mark.slow
+def test_over_pipeline_ranks_speculation_keeps_the_output_and_every_rank_decides_alike():
+    """Two gloo ranks: each measures the step times, the first rank's are kept by both (so both choose the same
+    drafts), and the greedy output is plain pipelined decoding's, bit for bit, and one process's tokens."""
+    from sirocco.distributed.launch import spawn_local
+
+    model = model_for("mistral")
+    prompts = prompts_for()
+    plain, _ = run(model, prompts, GREEDY)
+    continuations = {tuple(p): c.tokens for p, c in zip(prompts, plain)}
+    results = spawn_local(_pipeline_rank, 2, (continuations,), timeout_s=120, deadline_s=300)
+    assert all(r.ok for r in results), [r.error for r in results]
+    (plain0, spec0), (plain1, spec1) = [r.value for r in results]
+    assert spec0["cost"] == spec1["cost"] and spec0["proposed"] == spec1["proposed"] > 0
+    assert 0 < spec0["accepted"] < spec0["proposed"]
+    assert spec0["done"] == plain0["done"] == spec1["done"]
+    assert [t for t, _ in spec0["done"]] == [c.tokens for c in plain]

@@ -175,6 +175,7 @@ class BatchPlan:
     rows: Optional[list[int]]
     positions: torch.Tensor                    # (T,) absolute positions
     windows: dict[Optional[int], WindowPlan]
+    decode: Optional[int] = None               # the ``decode`` it was built with (None: the default rule)
 
     def for_window(self, window: Optional[int]) -> WindowPlan:
         return self.windows[window]
@@ -238,7 +239,7 @@ class BatchPlan:
                                          decode=True),
                             _window_plan(w, S, starts[ones:], lengths[ones:], r[ones:], positions[t:], device,
                                          decode=False))
-        return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans)
+        return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans, decode=decode)
 
 
 def span_of(window: Optional[int], cache_len: int) -> int:

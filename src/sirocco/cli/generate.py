@@ -85,8 +85,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.pipeline_ranks > 1:
-        if args.speculate is not None:
-            raise SiroccoError("--speculate runs in one process: not with --pipeline-ranks")
+        if args.speculate not in (None, "ngram"):
+            raise SiroccoError("--speculate with a draft model runs in one process: over --pipeline-ranks, "
+                               "--speculate ngram")
         return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     prompts = read_prompts(args)
     loaded = load_from_args(args)
@@ -107,7 +108,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, stage.args.max_seq_len, tokenizer, prompts),
                     max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend,
-                    executor=executor)
+                    executor=executor, speculation=speculation_from_args(args))
     return generate_and_print(args, engine, tokenizer, prompts, speak=ctx.rank == 0,
                               where=f" over {ctx.world_size} pipeline ranks")
 

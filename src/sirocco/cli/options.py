@@ -250,9 +250,9 @@ def add_speculation_arguments(g: argparse._ActionsContainer) -> None:
                    help="longest n-gram prompt lookup matches, 1 to 16 (default 3; it tries N down to 1)")
 
 
-def speculation_from_args(args: argparse.Namespace, loaded: Loaded):
+def speculation_from_args(args: argparse.Namespace, loaded: Optional[Loaded] = None):
     """The ``Speculation`` that --speculate and its options ask for (None without --speculate); a draft model is
-    loaded as the target was (--dtype, --device), and must encode text as the target's tokenizer does."""
+    loaded as the target (``loaded``) was (--dtype, --device), and must encode text as its tokenizer does."""
     from ..generate.speculation import Speculation
 
     name = getattr(args, "speculate", None)
@@ -260,6 +260,8 @@ def speculation_from_args(args: argparse.Namespace, loaded: Loaded):
         return None
     if name == "ngram":
         return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)
+    if loaded is None:
+        raise SiroccoError(f"--speculate {name}: a draft model runs in one process, beside the whole model")
     draft = load(name, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     probe = "The sliding window: 1, 2, 3 and caf\u00e9"
     if (draft.model.args.vocab_size != loaded.model.args.vocab_size

@@ -160,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pipeline_ranks > 1:
         from ..distributed.run import on_ranks
-        if args.speculate is not None:
-            raise SiroccoError("--speculate runs in one process: not with --pipeline-ranks")
+        if args.speculate not in (None, "ngram"):
+            raise SiroccoError("--speculate with a draft model runs in one process: over --pipeline-ranks, "
+                               "--speculate ngram")
         with _signals_restored():
             return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     app = build(args)
@@ -201,7 +202,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
-    engine = on_model_thread(make_engine, args, stage, tokenizer, executor)
+    engine = on_model_thread(make_engine, args, stage, tokenizer, executor, speculation_from_args(args))
     channel = PipelineChannel(ctx)
     if ctx.rank != 0:
         _on_signals(lambda sig: log.info("rank %d: %s ignored: the ranks stop when rank 0 stops", ctx.rank,

@@ -222,9 +222,9 @@ class Engine:
         mixed: put pre-fill chunks and decode tokens in the same step (default); False: pre-fill steps until
             every running prompt is cached, then decode steps.
         speculation: speculative decoding (``Speculation``: the drafter, the most draft tokens per step); None:
-            none. It needs the CPU backend's row-exact kernels ("auto" takes "cpu"; "torch" is refused) and one
-            process (no pipeline executor); at start-up it measures the model's step time at 1 to 8 tokens,
-            unless the ``Speculation`` gives the curve.
+            none. It needs the CPU backend's row-exact kernels ("auto" takes "cpu"; "torch" is refused); over
+            pipeline ranks, prompt lookup only. At start-up it measures the model's step time at 1 to 8 tokens
+            (every rank alike, the first rank's times kept), unless the ``Speculation`` gives the curve.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -448,8 +448,9 @@ class Engine:
     # -- speculation ---------------------------------------------------------------------------------------
     def _speculation_backend(self, backend: Optional[str]) -> str:
         """The backend a speculating engine runs: the CPU backend's row-exact kernels (speculation.py)."""
-        if not isinstance(self.executor, LocalExecutor):
-            raise SiroccoError("speculative decoding runs in one process: not over pipeline ranks")
+        if not callable(getattr(self.executor, "share", None)):
+            raise SiroccoError("speculative decoding needs an executor that can share the step times its "
+                               "processes measure (Executor.share)")
         if backend in (None, "auto"):
             return "cpu"
         if backend != "cpu":
@@ -465,12 +466,14 @@ class Engine:
         if reason is not None:
             raise SiroccoError(f"speculative decoding needs row-exact kernels, and here {reason}")
         drafter = make_drafter(config, self.model, self.max_rows, self.max_seq_len, self.chunk_size)
+        if drafter.costly and not isinstance(self.executor, LocalExecutor):
+            raise SiroccoError("a draft model runs in one process: over pipeline ranks, speculate with prompt lookup")
         draft_model = getattr(drafter, "model", None)
         if draft_model is not None and draft_model is not self.model:
             backends.attach(draft_model, self.backend)
         cost = config.cost_curve
-        if cost is None:
-            cost = measure_steps(step_runner(self.model, self.cache, self.executor.forward))
+        if cost is None:       # every process of a pipeline runs the same steps, then takes the first one's times
+            cost = self.executor.share(measure_steps(step_runner(self.model, self.cache, self.executor.forward)))
         draft_cost = config.draft_cost_curve
         if draft_cost is None and drafter.costly and hasattr(drafter, "decode_step"):
             draft_cost = measure_steps(drafter.decode_step, counts=min(ROW_EXACT_TOKENS, self.max_rows))

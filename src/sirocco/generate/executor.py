@@ -35,6 +35,10 @@ class Executor(Protocol):
         as host lists, the same on every process."""
         ...
 
+    def share(self, values: Sequence[float]) -> list[float]:
+        """The first process's ``values`` on every process (for a decision every process must make alike)."""
+        ...
+
 
 class LocalExecutor:
     """The whole model in this process."""
@@ -55,3 +59,6 @@ class LocalExecutor:
     def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
         assert logits is not None
         return sample(logits, rows)
+
+    def share(self, values: Sequence[float]) -> list[float]:
+        return list(values)
