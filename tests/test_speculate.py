@@ -11,7 +11,7 @@ from sirocco.config import preset
 from sirocco.errors import SiroccoError
 from sirocco.generate.drafters import Draft, DraftRequest, KnownDrafter, ModelDrafter, NgramDrafter, NgramIndex
 from sirocco.generate.engine import Engine
-from sirocco.generate.sampling import AllowedTokens, LogitsProcessor, SamplingParams, filter_logits
+from sirocco.generate.sampling import LogitsProcessor, SamplingParams, filter_logits
 from sirocco.generate.speculation import ROW_EXACT_TOKENS, RowSpeculation, Speculation, Speculator
 from sirocco.model import build_model
 from sirocco.viz import Trace
@@ -240,32 +240,50 @@ def test_after_any_mix_of_accepted_and_rejected_drafts_the_cache_is_a_plain_deco
 
 
 # -- stop strings, EOS, and a stateful processor -------------------------------------------------------------
+class Spell(LogitsProcessor):
+    """A stateful constraint that spells ``text``: its i-th kept token must be the i-th character's (row j of a
+    draft's mask: the character after the draft's first j tokens)."""
+
+    def __init__(self, text, tokenizer, vocab):
+        self.ids, self.vocab, self.kept = tokenizer.encode(text, bos=False), vocab, 0
+
+    def fill_mask(self, out, draft):
+        out.zero_()
+        for j in range(len(draft) + 1):
+            t = self.ids[(self.kept + j) % len(self.ids)]
+            out[j, t // 32] = (1 << (t % 32)) if t % 32 < 31 else -2**31
+        return True
+
+    def accept(self, tokens):
+        self.kept += len(tokens)
+
+
 def test_stop_strings_and_eos_inside_accepted_drafts():
     """Drafts accepted past a stop string or EOS are dropped: the same tokens, text and stream as plain decoding."""
     model = model_for("mistral")
     tok = ByteTokenizer()
-    letters = AllowedTokens([b + 3 for b in b"abcdefghij "], 259)      # readable text from a random model
+    text = "the quick brown fox jumps over the lazy dog"
 
-    class Letters:
+    class Spelled:
         def processor(self, tokenizer, vocab_size):
-            return letters
+            return Spell(text, tokenizer, vocab_size)
 
-    [free] = Engine(model, tok, max_seq_len=96, backend="cpu").generate(["The"], SamplingParams(
-        max_tokens=30, stop_on_eos=False, constraint=Letters()))
-    drafter = KnownDrafter({tuple(tok.encode("The")): free.tokens}, 259, p=1.0)
-    stop = free.text[9:11]
-    for params in [SamplingParams(max_tokens=30, stop=(stop,), stop_on_eos=False, constraint=Letters()),
-                   SamplingParams(max_tokens=30, constraint=Letters())]:
+    drafter = KnownDrafter({tuple(tok.encode("The")): tok.encode(text, bos=False)}, 259, p=1.0)
+    for params in [SamplingParams(max_tokens=40, stop=("lazy",), stop_on_eos=False, constraint=Spelled()),
+                   SamplingParams(max_tokens=40, constraint=Spelled())]:
         if not params.stop:
-            tok.eos_id = free.tokens[12]
+            tok.eos_id = tok.encode("x", bos=False)[0]           # the x of fox, the 19th token
         plain = list(Engine(model, tok, max_seq_len=96, backend="cpu").stream(["The"], params))
         engine = Engine(model, tok, max_seq_len=96, speculation=Speculation(drafter, draft_tokens=5, cost_curve=FLAT))
         events = list(engine.stream(["The"], params))
         c, want = events[-1].completion, plain[-1].completion
         assert c.finish_reason == want.finish_reason == "stop"
+        assert c.text == ("the quick brown fox jumps over the " if params.stop else "the quick brown fo")   # EOS: x
         assert (c.tokens, c.logprobs, c.text) == (want.tokens, want.logprobs, want.text)
         assert [e.text for e in events] == [e.text for e in plain]       # the same stream, piece by piece
-        assert engine.stats.accepted_tokens == engine.stats.proposed_tokens >= len(c.tokens) // 2
+        st = engine.stats
+        assert st.accepted_tokens == st.proposed_tokens > len(c.tokens) // 2
+        assert st.decode_steps < len(c.tokens) // 2
 
 
 class Cycle(LogitsProcessor):

@@ -29,9 +29,10 @@ def generate(capsys, *argv: str) -> tuple[list[dict], str]:
 def test_generate_speculates_with_the_same_output_and_reports_its_drafts(capsys):
     plain, _ = generate(capsys, "--backend", "cpu", *PROMPTS)
     spec, err = generate(capsys, "--speculate", "ngram", "--draft-tokens", "5", "--ngram", "2", *PROMPTS)
+    assert spec[0]["accepted_tokens"] > 20                # "1, 2, ..." goes on repeating itself
     for p, s in zip(plain, spec):
         assert "proposed_tokens" not in p
-        assert s.pop("proposed_tokens") >= s.pop("accepted_tokens") > 0
+        assert s.pop("proposed_tokens") >= s.pop("accepted_tokens") >= 0
         assert s == p                                   # tokens, log-probabilities, text: the same
     assert "speculation: " in err and "draft tokens accepted" in err
     # a draft model by name (the MoE model shares the dense one's tokenizer): as slow as the target, so the

@@ -21,17 +21,18 @@ distributions keep the target's distribution (the rejection rule), not its draws
 **How many drafts: the rule.** At start-up the engine measures ``c(T)``, the seconds of a step of T = 1 ..
 ``ROW_EXACT_TOKENS`` tokens on the real model (``measure_steps``: the best of a few readings of each count). Each
 row keeps an estimate ``a`` of the chance that its next draft token is accepted, from its recent drafts (counts
-decayed by ``DECAY`` per observation, with a prior of one accept in two trials); its j-th draft token is then
-expected to add ``a ** j`` tokens. A step of T0 tokens in which R rows sample is given the drafts that maximise the
-step's expected tokens per second, ``(R + sum of the a ** j taken) / (c(T0 + drafts) + the drafter's own time)``,
-against ``R / c(T0)`` without: the extra rows must cost less than they are expected to save. Drafts are taken in
-order of their expected gain, so a row of higher acceptance drafts more; a step that is compute-bound (many rows, or
-pre-fill in it, where c rises steeply) or already at ``ROW_EXACT_TOKENS`` tokens gets none. Each row also caps its
-drafts at ``k``, which grows by one after a draft accepted whole and falls to one more than the accepted count after
-a rejection, within [1, draft_tokens]. A free drafter (prompt lookup) is asked first and its proposal bounds the
-row's drafts; where a row does not draft, the first token it proposed is compared with the token the row gets, which
-keeps the estimate current at no cost. A costly drafter (a draft model) is asked only for the drafts chosen, its
-time (measured the same way) counted in the step's.
+decayed by ``DECAY`` per observation; before any, a prior: one accept in two trials for a costly drafter, whose rows
+learn only by drafting, none in one for a free drafter, whose rows learn from the proposals they do not draft); its
+j-th draft token is then expected to add ``a ** j`` tokens. A step of T0 tokens in which R rows sample is given the
+drafts that maximise the step's expected tokens per second, ``(R + sum of the a ** j taken) / (c(T0 + drafts) + the
+drafter's own time)``, against ``R / c(T0)`` without: the extra rows must cost less than they are expected to save.
+Drafts are taken in order of their expected gain, so a row of higher acceptance drafts more; a step that is
+compute-bound (many rows, or pre-fill in it, where c rises steeply) or already at ``ROW_EXACT_TOKENS`` tokens gets
+none. Each row also caps its drafts at ``k``, which grows by one after a draft accepted whole and falls to one more
+than the accepted count after a rejection, within [1, draft_tokens]. A free drafter (prompt lookup) is asked first
+and its proposal bounds the row's drafts; where a row does not draft, the first token it proposed is compared with
+the token the row gets, which keeps the estimate current at no cost. A costly drafter (a draft model) is asked only
+for the drafts chosen, its time (measured the same way) counted in the step's.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ log = logging.getLogger(__name__)
 
 ROW_EXACT_TOKENS = 8        # the CPU and quantized kernels' largest row count with row-independent bits
 DECAY = 0.8                 # weight of an acceptance observation after each newer one
-PRIOR_HITS, PRIOR_TRIALS = 1.0, 2.0
+# The prior acceptance of a new row: a costly drafter's rows learn only by drafting, so they start at one accept in
+# two trials (they try); a free drafter's rows learn from the proposals they did not draft, so they start at none
+# in one and draft once their proposals have been seen right.
+PRIOR_COSTLY, PRIOR_FREE = (1.0, 2.0), (0.0, 1.0)
 
 
 @dataclass
@@ -103,11 +107,12 @@ class RowSpeculation:
     proposed: int = 0
     accepted: int = 0
     shadow: Optional[int] = None                 # a free drafter's first token, where the row did not draft
+    prior: tuple[float, float] = PRIOR_COSTLY    # (hits, trials) before any observation
 
     @property
     def acceptance(self) -> float:
         """The estimated chance that the row's next draft token is accepted."""
-        return (self.hits + PRIOR_HITS) / (self.trials + PRIOR_TRIALS)
+        return (self.hits + self.prior[0]) / (self.trials + self.prior[1])
 
     def observe(self, hits: int, trials: int) -> None:
         self.hits = DECAY ** trials * self.hits + hits
@@ -168,7 +173,8 @@ class Speculator:
         """A new sequence's state, or None where its params turn drafting off."""
         limit = self.config.draft_tokens if params.draft_tokens is None else min(params.draft_tokens,
                                                                                  self.config.draft_tokens)
-        return RowSpeculation(k=limit, limit=limit) if limit > 0 else None
+        prior = PRIOR_COSTLY if self.drafter.costly else PRIOR_FREE
+        return RowSpeculation(k=limit, limit=limit, prior=prior) if limit > 0 else None
 
     # -- one step ------------------------------------------------------------------------------------------
     def drafts(self, seqs: Sequence[Any], lengths: Sequence[int], max_seq_len: int,
