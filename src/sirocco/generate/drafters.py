@@ -2,13 +2,15 @@
 
 Each step, the engine asks its drafter for up to k tokens to follow each drafting sequence; the target model then
 computes the logits of all of them in one forward and keeps the longest prefix it agrees with (greedy) or what
-the rejection rule accepts (sampled), plus one token of its own. Two drafters:
+the rejection rule accepts (sampled), plus one token of its own. The drafters:
 
   * ``NgramDrafter`` (prompt lookup): the longest recent n-gram of the sequence (prompt and generated tokens) that
     also occurs earlier in it proposes the tokens that followed that earlier occurrence. It costs a dictionary
     lookup, needs no model, and pays where the output copies its input or repeats itself.
   * ``ModelDrafter``: a smaller model with the same vocabulary, run in this process over a cache of its own,
     k steps of decode per proposal, rolled back with the target when drafts are rejected.
+  * ``KnownDrafter``: a known continuation, each token right with a chosen probability: for benchmarks (the
+    tokens/s a drafter of that acceptance would give), tests and pictures.
 
 A drafter keeps state per sequence, keyed by request id (``release`` forgets it); it is told nothing of
 rejections: each proposal brings the sequence as it now is, and a drafter that cached more than that (the model
