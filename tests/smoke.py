@@ -17,6 +17,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,8 +69,8 @@ def expect(condition: bool, what: str) -> None:
 def bundled(name: str) -> Path:
     """A bundled model's folder inside the installed package (found without importing it)."""
     spec = importlib.util.find_spec("sirocco")
-    expect(spec is not None and spec.submodule_search_locations is not None, "the sirocco package is not installed")
-    assert spec is not None and spec.submodule_search_locations is not None
+    if spec is None or spec.submodule_search_locations is None:
+        raise StepFailed(f"the sirocco package is not installed for {sys.executable}")
     folder = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     expect((folder / "params.json").is_file(), f"{folder}: the bundled model is not in the installed package")
     return folder
@@ -256,8 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             t = time.perf_counter()
             try:
                 note = fn(root)
-            except StepFailed as e:
-                print(f"smoke: {verb} FAILED ({what}):\n{textwrap.indent(str(e), '  ')}", file=sys.stderr)
+            except Exception as e:         # StepFailed, or an answer not in the shape expected
+                why = str(e) if isinstance(e, StepFailed) else f"{type(e).__name__}: {e}"
+                print(f"smoke: {verb} FAILED ({what}):\n{textwrap.indent(why, '  ')}", file=sys.stderr)
                 return 1
             print(f"smoke: {verb:<15} {time.perf_counter() - t:5.1f} s  {what}" + (f" ({note})" if note else ""),
                   flush=True)
@@ -265,7 +267,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.keep:
             print(f"smoke: outputs kept in {root}", file=sys.stderr)
         else:
-            import shutil
             shutil.rmtree(root, ignore_errors=True)
     verbs = sorted({verb for verb, _, _ in STEPS})
     print(f"smoke: {len(STEPS)} steps over {len(verbs)} verbs passed in {time.perf_counter() - t0:.1f} s")
