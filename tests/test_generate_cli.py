@@ -53,3 +53,10 @@ def test_generate_chat_prompt_is_mistral_commons_encoding(capsys):
     c = json.loads(out)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "What is a sliding window?"}])
     assert c["prompt_tokens"] == MistralTokenizer.from_file(str(V1)).encode_chat_completion(request).tokens
+
+
+def test_generate_reads_one_prompt_per_line_of_a_utf8_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n\n   \ncafé 🙂\n", encoding="utf-8")           # blank lines are no prompts
+    out, _ = run(capsys, "--json", "--max-tokens", "2", "--prompts-file", str(prompts))
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["hello", "café 🙂"]

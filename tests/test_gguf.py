@@ -167,3 +167,14 @@ def test_tokenizer_of_a_gguf_file_is_the_one_it_was_written_with(tmp_path):
         ids = original.encode(s, bos=True, eos=True)
         assert from_file.encode(s, bos=True, eos=True) == ids, s
         assert from_file.decode(ids) == original.decode(ids) and from_file.decode(ids[3:]) == original.decode(ids[3:])
+
+
+def test_a_missing_protobuf_is_named_not_a_traceback(monkeypatch):
+    import sys
+
+    from sirocco.errors import TokenizerError
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)     # import fails as without it
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    with pytest.raises(TokenizerError, match=r"sentencepiece's model proto, which did not load \(ModuleNotFoundError.*"
+                                             r"pip install -U protobuf"):
+        vocab_from_sentencepiece(str(TINY_SP))

@@ -26,6 +26,7 @@ from .options import (
     add_sampling_arguments,
     load_from_args,
     non_empty,
+    utf8_text_file,
 )
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  echo 'Hello' | sirocco generate --stop '.'")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("prompts", nargs="*", help="prompt texts (none: read --prompts-file or standard input)")
-    p.add_argument("--prompts-file", metavar="PATH", help="a file with one prompt per line")
+    p.add_argument("--prompts-file", type=utf8_text_file, metavar="PATH",
+                   help="a UTF-8 text file with one prompt per line")
     add_model_arguments(p)
     s = p.add_argument_group("sampling")
     add_sampling_arguments(s, max_tokens=128)
@@ -67,7 +69,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:     # checked when parsed; changed since
             raise SiroccoError(f"cannot read --prompts-file: {e}") from None
     elif not sys.stdin.isatty():
         lines = [line.rstrip("\n") for line in sys.stdin]

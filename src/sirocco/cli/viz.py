@@ -38,6 +38,26 @@ def _lengths(text: str) -> list[int]:
     return values
 
 
+def png_path(text: str) -> Path:
+    """Where --out writes: a file path, '.png' added when it has no suffix ('masks' -> masks.png). An existing
+    folder, or a suffix other than .png, is refused: the picture is always a PNG file."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the PNG file to write, such as "
+                                         f"{str(path / 'picture.png')!r}")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text!r}: the picture is written as PNG; give a name ending in .png "
+                                         "(or no suffix: .png is added)")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} would be written as {str(path)!r}, which is a folder; give "
+                                         "the PNG file to write")
+    return path
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.epilog = EXAMPLES
@@ -66,7 +86,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=positive_int, default=4,
                    help="micro-batches of the pipeline step (default 4)")
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe", help="pipeline schedule (default gpipe)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE.png", help="write the picture there")
+    p.add_argument("--out", type=png_path, default=None, metavar="FILE.png",
+                   help="write the picture to this file ('.png' is added to a name without a suffix)")
     p.add_argument("--json", action="store_true", help="print the recorded data as JSON instead of the grid")
     add_machine_arguments(p)
 

@@ -40,7 +40,14 @@ class GGUFVocab:
 
 
 def _pb2():
-    from sentencepiece import sentencepiece_model_pb2
+    """sentencepiece's generated ModelProto module. It needs protobuf (a runtime dependency), at least the
+    version it was generated with: a missing or older protobuf is reported as such, not as a traceback."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as e:      # ImportError without protobuf; protobuf's VersionError when it is too old
+        raise TokenizerError(f"GGUF vocabularies need sentencepiece's model proto, which did not load "
+                             f"({type(e).__name__}: {e}); install a current protobuf: pip install -U protobuf"
+                             ) from None
     return sentencepiece_model_pb2
 
 
