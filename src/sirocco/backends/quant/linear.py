@@ -23,6 +23,7 @@ from sirocco.backends.cpu.kernels import bucketed_linear, upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
+from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
 
 # Output rows dequantized at once in pre-fill. Measured (512 bf16 rows, K = 2048, N = 7168, q8_0, 2 AVX2 cores):
 # F.linear over the whole dequantized weight 1690-1715 ms; tiles of 256, 512, 1024,
@@ -94,7 +95,7 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
         """A QuantLinear over existing blocks (for example a GGUF tensor's data), without copying them."""
         out_features, in_features = qt.shape
-        q = cls(in_features, out_features, qt.fmt, bias=False, device=qt.data.device)
+        q = cls(in_features, out_features, qt.fmt, bias=False, device=torch.device("meta"))   # no zeros to drop
         q.qweight = qt.data
         if bias is not None:
             q.bias = nn.Parameter(bias)
@@ -162,8 +163,6 @@ class SharedInputProjections:
 def fuse_projections(model: nn.Module) -> int:
     """Give every attention layer whose wq, wk, wv, and every dense feed-forward whose w1, w3 are QuantLinear of
     one format without bias their ``SharedInputProjections``; returns how many layers got one."""
-    from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
-
     in_moe = {id(e) for m in model.modules() if isinstance(m, MoeFeedForward) for e in m.experts}
     n = 0
     for m in model.modules():
