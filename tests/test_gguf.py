@@ -17,8 +17,11 @@ from sirocco import backends
 from sirocco.backends.quant.hugepages import HUGE_PAGE
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.checkpoint import GGUFFile, load_model
+from sirocco.checkpoint.gguf_read import expected_shapes
 from sirocco.checkpoint.gguf_write import save_gguf
+from sirocco.config import preset
 from sirocco.errors import CheckpointError
+from sirocco.model import Transformer
 from sirocco.pretrained import BUNDLED, load
 from sirocco.tokenizer import load_tokenizer
 from sirocco.tokenizer.gguf_vocab import sentencepiece_proto, vocab_from_sentencepiece
@@ -128,6 +131,14 @@ def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=rf"blk\.0\.ffn_gate\.weight has shape \[{h // 2}, {d}\], the metadata "
                                               rf"needs \[{h}, {d}\]"):
         load_model(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_the_shapes_a_file_is_checked_against_are_the_models(name):
+    args = preset(name, n_layers=3)
+    with torch.device("meta"):
+        want = [(n, tuple(t.shape)) for n, t in Transformer(args).state_dict().items()]
+    assert list(expected_shapes(args).items()) == want
 
 
 def texts(n=300, seed=0):

@@ -104,8 +104,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             template = [(n, tuple(t.shape)) for n, t in Transformer(one).state_dict().items()]
     except RuntimeError as err:            # sizes whose products overflow, even on the meta device
         raise ConfigError(f"no model of these sizes can be built: {err}") from None
-    out: dict[str, tuple[int, ...]] = {}
     layer = [(n.removeprefix("layers.0."), s) for n, s in template if n.startswith("layers.0.")]
+    expert = [(rest, s) for rest, s in layer if ".experts.0." in rest]       # one expert's, contiguous
+    out: dict[str, tuple[int, ...]] = {}
     for name, shape in template:
         if name.startswith("layers.0."):
             continue
@@ -114,11 +115,13 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
                 for rest, s in layer:
                     if moe is not None and rest == "feed_forward.gate.weight":
                         s = (moe.num_experts, *s[1:])
-                    if ".experts.0." in rest:
-                        for e in range(moe.num_experts if moe is not None else 0):
-                            out[f"layers.{i}.{rest.replace('.experts.0.', f'.experts.{e}.')}"] = s
-                    else:
+                    if ".experts.0." not in rest:
                         out[f"layers.{i}.{rest}"] = s
+                    elif rest == expert[0][0]:
+                        for e in range(moe.num_experts if moe is not None else 0):
+                            for one_expert, expert_shape in expert:
+                                out[f"layers.{i}.{one_expert.replace('.experts.0.', f'.experts.{e}.')}"] = \
+                                    expert_shape
         out[name] = shape
     return out
 
