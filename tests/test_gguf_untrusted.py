@@ -321,34 +321,29 @@ def test_tensor_dimensions_types_offsets_and_overlaps(valid, tmp_path):
     refused(patched(s.tensor_types[0], "<I", 0), r"ends past the end|overlap")   # F16 -> F32: twice the bytes
 
 
-def test_metadata_that_would_build_a_huge_model_is_refused_first(valid, tmp_path):
-    """Counts that size loops and tensors (layers, experts) are checked against the file before anything is
-    built: a claim of 2**40 layers or experts fails at once."""
-    g = GGUFFile(valid[True])
-    g.header.metadata["llama.block_count"] = 2**40
+def test_metadata_that_would_build_a_huge_model_is_refused_first(valid):
+    """Counts and sizes that would size loops and tensors (layers, experts, widths) are checked against the
+    file's tensors before anything is built: a claim of 2**40 layers, experts or model width fails at once; so do
+    special token ids past the vocabulary and a vocabulary larger than the embedding."""
+    def opened(**metadata):
+        g = GGUFFile(valid[True])
+        g.header.metadata.update({f"llama.{k}" if "." not in k else k: v for k, v in metadata.items()})
+        return g
     with pytest.raises(ModelFileError, match="block_count is 1099511627776, but the file holds only"):
-        g.args()
-    g.header.metadata["llama.block_count"] = 1
-    g.header.metadata["llama.expert_count"] = 2**40
+        opened(block_count=2**40).args()
+    g = opened(expert_count=2**40)
     with pytest.raises(ModelFileError, match=r"ffn_gate_exps\.weight has shape \[2, 32, 32\]; the metadata's "
                                              r"1099511627776 experts"):
         g.index(g.args())
-    g.header.metadata["llama.expert_count"] = 2
-    g.header.metadata["tokenizer.ggml.bos_token_id"] = 500
-    with pytest.raises(ModelFileError, match="bos_token_id is 500, past the 64 tokens"):
-        g.tokenizer()
-    g.header.metadata["tokenizer.ggml.bos_token_id"] = 1
-    g.header.metadata["llama.vocab_size"] = 10
-    with pytest.raises(ModelFileError, match="64 tokens, more than the model's 10 embedding rows"):
-        g.tokenizer()
-    g.header.metadata["llama.vocab_size"] = 64
-    g.header.metadata["llama.embedding_length"] = 2**40
     with pytest.raises(ModelFileError, match="dim size 1099511627776 .* larger than every dimension of the file's "
                                              r"tensors \(at most 64\)"):
-        g.args()
-    g.header.metadata["llama.embedding_length"] = "wide"
+        opened(embedding_length=2**40).args()
     with pytest.raises(ModelFileError, match="'llama.embedding_length' must be an integer of at least 1, got 'wide'"):
-        g.args()
+        opened(embedding_length="wide").args()
+    with pytest.raises(ModelFileError, match="bos_token_id is 500, past the 64 tokens"):
+        opened(**{"tokenizer.ggml.bos_token_id": 500}).tokenizer()
+    with pytest.raises(ModelFileError, match="64 tokens, more than the model's 10 embedding rows"):
+        opened(vocab_size=10).tokenizer()
 
 
 @pytest.mark.parametrize("alignment", [1, 4])

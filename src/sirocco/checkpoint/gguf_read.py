@@ -146,6 +146,7 @@ class GGUFFile:
         self.path = Path(path)
         self.header: GGUFHeader = read_header(self.path)
         self.tensors: dict[str, TensorInfo] = self.header.tensors
+        self._args: dict[Optional[int], ModelArgs] = {}
 
     def fail(self, what: str) -> ModelFileError:
         return ModelFileError(f"{self.path}: {what}")
@@ -188,8 +189,13 @@ class GGUFFile:
         return value
 
     def args(self, max_seq_len: Optional[int] = None) -> ModelArgs:
-        """ModelArgs from the ``llama.*`` keys; a missing or ill-typed key fails naming it. Counts that size
-        loops (layers, experts) are checked against the tensors the file holds before anything is built."""
+        """ModelArgs from the ``llama.*`` keys (read once); a missing or ill-typed key fails naming it. Sizes and
+        counts are checked against the tensors the file holds before anything is built from them."""
+        if max_seq_len not in self._args:
+            self._args[max_seq_len] = self._read_args(max_seq_len)
+        return self._args[max_seq_len]
+
+    def _read_args(self, max_seq_len: Optional[int]) -> ModelArgs:
         arch = self.string("general.architecture")
         if arch != ARCH:
             raise self.fail(f"general.architecture is {arch!r}; sirocco reads Mistral and Mixtral files, which "
