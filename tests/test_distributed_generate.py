@@ -230,8 +230,9 @@ def cli_rank(ctx, argv, random_stage=True):
     the command loads what ``--model`` names, as it does for users."""
     from sirocco.cli import generate
     if random_stage:
-        generate.load_rank_stage = lambda model, ctx, dtype, quantize=None: (
-            rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype, quantize=quantize), ByteTokenizer(), "random")
+        generate.load_rank_stage = lambda model, ctx, dtype, quantize=None, **conversion: (
+            rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype, quantize=quantize, **conversion),
+            ByteTokenizer(), "random")
     return printed(generate.run, parse_generate(argv))
 
 

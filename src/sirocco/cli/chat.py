@@ -104,8 +104,7 @@ class Chat:
 
 def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
-    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
-                    attention=args.attention, backend=args.backend)
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

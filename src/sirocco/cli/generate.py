@@ -89,20 +89,20 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, model.args.max_seq_len, tokenizer, prompts),
-                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend)
+                    max_batch_tokens=args.max_batch_tokens)
     return generate_and_print(args, engine, tokenizer, prompts)
 
 
 def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     """The verb on one rank of a pipeline of ``args.pipeline_ranks`` processes under torchrun."""
     prompts = shared_from_rank0(ctx, lambda: read_prompts(args), "prompts")
-    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype], args.quantize)
+    stage, tokenizer, source = load_rank_stage(args.model, ctx, DTYPES[args.dtype], args.quantize,
+                                               backend=args.backend, prefill=args.attention)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = Engine(stage, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                     max_seq_len=cache_len(args, stage.args.max_seq_len, tokenizer, prompts),
-                    max_batch_tokens=args.max_batch_tokens, attention=args.attention, backend=args.backend,
-                    executor=executor)
+                    max_batch_tokens=args.max_batch_tokens, executor=executor)
     return generate_and_print(args, engine, tokenizer, prompts, speak=ctx.rank == 0,
                               where=f" over {ctx.world_size} pipeline ranks")
 

@@ -277,8 +277,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
-    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so."""
+    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so,
+    on --backend with --attention's pre-fill path (verbs without those options: the plain-PyTorch reference)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
-                quantize=getattr(args, "quantize", None))
+                quantize=getattr(args, "quantize", None), backend=getattr(args, "backend", "torch"),
+                prefill=getattr(args, "attention", "per_sequence"))

@@ -117,8 +117,8 @@ def make_engine(args: argparse.Namespace, model, tokenizer, executor=None):
     this rank's ``PipelineExecutor``, or None for one process)."""
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                  max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                  backend=args.backend, executor=executor, mixed=args.mixed)
+                  max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, executor=executor,
+                  mixed=args.mixed)
 
 
 def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,
@@ -192,7 +192,8 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     def on_model_thread(fn, *a):
         return model_thread.call(fn, *a) if model_thread is not None else fn(*a)
 
-    stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize)
+    stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize,
+                                               args.backend, args.attention)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
     engine = on_model_thread(make_engine, args, stage, tokenizer, executor)

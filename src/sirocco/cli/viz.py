@@ -98,7 +98,7 @@ def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _loaded(name: Optional[str]) -> Any:
     from ..pretrained import load
-    return load(name)
+    return load(name, backend="torch")          # the pictures record the plain-PyTorch run
 
 
 def record(args: argparse.Namespace) -> tuple[dict, str]:

@@ -39,7 +39,6 @@ import torch
 from .. import backends
 from ..errors import SiroccoError
 from ..model import Transformer
-from ..model.attention import Prefill
 from ..plan import BatchPlan
 from .executor import Executor, LocalExecutor
 from .sampling import LogitsProcessor, RowSampling, Sampled, SamplingParams, make_generator
@@ -176,8 +175,11 @@ class _Running:
 class Engine:
     """Generates for any number of prompts with one model and one cache allocated up front.
 
+    The engine runs the model as it is handed: what computes it (the backend) and the pre-fill attention path are
+    the conversion pass's (``backends.attach``, which ``pretrained.load`` runs), never changed here.
+
     Args:
-        model: the Transformer (any dtype/device; the cache follows it).
+        model: the Transformer (any dtype/device; the cache follows it), prepared by ``backends.attach``.
         tokenizer: needed for text prompts, text output and stop strings; token-id prompts work without.
         max_rows: most sequences generated at once (rows of the cache).
         chunk_size: most tokens of one prompt per pre-fill step (default: the model's smallest window, or 4096).
@@ -185,11 +187,6 @@ class Engine:
             model's max_seq_len). Positions past it are refused with the limit in the message.
         max_batch_tokens: most tokens in one step, over all sequences (default 4 * chunk_size); decode tokens
             count 1 each and are never left out.
-        attention: pre-fill attention path, "per_sequence" (fast) or "dense" (the explicit-mask reference).
-        backend: what computes the model (``backends.attach``, which changes the model in place): "torch" (the
-            reference), "cpu" (C++ kernels for decode products, decode attention, one-pass RMSNorm and RoPE;
-            about half a minute of build the first time, cached on disk), or "auto": "cpu" for CPU models of
-            256 MiB of weights or more, where decode is memory-bound, else "torch".
         executor: runs each step's model call and sampling (default: ``LocalExecutor(model)``, this process).
         trace: a ``StepObserver`` (``viz.Trace``) that records every step's plan, cache writes and MoE routing
             (for ``sirocco viz``); None records nothing and costs nothing.
@@ -202,7 +199,6 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
                  executor: Optional[Executor] = None, trace: Optional[StepObserver] = None, mixed: bool = True):
         self.model = model
         self.tokenizer = tokenizer
@@ -221,8 +217,8 @@ class Engine:
         log.info("cache: %d rows x %s slots, %.1f MiB (%s)", max_rows,
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
-        self.backend = backends.attach(model, backend, prefill=attention)
-        self.attention = attention
+        self.backend = backends.backend_of(model)          # what the conversion pass put the model on
+        self.attention = backends.prefill_of(model)
         self.trace = trace
         model.observe_routing(None if trace is None else trace.on_router)
         self.stats = Stats()

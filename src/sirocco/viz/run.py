@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import backends
 from ..cache import RollingCache
 from ..generate.engine import Engine
 from ..generate.sampling import SamplingParams
@@ -18,7 +19,8 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
                prompts: Optional[Sequence[Sequence[int]]] = None, attention: str = "per_sequence",
                max_seq_len: Optional[int] = None, mixed: bool = False) -> tuple[list[list[int]], RollingCache]:
     """Generate ``max_tokens`` greedy tokens for random prompts of these lengths (or the given ``prompts``) with
-    ``Engine(..., trace=trace)``, every prompt in its own cache row.
+    ``Engine(..., trace=trace)``, every prompt in its own cache row, with the model put on the plain-PyTorch
+    backend (``backends.attach``).
 
     ``window``: the window whose masks and cache the trace shows (None: the model's smallest). ``attention``:
     the pre-fill attention path. ``max_seq_len``: sizes the cache (default: just big enough). ``mixed``: the
@@ -36,9 +38,10 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
         prompts = [torch.randint(0, args.vocab_size, (n,), generator=g).tolist() for n in prompt_lengths]
     prompts = [list(map(int, p)) for p in prompts]
     longest = max(len(p) for p in prompts) + max_tokens
+    backends.attach(model, "torch", prefill=attention)   # type: ignore[arg-type]
     engine = Engine(model, None, max_rows=len(prompts), chunk_size=chunk_size,
                     max_seq_len=max_seq_len or min(args.max_seq_len, longest), max_batch_tokens=max_batch_tokens,
-                    attention=attention, backend="torch", trace=trace, mixed=mixed)   # type: ignore[arg-type]
+                    trace=trace, mixed=mixed)
     done = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_on_eos=False))
     model.observe_routing(None)
     return [c.tokens for c in done], engine.cache
