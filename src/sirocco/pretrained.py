@@ -1,6 +1,6 @@
 """Which model a name means and loading it with its tokenizer: a checkpoint folder (either published format), a
-GGUF file (model and tokenizer from the one file), a bundled model's name, nothing (the default model), or the
-random demo model."""
+GGUF file (model and tokenizer from the one file), a bundled model's name, a Hugging Face Hub id (fetched through
+the hub's cache), nothing (the default model), or the random demo model."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 from . import backends
 from .backends.quant import QuantReport
 from .checkpoint import GGUFFile, ModelParts, is_gguf, read_model
+from .checkpoint.hub import parse_hub_name, resolve_hub_name
 from .config import preset
-from .errors import SiroccoError
+from .errors import CheckpointError, SiroccoError
 from .model import Transformer, build_model
 from .model.attention import Prefill
 from .tokenizer import Tokenizer, load_tokenizer
@@ -43,18 +44,28 @@ class Loaded:
 
 
 def model_folder(name_or_path: Optional[str]) -> Path:
-    """The checkpoint that ``--model`` names: a folder or a ``.gguf`` file, a bundled model's name, or None for the
-    default (``sirocco-tiny``). A path that exists wins over a bundled model of the same name."""
+    """The checkpoint that ``--model`` names: a folder or a ``.gguf`` file, a bundled model's name, a Hugging Face
+    Hub id (``org/repo``, ``org/repo:Q4_K_M``, ``org/repo/file.gguf``: fetched into, or found in, the hub's cache;
+    ``checkpoint/hub.py``), or None for the default (``sirocco-tiny``). A path that exists wins over a bundled
+    model or a hub id of the same name."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     path = Path(name_or_path).expanduser()
-    if not path.exists() and name_or_path in bundled_models():
+    if path.exists():
+        return path
+    if name_or_path in bundled_models():
         path = BUNDLED / name_or_path
         log.info("bundled model %s: %s", name_or_path, path)
-    if not path.exists():
-        raise SiroccoError(f"--model {name_or_path}: no such folder or file, and not a bundled model "
-                           f"({', '.join(bundled_models() + [DEMO])})")
-    return path
+        return path
+    not_here = (f"--model {name_or_path}: no such folder or file, and not a bundled model "
+                f"({', '.join(bundled_models() + [DEMO])})")
+    hub = parse_hub_name(name_or_path)
+    if hub is None:
+        raise SiroccoError(not_here + "; nor a Hugging Face Hub id (org/repo, org/repo:QUANT, org/repo/file.gguf)")
+    try:
+        return resolve_hub_name(hub)
+    except CheckpointError as e:
+        raise CheckpointError(f"{not_here}; as a Hugging Face Hub id: {e}") from None
 
 
 def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
