@@ -233,6 +233,12 @@ def test_shapes_dtypes_and_refusals():
         assert torch.equal(packed.reshape(6, -1), quantize(w, qtype))
         assert torch.equal(quantize(w.to(torch.bfloat16), qtype), quantize(w.to(torch.bfloat16).float(), qtype))
         assert torch.equal(quantize(w, qtype, chunk_values=512), quantize(w, qtype))      # chunking is invisible
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)                                        # chunks spread over two threads
+        try:
+            assert torch.equal(quantize(w, qtype, chunk_values=512), quantize(w, qtype))
+        finally:
+            torch.set_num_threads(threads)
     assert canonical("Q4_K") == "q4_K" and canonical("IQ4_XS") == "iq4_xs"
     with pytest.raises(ValueError, match=r"multiple of 256, got shape \(4, 96\)"):
         quantize(torch.randn(4, 96), "q6_K")

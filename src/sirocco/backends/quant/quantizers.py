@@ -55,6 +55,7 @@ are levels 0, 7 and 14:
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -621,8 +622,9 @@ def _run(w: torch.Tensor, qtype: str, search: bool, chunk_values: Optional[int],
         chunk_values = CHUNK_VALUES // 8 if qtype in _BATCHED else CHUNK_VALUES
     step = max(1, chunk_values // block)
     fn = _QUANTIZE[qtype]
-    with torch.inference_mode():
-        for start in range(0, blocks.shape[0], step):
+
+    def chunk(start: int) -> None:
+        with torch.inference_mode():
             x = blocks[start:start + step].to(device="cpu", dtype=_F32)
             if not torch.isfinite(x).all():
                 bad = start + int((~torch.isfinite(x)).any(1).nonzero()[0, 0])
@@ -632,4 +634,23 @@ def _run(w: torch.Tensor, qtype: str, search: bool, chunk_values: Optional[int],
             out[start:start + step] = packed
             if values is not None:
                 values[start:start + step] = vals
+
+    starts = range(0, blocks.shape[0], step)
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            chunk(start)
+    else:
+        # One chunk per thread, each running torch's operations on one core: the searches are many small
+        # operations, which torch's own threads would meet at a barrier each, and a barrier waits for the slowest
+        # core (on a shared machine, one that is busy elsewhere). The chunks are independent, so their bytes do
+        # not depend on how they are spread.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for _ in pool.map(chunk, starts):
+                    pass
+        finally:
+            torch.set_num_threads(threads)
     return out.reshape(out_shape), None if values is None else values.reshape(w.shape)
