@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a model over HTTP with OpenAI's API: POST /v1/completions, /v1/chat/completions "
                      "(streaming or not), GET /v1/models, /health, /metrics (Prometheus), POST /tokenize, "
-                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
+                     "/detokenize; and a chat page at / (open the address in a browser), with a panel that draws "
+                     "what the engine does for the answer being written: cache slots, masks, experts, steps. "
+                     "Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
                      "Under torchrun with --pipeline-ranks N, rank 0 serves HTTP and the other ranks run their "
                      "stages (rank 0 broadcasts each step's new and aborted requests, and a heartbeat every second "
                      "when idle).")
@@ -49,7 +51,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     h.add_argument("--port", type=int_in(0, 65535), default=8000, help="port to listen on, 0 to 65535 (default 8000)")
     h.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: the "
-                        "SIROCCO_API_KEY environment variable; none: open)")
+                        "SIROCCO_API_KEY environment variable; none: open); the chat page asks for it")
     h.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's folder name)")
     h.add_argument("--max-queue", type=non_negative_int, default=128,
@@ -81,13 +83,14 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
              model_thread: Any = None):
     """The app over ``engine``, named and guarded as the options say; logs what is served."""
     from ..serve.app import build_app
+    from ..viz.inside import RowTrace
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
     name = args.served_model_name or served_name(args.model)
     log.info("serving %s as '%s'%s: %d rows, context %d, queue %d%s", source, name, where, args.max_rows,
              engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
     return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel,
-                     model_thread=model_thread)
+                     model_thread=model_thread, inside=RowTrace)
 
 
 def build(args: argparse.Namespace):

@@ -1,5 +1,5 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health, /metrics,
-/tokenize and /detokenize.
+/tokenize and /detokenize; the chat page, its status and its inside streams are added by ``serve.web``.
 
 Order of work in a generation request, cheapest refusal first: API key (401), JSON and fields (400), model name
 (404), room in the waiting queue (429 with Retry-After, before tokenizing), tokenizing and the context check
@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SiroccoError
 from ..generate.engine import Completion, Event, PromptTooLong
-from . import protocol
+from . import protocol, web
+from .inside import InsideHub, RecorderFactory
 from .metrics import Metrics
 from .model_thread import ModelThread
 from .pipeline import Channel
@@ -79,7 +80,7 @@ class Server:
 
     def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
                  max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-                 model_thread: Optional[ModelThread] = None):
+                 model_thread: Optional[ModelThread] = None, inside: Optional[RecorderFactory] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
@@ -89,6 +90,7 @@ class Server:
         self.runner = Runner(engine, self.metrics, channel, model_thread)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
+        self.inside = InsideHub(inside, lambda t: self.token_text(t)[0], web.model_info(self))
 
     # -- checks ----------------------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -144,8 +146,10 @@ class Server:
     async def generate(self, request: Request, chat: bool) -> Response:
         arrival = time.perf_counter()
         self.auth(request)
-        req = protocol.parse(await self.body(request), chat=chat)
+        body = await self.body(request)
+        req = protocol.parse(body, chat=chat)
         self.check_model(req.model)
+        inside = self.inside.requested(body, req.n * len(req.prompts))
         wrong = [t for t in req.logit_bias or () if not 0 <= t < self.tokenizer.vocab_size]
         if wrong:
             raise bad(f"'logit_bias' names token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
@@ -171,8 +175,9 @@ class Server:
             for index, rid, ids in seqs:
                 max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
                 params = req.sampling(max_tokens, index)
+                observer = None if inside is None else self.inside.observer(inside, rid, len(ids), max_tokens)
                 added.append(rid)
-                await self.runner.add(rid, ids, params, out, arrival)
+                await self.runner.add(rid, ids, params, out, arrival, observer=observer)
         except BaseException as e:
             for rid in added:
                 self.runner.abort(rid)
@@ -304,11 +309,13 @@ class Server:
 
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
               metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-              model_thread: Optional[ModelThread] = None) -> FastAPI:
+              model_thread: Optional[ModelThread] = None, inside: Optional[RecorderFactory] = None) -> FastAPI:
     """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
     ``model_thread`` if given (the thread that loaded the model: see ``serve.runner``). ``channel``: rank 0's
-    ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``)."""
-    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
+    ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``). ``inside``: makes the
+    recorder of a request the chat page's inside panel follows (``viz.inside.RowTrace``; None: no panel)."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread,
+                    inside)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -364,4 +371,5 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
     async def detokenize(request: Request):
         return await server.detokenize(request)
 
+    web.add_routes(app, server, EventStream)
     return app
