@@ -30,10 +30,17 @@ from .trace import Trace
 class RowTrace:
     """Records one request's steps (a ``Trace`` restricted to its row, keeping its slot map and no history).
 
-    ``token_text``: the text of a token id, for the events' ``tokens`` (default: none).
+    ``token_text``: the text of a token id, for the events' ``tokens`` (default: none). A request's observer
+    calls ``event`` with each ``RowStep`` (the server does it on its event loop, off the engine's thread)::
 
-    >>> rt = RowTrace()                                         # doctest: +SKIP
-    >>> engine.add_request(ids, params, observer=...)           # doctest: +SKIP  (something calling rt.event)
+        class Observer:
+            def __init__(self):
+                self.rt, self.events = RowTrace(), []
+
+            def on_row_step(self, step):
+                self.events.append(self.rt.event(step))
+
+        engine.add_request(ids, params, observer=Observer())
     """
 
     def __init__(self, token_text: Optional[Callable[[int], str]] = None):

@@ -354,13 +354,19 @@ export class Chat {
         this.notice(e.message);
       }
     }
+    // The rate between the first and the last token as they arrived; when they arrived too close together to
+    // time (a burst: the page was busy, or the answer was short), the rate over the whole wait instead.
+    const end = performance.now();
     const tokens = usage ? usage.completion_tokens : chunks;
+    let tps;
+    if (first !== null && tokens > 2 && last - first >= 100) tps = ((tokens - 1) * 1000) / (last - first);
+    else if (first !== null && tokens > 0) tps = (tokens * 1000) / (end - t0);
     reply.stats = {
       tokens,
       exact: !!usage,
       prompt: usage ? usage.prompt_tokens : undefined,
       ttft: first === null ? undefined : first - t0,
-      tps: first !== null && last > first && tokens > 1 ? ((tokens - 1) * 1000) / (last - first) : undefined,
+      tps,
       finish,
     };
     this.setBusy(null);

@@ -248,8 +248,8 @@ export class Inside {
     $("cache-caption").textContent = n === 0 ? "" :
       `window ${s.window === null ? "none" : s.window} \u00b7 ${n} slots \u00b7 row ${s.row} \u00b7 ` +
       `holds positions ${lo}\u2013${hi} of ${s.cached} \u00b7 slot = position mod ${n} \u00b7 ` +
-      (wraps ? `wrapped ${wraps}\u00d7: the oldest positions were overwritten` : `not wrapped yet (${held}/${n} used)`) +
-      partial;
+      (wraps ? `wrapped ${wraps}\u00d7: the oldest positions were overwritten`
+        : `not wrapped yet (${held}/${n} used)`) + partial;
     $("cache-panel").classList.toggle("wrapped", wraps > 0);
     const order = s.slots.map((pos, slot) => ({ pos, slot })).filter((x) => x.pos !== null)
       .sort((a, b) => a.pos - b.pos);
@@ -395,6 +395,7 @@ export class Inside {
         const part = el("span", "load-part");
         part.style.setProperty("--c", expertColour(e));
         part.style.width = `${(share * 100).toFixed(2)}%`;
+        if (share >= 0.08) part.textContent = `${Math.round(share * 100)}%`;
         part.title = `expert ${e}: ${l.counts[e] || 0} of ${total} choices (${(share * 100).toFixed(1)}%, even ` +
           `share ${(100 / experts).toFixed(1)}%)`;
         bar.append(part);
@@ -418,7 +419,7 @@ export class Inside {
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.clearRect(0, 0, width, height);
     const top = Math.max(1, ...steps.map((x) => x.ms));
-    const bw = width / MAX_STEPS;
+    const bw = width / Math.max(60, steps.length);
     steps.forEach((x, i) => {
       const h = (x.ms / top) * (height - 12);
       const tokens = x.prefill + x.decode || 1;

@@ -24,7 +24,8 @@ async function start() {
     $("model-name").textContent = `${chat.model} \u00b7 context ${models.data[0].max_model_len}`;
     notice(null);
   } catch (e) {
-    notice(e.status === 401 ? "This server needs an API key (it answered 401)." : `Cannot reach the server: ${e.message}`);
+    notice(e.status === 401 ? "This server needs an API key (it answered 401)."
+      : `Cannot reach the server: ${e.message}`);
     return;
   }
   status.start();

@@ -66,7 +66,9 @@ function codeBlock(seg) {
 }
 
 export function renderText(element, text) {
-  const nodes = segments(text).map((seg) => (seg.kind === "code" ? codeBlock(seg) : prose(seg.text)));
+  // Blank lines an answer starts with show as nothing.
+  const shown = text.replace(/^\s*\n/, "");
+  const nodes = segments(shown).map((seg) => (seg.kind === "code" ? codeBlock(seg) : prose(seg.text)));
   element.replaceChildren(...nodes);
 }
 
