@@ -171,6 +171,7 @@ class Server:
                 index = pi * req.n + j
                 seqs.append((index, f"{req.id}-{index}", ids))
         added: list[str] = []
+        observer = None
         try:
             for index, rid, ids in seqs:
                 max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
@@ -181,6 +182,8 @@ class Server:
         except BaseException as e:
             for rid in added:
                 self.runner.abort(rid)
+            if observer is not None and isinstance(e, Exception):      # refused: the page's panel hears no step
+                observer.finish("error")
             if isinstance(e, PromptTooLong):
                 raise bad(str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
             if isinstance(e, (SiroccoError, ValueError)):

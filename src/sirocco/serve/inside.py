@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from typing import Any, AsyncIterator, Callable, Optional, Protocol
 
 from ..generate.engine import RowStep
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 4096
 KEEPALIVE_S = 15.0
+UNREAD_S = 30.0          # a channel whose stream never started after this long is let go (its client left at once)
 CHANNEL = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -52,6 +54,8 @@ class Channel:
         self.queue: asyncio.Queue[tuple[str, dict]] = asyncio.Queue(MAX_PENDING)
         self.dropped = 0
         self.closed = False
+        self.created = time.monotonic()
+        self.started = False
 
     def push(self, kind: str, data: dict) -> None:
         """Queue an event (event loop only). A full queue drops step events; start and end always fit."""
@@ -113,6 +117,9 @@ class InsideHub:
         if not CHANNEL.fullmatch(name):
             raise bad(f"an inside channel is 8 to 64 letters, digits, '-' or '_', got {name[:80]!r}",
                       param="channel")
+        now = time.monotonic()
+        for stale in [c for c in self.channels.values() if not c.started and now - c.created > UNREAD_S]:
+            self.close(stale)
         if name in self.channels:
             raise APIError(409, f"the inside channel {name!r} is already open", code="channel_in_use")
         channel = self.channels[name] = Channel(name)
@@ -150,6 +157,7 @@ class InsideHub:
 
     async def stream(self, channel: Channel) -> AsyncIterator[str]:
         """The channel's server-sent events until the client goes away (then the channel closes)."""
+        channel.started = True
         try:
             yield sse("open", {"channel": channel.name, **self.model_info})
             while True:
