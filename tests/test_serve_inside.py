@@ -173,9 +173,11 @@ def server(ckpt):
 AUTH = {"Authorization": "Bearer k3y"}
 
 
-def read_inside(url: str, channel: str, stop_after_end: int, opened: threading.Event, out: list) -> None:
-    """Read the inside stream of ``channel`` into ``out`` until ``stop_after_end`` end events have come."""
-    with httpx.stream("GET", f"{url}/v1/inside/{channel}", headers=AUTH, timeout=60) as r:
+def read_inside(url: str, channel: str, stop_after_end: int, opened: threading.Event, out: list,
+                headers: dict = AUTH) -> None:
+    """Read the inside stream of ``channel`` into ``out`` until ``stop_after_end`` end events have come (or the
+    server ends the stream)."""
+    with httpx.stream("GET", f"{url}/v1/inside/{channel}", headers=headers, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         ends = 0
         kind = None
@@ -332,8 +334,19 @@ def test_chat_web_serves_the_page_on_loopback_until_interrupted():
         r = httpx.post(address + "v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": True})
         assert r.json()["usage"]["completion_tokens"] == 3
+        # a page's inside stream never ends on its own: Ctrl-C ends it, and the server stops at once
+        events: list = []
+        opened = threading.Event()
+        reader = threading.Thread(target=read_inside, args=(address.rstrip("/"), "chat-web-test", 1, opened, events),
+                                  kwargs={"headers": {}}, daemon=True)
+        reader.start()
+        assert opened.wait(30)
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130                                 # the CLI's status for Ctrl-C
+        assert time.monotonic() - t0 < 10
+        reader.join(10)
+        assert not reader.is_alive()
         assert "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:

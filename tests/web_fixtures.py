@@ -75,8 +75,16 @@ class Page:
     def console_errors(self) -> list[str]:
         return [t for kind, t in self.console if kind == "error"] + [str(e) for e in self.errors]
 
+    def __enter__(self) -> "Page":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Close the page's context: its streams end, and the server can stop without waiting for them."""
+        self.page.context.close()
+
 
 def open_page(b, url: str, width: int = 1500, height: int = 950, wait_model: bool = True) -> Page:
+    """A new page on ``url`` (``with open_page(...) as p:`` closes it)."""
     context = b.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
     pg = context.new_page()
     out = Page(pg, url)

@@ -29,35 +29,35 @@ def _done(pg) -> None:
 
 
 def chat(b, url: str, out: Path) -> None:
-    p = open_page(b, url + "/", width=1280, height=820)
-    pg = p.page
-    pg.uncheck("#inside-toggle")
-    settings(pg, temperature=0, max_tokens=48)
-    pg.fill("#system", "You answer questions about Python.")
-    pg.dispatch_event("#system", "change")
-    send(pg, "What does the with statement do?")
-    _done(pg)
-    send(pg, "And the return statement?")
-    _done(pg)
-    pg.screenshot(path=str(out / "web-chat.png"))
+    with open_page(b, url + "/", width=1280, height=820) as p:
+        pg = p.page
+        pg.uncheck("#inside-toggle")
+        settings(pg, temperature=0, max_tokens=48)
+        pg.fill("#system", "You answer questions about Python.")
+        pg.dispatch_event("#system", "change")
+        send(pg, "What does the with statement do?")
+        _done(pg)
+        send(pg, "And the return statement?")
+        _done(pg)
+        pg.screenshot(path=str(out / "web-chat.png"))
 
 
 def inside(b, url: str, out: Path) -> None:
-    p = open_page(b, url + "/", width=1500, height=1000)
-    pg = p.page
-    settings(pg, temperature=0, max_tokens=72)
-    send(pg, "What does the with statement do?")
-    _done(pg)
-    pg.screenshot(path=str(out / "web-inside.png"))
+    with open_page(b, url + "/", width=1500, height=1000) as p:
+        pg = p.page
+        settings(pg, temperature=0, max_tokens=72)
+        send(pg, "What does the with statement do?")
+        _done(pg)
+        pg.screenshot(path=str(out / "web-inside.png"))
 
 
 def moe(b, url: str, out: Path) -> None:
-    p = open_page(b, url + "/", width=1500, height=1250)
-    pg = p.page
-    settings(pg, temperature=0, max_tokens=32)
-    send(pg, "The with statement")
-    _done(pg)
-    pg.locator("#inside").screenshot(path=str(out / "web-moe.png"))
+    with open_page(b, url + "/", width=1500, height=1250) as p:
+        pg = p.page
+        settings(pg, temperature=0, max_tokens=32)
+        send(pg, "The with statement")
+        _done(pg)
+        pg.locator("#inside").screenshot(path=str(out / "web-moe.png"))
 
 
 def main(argv: list[str] | None = None) -> int:

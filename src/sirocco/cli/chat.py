@@ -122,7 +122,7 @@ def run_web(args: argparse.Namespace) -> int:
     from ..serve.app import build_app
     from ..serve.model_thread import ModelThread
     from ..viz.inside import RowTrace
-    from .serve import served_name
+    from .serve import served_name, stop_pages_on_exit
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -140,6 +140,7 @@ def run_web(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     print(f"sirocco chat: open http://127.0.0.1:{port}/ in a browser (Ctrl-C stops)", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    stop_pages_on_exit(server, app)
     try:
         server.run(sockets=[sock])
     finally:

@@ -117,9 +117,26 @@ def run(args: argparse.Namespace) -> int:
         with _signals_restored():
             return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     app = build(args)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    stop_pages_on_exit(server, app)
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    server.run()
+    if not server.started:                  # it could not start (the port is taken...): uvicorn said why
+        raise SiroccoError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above)")
     return 0
+
+
+def stop_pages_on_exit(server: Any, app: Any) -> None:
+    """Have the signals that stop ``server`` (a ``uvicorn.Server``) end the chat pages' inside streams too: those
+    never end on their own, and uvicorn waits for every open response before it stops."""
+    hub = app.state.server.inside
+    handle = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:
+        hub.stop()
+        handle(sig, frame)
+    server.handle_exit = handle_exit
 
 
 def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
@@ -166,6 +183,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False))
     runner.on_failure = lambda: setattr(server, "should_exit", True)       # a failed engine: stop serving
+    stop_pages_on_exit(server, app)
     _on_signals(lambda sig: setattr(server, "should_exit", True))
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:

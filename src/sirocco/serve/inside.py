@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING = 4096
 KEEPALIVE_S = 15.0
 UNREAD_S = 30.0          # a channel whose stream never started after this long is let go (its client left at once)
+POLL_S = 0.5             # how soon an open stream notices that the server stops
 CHANNEL = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -110,6 +111,12 @@ class InsideHub:
         self.token_text = token_text
         self.model_info = model_info
         self.channels: dict[str, Channel] = {}
+        self.stopping = False
+
+    def stop(self) -> None:
+        """End every inside stream within ``POLL_S`` (they never end on their own, and an HTTP server waits for
+        its open responses before it stops). A plain attribute write: safe from a signal handler."""
+        self.stopping = True
 
     def open(self, name: str) -> Channel:
         if self.recorder is None:
@@ -160,12 +167,17 @@ class InsideHub:
         channel.started = True
         try:
             yield sse("open", {"channel": channel.name, **self.model_info})
-            while True:
+            quiet = 0.0
+            while not self.stopping:
                 try:
-                    kind, data = await asyncio.wait_for(channel.queue.get(), KEEPALIVE_S)
+                    kind, data = await asyncio.wait_for(channel.queue.get(), POLL_S)
                 except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
+                    quiet += POLL_S
+                    if quiet >= KEEPALIVE_S:
+                        quiet = 0.0
+                        yield ": keep-alive\n\n"
                     continue
+                quiet = 0.0
                 yield sse(kind, data)
         finally:
             self.close(channel)
