@@ -46,7 +46,7 @@ class Recorded:
 
     def on_row_step(self, step: RowStep) -> None:
         self.steps.append(step)
-        self.events.append(self.rt.event(step))
+        self.events.append(self.rt.event([step]))
         if self.full is not None:                 # the engine's trace recorded this step just before
             self.full_steps.append(self.full.steps[-1])
 
@@ -149,13 +149,23 @@ def test_row_trace_is_the_full_trace_restricted_to_the_row(attention):
         assert dense == [[m.allowed[i][j] for j in cols] for i in rows]
         # routing: the rows of the request's tokens in the step's packing
         a = sum(whole.lengths[:st.index])
-        for layer in ev["moe"]["layers"]:
-            chosen = whole.router[layer["layer"]][0]
-            assert layer["experts"] == chosen[a:a + len(st.tokens)]
+        moe = ev["steps"][0]["moe"]
+        assert moe["layers"] == [0, 1] and len(moe["experts"]) == len(st.tokens)
+        for li, layer in enumerate(moe["layers"]):
+            assert [e[li] for e in moe["experts"]] == whole.router[layer][0][a:a + len(st.tokens)]
     # the slot map after the last step is the one `sirocco viz cache` records for the same tokens alone
     seq = [t for s in rec.steps for t in s.tokens]
     data, _ = viz.cache([seq], window=window, max_tokens=1, model=model)
     assert rec.events[-1]["slots"] == data["steps"][-1]["rows"][0]
+    # the same steps in batches (as the server sends them): each step's facts, and the row as the last one left it
+    batched, per_step = RowTrace(), RowTrace()
+    one = [per_step.event([st]) for st in rec.steps]
+    cuts = [0, 1, 4, 5, len(rec.steps)]
+    for a, b in zip(cuts, cuts[1:]):
+        ev = batched.event(rec.steps[a:b])
+        assert ev["steps"] == [e["steps"][0] for e in one[a:b]]
+        assert {k: ev[k] for k in ("window", "slots", "written", "mask")} == \
+               {k: one[b - 1][k] for k in ("window", "slots", "written", "mask")}
 
 
 # -- the server: /v1/inside, /v1/status, the page's files --------------------------------------------------------------
@@ -215,10 +225,11 @@ def test_inside_stream_follows_one_request_and_the_chat_stream_stays_openai_s(se
     assert plain.json()["choices"][0]["message"]["content"] == text
     reader.join(30)
     kinds = [k for k, _ in events]
-    assert kinds[0] == "open" and kinds[1] == "start" and kinds[-1] == "end" and set(kinds[2:-1]) == {"step"}
-    start, steps, end = events[1][1], [d for k, d in events if k == "step"], events[-1][1]
+    assert kinds[0] == "open" and kinds[1] == "start" and kinds[-1] == "end" and set(kinds[2:-1]) == {"steps"}
+    batches = [d for k, d in events if k == "steps"]
+    start, steps, end = events[1][1], [s for b in batches for s in b["steps"]], events[-1][1]
     assert start["prompt_tokens"] == len(srv.tokenizer.encode_chat(messages)) and start["windows"] == [16]
-    assert end == {"id": start["id"], "finish_reason": "length"} and all(s["id"] == start["id"] for s in steps)
+    assert end == {"id": start["id"], "finish_reason": "length"} and all(b["id"] == start["id"] for b in batches)
     # every position of the prompt and the answer but the last went through, with its token and text
     prompt = srv.tokenizer.encode_chat(messages)
     fed = [(p, t) for s in steps for p, t, _ in s["tokens"]]
@@ -226,12 +237,12 @@ def test_inside_stream_follows_one_request_and_the_chat_stream_stays_openai_s(se
     assert [t for _, t in fed][:len(prompt)] == prompt
     answer = [t for _, t in fed][len(prompt):]
     assert srv.tokenizer.decode(answer) == text[:len(srv.tokenizer.decode(answer))]
-    last = steps[-1]
+    last = batches[-1]
     length = len(prompt) + 39
     assert last["window"] == 16 and last["slots"] == [max(p for p in range(length) if p % 16 == s) for s in range(16)]
-    assert last["kind"] == "decode" and last["mask"]["runs"] == [[[0, 16]]]
+    assert steps[-1]["kind"] == "decode" and last["mask"]["runs"] == [[[0, 16]]]
     assert [s["step"] for s in steps] == list(range(len(steps)))
-    assert all(s["ms"] > 0 and s["rows"] >= 1 for s in steps) and "moe" not in last
+    assert all(s["ms"] > 0 and s["rows"] >= 1 and "moe" not in s for s in steps)
 
 
 def test_inside_refusals_and_the_key(server):

@@ -5,26 +5,31 @@
     POST /v1/chat/completions
          {"sirocco_inside": channel, ...}  -> Runner.add(..., observer=InsideRequest): "event: start"
                                               engine thread, each step running the request's row:
-                                                RowObserver.on_row_step(RowStep) -> loop.call_soon_threadsafe
-                                              event loop: the recorder (viz.inside.RowTrace, handed in by the
-                                                CLI: serve does not import viz) -> "event: step"
-                                              the request finishes or is aborted:  "event: end"
+                                                RowObserver.on_row_step(RowStep) -> a deque (the loop is woken
+                                                only by the first step of a batch)
+                                              event loop, at most every FLUSH_S: the steps since the last
+                                                batch to the recorder (viz.inside.RowTrace, handed in by the
+                                                CLI: serve does not import viz) -> "event: steps"
+                                              the request finishes or is aborted: its last batch, "event: end"
 
 A request names a channel the page opened before it, so no step can happen before anyone listens, and the chat
 stream itself stays exactly OpenAI's. Requests that name none carry no observer, and the engine does no
 observing work for them. The engine thread only hands the step's references to the event loop; the recording
-and the JSON happen there. A channel holds at most ``MAX_PENDING`` unsent events: past that (a page that stopped
-reading) step events are dropped and the next one sent says how many (``dropped``).
+and the JSON happen there, a batch at a time: the page redraws a few times a second whatever the token rate, so
+the steps of a tenth of a second make one event, and only the last one's mask is recorded. A channel holds at
+most ``MAX_PENDING`` unsent events: past that (a page that stopped reading) batches are dropped and the next one
+sent says how many steps it misses (``dropped``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import re
 import time
-from typing import Any, AsyncIterator, Callable, Optional, Protocol
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Sequence
 
 from ..generate.engine import RowStep
 from .protocol import APIError, bad
@@ -35,13 +40,14 @@ MAX_PENDING = 4096
 KEEPALIVE_S = 15.0
 UNREAD_S = 30.0          # a channel whose stream never started after this long is let go (its client left at once)
 POLL_S = 0.5             # how soon an open stream notices that the server stops
+FLUSH_S = 0.1            # the steps of this long make one event
 CHANNEL = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class Recorder(Protocol):
     """Turns a request's steps into JSON-ready events (``viz.inside.RowTrace``)."""
 
-    def event(self, step: RowStep) -> dict: ...
+    def event(self, steps: Sequence[RowStep]) -> dict: ...
 
 
 RecorderFactory = Callable[[Callable[[int], str]], Recorder]     # (token id -> text) -> a new Recorder
@@ -59,22 +65,22 @@ class Channel:
         self.started = False
 
     def push(self, kind: str, data: dict) -> None:
-        """Queue an event (event loop only). A full queue drops step events; start and end always fit."""
+        """Queue an event (event loop only). A full queue drops batches of steps; start and end always fit."""
         if self.closed:
             return
-        if self.dropped and kind == "step":
+        if self.dropped and kind == "steps":
             data = {**data, "dropped": self.dropped}
         try:
             self.queue.put_nowait((kind, data))
-            if kind == "step":
+            if kind == "steps":
                 self.dropped = 0
         except asyncio.QueueFull:
-            if kind == "step":
-                self.dropped += 1
-            else:                                  # make room: the page must learn that the request ended
-                self.queue.get_nowait()
-                self.dropped += 1
+            if kind != "steps":                    # make room: the page must learn that the request ended
+                old_kind, old = self.queue.get_nowait()
+                self.dropped += len(old.get("steps", ())) if old_kind == "steps" else 0
                 self.queue.put_nowait((kind, data))
+            else:
+                self.dropped += len(data.get("steps", ()))
 
 
 class InsideRequest:
@@ -82,24 +88,47 @@ class InsideRequest:
 
     def __init__(self, channel: Channel, request_id: str, recorder: Recorder, loop: asyncio.AbstractEventLoop):
         self.channel, self.request_id, self.recorder, self.loop = channel, request_id, recorder, loop
+        self.pending: collections.deque[RowStep] = collections.deque()    # appended by the engine's thread
+        self.scheduled = False                     # a flush is on its way (set by the engine's thread)
+        self.timer: Optional[asyncio.TimerHandle] = None
+        self.failed = False
 
     def on_row_step(self, step: RowStep) -> None:                 # the engine's thread
-        self.loop.call_soon_threadsafe(self._record, step)
+        self.pending.append(step)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._schedule)
 
-    def finish(self, reason: str) -> None:                        # the engine's thread
-        self.loop.call_soon_threadsafe(self.channel.push, "end", {"id": self.request_id, "finish_reason": reason})
+    def finish(self, reason: str) -> None:                        # the engine's thread (or the loop's)
+        self.loop.call_soon_threadsafe(self._finish, reason)
 
-    def _record(self, step: RowStep) -> None:
-        if self.channel.closed:
+    def _schedule(self) -> None:
+        if self.timer is None:
+            self.timer = self.loop.call_later(FLUSH_S, self._flush)
+
+    def _finish(self, reason: str) -> None:
+        self._flush()
+        self.channel.push("end", {"id": self.request_id, "finish_reason": reason})
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.scheduled = False                     # before taking the steps: one appended after is flushed later
+        steps = []
+        while self.pending:
+            steps.append(self.pending.popleft())
+        if not steps or self.channel.closed or self.failed:
             return
         try:
-            event = self.recorder.event(step)
+            event = self.recorder.event(steps)
         except Exception as e:                                    # a recording bug must not touch the request
             log.exception("inside: recording a step failed")
+            self.failed = True
             self.channel.push("error", {"id": self.request_id, "message": f"{type(e).__name__}: {e}"})
             return
         event["id"] = self.request_id
-        self.channel.push("step", event)
+        self.channel.push("steps", event)
 
 
 class InsideHub:

@@ -146,7 +146,7 @@ class Trace:
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_step(self, phase: str, plan: "BatchPlan", cache_positions: Optional[Mapping[int, int]] = None,
                 tokens: Optional[Sequence[int] | torch.Tensor] = None, seqs: Optional[Sequence[int]] = None,
-                prefill: str = "per_sequence", only: Optional[int] = None) -> None:
+                prefill: str = "per_sequence", only: Optional[int] = None, mask: bool = True) -> None:
         """After a step's model call: record its masks, its cache writes and the router choices seen since the
         last step. ``cache_positions``: tokens each cache row holds after the step, ``{row: cached}`` (optional,
         kept as given). ``tokens``: the step's token ids (optional, for labels). ``seqs``: an id for each packed
@@ -154,7 +154,8 @@ class Trace:
         until the engine moves a row), or the packing order without a cache. ``prefill``: the pre-fill attention
         path the model's ops took ("per_sequence" or "dense"), which says which lowering of the mask ran.
         ``only``: record packed sequence ``only`` alone (its queries and keys, its cache row's writes, the trace's
-        window; ``tokens`` and the router choices are then that sequence's own), its masks as runs."""
+        window; ``tokens`` and the router choices are then that sequence's own), its masks as runs; with ``mask``
+        False, its cache writes and router choices alone (a step whose mask nobody will draw)."""
         if seqs is None:
             seqs = plan.rows if plan.rows is not None else range(len(plan.lengths))
         ids = [int(x) for x in seqs]
@@ -171,7 +172,8 @@ class Trace:
             slots = {w: {r: list(s) for r, s in rows.items()} for w, rows in self._slots.items()}
         else:
             row = None if ref.rows is None else ref.rows[only]
-            masks[ref.window] = self._mask_of(ref, prefill, ids, only, row)
+            if mask:
+                masks[ref.window] = self._mask_of(ref, prefill, ids, only, row)
             written[ref.window] = self._write(ref.window, ref, row)
             held = self._slots.get(ref.window, {})
             slots = {ref.window: {row: list(held[row])}} if row in held else {}

@@ -1,6 +1,7 @@
 // The inside panel: what the engine did for the answer being written, from the server's inside stream
-// (GET /v1/inside/CHANNEL, events recorded by the engine's own hooks). Events may come every step; the panel
-// keeps their data and redraws at most every REDRAW_MS, in an animation frame.
+// (GET /v1/inside/CHANNEL, recorded by the engine's own hooks). Each "steps" event carries the steps of a
+// moment (each one's timing, tokens and experts) and the row as the last of them left it (slots, mask); the
+// panel keeps their data and redraws at most every REDRAW_MS, in an animation frame.
 
 import * as api from "./api.js";
 import { newId } from "./store.js";
@@ -118,9 +119,14 @@ export class Inside {
       if (data.experts) this.state.loads = [];
       this.moeRows.clear();
       $("moe-grid").replaceChildren();
-    } else if (kind === "step") {
+    } else if (kind === "steps") {
       if (data.id !== s.id) return;
-      this.step(s, data);
+      for (const step of data.steps) this.step(s, step);
+      s.window = data.window;
+      s.slots = data.slots || [];
+      s.written = data.written || [];
+      s.mask = data.mask;
+      s.dropped += data.dropped || 0;
     } else if (kind === "end") {
       if (data.id !== s.id) return;
       s.finished = data.finish_reason;
@@ -131,14 +137,9 @@ export class Inside {
   }
 
   step(s, ev) {
-    s.window = ev.window;
-    s.slots = ev.slots || [];
-    s.written = ev.written || [];
     s.cached = ev.cached;
     s.row = ev.row;
-    s.mask = ev.mask;
     s.step = ev;
-    s.dropped += ev.dropped || 0;
     for (const [pos, id, text] of ev.tokens) {
       s.ids.set(pos, id);
       s.texts.set(pos, text);
@@ -154,16 +155,18 @@ export class Inside {
     });
     if (s.steps.length > MAX_STEPS) s.steps.shift();
     if (ev.moe) {
-      const layers = ev.moe.layers;
+      const { layers, experts, weights } = ev.moe;
       if (!s.loads) s.loads = [];
       layers.forEach((layer, li) => {
-        const counts = s.loads[li] || (s.loads[li] = { layer: layer.layer, counts: [] });
-        for (const choice of layer.experts) for (const e of choice) counts.counts[e] = (counts.counts[e] || 0) + 1;
+        if (!s.loads[li]) s.loads[li] = { layer, counts: [] };
       });
-      ev.moe.positions.forEach((pos, i) => {
+      ev.tokens.forEach(([pos], i) => {
+        experts[i].forEach((choice, li) => {
+          const counts = s.loads[li].counts;
+          for (const e of choice) counts[e] = (counts[e] || 0) + 1;
+        });
         if (pos < s.promptTokens) return; // the experts grid shows answer tokens; the loads count every token
-        s.moeTokens.push({ pos, text: s.texts.get(pos), experts: layers.map((l) => l.experts[i]),
-                           weights: layers.map((l) => l.weights[i]) });
+        s.moeTokens.push({ pos, text: s.texts.get(pos), experts: experts[i], weights: weights[i] });
       });
       if (s.moeTokens.length > MAX_MOE_TOKENS) s.moeTokens.splice(0, s.moeTokens.length - MAX_MOE_TOKENS);
     }
