@@ -134,32 +134,40 @@ def test_regenerate_edit_system_prompt_and_code_blocks(chrome, tiny):
         assert p.console_errors() == [] and p.foreign() == []
 
 
-def test_inside_slot_map_equals_viz_cache_for_the_same_tokens(chrome, tiny, capsys):
+def viz_cache_rows(held: list[int]) -> dict:
+    """``sirocco viz cache --json`` of sirocco-tiny over these token ids (one generated token: the cache holds them)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["-q", "viz", "cache", "--model", "sirocco-tiny", "--ids", ",".join(map(str, held)),
+                     "--max-tokens", "1", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_inside_slot_map_equals_viz_cache_for_the_same_tokens(chrome, tiny):
     url, _ = tiny
     with open_page(chrome, url + "/") as p:
         pg = p.page
         settings(pg, temperature=0, max_tokens=80)
-        send(pg, QUESTION)
-        wait_answer(pg)
-        wait_inside_done(pg)
-        page_slots = slot_map(pg)
-        want = generate_json("sirocco-tiny", [QUESTION], "--chat", "--max-tokens", "80")[0]
-        sequence = want["prompt_tokens"] + want["tokens"]
-        held = sequence[:-1]                                   # the last token sampled never went through the model
-        assert len(held) > 64                                  # past sirocco-tiny's window: the buffer has wrapped
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            assert main(["-q", "viz", "cache", "--model", "sirocco-tiny", "--ids", ",".join(map(str, held)),
-                         "--max-tokens", "1", "--json"]) == 0
-        recorded = json.loads(out.getvalue())
-        assert recorded["window"] == 64 and recorded["slots"] == 64
-        assert [c["slot"] for c in page_slots] == list(range(64))
-        assert [c["pos"] for c in page_slots] == recorded["steps"][-1]["rows"][0]
-        assert [c["token"] for c in page_slots] == [held[c["pos"]] for c in page_slots]
-        assert pg.locator("#slots .slot.written").count() == 1
-        assert "wrapped" in pg.text_content("#cache-caption")
-        mask = pg.eval_on_selector("#mask", "c => [Number(c.dataset.queries), Number(c.dataset.keys)]")
-        assert mask == [1, 64]                                 # the last step: one decode query over the 64 slots
+        # two questions of the same length one after the other: the second's cells hold the same positions, and
+        # must show its own tokens
+        for question in (QUESTION, "What does the for statement do?"):
+            pg.click("#new-chat")
+            send(pg, question)
+            wait_answer(pg)
+            wait_inside_done(pg)
+            page_slots = slot_map(pg)
+            want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "80")[0]
+            held = (want["prompt_tokens"] + want["tokens"])[:-1]   # the last token sampled never went through
+            assert len(held) > 64                                  # past sirocco-tiny's window: it has wrapped
+            recorded = viz_cache_rows(held)
+            assert recorded["window"] == 64 and recorded["slots"] == 64
+            assert [c["slot"] for c in page_slots] == list(range(64))
+            assert [c["pos"] for c in page_slots] == recorded["steps"][-1]["rows"][0]
+            assert [c["token"] for c in page_slots] == [held[c["pos"]] for c in page_slots]
+            assert pg.locator("#slots .slot.written").count() == 1
+            assert "wrapped" in pg.text_content("#cache-caption")
+            mask = pg.eval_on_selector("#mask", "c => [Number(c.dataset.queries), Number(c.dataset.keys)]")
+            assert mask == [1, 64]                             # the last step: one decode query over the 64 slots
         assert p.console_errors() == [] and p.foreign() == []
 
 

@@ -27,6 +27,9 @@ export class Chat {
     this.notice = notice;
     this.model = null;
     this.conversations = store.loadConversations();
+    for (const c of Object.values(this.conversations)) {
+      for (const m of c.messages || []) if (m.state === "streaming") m.state = "stopped"; // the page left mid-answer
+    }
     this.settings = store.loadSettings();
     this.busy = null; // {controller, reply} while an answer streams
     this.pending = null; // a message element waiting for its next frame

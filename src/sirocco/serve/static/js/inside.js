@@ -117,6 +117,7 @@ export class Inside {
       this.state.promptTokens = data.prompt_tokens;
       this.state.info = data;
       if (data.experts) this.state.loads = [];
+      this.lastSlots = []; // a new request: every cell is redrawn, even where the positions are the same
       this.moeRows.clear();
       $("moe-grid").replaceChildren();
     } else if (kind === "steps") {
@@ -222,7 +223,7 @@ export class Inside {
     shown.forEach((i, c) => {
       const cell = this.slotCells[c];
       const pos = s.slots[i];
-      const key = `${pos}|${written.has(i)}`;
+      const key = `${pos}|${s.ids.get(pos)}|${written.has(i)}`;
       if (this.lastSlots[c] === key) return;
       this.lastSlots[c] = key;
       cell.classList.toggle("empty", pos === null);
