@@ -38,12 +38,15 @@ def static_files(root: Path = STATIC) -> dict[str, tuple[bytes, str]]:
 
 def model_info(server: Any) -> dict:
     """What the page needs to know of the model: name, context, layers, windows, experts."""
-    args = server.engine.args
-    moe = getattr(args, "moe", None)
-    return {"model": server.name, "max_model_len": server.max_seq_len, "layers": args.n_layers,
-            "windows": sorted({w for w in args.windows() if w is not None}),
-            "experts": moe.num_experts if moe is not None else None,
-            "experts_per_token": moe.num_experts_per_tok if moe is not None else None}
+    info: dict = {"model": server.name, "max_model_len": server.max_seq_len, "layers": None, "windows": [],
+                  "experts": None, "experts_per_token": None}
+    args = getattr(server.engine, "args", None)             # (an engine stand-in of a test may have none)
+    if args is not None:
+        moe = getattr(args, "moe", None)
+        info.update(layers=args.n_layers, windows=sorted({w for w in args.windows() if w is not None}),
+                    experts=moe.num_experts if moe is not None else None,
+                    experts_per_token=moe.num_experts_per_tok if moe is not None else None)
+    return info
 
 
 def add_routes(app: FastAPI, server: Any, event_stream: type) -> None:
