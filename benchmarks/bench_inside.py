@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="the server's threads (default 1)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on standard output")
     a = ap.parse_args()
+    load_before = os.getloadavg()[0]
     proc, url = start_server(a.model, a.threads)
     try:
         rounds = []
@@ -174,9 +175,11 @@ def main() -> int:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     solo = statistics.median(r["solo_on"] / r["solo_off"] for r in rounds)
     beside = statistics.median(r["beside_on"] / r["beside_off"] for r in rounds)
+    load = (load_before, os.getloadavg()[0])
     result = {"model": a.model, "tokens": a.tokens, "rounds": rounds, "median": med,
-              "solo_ratio": solo, "beside_ratio": beside}
-    log(f"{a.model}, {a.tokens} tokens, {a.rounds} rounds (medians)")
+              "solo_ratio": solo, "beside_ratio": beside, "load_average": load}
+    log(f"{a.model}, {a.tokens} tokens, {a.rounds} rounds (medians of the rounds' ratios; load average "
+        f"{load[0]:.2f} before, {load[1]:.2f} after)")
     log(f"  followed request's decode: {med['solo_on']:.1f} tok/s against {med['solo_off']:.1f} not followed: "
         f"{solo:.3f}x (target >= 0.9x)")
     log(f"  another request's decode beside it: {med['beside_on']:.1f} tok/s against {med['beside_off']:.1f} "

@@ -444,7 +444,8 @@ class Engine:
                         routing: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], seconds: float,
                         prompt_tokens: int) -> None:
         """Give each observed sequence of the step its slice of the step."""
-        routed = {layer: (torch.cat([c for c, _ in parts]), torch.cat([w for _, w in parts]))
+        routed = {layer: parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]),
+                                                          torch.cat([w for _, w in parts]))
                   for layer, parts in routing.items()}
         offsets = [0]
         for n in step.lengths:
