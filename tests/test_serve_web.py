@@ -58,16 +58,17 @@ def test_page_loads_streams_stops_and_keeps_the_conversation(chrome, tiny):
     url, server = tiny
     with open_page(chrome, url + "/") as p:
         pg = p.page
-        settings(pg, temperature=0, max_tokens=60)
+        settings(pg, temperature=0, max_tokens=200)
         watch_text_lengths(pg)
         send(pg, QUESTION)
         answer = wait_answer(pg)
-        want = generate_json("sirocco-tiny", [QUESTION], "--chat", "--max-tokens", "60")[0]
+        want = generate_json("sirocco-tiny", [QUESTION], "--chat", "--max-tokens", "200")[0]
         shown = want["text"].lstrip("\n")            # (the page leaves out the blank lines an answer starts with)
         assert answer["text"] == shown
         lengths = pg.evaluate("window.__lengths")
         assert len({n for n in lengths if 0 < n < len(shown)}) >= 3, lengths            # it came in pieces
-        assert "60 tokens" in answer["stats"] and "tokens/s" in answer["stats"] and "first after" in answer["stats"]
+        assert lengths == sorted(lengths)
+        assert "200 tokens" in answer["stats"] and "tokens/s" in answer["stats"] and "first after" in answer["stats"]
         # a reload keeps it
         pg.reload()
         pg.wait_for_selector("#messages article.assistant")
