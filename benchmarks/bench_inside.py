@@ -9,6 +9,9 @@ so that a slow phase of the shared host hits each alike:
              stream open and named by the request, read by the client as the page would) or not ("off");
              decode tokens/s = 1 / the server's own time per output token for it (the delta of /metrics'
              sirocco_time_per_output_token_seconds over the request). Target: on >= 0.9x off.
+    engine   in this process, no HTTP: the engine's decode ms per step for one request with an observer that
+             keeps its steps (as the server's does, on the engine's thread) against none, alternated; and what
+             recording them costs (viz.inside.RowTrace over batches of 25 steps, as the server's event loop does).
     beside   two requests at once, A never followed, B followed ("on") or not ("off"); they share every step, so
              A's decode is the pair's: tokens/s = 1 / the server's mean time per output token over the two. Target:
              on ~ off (the trace is B's alone; what A pays is B's trace work inside the steps they share).
@@ -153,6 +156,53 @@ async def one_round(url: str, tokens: int, round_no: int) -> dict:
     return out
 
 
+def engine_part(model_name: str, tokens: int, rounds: int) -> dict:
+    import collections
+
+    import torch
+
+    from sirocco.generate.engine import Engine
+    from sirocco.generate.sampling import SamplingParams
+    from sirocco.pretrained import load
+    from sirocco.viz.inside import RowTrace
+
+    torch.set_num_threads(1)
+    loaded = load(model_name)
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=2, backend="torch")
+    prompt = loaded.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, stop_on_eos=False)
+
+    class Keep:
+        def __init__(self) -> None:
+            self.steps: collections.deque = collections.deque()
+
+        def on_row_step(self, step) -> None:
+            self.steps.append(step)
+
+    ms: dict[str, list[float]] = {"off": [], "on": []}
+    kept = None
+    for r in range(rounds + 1):
+        for case in (["off", "on"] if r % 2 == 0 else ["on", "off"]):
+            observer = Keep() if case == "on" else None
+            engine.stats = type(engine.stats)()
+            engine.add_request(prompt, params, observer=observer)
+            while engine.has_unfinished():
+                engine.step()
+            if r > 0:                                          # round 0 warms up
+                ms[case].append(engine.stats.decode_seconds / engine.stats.decode_steps * 1e3)
+            if observer is not None:
+                kept = list(observer.steps)
+    assert kept is not None
+    rt = RowTrace(lambda t: loaded.tokenizer.decode([t]))
+    t0 = time.perf_counter()
+    for i in range(0, len(kept), 25):
+        json.dumps(rt.event(kept[i:i + 25]))
+    record = (time.perf_counter() - t0) / len(kept) * 1e3
+    ratios = [off / on for off, on in zip(ms["off"], ms["on"])]
+    return {"decode_ms_off": statistics.median(ms["off"]), "decode_ms_on": statistics.median(ms["on"]),
+            "ratio": statistics.median(ratios), "record_ms_per_step": record}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sirocco-tiny", help="a bundled model's name or a folder (default sirocco-tiny)")
@@ -162,6 +212,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the figures as JSON on standard output")
     a = ap.parse_args()
     load_before = os.getloadavg()[0]
+    engine = engine_part(a.model, a.tokens, a.rounds)
+    log(f"engine: decode {engine['decode_ms_on']:.3f} ms a step observed, {engine['decode_ms_off']:.3f} not: "
+        f"{engine['ratio']:.3f}x the rate; recording {engine['record_ms_per_step']:.3f} ms a step (event loop)")
     proc, url = start_server(a.model, a.threads)
     try:
         rounds = []
@@ -177,7 +230,7 @@ def main() -> int:
     beside = statistics.median(r["beside_on"] / r["beside_off"] for r in rounds)
     load = (load_before, os.getloadavg()[0])
     result = {"model": a.model, "tokens": a.tokens, "rounds": rounds, "median": med,
-              "solo_ratio": solo, "beside_ratio": beside, "load_average": load}
+              "solo_ratio": solo, "beside_ratio": beside, "engine": engine, "load_average": load}
     log(f"{a.model}, {a.tokens} tokens, {a.rounds} rounds (medians of the rounds' ratios; load average "
         f"{load[0]:.2f} before, {load[1]:.2f} after)")
     log(f"  followed request's decode: {med['solo_on']:.1f} tok/s against {med['solo_off']:.1f} not followed: "
@@ -185,6 +238,8 @@ def main() -> int:
     log(f"  another request's decode beside it: {med['beside_on']:.1f} tok/s against {med['beside_off']:.1f} "
         f"beside one not followed: {beside:.3f}x")
     log(f"  a followed answer's steps: {med['steps_followed']:.0f}, sent in {med['events_followed']:.0f} events")
+    log(f"  in the engine alone: {engine['ratio']:.3f}x the decode rate observed; recording "
+        f"{engine['record_ms_per_step']:.3f} ms a step against a {engine['decode_ms_off']:.3f} ms decode step")
     if a.json:
         print(json.dumps(result))
     return 0

@@ -46,4 +46,5 @@ def test_inside_benchmark_quick():
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result["median"]["steps_followed"] == 12 and result["solo_ratio"] > 0 and result["beside_ratio"] > 0
+    assert result["engine"]["ratio"] > 0 and result["engine"]["record_ms_per_step"] > 0
     assert "followed request's decode" in out.stderr
