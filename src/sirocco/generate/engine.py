@@ -401,7 +401,7 @@ class Engine:
             ends = torch.tensor(lengths).cumsum(0) - 1
             logits_at = ends[sampling].to(self.device)
         watched = [i for i, s in enumerate(seqs) if s.observer is not None] if self._observed else []
-        routing = self._observe_routing() if watched else None
+        routing = self._observe_routing() if watched and self.args.moe is not None else None
         try:
             logits = self.executor.forward(tokens, plan, self.cache, logits_at=logits_at)
         finally:
