@@ -38,3 +38,13 @@ def test_serve_benchmark_quick(tmp_path):
     assert len(result["single"]["rounds"]) == 1 and result["single"]["ratio_median"] > 0
     assert {t["target"].split(",")[0] for t in result["targets"]} >= {"server throughput"}
     assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
+
+
+def test_inside_benchmark_quick():
+    """The inside panel's cost end to end on sirocco-tiny: a real server, a followed request and one beside it."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_inside.py"), "--rounds", "1", "--tokens", "12", "--json"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["median"]["steps_followed"] == 12 and result["solo_ratio"] > 0 and result["beside_ratio"] > 0
+    assert result["engine"]["ratio"] > 0 and result["engine"]["record_ms_per_step"] > 0
+    assert "followed request's decode" in out.stderr

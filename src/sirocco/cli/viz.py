@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   sirocco viz masks --prompts 7,5,6 --window 3 --chunk-size 4 --out masks.png
   sirocco viz masks --model sirocco-tiny --chunk-size 16 "The with statement" "Return a new dictionary"
   sirocco viz cache --prompts 6 --window 4 --max-tokens 6 --out cache.png
+  sirocco viz cache --model sirocco-tiny --ids 1,624,1467,1351 --max-tokens 1 --json   # given token ids
   sirocco viz receptive-field --window 3 --layers 5 --token 12 --out rf.png
   sirocco viz moe --text "The with statement wraps a block" --out moe.png      # the bundled MoE model
   sirocco viz pipeline --ranks 2 --micro-batches 4 --out pipeline.png
@@ -58,6 +59,16 @@ def png_path(text: str) -> Path:
     return path
 
 
+def _ids(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a prompt needs at least one token id, none negative")
+    return values
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
     p.epilog = EXAMPLES
@@ -72,6 +83,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="prompt lengths in tokens, random tokens on a tiny random model (default 7,5,6 for "
                         "masks, 6 for cache)")
     p.add_argument("--text", action="append", default=[], metavar="TEXT", help="a prompt text (repeatable)")
+    p.add_argument("--ids", type=_ids, action="append", default=[], metavar="N,N,...",
+                   help="a prompt as token ids, for masks, cache and moe with --model (repeatable; instead of "
+                        "texts)")
     p.add_argument("--window", type=positive_int, default=None, metavar="W",
                    help="sliding window of the tiny random model (default 3 for masks and receptive-field, 4 "
                         "for cache)")
@@ -92,7 +106,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_machine_arguments(p)
 
 
-def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def _prompt_ids(tokenizer, texts: list[str], ids: Optional[list[list[int]]] = None,
+                vocab_size: Optional[int] = None) -> list[list[int]]:
+    """The prompts as token ids: ``ids`` as given (checked against the vocabulary), else the texts encoded."""
+    if ids:
+        wrong = [t for p in ids for t in p if vocab_size is not None and t >= vocab_size]
+        if wrong:
+            raise SystemExit(f"sirocco viz: error: --ids names token ids outside the vocabulary of {vocab_size}: "
+                             f"{wrong[:5]}")
+        return [list(p) for p in ids]
     return [tokenizer.encode(t, bos=True, eos=False) for t in texts]
 
 
@@ -105,13 +127,16 @@ def record(args: argparse.Namespace) -> tuple[dict, str]:
     """The data and terminal text of ``args.kind``."""
     texts = list(args.texts) + list(args.text)
     kind = args.kind
+    if args.ids and (kind not in ("masks", "cache", "moe") or (kind != "moe" and args.model is None)):
+        raise SystemExit("sirocco viz: error: --ids gives prompts to the model of --model (masks, cache, moe)")
     if kind in ("masks", "cache"):
         window = args.window or (3 if kind == "masks" else 4)
         max_tokens = args.max_tokens or (2 if kind == "masks" else 4)
         fn = viz.masks if kind == "masks" else viz.cache
         if args.model is not None:
             loaded = _loaded(args.model)
-            prompts = _prompt_ids(loaded.tokenizer, texts or ["The sliding window"])
+            prompts = _prompt_ids(loaded.tokenizer, texts or ["The sliding window"], args.ids,
+                                  loaded.model.args.vocab_size)
             ws = [w for w in loaded.model.args.windows() if w is not None]
             return fn(prompts, window=min(ws) if ws else None, chunk_size=args.chunk_size,
                       max_tokens=max_tokens, model=loaded.model)
@@ -127,7 +152,8 @@ def record(args: argparse.Namespace) -> tuple[dict, str]:
         if loaded.model.args.moe is None:
             raise SystemExit(f"sirocco viz: error: {loaded.source} has no mixture of experts")
         prompts = _prompt_ids(loaded.tokenizer, texts or ["The with statement is used to wrap the execution of a "
-                                                          "block with methods defined by a context manager."])
+                                                          "block with methods defined by a context manager."],
+                              args.ids, loaded.model.args.vocab_size)
         data, text = viz.moe(prompts, max_tokens=args.max_tokens or 4, chunk_size=args.chunk_size,
                              model=loaded.model)
         data["text"] = [None if i is None else loaded.tokenizer.decode([i]) for i in data["ids"]]

@@ -58,6 +58,40 @@ class StepObserver(Protocol):
 
     def on_router(self, layer: int, chosen: torch.Tensor, weights: torch.Tensor) -> None: ...
 
+
+@dataclass
+class RowStep:
+    """One step as one observed request saw it (``add_request(..., observer=...)``): where its tokens sit in the
+    step's packing, what its row holds after it, its MoE routing, and the step's time and make-up.
+
+    ``plan`` is the whole step's plan, shared and read only; the request is its sequence ``index`` (its queries
+    are ``plan.lengths[index]`` tokens from ``plan.starts[index]``, its cache row ``row``). ``routing`` holds, per
+    MoE layer, the rows of ``chosen`` (n, k) and ``weights`` (n, k) that are this request's n tokens. For a
+    request in a step of 3 sequences of lengths [1, 5, 1] at index 1: its queries are packed tokens 1..5, its
+    routing rows 1..5 of each layer's (7, k) choices.
+    """
+
+    plan: BatchPlan
+    index: int
+    row: int
+    start: int
+    tokens: list[int]
+    cached: int                                  # tokens its row holds after the step
+    routing: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    kind: str                                    # the step's phase: "prefill", "decode" or "mixed"
+    prefill: str                                 # the pre-fill attention path ("per_sequence" or "dense")
+    seconds: float                               # the step's model call and sampling
+    rows: int                                    # sequences in the step
+    prefill_tokens: int                          # over the whole step
+    decode_tokens: int
+
+
+class RowObserver(Protocol):
+    """Told of every step that runs one request's row, and of nothing else (see ``RowStep``). Called on the
+    engine's thread right after the step: keep it short, hand the work on."""
+
+    def on_row_step(self, step: RowStep) -> None: ...
+
 Prompt = Union[str, Sequence[int]]
 
 
@@ -146,6 +180,7 @@ class _Waiting:
 
     out: Completion
     params: SamplingParams
+    observer: Optional[RowObserver] = None
 
 
 @dataclass(eq=False)
@@ -161,6 +196,7 @@ class _Running:
     processor: Optional[LogitsProcessor] = None
     order: int = 0
     cached: int = 0
+    observer: Optional[RowObserver] = None
 
     @property
     def request_id(self) -> str:
@@ -230,18 +266,23 @@ class Engine:
         self._aborted: list[Event] = []          # final events of aborted requests, for the next step()
         self._next_index = 0                     # Completion.index of the next add_request
         self._id_counter = 0
+        self._observed: set[str] = set()         # ids of unfinished requests with a RowObserver
 
     # -- public API ----------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                    request_id: Optional[str] = None) -> str:
+                    request_id: Optional[str] = None, observer: Optional[RowObserver] = None) -> str:
         """Queue a prompt (first come, first served) and return its id; it runs from the next ``step()`` that
         has a free row. Validates at once: an invalid prompt raises (``PromptTooLong``, ``SiroccoError``) and
         queues nothing; an id that is already waiting or running raises ``ValueError``. Without an id, a new
-        one is made ("req-N", the same on every pipeline rank)."""
+        one is made ("req-N", the same on every pipeline rank). ``observer`` is told of each step that runs
+        this request (``RowObserver``); requests without one cost no observing work."""
         if request_id is not None and request_id in self._unfinished:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self._request(self._next_index, prompt, params, request_id)
         self._next_index += 1
+        if observer is not None:
+            req.observer = observer
+            self._observed.add(req.out.request_id)
         self._queue(req)
         return req.out.request_id
 
@@ -262,6 +303,7 @@ class Engine:
             piece = seq.text.finish()
             out.text = seq.text.text
         self._unfinished.discard(request_id)
+        self._observed.discard(request_id)
         self._aborted.append(Event(out.index, None, None, piece, completion=out, request_id=request_id))
         return True
 
@@ -279,6 +321,7 @@ class Engine:
             done = [s for s in plan.seqs if s.out.finish_reason is not None]
             for s in done:
                 self._unfinished.discard(s.out.request_id)
+                self._observed.discard(s.out.request_id)
             self.scheduler.release(done)
         return events
 
@@ -353,7 +396,13 @@ class Engine:
         if len(sampling) < len(seqs) or any(n > 1 for n in lengths):
             ends = torch.tensor(lengths).cumsum(0) - 1
             logits_at = ends[sampling].to(self.device)
-        logits = self.executor.forward(tokens, plan, self.cache, logits_at=logits_at)
+        watched = [i for i, s in enumerate(seqs) if s.observer is not None] if self._observed else []
+        routing = self._observe_routing() if watched and self.args.moe is not None else None
+        try:
+            logits = self.executor.forward(tokens, plan, self.cache, logits_at=logits_at)
+        finally:
+            if routing is not None:
+                self.model.observe_routing(None if self.trace is None else self.trace.on_router)
         for s, n in zip(seqs, lengths):
             s.cached += n
         if self.trace is not None:
@@ -369,7 +418,44 @@ class Engine:
             self.stats.decode_tokens += decoded
             self.stats.decode_steps += 1
             self.stats.decode_seconds += seconds * decoded / total
+        if watched:
+            self._tell_observers(step, plan, tokens, watched, routing or {}, seconds, prompt_tokens)
         return result
+
+    # -- observed requests (add_request(..., observer=)) ----------------------------------------------------------
+    def _observe_routing(self) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Collect this step's MoE choices (each layer's calls in order: a pipeline stage may route in parts),
+        passing them on to the engine's trace too if it has one."""
+        routing: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        trace = self.trace
+
+        def collect(layer: int, chosen: torch.Tensor, weights: torch.Tensor) -> None:
+            routing.setdefault(layer, []).append((chosen, weights))
+            if trace is not None:
+                trace.on_router(layer, chosen, weights)
+        self.model.observe_routing(collect)
+        return routing
+
+    def _tell_observers(self, step: Step[_Running], plan: BatchPlan, tokens: torch.Tensor, watched: list[int],
+                        routing: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], seconds: float,
+                        prompt_tokens: int) -> None:
+        """Give each observed sequence of the step its slice of the step."""
+        routed = {layer: parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]),
+                                                          torch.cat([w for _, w in parts]))
+                  for layer, parts in routing.items()}
+        offsets = [0]
+        for n in step.lengths:
+            offsets.append(offsets[-1] + n)
+        ids = tokens.tolist()
+        total = sum(step.lengths)
+        for i in watched:
+            s, a, b = step.seqs[i], offsets[i], offsets[i + 1]
+            assert s.observer is not None
+            s.observer.on_row_step(RowStep(
+                plan=plan, index=i, row=s.row, start=s.cached - (b - a), tokens=ids[a:b], cached=s.cached,
+                routing={layer: (c[a:b], w[a:b]) for layer, (c, w) in routed.items() if len(c) == total},
+                kind=step.phase, prefill=self.attention, seconds=seconds, rows=len(step.seqs),
+                prefill_tokens=prompt_tokens, decode_tokens=total - prompt_tokens))
 
     def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, Sampled]]:
         if not seqs:
@@ -421,7 +507,8 @@ class Engine:
         gen = make_generator(params.seed, self.device) if params.temperature > 0 else None
         text = TextTracker(self.tokenizer, out.prompt_tokens, params.stop) if self.tokenizer is not None else None
         return _Running(out=out, params=params, row=row, generator=gen, text=text,
-                        processor=params.processor(self.tokenizer, self.args.vocab_size), order=order)
+                        processor=params.processor(self.tokenizer, self.args.vocab_size), order=order,
+                        observer=req.observer)
 
     def _move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)

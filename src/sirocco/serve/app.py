@@ -1,5 +1,5 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health, /metrics,
-/tokenize and /detokenize.
+/tokenize and /detokenize; the chat page, its status and its inside streams are added by ``serve.web``.
 
 Order of work in a generation request, cheapest refusal first: the Host header (403) and the body's size (413)
 at the door (``doors``), API key (401), the Content-Type (415, before the body is read), JSON and fields (400),
@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SiroccoError
 from ..generate.engine import Completion, Event, PromptTooLong
 from ..tokenizer.chat import kept_chars
-from . import doors, protocol
+from . import doors, protocol, web
+from .inside import InsideHub, RecorderFactory
 from .metrics import Metrics
 from .model_thread import ModelThread
 from .pipeline import Channel
@@ -82,7 +83,7 @@ class Server:
 
     def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
                  max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-                 model_thread: Optional[ModelThread] = None):
+                 model_thread: Optional[ModelThread] = None, inside: Optional[RecorderFactory] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
@@ -93,6 +94,7 @@ class Server:
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
         self.max_chars_per_token: Optional[int] = tokenizer.max_chars_per_token()
+        self.inside = InsideHub(inside, lambda t: self.token_text(t)[0], web.model_info(self))
 
     # -- checks ----------------------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -160,8 +162,10 @@ class Server:
     async def generate(self, request: Request, chat: bool) -> Response:
         arrival = time.perf_counter()
         self.auth(request)
-        req = protocol.parse(await self.body(request), chat=chat)
+        body = await self.body(request)
+        req = protocol.parse(body, chat=chat)
         self.check_model(req.model)
+        inside = self.inside.requested(body, req.n * len(req.prompts))
         wrong = [t for t in req.logit_bias or () if not 0 <= t < self.tokenizer.vocab_size]
         if wrong:
             raise bad(f"'logit_bias' names token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
@@ -186,15 +190,19 @@ class Server:
                 index = pi * req.n + j
                 seqs.append((index, f"{req.id}-{index}", ids))
         added: list[str] = []
+        observer = None
         try:
             for index, rid, ids in seqs:
                 max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
                 params = req.sampling(max_tokens, index)
+                observer = None if inside is None else self.inside.observer(inside, rid, len(ids), max_tokens)
                 added.append(rid)
-                await self.runner.add(rid, ids, params, out, arrival)
+                await self.runner.add(rid, ids, params, out, arrival, observer=observer)
         except BaseException as e:
             for rid in added:
                 self.runner.abort(rid)
+            if observer is not None and isinstance(e, Exception):      # refused: the page's panel hears no step
+                observer.finish("error")
             if isinstance(e, PromptTooLong):
                 raise bad(str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
             if isinstance(e, (SiroccoError, ValueError)):
@@ -325,14 +333,17 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
               metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
               model_thread: Optional[ModelThread] = None, bind_host: str = "127.0.0.1",
               allowed_hosts: Sequence[str] = (), allow_origins: Sequence[str] = (),
-              max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB) -> FastAPI:
+              max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB,
+              inside: Optional[RecorderFactory] = None) -> FastAPI:
     """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
     ``model_thread`` if given (the thread that loaded the model: see ``serve.model_thread``). ``channel``: rank 0's
     ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``). ``bind_host`` (the
     address the server listens on) and ``allowed_hosts`` say which Host headers are answered, ``allow_origins``
     which web origins get CORS headers (none by default), ``max_body`` the largest request body in bytes: see
-    ``serve.doors``."""
-    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
+    ``serve.doors``. ``inside``: makes the recorder of a request the chat page's inside panel follows
+    (``viz.inside.RowTrace``; None: no panel)."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread,
+                    inside)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -389,4 +400,5 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
     async def detokenize(request: Request):
         return await server.detokenize(request)
 
+    web.add_routes(app, server, EventStream)
     return app
