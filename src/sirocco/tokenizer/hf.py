@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import TokenizerError
-from .base import Tokenizer, first_line
+from .base import Tokenizer, TokenVocab, first_line
 
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -54,6 +54,11 @@ class HFTokenizer(Tokenizer):
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def token_vocab(self) -> TokenVocab:
+        return TokenVocab([], [], lambda text: self.tok.encode(text.decode("utf-8", "replace"),
+                                                               add_special_tokens=False).ids,
+                          hf_json=self.tok.to_str())
 
 
 def _configured_token(folder: Path, key: str) -> tuple[Optional[str], str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import TokenizerError
-from .base import Tokenizer, first_line
+from .base import Tokenizer, TokenVocab, first_line, sentencepiece_vocab
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -41,3 +41,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def token_vocab(self) -> TokenVocab:
+        return sentencepiece_vocab(self.sp)
