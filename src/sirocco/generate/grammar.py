@@ -252,7 +252,7 @@ class Function:
 
 
 def tool_calls_grammar(functions: Sequence[Function], choice: str, parallel: bool = True,
-                       marker: Optional[int] = None) -> Grammar:
+                       marker: Optional[int] = None, text_schema: Optional[dict] = None) -> Grammar:
     """What an answer may be when tools are offered: ``choice`` is "none" (text, never a call), "auto" (text,
     or a call list), "required" (a call list) or a function's name (a list of calls of it).
 
@@ -260,22 +260,25 @@ def tool_calls_grammar(functions: Sequence[Function], choice: str, parallel: boo
     the [TOOL_CALLS] control token ``marker`` (Mistral's tokenizers), or the text "[TOOL_CALLS]" (the
     plain-text template; ``marker`` None). Each ARGS is valid against its function's parameters, each its own
     JSON document (so a ``$ref`` resolves in its own schema). Text in "auto" and "none" may be anything that
-    does not start with the marker; with a control token that is any text at all (text cannot spell it)."""
+    does not start with the marker; with a control token that is any text at all (text cannot spell it).
+    ``text_schema``: the answer that is not a call is instead JSON valid against it (``response_format``)."""
     lines = []
     if choice in ("none", "auto"):
-        if marker is None:
-            lines.append(r"TEXT: /(?s:.*)/ & ~/ ?\[TOOL_CALLS\](?s:.*)/")
+        if text_schema is not None:
+            lines += ['text: " "? text_value', f"text_value: {_json_rule(prepare_schema(text_schema))}"]
+        elif marker is None:
+            lines += ["text: TEXT", r"TEXT: /(?s:.*)/ & ~/ ?\[TOOL_CALLS\](?s:.*)/"]
         else:
-            lines.append(r"TEXT: /(?s:.*)/")
+            lines += ["text: TEXT", r"TEXT: /(?s:.*)/"]
     if choice == "none":
-        return Grammar("start: TEXT\n" + "\n".join(lines) + "\n", "tool_calls")
+        return Grammar("start: text\n" + "\n".join(lines) + "\n", "tool_calls")
     chosen = list(functions) if choice in ("auto", "required") else [f for f in functions if f.name == choice]
     if not chosen:
         raise GrammarError(f"no function named {choice!r} among the tools")
     call_rules = [f"call_{i}" for i in range(len(chosen))]
     opening = f'<[{marker}]> " "?' if marker is not None else f'" "? {_lark_string(TOOL_MARKER)} " "?'
     calls = f'"[" call ({_lark_string(ITEM_SEPARATOR)} call)* "]"' if parallel else '"[" call "]"'
-    start = f"{opening} calls" if choice != "auto" else f"TEXT | {opening} calls"
+    start = f"{opening} calls" if choice != "auto" else f"text | {opening} calls"
     lines = [f"start: {start}", f"calls: {calls}", f"call: {' | '.join(call_rules)}"] + lines
     for rule, f in zip(call_rules, chosen):
         head = '{"name": ' + json.dumps(f.name, ensure_ascii=False) + ', "arguments": '
