@@ -166,6 +166,16 @@ def check(grammar: Grammar, tokenizer: Any, vocab_size: int) -> None:
     compiled(grammar, tokenizer, vocab_size)
 
 
+def validate(grammar: Grammar) -> None:
+    """Raise ``GrammarError`` if ``grammar`` cannot be enforced with any tokenizer (no tokenizer needed: what a
+    command line checks while it parses its options)."""
+    import llguidance
+
+    error = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(grammar.lark))
+    if error:
+        raise _explain(error)
+
+
 _UNIMPLEMENTED = re.compile(r'Unimplemented keys: \[([^\]]*)\]')
 
 
@@ -176,11 +186,11 @@ def _explain(error: str) -> GrammarError:
     m = _UNIMPLEMENTED.search(error)
     if m:
         keys = [k.strip().strip('"') for k in m.group(1).split(",") if k.strip()]
-        return GrammarError(f"the JSON schema uses {', '.join(repr(k) for k in keys)}, which this server cannot "
+        return GrammarError(f"the JSON schema uses {', '.join(repr(k) for k in keys)}, which sirocco cannot "
                             f"enforce", keyword=keys[0] if keys else None)
     m = re.search(r"Unknown format: (\S+)", error)
     if m:
-        return GrammarError(f"the JSON schema uses 'format': {m.group(1)!r}, which this server cannot enforce",
+        return GrammarError(f"the JSON schema uses 'format': {m.group(1)!r}, which sirocco cannot enforce",
                             keyword="format")
     return GrammarError(f"the JSON schema cannot be enforced: {first}")
 
@@ -262,23 +272,35 @@ def tool_calls_grammar(functions: Sequence[Function], choice: str, parallel: boo
     JSON document (so a ``$ref`` resolves in its own schema). Text in "auto" and "none" may be anything that
     does not start with the marker; with a control token that is any text at all (text cannot spell it).
     ``text_schema``: the answer that is not a call is instead JSON valid against it (``response_format``)."""
-    lines = []
+    # Lexemes are greedy: an optional " " lexeme before the marker would be swallowed by TEXT (or by the JSON
+    # after it), so the marker's leading space is part of its own lexeme, and JSON text shares the space before
+    # both branches.
+    marker_rule = f"<[{marker}]>" if marker is not None else "MARKER"
+    uses_marker_text = marker is None and choice != "none" and not (choice == "auto" and text_schema is not None)
+    lines = [r"MARKER: / ?\[TOOL_CALLS\]/"] if uses_marker_text else []
     if choice in ("none", "auto"):
         if text_schema is not None:
-            lines += ['text: " "? text_value', f"text_value: {_json_rule(prepare_schema(text_schema))}"]
+            lines.append(f"text_value: {_json_rule(prepare_schema(text_schema))}")
         elif marker is None:
-            lines += ["text: TEXT", r"TEXT: /(?s:.*)/ & ~/ ?\[TOOL_CALLS\](?s:.*)/"]
+            lines.append(r"TEXT: /(?s:.*)/ & ~/ ?\[TOOL_CALLS\](?s:.*)/")
         else:
-            lines += ["text: TEXT", r"TEXT: /(?s:.*)/"]
+            lines.append(r"TEXT: /(?s:.*)/")
     if choice == "none":
-        return Grammar("start: text\n" + "\n".join(lines) + "\n", "tool_calls")
+        return Grammar(("start: \" \"? text_value\n" if text_schema is not None else "start: TEXT\n")
+                       + "\n".join(lines) + "\n", "tool_calls")
     chosen = list(functions) if choice in ("auto", "required") else [f for f in functions if f.name == choice]
     if not chosen:
         raise GrammarError(f"no function named {choice!r} among the tools")
     call_rules = [f"call_{i}" for i in range(len(chosen))]
-    opening = f'<[{marker}]> " "?' if marker is not None else f'" "? {_lark_string(TOOL_MARKER)} " "?'
     calls = f'"[" call ({_lark_string(ITEM_SEPARATOR)} call)* "]"' if parallel else '"[" call "]"'
-    start = f"{opening} calls" if choice != "auto" else f"text | {opening} calls"
+    if choice != "auto":
+        start = f'{marker_rule} " "? calls'
+    elif text_schema is None:
+        start = f'TEXT | {marker_rule} " "? calls'
+    elif marker is None:
+        start = f'" "? (text_value | {_lark_string(TOOL_MARKER)} " "? calls)'
+    else:
+        start = f'" "? text_value | {marker_rule} " "? calls'
     lines = [f"start: {start}", f"calls: {calls}", f"call: {' | '.join(call_rules)}"] + lines
     for rule, f in zip(call_rules, chosen):
         head = '{"name": ' + json.dumps(f.name, ensure_ascii=False) + ', "arguments": '
