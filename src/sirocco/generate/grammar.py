@@ -94,7 +94,8 @@ class GrammarProcessor(LogitsProcessor):
         if not self.matcher.consume_tokens([int(t) for t in tokens]):
             # only a token the mask allowed is ever sampled, so this is a bug: end the row, say why
             self.failed = True
-            log.error("grammar: the matcher refused tokens %s: %s", list(tokens), self.matcher.get_error())
+            log.error("grammar: the matcher refused tokens %s: %s", list(tokens),
+                      (self.matcher.get_error().strip().splitlines() or ["?"])[0])
 
     def finished(self) -> bool:
         return self.failed or self.matcher.is_stopped()
