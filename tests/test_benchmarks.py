@@ -38,3 +38,15 @@ def test_serve_benchmark_quick(tmp_path):
     assert len(result["single"]["rounds"]) == 1 and result["single"]["ratio_median"] > 0
     assert {t["target"].split(",")[0] for t in result["targets"]} >= {"server throughput"}
     assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
+
+
+def test_grammar_benchmark_quick(tmp_path):
+    """Mask costs on the bundled vocabulary and the 8-row decode, constrained and not, on a small shape."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_grammar.py"), "--quick", "--steps", "40", "--repeats",
+                          "1", "--json", "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    row = result["masks"]["bundled (4096)"]
+    assert row["string"]["allowed_median"] > 3000 and row["string"]["mask"]["median_us"] > 0
+    assert row["nested"]["mask"]["p99_us"] >= row["nested"]["mask"]["median_us"]
+    assert result["decode"]["rows"] == 8 and result["decode"]["constrained_tps"] > 0
+    assert "constrained vs unconstrained" in out.stderr
