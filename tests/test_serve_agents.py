@@ -189,6 +189,8 @@ def test_a_tool_result_round_trip(bundled):
                                                               "arguments": call.function.arguments}}]},
                {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21, "sky": "clear"}'}], TOOLS)
     assert second.usage.prompt_tokens == len(prompt)
+    counted = httpx.post(url + "/tokenize", json={"messages": history, "tools": TOOLS}, timeout=30).json()
+    assert counted["tokens"] == prompt
     assert f'[TOOL_RESULTS] {{"content": {{"temp": 21, "sky": "clear"}}, "call_id": "{call.id}"}}' in \
         server.tokenizer.decode(prompt)
 

@@ -339,9 +339,9 @@ class Server:
             raise bad("the request body must be a JSON object")
         self.check_model(protocol._get(body, "model", "str"))
         if body.get("messages") is not None:
-            req = protocol.parse({"messages": body["messages"]}, chat=True)
+            req = protocol.parse({k: body[k] for k in ("messages", "tools") if k in body}, chat=True)
             try:
-                ids = self.tokenizer.encode_chat(req.prompts[0])
+                ids = self.tokenizer.encode_chat(req.prompts[0], req.tools.tools if req.tools else None)
             except SiroccoError as e:
                 raise bad(str(e), param="messages") from None
         else:
