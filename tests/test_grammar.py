@@ -314,3 +314,16 @@ def test_strict_closes_every_object_that_does_not_say():
     assert closed["properties"]["b"]["items"]["additionalProperties"] is False
     assert closed["properties"]["d"]["additionalProperties"] == {"type": "integer"}
     assert closed["$defs"]["e"]["additionalProperties"] is False
+
+
+def test_a_compiled_grammar_is_never_served_for_another_vocabulary():
+    """Tokenizers come and go (each test, each model): a grammar compiled for one must not be found for the next,
+    even where Python reuses the first one's memory for the second's."""
+    g = json_schema_grammar({"const": "x"})
+    for file in [V3, TEKKEN, V3, V1]:
+        tok = load_tokenizer(file)
+        p = g.processor(tok, tok.vocab_size)
+        assert allowed(p, tok.vocab_size)[0] == brute_force(tok, tok.vocab_size, "", ['"x"', ' "x"'])
+        del tok, p
+    # the cache holds each entry's vocabulary alive, so its id (the key) cannot be taken by a new one
+    assert all(id(entry[0]) == key[0] for key, entry in grammar._matchers.items())

@@ -104,7 +104,8 @@ class GrammarProcessor(LogitsProcessor):
 # -- the vocabulary and compiled grammars, cached ------------------------------------------------------------------
 _lock = threading.Lock()
 _vocabs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # tokenizer -> {vocab_size: LLTokenizer}
-_matchers: OrderedDict = OrderedDict()                                # (id(LLTokenizer), lark) -> matcher
+# (id(LLTokenizer), lark) -> (that LLTokenizer, matcher): holding the LLTokenizer keeps its id from being reused
+_matchers: OrderedDict = OrderedDict()
 
 
 def grammar_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
@@ -151,12 +152,12 @@ def compiled(grammar: Grammar, tokenizer: Any, vocab_size: int) -> Any:
     with _lock:
         if key in _matchers:
             _matchers.move_to_end(key)
-            return _matchers[key]
+            return _matchers[key][1]
     matcher = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_lark(grammar.lark), log_level=0)
     if matcher.is_error():
         raise _explain(matcher.get_error())
     with _lock:
-        _matchers[key] = matcher
+        _matchers[key] = (lltok, matcher)
         while len(_matchers) > MATCHERS_CACHED:
             _matchers.popitem(last=False)
     return matcher
