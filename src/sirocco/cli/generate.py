@@ -16,6 +16,7 @@ from ..distributed.run import load_rank_stage, on_ranks, shared_from_rank0
 from ..distributed.stages import parameter_bytes
 from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
+from ..generate.grammar import Grammar, GrammarError, json_schema_grammar, validate
 from ..generate.sampling import SamplingParams
 from .options import (
     DTYPES,
@@ -40,6 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  sirocco generate \"The sliding window\" \"A rolling buffer\"\n"
                 "  sirocco generate --model ./mistral-7b --dtype bfloat16 --temperature 0 \"def fib(n):\"\n"
                 "  sirocco generate --json --max-tokens 32 --prompts-file prompts.txt > out.jsonl\n"
+                "  sirocco generate --chat --json-schema person.json \"Describe a person as JSON\"\n"
                 "  echo 'Hello' | sirocco generate --stop '.'")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("prompts", nargs="*", help="prompt texts (none: read --prompts-file or standard input)")
@@ -52,6 +54,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="stop a sequence when it writes TEXT (repeatable); the text ends before it")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user message of the chat template")
+    s.add_argument("--json-schema", type=json_schema_file, metavar="FILE",
+                   help="constrain every answer to JSON valid against the JSON schema in FILE (compact: ', ' and "
+                        "': ' separators, no other whitespace); the schema is read strictly (objects without "
+                        "additionalProperties take no other keys), and a keyword that cannot be enforced is an "
+                        "error")
     e = p.add_argument_group("engine")
     add_engine_arguments(e)
     o = p.add_argument_group("output")
@@ -60,6 +67,23 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "logprobs, finish_reason")
     add_progress_argument(o)
     add_pipeline_arguments(p)
+
+
+def json_schema_file(path: str) -> Grammar:
+    """``--json-schema``'s value: the file's schema as a grammar, checked while the options are parsed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {e}") from None
+    try:
+        grammar = json_schema_grammar(schema, strict=True)
+        validate(grammar)
+    except GrammarError as e:
+        raise argparse.ArgumentTypeError(f"{path}: {e}") from None
+    return grammar
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -115,7 +139,8 @@ def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: lis
     inputs = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts] if args.chat else prompts
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=args.seed + i, stop=tuple(args.stop),
-                             stop_on_eos=not args.ignore_eos) for i in range(len(prompts))]
+                             stop_on_eos=not args.ignore_eos, constraint=getattr(args, "json_schema", None))
+              for i in range(len(prompts))]
     bar = tqdm(total=len(prompts) * args.max_tokens, unit="tok", desc="generating", file=sys.stderr,
                disable=True if not speak or args.no_progress else None, leave=False)
     stream_one = speak and len(prompts) == 1 and not args.json

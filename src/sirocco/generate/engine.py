@@ -119,7 +119,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    finish_reason: Optional[str] = None          # "stop" (EOS or a stop string), "length" or "abort"
+    finish_reason: Optional[str] = None   # "stop" (EOS, a stop string, a complete grammar), "length" or "abort"
     request_id: str = ""
     # per token, its most likely alternatives [(id, logprob), ...], where SamplingParams.logprobs asked for them
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -523,8 +523,6 @@ class Engine:
             events.append(self._advance_one(seq, token, logprob, top))
             if seq.out.finish_reason is not None:
                 break
-        if seq.processor is not None:
-            seq.processor.accept(seq.out.tokens[len(seq.out.tokens) - len(events):])
         return events
 
     def _advance_one(self, seq: _Running, token: int, logprob: float,
@@ -536,6 +534,8 @@ class Engine:
         if top is not None:
             out.top_logprobs.append(top)
         eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+        if seq.processor is not None:
+            seq.processor.accept([token])
         piece = ""
         if p.stop_on_eos and eos is not None and token == eos:
             out.finish_reason = "stop"
@@ -543,6 +543,8 @@ class Engine:
             piece, hit = seq.text.push(token)
             if hit:
                 out.finish_reason = "stop"
+        if out.finish_reason is None and seq.processor is not None and seq.processor.finished():
+            out.finish_reason = "stop"            # a complete grammar: only EOS could follow
         if out.finish_reason is None and (len(out.tokens) >= p.max_tokens
                                           or len(out.prompt_tokens) + len(out.tokens) >= self.max_seq_len):
             out.finish_reason = "length"
