@@ -171,12 +171,12 @@ def decode_throughput(quick: bool, workdir: Path, repeats: int, log) -> dict:
 
     shape = QUICK_SHAPE if quick else FULL[0]
     build_checkpoints(workdir, shape, ["bfloat16"])
-    model = load_model(checkpoint_dir(workdir, shape, "bfloat16"), dtype=torch.bfloat16)
+    model = load_model(checkpoint_dir(workdir, shape, "bfloat16"), dtype=torch.bfloat16, backend="auto")
     tok = load_tokenizer(VOCABS["bundled (4096)"] if quick else DATA / "tokenizer.model.v1")
     assert tok.vocab_size == shape.vocab_size
     rows, new = 8, 16 if quick else 64
     prompts = random_prompts([16] * rows, shape.vocab_size, seed=0)
-    engine = Engine(model, tok, max_rows=rows, max_seq_len=256, backend="auto")
+    engine = Engine(model, tok, max_rows=rows, max_seq_len=256)
     grammar = json_schema_grammar(LONG_STRING)
 
     def run(constrained: bool) -> float:

@@ -56,8 +56,8 @@ PROMPTS = ["Return a new dictionary", "The with statement", "A list of", "Raise 
 
 @pytest.fixture(scope="module")
 def tiny():
-    loaded = load("sirocco-tiny")
-    return Engine(loaded.model, loaded.tokenizer, max_rows=8, backend="torch"), loaded.tokenizer
+    loaded = load("sirocco-tiny", backend="torch")
+    return Engine(loaded.model, loaded.tokenizer, max_rows=8), loaded.tokenizer
 
 
 def allowed(processor, vocab, draft=()):
