@@ -29,14 +29,21 @@ EXAMPLES = """examples:
 DEFAULT_MOE_MODEL = "sirocco-tiny-moe"
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token counts") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every prompt needs at least 1 token")
-    return values
+def _int_list(what: str, least: int, need: str):
+    """An argparse type: a comma-separated list of integers, none below ``least``."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+        if not values or min(values) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: {need}")
+        return values
+    return parse
+
+
+_lengths = _int_list("token counts", 1, "every prompt needs at least 1 token")
+_ids = _int_list("token ids", 0, "a prompt needs at least one token id, none negative")
 
 
 def png_path(text: str) -> Path:
@@ -57,16 +64,6 @@ def png_path(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text!r} would be written as {str(path)!r}, which is a folder; give "
                                          "the PNG file to write")
     return path
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a prompt needs at least one token id, none negative")
-    return values
 
 
 def configure(p: argparse.ArgumentParser) -> None:
