@@ -114,13 +114,13 @@ def bundled_part(a: argparse.Namespace, sampled: bool) -> dict:
     from sirocco.generate.speculation import Speculation
     from sirocco.pretrained import load
     torch.set_num_threads(a.threads)
-    fast, reference = load(a.model), load(a.model)            # separate copies: a backend changes its model
+    fast, reference = load(a.model, backend="cpu"), load(a.model, backend="auto")   # two copies, two backends
     tok = fast.tokenizer
     n = 40 if a.quick else 200
-    plain = Engine(fast.model, tok, max_rows=1, backend="cpu")
+    plain = Engine(fast.model, tok, max_rows=1)
     spec = Engine(fast.model, tok, max_rows=1, speculation=Speculation("ngram", draft_tokens=a.draft_tokens,
                                                                          ngram=a.ngram))
-    auto = Engine(reference.model, tok, max_rows=1, backend="auto")
+    auto = Engine(reference.model, tok, max_rows=1)
     out: dict[str, Any] = {"load_average_start": os.getloadavg()[0], "backend_auto": auto.backend,
                            "cost_curve": [round(c / spec.speculator.cost[0], 3) for c in spec.speculator.cost]}
     rows = []
@@ -150,6 +150,7 @@ def cost_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(HERE))
     from bench_quant import load_format
+    from sirocco import backends
     from sirocco.generate.drafters import KnownDrafter
     from sirocco.generate.engine import Engine, Stats
     from sirocco.generate.sampling import SamplingParams
@@ -157,11 +158,12 @@ def cost_worker(spec: dict) -> dict:
     fmt, reps, quick = spec["format"], spec["repeats"], spec["quick"]
     out: dict[str, Any] = {"format": fmt, "load_average_start": os.getloadavg()[0]}
     model, _ = load_format(Path(spec["path"]), fmt)
+    backends.attach(model, "cpu")                    # speculation needs the cpu backend; plain decoding runs it too
     vocab = model.args.vocab_size
     context, n = (16, 16) if quick else (64, 48)
     [prompt] = random_prompts([context], vocab, seed=5)
     params = SamplingParams(max_tokens=n, temperature=0.0, stop_on_eos=False)
-    plain = Engine(model, None, max_rows=1, max_seq_len=context + n + 16, backend="cpu")
+    plain = Engine(model, None, max_rows=1, max_seq_len=context + n + 16)
 
     # one step of k + 1 tokens of one row at position `context` (after the prompt's pre-fill): rounds over every
     # count in turn (a busy moment of the host falls on one reading of each), the best reading of each kept
@@ -192,7 +194,7 @@ def cost_worker(spec: dict) -> dict:
     curve = None                                     # measured by the first engine, handed to the others
     for p in spec["probabilities"]:
         drafter = KnownDrafter({tuple(prompt): reference}, vocab, p=p, seed=11)
-        engine = Engine(model, None, max_rows=1, max_seq_len=context + n + 16, backend="cpu",
+        engine = Engine(model, None, max_rows=1, max_seq_len=context + n + 16,
                         speculation=Speculation(drafter, draft_tokens=4, cost_curve=curve))
         curve = out["measured_cost_curve"] = engine.speculator.cost
         runs[f"p={p}"] = run(engine)
@@ -292,9 +294,9 @@ def peer_part(a: argparse.Namespace, log: Callable[[str], None]) -> dict:
         gguf = Path(tmp) / "bundled-q8_0.gguf"
         if sirocco(["-q", "quantize", a.model, str(gguf), "--type", "q8_0", "--no-progress"]):
             return {"error": "sirocco quantize failed"}
-        loaded = load(str(gguf))
+        loaded = load(str(gguf), backend="cpu")
         tok = loaded.tokenizer
-        plain = Engine(loaded.model, tok, max_rows=1, backend="cpu")
+        plain = Engine(loaded.model, tok, max_rows=1)
         spec = Engine(loaded.model, tok, max_rows=1, speculation=Speculation("ngram", draft_tokens=4, ngram=3))
         params = SamplingParams(max_tokens=n, temperature=0.0, stop_on_eos=False)
         rows = []

@@ -8,6 +8,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from sirocco import backends
 from sirocco.backends.cpu import kernels, modules
 from sirocco.config import preset
 from sirocco.generate.engine import Engine
@@ -249,8 +250,10 @@ def test_fast_decode_engine_same_tokens_and_no_recompile(path, arch, monkeypatch
     model = build_model(args, seed=31)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4)]
     params = SamplingParams(max_tokens=12)
-    plain = Engine(model, None, max_rows=2, max_seq_len=64, backend="torch").generate(prompts, params)
-    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, backend="cpu")   # converts and warms up
+    backends.attach(model, "torch")
+    plain = Engine(model, None, max_rows=2, max_seq_len=64).generate(prompts, params)
+    assert backends.attach(model, "cpu").backend == "cpu"                      # converts and warms up
+    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64)
     assert fast_engine.backend == "cpu"
     assert {type(m) for m in model.modules()} >= {modules.CpuLinear, modules.CpuRMSNorm}
     assert {type(m.ops) for m in model.modules() if isinstance(m, Attention)} == {modules.CpuAttentionOps}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sirocco import backends
 from sirocco.config import preset
 from sirocco.errors import SiroccoError
 from sirocco.generate.drafters import Draft, DraftRequest, KnownDrafter, ModelDrafter, NgramDrafter, NgramIndex
@@ -30,8 +31,10 @@ FLAT = [1.0] * ROW_EXACT_TOKENS          # a cost curve on which drafting always
 
 
 def model_for(name, seed=21):
+    """A random model on the cpu backend (speculation needs its row-exact kernels; plain decoding runs it too)."""
     if (name, seed) not in MODELS:
         MODELS[name, seed] = build_model(ARGS[name], seed=seed)
+        backends.attach(MODELS[name, seed], "cpu")
     return MODELS[name, seed]
 
 
@@ -44,7 +47,7 @@ def prompts_for(seed=0):
 
 
 def run(model, prompts, params, speculation=None, chunk_size=4, max_rows=4, tokenizer=None, trace=None):
-    engine = Engine(model, tokenizer, max_rows=max_rows, chunk_size=chunk_size, max_seq_len=96, backend="cpu",
+    engine = Engine(model, tokenizer, max_rows=max_rows, chunk_size=chunk_size, max_seq_len=96,
                     speculation=speculation, trace=trace)
     return engine.generate(prompts, params), engine
 
@@ -162,6 +165,7 @@ def test_sampled_output_keeps_the_target_distribution():
     with torch.no_grad():          # sharpen the tiny random models so that p and q differ in earnest
         target.output.weight.mul_(40)
         draft.output.weight.mul_(40)
+    backends.attach(target, "cpu")
     prompt, temperature, n = [3, 5, 7, 2], 1.0, 3000
     with torch.no_grad():
         first = torch.softmax(filter_logits(target(torch.tensor(prompt), [4])[-1], temperature, 0, 1.0), -1)
@@ -173,8 +177,7 @@ def test_sampled_output_keeps_the_target_distribution():
     for label, speculation in [("plain", None),
                                ("speculative", Speculation(draft, draft_tokens=3, cost_curve=FLAT,
                                                            draft_cost_curve=[1e-9] * ROW_EXACT_TOKENS))]:
-        engine = Engine(target, None, max_rows=2, chunk_size=8, max_seq_len=16, backend="cpu",
-                        speculation=speculation)
+        engine = Engine(target, None, max_rows=2, chunk_size=8, max_seq_len=16, speculation=speculation)
         params = [SamplingParams(max_tokens=3, temperature=temperature, seed=s, stop_on_eos=False) for s in range(n)]
         done = engine.generate([prompt] * n, params)
         counts[label] = torch.bincount(torch.tensor([c.tokens[1] for c in done]), minlength=12).double()
@@ -203,7 +206,7 @@ def test_after_any_mix_of_accepted_and_rejected_drafts_the_cache_is_a_plain_deco
     drafter = known_drafter(model, prompts, params, p=0.5, seed=3)
     # the plain decode's cache rows after every step, by (request, tokens cached)
     plain_spec = Speculation(KnownDrafter({}, 259), draft_tokens=3, cost_curve=FLAT) if spare else None
-    plain = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=96, backend="cpu", speculation=plain_spec)
+    plain = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=96, speculation=plain_spec)
     for p in prompts:
         plain.add_request(p, params)
     snapshots = {}
@@ -214,7 +217,7 @@ def test_after_any_mix_of_accepted_and_rejected_drafts_the_cache_is_a_plain_deco
                                                                         plain.cache[i].v[t.row].clone())
                                                                        for i in range(model.args.n_layers)])
     trace = Trace()
-    spec = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=96, backend="cpu", trace=trace,
+    spec = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=96, trace=trace,
                   speculation=Speculation(drafter, draft_tokens=3, cost_curve=FLAT))
     for p in prompts:
         spec.add_request(p, params)
@@ -273,7 +276,7 @@ def test_stop_strings_and_eos_inside_accepted_drafts():
                    SamplingParams(max_tokens=40, constraint=Spelled())]:
         if not params.stop:
             tok.eos_id = tok.encode("x", bos=False)[0]           # the x of fox, the 19th token
-        plain = list(Engine(model, tok, max_seq_len=96, backend="cpu").stream(["The"], params))
+        plain = list(Engine(model, tok, max_seq_len=96).stream(["The"], params))
         engine = Engine(model, tok, max_seq_len=96, speculation=Speculation(drafter, draft_tokens=5, cost_curve=FLAT))
         events = list(engine.stream(["The"], params))
         c, want = events[-1].completion, plain[-1].completion
@@ -333,8 +336,8 @@ def test_a_stateful_processor_sees_the_drafts_and_only_the_kept_tokens():
 # -- what speculation refuses ----------------------------------------------------------------------------------
 def test_speculation_needs_row_exact_kernels_and_an_executor_that_shares_its_step_times():
     model = model_for("mistral")
-    with pytest.raises(SiroccoError, match="needs the cpu backend"):
-        Engine(model, None, backend="torch", speculation=Speculation(cost_curve=FLAT))
+    with pytest.raises(SiroccoError, match="needs the model on the cpu backend.* and here layers.0.attention: no "):
+        Engine(build_model(ARGS["mistral"], seed=21), None, speculation=Speculation(cost_curve=FLAT))   # reference
 
     class Remote:
         def __init__(self, m):
@@ -476,11 +479,11 @@ def _pipeline_rank(ctx, continuations):
     from sirocco.distributed.executor import PipelineExecutor
     from sirocco.distributed.stages import rank_stage
 
-    stage = rank_stage(ctx, ARGS["mistral"], seed=21)
+    stage = rank_stage(ctx, ARGS["mistral"], seed=21, backend="cpu")
     out = []
     for speculation in (None, Speculation(KnownDrafter(continuations, 259, p=0.6, seed=2), draft_tokens=3)):
         engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx), max_rows=4, chunk_size=4, max_seq_len=96,
-                        backend="cpu", speculation=speculation)
+                        speculation=speculation)
         done = engine.generate(prompts_for(), GREEDY)
         out.append({"done": [(c.tokens, c.logprobs) for c in done], "proposed": engine.stats.proposed_tokens,
                     "accepted": engine.stats.accepted_tokens,
@@ -505,3 +508,30 @@ def test_over_pipeline_ranks_speculation_keeps_the_output_and_every_rank_decides
     assert 0 < spec0["accepted"] < spec0["proposed"]
     assert spec0["done"] == plain0["done"] == spec1["done"]
     assert [t for t, _ in spec0["done"]] == [c.tokens for c in plain]
+
+
+def test_structured_outputs_keep_their_answers_under_speculation():
+    """A JSON schema's grammar (llguidance's matcher, generate/grammar.py) masks each draft position as if the draft
+    before it were kept, and rolls back what was not: greedy and seeded sampled answers are plain decoding's and
+    valid."""
+    import json
+
+    from sirocco.generate.grammar import json_schema_grammar
+    from sirocco.pretrained import load
+
+    loaded = load("sirocco-tiny", backend="cpu")
+    schema = {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 3, "maxItems": 5},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["items", "n"]}
+    grammar = json_schema_grammar(schema, strict=True)
+    params = [SamplingParams(max_tokens=200, constraint=grammar),
+              SamplingParams(max_tokens=200, temperature=1.0, seed=3, constraint=grammar)]
+    prompts = ["A list of", "Return a new dictionary"]
+    plain = Engine(loaded.model, loaded.tokenizer, max_rows=2).generate(prompts, params)
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=2,
+                    speculation=Speculation("ngram", draft_tokens=4, cost_curve=FLAT))
+    spec = engine.generate(prompts, params)
+    assert_identical(spec, plain)
+    for c in spec:
+        assert c.finish_reason == "stop" and set(json.loads(c.text)) == {"items", "n"}
+    assert engine.stats.accepted_tokens > 0

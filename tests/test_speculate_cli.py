@@ -44,7 +44,7 @@ def test_generate_speculates_with_the_same_output_and_reports_its_drafts(capsys)
 
 def test_generate_refuses_speculation_where_it_cannot_keep_the_output(capsys):
     code = main(["generate", "--speculate", "ngram", "--backend", "torch", "--no-progress", "hello"])
-    assert code == 1 and "needs the cpu backend" in capsys.readouterr().err
+    assert code == 1 and "--speculate needs --backend cpu (or auto)" in capsys.readouterr().err
     code = main(["generate", "--speculate", "sirocco-tiny", "--pipeline-ranks", "2", "--no-progress", "hello"])
     assert code == 1 and "a draft model runs in one process" in capsys.readouterr().err
     code = main(["generate", "--speculate", "random-tiny", "--no-progress", "hello"])

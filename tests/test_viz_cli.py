@@ -75,6 +75,38 @@ def test_bad_values_are_refused_by_the_parser(argv, option, capsys):
     assert e.value.code == 2 and f"sirocco viz: error: argument {option}" in err and "Traceback" not in err
 
 
+def test_out_without_a_suffix_gets_png_and_the_message_names_the_file(tmp_path, capsys):
+    out = run_viz("pipeline", ["--out", str(tmp_path / "sched")], capsys)
+    png = tmp_path / "sched.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sched.png"]
+    assert f"sirocco viz: wrote {png} ({png.stat().st_size} bytes)" in out.err
+
+
+def refused_out(out, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["viz", "pipeline", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("sirocco viz: error: argument --out: "), message
+    return message
+
+
+def test_an_existing_folder_as_out_is_refused_and_nothing_is_written(tmp_path, capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert f"{str(folder)!r} is a folder; give the PNG file to write" in refused_out(folder, capsys)
+    (tmp_path / "masks.png").mkdir()                  # a folder only once .png is added
+    assert "which is a folder" in refused_out(tmp_path / "masks", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.png", "pictures"] and not any(folder.iterdir())
+
+
+def test_out_with_another_suffix_is_refused_naming_png(tmp_path, capsys):
+    assert "give a name ending in .png" in refused_out(tmp_path / "masks.jpg", capsys)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("arch", ["tiny", "tiny-moe"])
 def test_a_trace_changes_nothing_the_engine_generates(arch):
     args = preset(arch, vocab_size=300, sliding_window=5)

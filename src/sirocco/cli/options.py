@@ -5,9 +5,11 @@ it is parsed (``sirocco VERB: error: argument --top-p: 2.0 is out of range: must
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import re
-from typing import Callable, Optional
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
@@ -112,6 +114,53 @@ def size_bytes(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be at least 1 byte")
     return n
+
+
+def first_bad_utf8(f: BinaryIO, chunk_bytes: int = 1 << 20) -> Optional[tuple[int, int, str]]:
+    r"""The first byte of ``f`` that is not valid UTF-8, as (offset in bytes, the byte, why), or None; read in
+    chunks, so a large file is never held whole. A sequence cut at the end of a chunk is held over to the next:
+    with chunks of 2 bytes, b"a\xc3\xa9\xff" gives (3, 0xff, 'invalid start byte'), not an error at byte 1.
+
+    >>> import io
+    >>> first_bad_utf8(io.BytesIO(b"a\xc3\xa9\xff"), chunk_bytes=2)
+    (3, 255, 'invalid start byte')
+    >>> first_bad_utf8(io.BytesIO("caf\u00e9\n".encode()), chunk_bytes=4) is None
+    True
+    >>> first_bad_utf8(io.BytesIO(b"ok\xe2\x82"))          # cut short at the end of the file
+    (2, 226, 'unexpected end of data')
+    """
+    held, start = b"", 0                # bytes of a sequence not yet complete, and the offset of held[0]
+    while True:
+        data = f.read(chunk_bytes)
+        block = held + data
+        try:
+            _, used = codecs.utf_8_decode(block, "strict", not data)
+        except UnicodeDecodeError as e:
+            return start + e.start, block[e.start], e.reason
+        if not data:
+            return None
+        held, start = block[used:], start + used
+
+
+def utf8_text_file(text: str) -> str:
+    """The path of a readable file of UTF-8 text (returned as given). The file is read through once here, so a
+    missing, unreadable or binary file is refused where the option is parsed, naming the offset of the first
+    byte that is not UTF-8; the verb reads it again when it runs."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            bad = first_bad_utf8(f)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {e.strerror or e}") from None
+    if bad is not None:
+        offset, byte, reason = bad
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 text: byte 0x{byte:02x} at offset {offset} "
+                                         f"({reason})")
+    return text
 
 
 def device_name(text: str) -> str:
@@ -228,11 +277,25 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
-    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so."""
+    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so,
+    on --backend with --attention's pre-fill path (verbs without those options: the plain-PyTorch reference)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
-                quantize=getattr(args, "quantize", None))
+                quantize=getattr(args, "quantize", None), backend=engine_backend(args),
+                prefill=getattr(args, "attention", "per_sequence"))
+
+
+def engine_backend(args: argparse.Namespace) -> Optional[str]:
+    """The backend --backend asks for, or the one speculative decoding needs: with --speculate, "auto" is "cpu"
+    (its row-exact kernels), and "torch" is refused."""
+    backend = getattr(args, "backend", "torch")
+    if getattr(args, "speculate", None) is not None:
+        if backend == "torch":
+            raise SiroccoError("--speculate needs --backend cpu (or auto): the plain PyTorch backend's products round "
+                               "differently for different row counts, so verified drafts would change the output")
+        return "cpu"
+    return backend
 
 
 # -- speculative decoding ------------------------------------------------------------------------------------------
@@ -262,7 +325,7 @@ def speculation_from_args(args: argparse.Namespace, loaded: Optional[Loaded] = N
         return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)
     if loaded is None:
         raise SiroccoError(f"--speculate {name}: a draft model runs in one process, beside the whole model")
-    draft = load(name, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    draft = load(name, dtype=DTYPES[args.dtype], device=resolve_device(args.device), backend=engine_backend(args))
     probe = "The sliding window: 1, 2, 3 and caf\u00e9"
     if (draft.model.args.vocab_size != loaded.model.args.vocab_size
             or draft.tokenizer.encode(probe, bos=True, eos=False) != loaded.tokenizer.encode(probe, bos=True,

@@ -65,6 +65,11 @@ class LogitsProcessor:
     def accept(self, tokens: Sequence[int]) -> None:
         """The row kept these tokens (in order): advance past them."""
 
+    def finished(self) -> bool:
+        """Whether nothing but EOS may follow what was accepted (a grammar is complete): the row then ends
+        without spending a step on the EOS."""
+        return False
+
 
 class TokenBias(LogitsProcessor):
     """OpenAI's ``logit_bias``: a fixed value added to some tokens' logits (-100 bans a token in practice)."""
@@ -112,6 +117,9 @@ class _Both(LogitsProcessor):
 
     def accept(self, tokens: Sequence[int]) -> None:
         self.inner.accept(tokens)
+
+    def finished(self) -> bool:
+        return self.inner.finished()
 
 
 @dataclass

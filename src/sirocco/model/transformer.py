@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = window
         # A backend's kernel for wq, wk and wv at once (backends/quant/linear.py), or None; it returns None for the
-        # steps it does not serve.
+        # steps it does not serve. Set only by the conversion pass (backends.attach), like experts_kernel.
         self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)

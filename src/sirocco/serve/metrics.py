@@ -47,3 +47,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> dict:
+        """The numbers of ``render`` that a status view shows, read from the same registry: gauges as they are,
+        counters and histograms' ``_sum`` / ``_count`` as totals since the start (a reader takes differences
+        between two snapshots for rates and recent means)."""
+        get = self.registry.get_sample_value
+        out: dict = {"running": get("sirocco_requests_running"), "waiting": get("sirocco_requests_waiting")}
+        for key, name in (("prompt_tokens", "sirocco_prompt_tokens_total"),
+                          ("generation_tokens", "sirocco_generation_tokens_total"),
+                          ("busy_seconds", "sirocco_engine_busy_seconds_total")):
+            out[key] = get(name)
+        for key, name in (("ttft", "sirocco_time_to_first_token_seconds"),
+                          ("tpot", "sirocco_time_per_output_token_seconds"),
+                          ("e2e", "sirocco_e2e_request_latency_seconds"),
+                          ("step_tokens", "sirocco_iteration_tokens")):
+            out[key] = {"sum": get(name + "_sum"), "count": get(name + "_count")}
+        out["finished"] = {reason: get("sirocco_request_success_total", {"finish_reason": reason})
+                           for reason in ("stop", "length", "abort")}
+        return out
