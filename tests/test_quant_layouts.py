@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sirocco.backends.quant import formats, layouts
+from sirocco.backends.quant import kernels as qk
 from sirocco.backends.quant.formats import QuantizedTensor
 
 gguf = pytest.importorskip("gguf")
@@ -14,6 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # noqa: E402
 
 TYPES = list(layouts.TYPES)
 NEW = [t for t in TYPES if t not in ("q8_0", "q4_0")]
+needs_kernel = pytest.mark.skipif(not qk.kernel_available(), reason="the quantized C++ kernels are not built here")
 F16_EXTREMES = {                      # fp16 bit patterns of the scales at their edges, all finite
     "largest": 0x7BFF, "most negative": 0xFBFF, "smallest subnormal": 0x0001, "negative subnormal": 0x8001,
     "largest subnormal": 0x03FF, "smallest normal": 0x0400, "zero": 0x0000, "negative zero": 0x8000, "one": 0x3C00,
@@ -63,6 +65,7 @@ def test_layout_constants_are_ggufs(fmt):
     assert GGML_QUANT_SIZES[qtype] == (lay.values, lay.bytes)
     assert layouts.packed_shape((3, 5, 2 * lay.values), fmt) == (3, 5, 2 * lay.bytes)
     assert formats.packed_shape((3, 2 * lay.values), fmt) == (3, 2 * lay.bytes)
+    assert qk.packed_shape((3, 2 * lay.values), fmt) == (3, 2 * lay.bytes)
 
 
 @pytest.mark.parametrize("fmt", TYPES)
@@ -134,6 +137,38 @@ def test_integer_form_rebuilds_the_values(fmt):
     assert int(f.q.min()) >= -128 and int(f.q.max()) <= 255
 
 
+@needs_kernel
+@pytest.mark.parametrize("fmt", TYPES)
+def test_cpp_dequantizer_gives_the_bits_of_layouts(fmt):
+    """The pre-fill pass: fp32 tiles are layouts.dequantize bit for bit (and so gguf's); bf16 tiles those values
+    rounded to nearest even, on every bf16 path this CPU has."""
+    lay = layouts.layout(fmt)
+    g = torch.Generator().manual_seed(11)
+    blocks = [layouts.random_blocks(29, 3 * lay.values, fmt, g, scale=s) for s in (1e-2, 1e3)]
+    blocks += [b for name, b in edge_blocks(fmt).items() if "random" in name or "all ones" in name]
+    isas = ["avx2"] + (["avx512bf16"] if qk.native_module() and _has_bf16() else [])
+    for packed in blocks:
+        rows = packed.shape[0]
+        want = layouts.dequantize(packed, fmt, (rows, 3 * lay.values))
+        out = torch.empty(rows, 3 * lay.values)
+        assert qk.dequantize_into(packed, fmt, out) is out
+        assert torch.equal(out.nan_to_num(), want.nan_to_num()) and torch.equal(out.isnan(), want.isnan())
+        for isa in isas:
+            ob = torch.empty(rows, 3 * lay.values, dtype=torch.bfloat16)
+            qk.dequantize_into(packed, fmt, ob, isa=isa)
+            wb = want.to(torch.bfloat16)
+            assert torch.equal(ob.nan_to_num(), wb.nan_to_num()) and torch.equal(ob.isnan(), wb.isnan()), isa
+
+
+def _has_bf16() -> bool:
+    try:
+        qk.native_module().dequantize_into(torch.zeros(1, 34, dtype=torch.uint8), 0,
+                                           torch.empty(1, 32, dtype=torch.bfloat16), 2)
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("fmt", NEW)
 def test_shapes_are_checked_by_name(fmt):
     lay = layouts.layout(fmt)
@@ -147,3 +182,7 @@ def test_shapes_are_checked_by_name(fmt):
         formats.quantize(torch.randn(4, lay.values), fmt)
     with pytest.raises(ValueError, match="unknown quantized format 'q7_K'"):
         layouts.packed_shape((4, 256), "q7_K")
+    if qk.kernel_available():
+        with pytest.raises(RuntimeError, match=f"{fmt} blocks of"):
+            qk.native_module().dequantize_into(torch.zeros(4, lay.bytes + 1, dtype=torch.uint8), qk.FMT_CODES[fmt],
+                                               torch.empty(4, lay.values), 0)
