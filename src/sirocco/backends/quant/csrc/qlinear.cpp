@@ -451,7 +451,7 @@ VNNI_TARGET inline fvec scale_add(fvec acc, vec dot, fvec dw, float da) {
 VNNI_TARGET inline void store(fvec v, float* out) { _mm512_storeu_ps(out, v); }
 // --- Operations of the other tiles (the 32-value types' extra steps, and qlinear_k.cpp), each one instruction:
 // loads (64 bytes; 32 bytes into both halves; 16 bytes into all four 128-bit lanes), zero extension of a 256-bit
-// value, constants, bitwise and shift operations (per 16-bit lane, by a constant or by each lane's count), the
+// value, a 128-bit value in all four lanes, constants, bitwise and shift operations (per 16-bit lane, by a constant or by each lane's count), the
 // three-input bitwise function (vpternlogd: bit = imm[4 a + 2 b + c]), byte shuffles within 128-bit lanes, word
 // and dword permutations across the vector, u8 x s8 pair products (vpmaddubsw), int16 pair products accumulated
 // into int32 (vpdpwssd), a byte test into a mask and a masked byte addition, 128-bit lane shuffles, a gather of 32
@@ -460,6 +460,7 @@ VNNI_TARGET inline vec loadu(const void* p) { return _mm512_loadu_si512(p); }
 VNNI_TARGET inline vec load_x2(const void* p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)p)); }
 VNNI_TARGET inline vec load_x4(const void* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)p)); }
 VNNI_TARGET inline vec from256(__m256i v) { return _mm512_zextsi256_si512(v); }
+VNNI_TARGET inline vec bcast128(__m128i v) { return _mm512_broadcast_i32x4(v); }
 VNNI_TARGET inline vec from128x4(__m128i a, __m128i b, __m128i c, __m128i d) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(b, a)), _mm256_set_m128i(d, c), 1);
 }
@@ -564,6 +565,7 @@ inline vec loadu(const void* p) { vec v; std::memcpy(v.l, p, 64); return v; }
 inline vec load_x2(const void* p) { vec v; std::memcpy(v.l, p, 32); std::memcpy(v.l + 8, p, 32); return v; }
 inline vec load_x4(const void* p) { vec v; for (int i = 0; i < 4; ++i) std::memcpy(v.l + 4 * i, p, 16); return v; }
 inline vec from256(__m256i x) { vec v = zero(); std::memcpy(v.l, &x, 32); return v; }
+inline vec bcast128(__m128i x) { vec v; for (int i = 0; i < 4; ++i) std::memcpy(v.l + 4 * i, &x, 16); return v; }
 inline vec from128x4(__m128i a, __m128i b, __m128i c, __m128i d) {
   vec v;
   std::memcpy(v.l, &a, 16); std::memcpy(v.l + 4, &b, 16); std::memcpy(v.l + 8, &c, 16); std::memcpy(v.l + 12, &d, 16);

@@ -330,7 +330,7 @@ VNNI_TARGET inline void row_vnni(const uint8_t* blk, const Acts& a, int64_t s, c
     uint64_t sc8, mn8;
     k_scales(blk + 4, sc8, mn8);
     const __m128i sc16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc8));
-    const vec sc = from128x4(sc16, sc16, sc16, sc16);
+    const vec sc = bcast128(sc16);
     const __m128i mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn8));
     const uint8_t* qs = blk + (FMT == kQ5K ? 48 : 16);
     const vec v0 = loadu(qs), v1 = loadu(qs + 64);
