@@ -181,7 +181,7 @@ def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str 
     ``layouts.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
     one C++ pass where the kernels are built and everything is on CPU, else through ``layouts.dequantize``.
     Pre-fill's tiles (linear.py) reuse one buffer this way. ``isa`` ("auto", "avx2", "avx512bf16") forces a path
-    of q8_0's and q4_0's bf16 pass, for tests (the other types have one pass)."""
+    of the bf16 pass, for tests."""
     module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
     if module is None or not (packed.is_contiguous() and out.is_contiguous()
                               and out.dtype in (torch.float32, torch.bfloat16)):
