@@ -201,15 +201,16 @@ inline __m256i block_dot_avx2(__m256i wq, __m256i aq) {
 // worked through (8 streams advancing block by block), the next one is prefetched into L2 as one linear stream,
 // a fixed number of lines per block step (no branch), so that it sits in cache when its turn comes. Measured
 // against 512 bytes ahead in each row stream and against no software prefetch, it reads faster than both; into
-// L1 instead of L2, or two tiles ahead, is no better (docs/performance.md).
-template <int FMT, int ROWS = kTile>
+// L1 instead of L2, or two tiles ahead, is no better (docs/performance.md); the 256-value types' VNNI tile, which
+// works on one row at a time, does prefetch into L1 (HINT, qlinear_k.cpp).
+template <int FMT, int ROWS = kTile, _mm_hint HINT = _MM_HINT_T1>
 struct NextTile {
   static constexpr int64_t kStep = ROWS * block_bytes<FMT>();       // bytes of the tile per block step
   static constexpr int kLines = (kStep + 63) / 64;                    // covers [p, p + kStep) with p's next
   const char* p;
   NextTile(const uint8_t* rows, int64_t row_bytes) : p((const char*)(rows + ROWS * row_bytes)) {}
   inline void step() {
-    for (int i = 0; i < kLines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T1);
+    for (int i = 0; i < kLines; ++i) _mm_prefetch(p + 64 * i, HINT);
     p += kStep;
   }
 };
