@@ -202,7 +202,7 @@ inline __m256i block_dot_avx2(__m256i wq, __m256i aq) {
 // a fixed number of lines per block step (no branch), so that it sits in cache when its turn comes. Measured
 // against 512 bytes ahead in each row stream and against no software prefetch, it reads faster than both; into
 // L1 instead of L2, or two tiles ahead, is no better (docs/performance.md); the 256-value types' VNNI tile, which
-// works on one row at a time, does prefetch into L1 (HINT, qlinear_k.cpp).
+// works on one row at a time, prefetches into L1 (HINT), a piece per row (qlinear_k.cpp).
 template <int FMT, int ROWS = kTile, _mm_hint HINT = _MM_HINT_T1>
 struct NextTile {
   static constexpr int64_t kStep = ROWS * block_bytes<FMT>();       // bytes of the tile per block step
@@ -213,6 +213,12 @@ struct NextTile {
     for (int i = 0; i < kLines; ++i) _mm_prefetch(p + 64 * i, HINT);
     p += kStep;
   }
+  // The same step in PARTS pieces spread among other work, piece i of them; then advance().
+  template <int PARTS> inline void piece(int i) const {
+    constexpr int per = (kLines + PARTS - 1) / PARTS;
+    for (int j = 0; j < per; ++j) _mm_prefetch(p + 64 * (per * i + j), HINT);
+  }
+  inline void advance() { p += kStep; }
 };
 
 // Outputs y[m, n0 .. n0 + valid) for the M activation rows (rows past the end repeat the last valid one).

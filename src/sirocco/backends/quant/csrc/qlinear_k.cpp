@@ -439,9 +439,9 @@ VNNI_TARGET void tile_k_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, in
   constexpr int64_t BB = block_bytes<FMT>();
   const v512::Rows16 rows(w, row_bytes, n0, valid);
   const Consts512 k(FMT);
-  // The next tile into L1 rather than L2: this tile's rows are worked one at a time, a few cache lines each, so
-  // fewer of its loads are in flight than in the transposing tiles; arriving in L1 they wait less (measured in
-  // docs/performance.md).
+  // The next tile into L1 rather than L2, a sixteenth of each step's lines before each row rather than all at
+  // once: this tile works on one row at a time, a few cache lines each, and a burst of prefetches for the whole
+  // step queued ahead of those rows' loads held them back (both choices measured in docs/performance.md).
   NextTile<FMT, kTileVnni, _MM_HINT_T0> pf(w + n0 * row_bytes, row_bytes);
   v512::fvec acc[M];
   for (int m = 0; m < M; ++m) acc[m] = v512::fzero();
@@ -450,10 +450,10 @@ VNNI_TARGET void tile_k_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, in
   constexpr bool d_last = FMT == kQ3K || FMT == kQ6K;
   constexpr int64_t gather_at = d_last ? d_at<FMT>() - 2 : d_at<FMT>();
   for (int64_t s = 0; s < a.nb; ++s) {
-    pf.step();
     v512::vec part[M][kTileVnni];
     __m128i mins[M][kTileVnni];
     for (int r = 0; r < kTileVnni; ++r) {
+      pf.template piece<kTileVnni>(r);
       v512::vec pr[M];
       __m128i mr[M];
       row_vnni<FMT, M>(rows.rp[r] + s * BB, a, s, k, pr, mr);
@@ -462,6 +462,7 @@ VNNI_TARGET void tile_k_vnni(const uint8_t* w, int64_t row_bytes, int64_t n0, in
         if (has_min<FMT>()) mins[m][r] = mr[m];
       }
     }
+    pf.advance();
     const v512::vec g = v512::gather32(rows, s * BB + gather_at);
     const v512::fvec dw = d_last ? v512::half_hi(g) : v512::half_lo(g);
     for (int m = 0; m < M; ++m) {
