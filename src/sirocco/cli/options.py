@@ -13,6 +13,7 @@ from typing import BinaryIO, Callable, Optional
 
 import torch
 
+from ..backends.quant.convert import QUANTIZE
 from ..distributed.launch import DEFAULT_TIMEOUT_S
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL, DEMO, Loaded, bundled_models, load
@@ -223,7 +224,19 @@ def add_progress_argument(g: argparse._ActionsContainer) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
-QUANTIZE = ("int8", "int4")
+def quantization(text: str) -> str:
+    """A ``--quantize`` mix, in any case, as ``QUANTIZE`` spells it: ``Q4_K_M`` -> ``q4_K_M``, ``INT8`` -> ``int8``."""
+    for name in QUANTIZE:
+        if name.lower() == text.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not a quantization mix; choose one of {', '.join(QUANTIZE)}")
+
+
+QUANTIZE_HELP = ("quantize the linear layers at load with a mix of GGUF block types (any case): q8_0 (or int8) "
+                 "and q4_0 (or int4), every attention and feed-forward weight in that type and the output head "
+                 "q8_0; or llama.cpp's q4_K_M, q5_K_M, q6_K, q3_K_M, q2_K, iq4_xs, its type per tensor and the "
+                 "embedding rounded through the mix's type as its files store it ('sirocco quantize --help' "
+                 "describes each). Norms and the MoE router stay in --dtype")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,9 +250,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and activations dtype (default float32; bfloat16 halves memory and is faster "
                         "for large models on CPUs with AVX512-BF16)")
-    g.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="quantize the linear layers at load: int8 = GGUF q8_0, int4 = q4_0 blocks of 32 (the output "
-                        "head q8_0 in both; embedding, norms and MoE router stay in --dtype)")
+    g.add_argument("--quantize", type=quantization, default=None, metavar="MIX", help=QUANTIZE_HELP)
     add_machine_arguments(g)
 
 
