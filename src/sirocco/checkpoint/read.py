@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .. import backends
 from ..backends.moe import expert_groups
+from ..backends.quant import formats
 from ..backends.quant.convert import ROUNDED_THROUGH, QuantReport, empty_blocks, quantize_weight
 from ..backends.quant.formats import QuantizedTensor
 from ..config import ModelArgs
@@ -32,8 +33,11 @@ log = logging.getLogger(__name__)
 
 
 # Weights read, converted and quantized at once when quantizing while loading (at least one row, or one head of
-# wq/wk): 4 MiB in fp32, so the pass's own memory is a small fraction of even a small quantized model.
+# wq/wk): 256 KiB in fp32 for q8_0 and q4_0, whose quantizers are a few vector operations; SEARCH_PIECES times that
+# for the types whose scales come from a search, so that the quantizer spreads each piece over its pool of threads
+# (quantizers.CHUNK_VALUES each). Either way the pass's own memory is a small fraction of a quantized model.
 QUANTIZE_CHUNK = 2**16
+SEARCH_PIECES = 4
 
 Source = Union[str, Path, GGUFFile]
 
@@ -180,7 +184,8 @@ def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str,
     rows, k = files.shape(stored)
     heads = rope_heads(name, args.n_heads, args.n_kv_heads) if layout_format == HF else None
     unit = rows // heads if heads else 1
-    step = max(unit, QUANTIZE_CHUNK // k // unit * unit)
+    values = QUANTIZE_CHUNK * (1 if fmt in formats.FORMATS else SEARCH_PIECES)
+    step = max(unit, values // k // unit * unit)
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
