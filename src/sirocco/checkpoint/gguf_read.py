@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..backends.quant.convert import dequantize_rows
 from ..backends.quant.formats import QuantizedTensor
 from ..backends.quant.hugepages import huge_page_tensors
 from ..backends.quant.layouts import LAYOUTS
@@ -54,7 +55,6 @@ FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat
 # a change in its logits changes which experts run).
 FLOAT_ONLY = ("tok_embeddings.weight", "feed_forward.gate.weight")
 _REQUIRED = object()
-DEQUANTIZE_CHUNK = 2**20          # values of a quantized embedding or router dequantized at a time
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -355,8 +355,9 @@ class GGUFFile:
                 if name == "tok_embeddings.weight":
                     out.embedding_type = QUANT_FORMATS[info.type]
                 raw = self._mapped(info)
-                out.state[name] = dequantized(raw if entry.expert is None else raw[entry.expert],
-                                              QUANT_FORMATS[info.type], entry.shape, dtype, device)
+                qt = QuantizedTensor(raw if entry.expert is None else raw[entry.expert], QUANT_FORMATS[info.type],
+                                     entry.shape)
+                out.state[name] = dequantize_rows(qt, dtype, device)
                 continue
             if info.name not in converted:
                 t = self._mapped(info)
@@ -434,19 +435,6 @@ class GGUFFile:
             return tokenizer_from_fields(self.get, self.path)
         except TokenizerError as e:
             raise ModelFileError(str(e)) from None
-
-
-def dequantized(packed: torch.Tensor, fmt: str, shape: tuple[int, ...], dtype: torch.dtype,
-                device: torch.device | str) -> torch.Tensor:
-    """The float weight of ``shape`` (rows, K) in ``dtype`` on ``device`` that the blocks ``packed`` (rows, bytes)
-    of type ``fmt`` hold, dequantized ``DEQUANTIZE_CHUNK`` values at a time (the dequantizer's integer temporaries
-    are several times the fp32 weight: a 7B model's embedding at once would take gigabytes)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    step = max(1, DEQUANTIZE_CHUNK // shape[-1])
-    for r0 in range(0, shape[0], step):
-        r1 = min(r0 + step, shape[0])
-        out[r0:r1] = QuantizedTensor(packed[r0:r1], fmt, (r1 - r0, *shape[1:])).dequantize().to(device, dtype)
-    return out
 
 
 def keeps_blocks(name: str, entry: Entry) -> bool:

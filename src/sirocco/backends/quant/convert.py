@@ -27,6 +27,7 @@ one type, so the stack holds one type, and where the three matrices share it a d
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
@@ -51,6 +52,7 @@ EMBEDDING = "tok_embeddings"
 # An embedding whose float table holds the values of blocks of some type (a GGUF file's, or rounded here) carries
 # that type under this attribute, so that quantizing again never rounds it twice.
 ROUNDED_THROUGH = "rounded_through"
+DEQUANTIZE_CHUNK = 2**20          # values dequantized at a time (``dequantize_rows``)
 
 
 def resolve(name: str) -> str:
@@ -157,9 +159,23 @@ def quantize_embedding(model: nn.Module, mix: str) -> Optional[QuantizedTensor]:
         return None
     table = getattr(model, EMBEDDING)
     with torch.no_grad():
-        table.weight.data = blocks.dequantize().to(table.weight.dtype)
+        table.weight.data = dequantize_rows(blocks, table.weight.dtype, table.weight.device)
     setattr(table, ROUNDED_THROUGH, blocks.fmt)
     return blocks
+
+
+def dequantize_rows(qt: QuantizedTensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The float weight (rows, K) that the blocks ``qt`` hold, in ``dtype`` on ``device``, dequantized
+    ``DEQUANTIZE_CHUNK`` values at a time: the dequantizer's integer and fp32 temporaries are several times the
+    fp32 weight, so a 7B model's embedding dequantized at once would take gigabytes."""
+    rows = qt.shape[0]
+    out = torch.empty(qt.shape, dtype=dtype, device=device)
+    step = max(1, DEQUANTIZE_CHUNK // max(1, math.prod(qt.shape[1:])))
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        part = QuantizedTensor(qt.data[r0:r1], qt.fmt, (r1 - r0, *qt.shape[1:]))
+        out[r0:r1] = part.dequantize().to(device=device, dtype=dtype)
+    return out
 
 
 def use_blocks(model: nn.Module, blocks: Mapping[str, QuantizedTensor]) -> None:
