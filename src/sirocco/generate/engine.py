@@ -22,6 +22,11 @@ runs the plan's decode path, over the cache rows in place. With ``mixed=False``:
 prompt is not cached, then decode steps. Running sequences keep rows 0..B-1 (a freed row takes the last one)
 so the decode step reads the cache rows as a view, never as a gather.
 
+Prefix reuse (``prefix_cache_bytes``, prefix.py): when a prompt's last chunk has been pre-filled, its row's keys and
+values go to the store; a request admitted later whose prompt starts with a stored one gets them copied into its
+row and starts with ``cached = m``, so only the rest is pre-filled (``Completion.cached_tokens``). Where a window
+has overwritten what the request would need, it is pre-filled cold.
+
 Threads: single-threaded by design. One thread (a server's engine thread) makes every call; nothing here
 locks. Pipeline ranks: every rank must make the same calls in the same order (the scheduling is a pure
 function of them), request ids included.
@@ -42,6 +47,7 @@ from ..model import Transformer
 from ..model.attention import Prefill
 from ..plan import BatchPlan
 from .executor import Executor, LocalExecutor
+from .prefix import PrefixStore
 from .sampling import LogitsProcessor, RowSampling, Sampled, SamplingParams, make_generator
 from .scheduler import Scheduler, Step
 from .text import TextTracker
@@ -90,6 +96,7 @@ class Completion:
     request_id: str = ""
     # per token, its most likely alternatives [(id, logprob), ...], where SamplingParams.logprobs asked for them
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    cached_tokens: int = 0       # prompt tokens restored from the prefix store instead of pre-filled
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"index": self.index, "prompt": self.prompt, "prompt_tokens": self.prompt_tokens,
@@ -121,6 +128,7 @@ class Stats:
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    cached_tokens: int = 0        # prompt tokens restored from the prefix store (not in prefill_tokens)
 
     @property
     def seconds(self) -> float:
@@ -195,6 +203,9 @@ class Engine:
             (for ``sirocco viz``); None records nothing and costs nothing.
         mixed: put pre-fill chunks and decode tokens in the same step (default); False: pre-fill steps until
             every running prompt is cached, then decode steps.
+        prefix_cache_bytes: keep the pre-filled state of prompts in a store of this many bytes (``prefix.py``), so
+            a prompt that starts with a stored one is pre-filled only from where they differ; 0 (the default):
+            no store.
 
     >>> engine = Engine(model, tokenizer, max_rows=8)                      # doctest: +SKIP
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
@@ -203,7 +214,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
                  max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
                  attention: Prefill = "per_sequence", backend: Optional[str] = "auto",
-                 executor: Optional[Executor] = None, trace: Optional[StepObserver] = None, mixed: bool = True):
+                 executor: Optional[Executor] = None, trace: Optional[StepObserver] = None, mixed: bool = True,
+                 prefix_cache_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -221,6 +233,9 @@ class Engine:
         log.info("cache: %d rows x %s slots, %.1f MiB (%s)", max_rows,
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
+        self.prefix: Optional[PrefixStore] = None
+        if prefix_cache_bytes > 0:
+            self.prefix = PrefixStore(self.cache, self.args.n_kv_heads, self.args.head_dim, prefix_cache_bytes)
         self.backend = backends.attach(model, backend, prefill=attention)
         self.attention = attention
         self.trace = trace
@@ -360,6 +375,8 @@ class Engine:
         logits = self.executor.forward(tokens, plan, self.cache, logits_at=logits_at)
         for s, n in zip(seqs, lengths):
             s.cached += n
+            if self.prefix is not None and s.cached == len(s.out.prompt_tokens):     # its prompt's last chunk
+                self.prefix.save(s.out.prompt_tokens, s.row)     # the row holds exactly the pre-filled prompt
         if self.trace is not None:
             self.trace.on_step(step.phase, plan, {s.row: s.cached for s in seqs}, tokens,
                                seqs=[s.out.index for s in seqs], prefill=self.attention)
@@ -424,8 +441,14 @@ class Engine:
         out, params = req.out, req.params
         gen = make_generator(params.seed, self.device) if params.temperature > 0 else None
         text = TextTracker(self.tokenizer, out.prompt_tokens, params.stop) if self.tokenizer is not None else None
+        cached = 0
+        if self.prefix is not None:
+            hit = self.prefix.lookup(out.prompt_tokens)
+            if hit is not None:
+                cached = out.cached_tokens = self.prefix.restore(hit, row)
+                self.stats.cached_tokens += cached
         return _Running(out=out, params=params, row=row, generator=gen, text=text,
-                        processor=params.processor(self.tokenizer, self.args.vocab_size), order=order)
+                        processor=params.processor(self.tokenizer, self.args.vocab_size), order=order, cached=cached)
 
     def _move_row(self, src: int, dst: int) -> None:
         self.cache.move_row(src, dst)
