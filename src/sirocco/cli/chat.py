@@ -1,7 +1,9 @@
 """``sirocco chat``: talk with a model in the terminal, over the same Engine the server uses.
 
 The conversation is kept as chat messages and encoded with the model's chat template at every turn (the same
-``tokenizer.encode_chat`` as ``generate --chat``). Commands: /reset forgets the conversation, /system TEXT sets
+``tokenizer.encode_chat`` as ``generate --chat``). The engine's prefix store (``--prefix-cache-mib``) keeps the
+pre-filled state of each turn's prompt, so the next turn, which starts with it, pre-fills only the answer and the
+new message. Commands: /reset forgets the conversation, /system TEXT sets
 the system prompt (and resets), /exit leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer
 and keeps what was written; the engine is only ever interrupted between steps. With standard input from a pipe,
 each line is one user turn of one conversation: the answers are printed, one after another, and the verb exits
@@ -34,7 +36,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the conversation")
     add_sampling_arguments(s, max_tokens=512, seed=None, per="answer")
-    add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True)
+    add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True,
+                         prefix_cache=True)
 
 
 class Chat:
@@ -105,7 +108,8 @@ class Chat:
 def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
-                    attention=args.attention, backend=args.backend)
+                    attention=args.attention, backend=args.backend,
+                    prefix_cache_bytes=int(args.prefix_cache_mib * 2**20))
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

@@ -72,7 +72,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"largest request body in MiB; a larger one gets 413 before it is read (default "
                         f"{DEFAULT_MAX_BODY_MIB}: a 128k-token prompt is 0.5 to 1.5 MB of JSON)")
     e = p.add_argument_group("engine")
-    add_engine_arguments(e, max_seq_len=True)
+    add_engine_arguments(e, max_seq_len=True, prefix_cache=True)
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
@@ -118,7 +118,8 @@ def make_engine(args: argparse.Namespace, model, tokenizer, executor=None):
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                   max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                  backend=args.backend, executor=executor, mixed=args.mixed)
+                  backend=args.backend, executor=executor, mixed=args.mixed,
+                  prefix_cache_bytes=int(args.prefix_cache_mib * MIB))
 
 
 def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,

@@ -244,11 +244,13 @@ class Server:
                                    logprobs[i].whole() if req.logprobs is not None else None,
                                    done[i].finish_reason or "stop") for i in sorted(done)]
         used = sum(len(c.tokens) for c in done.values())
-        return protocol.response(req, self.name, choices, protocol.usage(prompt_tokens, used))
+        return protocol.response(req, self.name, choices,
+                                 protocol.usage(prompt_tokens, used, cached_tokens(req.n, done)))
 
     async def _stream(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
                       prompt_tokens: int) -> AsyncIterator[str]:
         finished: set[str] = set()
+        done: dict[int, Completion] = {}
         used = 0
         logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
         try:
@@ -268,12 +270,14 @@ class Server:
                         yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text)]))
                     if ev.completion is not None:
                         finished.add(ev.request_id)
+                        done[index] = ev.completion
                         yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(
                             req, index, None, finish_reason=ev.completion.finish_reason)]))
             except APIError as e:
                 yield sse(e.body())
             if req.include_usage:
-                yield sse(protocol.chunk(req, self.name, [], protocol.usage(prompt_tokens, used)))
+                yield sse(protocol.chunk(req, self.name, [], protocol.usage(prompt_tokens, used,
+                                                                            cached_tokens(req.n, done))))
             yield "data: [DONE]\n\n"
         finally:
             for rid in set(rids) - finished:
@@ -319,6 +323,22 @@ class Server:
             raise bad(f"token ids outside the vocabulary of {self.tokenizer.vocab_size}: {bad_ids[:5]}",
                       param="tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
+
+
+def cached_tokens(n: int, done: dict[int, Completion]) -> int:
+    """The prompt tokens a request did not pre-fill: per prompt (choices ``p * n .. p * n + n - 1``), the fewest
+    its choices continued from the prefix store, summed over prompts (``prompt_tokens`` counts each prompt once).
+
+    >>> from sirocco.generate.engine import Completion
+    >>> cs = {i: Completion(i, None, [], cached_tokens=c) for i, c in enumerate([8, 8, 0, 5])}
+    >>> cached_tokens(2, cs), cached_tokens(1, cs)
+    (8, 21)
+    """
+    per_prompt: dict[int, int] = {}
+    for i, c in done.items():
+        p = i // n
+        per_prompt[p] = min(per_prompt.get(p, c.cached_tokens), c.cached_tokens)
+    return sum(per_prompt.values())
 
 
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,

@@ -38,6 +38,15 @@ class Metrics:
                             "wall time it was idle or between steps)", registry=r)
         self.step_tokens = Histogram("sirocco_iteration_tokens", "Tokens per engine step (pre-fill chunks and "
                                      "decodes)", buckets=STEP_BUCKETS, registry=r)
+        self.prefix_queries = Counter("sirocco_prefix_cache_queries", "Prompts looked up in the prefix store",
+                                      registry=r)
+        self.prefix_hits = Counter("sirocco_prefix_cache_hits", "Prompts that continued from a stored prefix",
+                                   registry=r)
+        self.prefix_hit_tokens = Counter("sirocco_prefix_cache_hit_tokens", "Prompt tokens restored from the "
+                                         "prefix store instead of pre-filled", registry=r)
+        self.prefix_bytes = Gauge("sirocco_prefix_cache_bytes", "Bytes of keys and values in the prefix store "
+                                  "(over every layer of the model)", registry=r)
+        self.prefix_entries = Gauge("sirocco_prefix_cache_entries", "Prompt states in the prefix store", registry=r)
         for reason in ("stop", "length", "abort"):
             self.success.labels(finish_reason=reason)
 

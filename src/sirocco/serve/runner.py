@@ -86,6 +86,7 @@ class Runner:
         self._engine_running = 0                    # sequences in rows, as of the last step
         self.failed: Optional[BaseException] = None
         self._loop_done: Optional[Future] = None
+        self._prefix_seen = (0, 0, 0)               # the prefix store's queries, hits, hit tokens already counted
 
     # -- event-loop side -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -236,6 +237,17 @@ class Runner:
             self._engine_waiting, self._engine_running = waiting, running
         self.metrics.running.set(running)
         self.metrics.waiting.set(waiting)
+        store = getattr(self.engine, "prefix", None)
+        if store is not None:
+            m, st = self.metrics, store.stats
+            now = (st.queries, st.hits, st.hit_tokens)
+            for counter, new, old in zip((m.prefix_queries, m.prefix_hits, m.prefix_hit_tokens), now,
+                                         self._prefix_seen):
+                if new > old:
+                    counter.inc(new - old)
+            self._prefix_seen = now
+            m.prefix_bytes.set(store.nbytes)
+            m.prefix_entries.set(len(store))
 
     def _shutdown(self, error: BaseException) -> None:
         """Every request still open gets ``error`` on its queue; the engine's rows are freed."""
