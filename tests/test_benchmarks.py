@@ -38,3 +38,16 @@ def test_serve_benchmark_quick(tmp_path):
     assert len(result["single"]["rounds"]) == 1 and result["single"]["ratio_median"] > 0
     assert {t["target"].split(",")[0] for t in result["targets"]} >= {"server throughput"}
     assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
+
+
+def test_prefix_benchmark_quick(tmp_path):
+    """A chat's second turn on two servers, with and without the prefix store: the store's server reuses turn 1's
+    prompt, the other pre-fills it all."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--quick", "--rounds", "1", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    [row] = result["rounds"]
+    assert row["store"]["turn2"]["cached_tokens"] == row["store"]["turn1"]["prompt_tokens"] > 250
+    assert row["cold"]["turn2"]["cached_tokens"] == 0 and row["store"]["turn1"]["cached_tokens"] == 0
+    assert set(result["summary"]) >= {"turn2_over_turn1", "turn2_store_over_cold", "turn1_store_over_cold"}
+    assert "turn 2 / turn 1 with the store" in out.stderr
