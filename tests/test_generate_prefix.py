@@ -167,6 +167,28 @@ def test_warm_starts_beside_other_requests_equal_their_cold_runs(name):
         torch.testing.assert_close(torch.tensor(done[rid].logprobs), torch.tensor(ref.logprobs), atol=1e-5, rtol=0)
 
 
+def test_a_prompt_is_stored_once_its_first_token_is_out_or_before_its_row_is_freed():
+    e = engine("no-window", chunk=64)
+    e.add_request(tokens(20, 1), SamplingParams(max_tokens=3), request_id="a")
+    assert [ev.request_id for ev in e.step()] == ["a"] and len(e.prefix) == 0     # the copy waits for the next step
+    e.step()
+    assert len(e.prefix) == 1
+    e.add_request(tokens(20, 2), SamplingParams(max_tokens=1), request_id="b")     # done in the step that pre-fills it
+    e.step()
+    assert len(e.prefix) == 2
+    e.add_request(tokens(20, 3), SamplingParams(max_tokens=5), request_id="c")
+    e.add_request(tokens(20, 4), SamplingParams(max_tokens=5), request_id="d")
+    e.step()
+    e.abort("c")                                 # its row is freed and row 1 moves into it: both stored before
+    assert len(e.prefix) == 4
+    while e.has_unfinished():
+        e.step()
+    for i, p in enumerate([tokens(20, 3), tokens(20, 4)]):
+        [c] = e.generate([p + [7, 8]], GREEDY)
+        assert c.cached_tokens == 20
+        assert_same(c, cold("no-window", p + [7, 8], GREEDY))
+
+
 def test_without_a_store_nothing_is_kept():
     e = engine("window", store=0)
     p = tokens(30, 1)

@@ -23,9 +23,10 @@ prompt is not cached, then decode steps. Running sequences keep rows 0..B-1 (a f
 so the decode step reads the cache rows as a view, never as a gather.
 
 Prefix reuse (``prefix_cache_bytes``, prefix.py): when a prompt's last chunk has been pre-filled, its row's keys and
-values go to the store; a request admitted later whose prompt starts with a stored one gets them copied into its
-row and starts with ``cached = m``, so only the rest is pre-filled (``Completion.cached_tokens``). Where a window
-has overwritten what the request would need, it is pre-filled cold.
+values go to the store (at the start of the next step, so that the copy does not delay the first token; before
+the row is freed if it finishes or is aborted first). A request admitted later whose prompt starts with a stored
+one gets them copied into its row and starts with ``cached = m``, so only the rest is pre-filled
+(``Completion.cached_tokens``). Where a window has overwritten what it would need, it is pre-filled cold.
 
 Threads: single-threaded by design. One thread (a server's engine thread) makes every call; nothing here
 locks. Pipeline ranks: every rank must make the same calls in the same order (the scheduling is a pure
@@ -247,6 +248,9 @@ class Engine:
             request_id=lambda w: w.out.request_id)
         self._unfinished: set[str] = set()       # ids waiting or running
         self._aborted: list[Event] = []          # final events of aborted requests, for the next step()
+        # Sequences whose prompt's last chunk ran in the last step, to store at the start of the next one (so that
+        # the copy does not delay their first token) or before their rows are freed.
+        self._to_save: list[_Running] = []
         self._next_index = 0                     # Completion.index of the next add_request
         self._id_counter = 0
 
@@ -268,6 +272,7 @@ class Engine:
         """Stop a request: a waiting one leaves the queue, a running one frees its cache row at once. The next
         ``step()`` returns its final Event (``completion.finish_reason == "abort"``, no token). False if the
         id is unknown or already finished."""
+        self._save_prompts(self._to_save)            # before a row is freed or moved
         waiting, seq = self.scheduler.abort(request_id)
         if waiting is not None:
             out = waiting.out
@@ -290,6 +295,7 @@ class Engine:
         nothing to run, no model call: returns the pending abort events, or []."""
         events, self._aborted = self._aborted, []
         with torch.inference_mode():
+            self._save_prompts(self._to_save)
             plan = self.scheduler.schedule()
             if plan is None:
                 return events
@@ -298,6 +304,7 @@ class Engine:
             done = [s for s in plan.seqs if s.out.finish_reason is not None]
             for s in done:
                 self._unfinished.discard(s.out.request_id)
+            self._save_prompts([s for s in self._to_save if s in done])
             self.scheduler.release(done)
         return events
 
@@ -376,7 +383,7 @@ class Engine:
         for s, n in zip(seqs, lengths):
             s.cached += n
             if self.prefix is not None and s.cached == len(s.out.prompt_tokens):     # its prompt's last chunk
-                self.prefix.save(s.out.prompt_tokens, s.row)     # the row holds exactly the pre-filled prompt
+                self._to_save.append(s)         # its row holds exactly the pre-filled prompt until the next step
         if self.trace is not None:
             self.trace.on_step(step.phase, plan, {s.row: s.cached for s in seqs}, tokens,
                                seqs=[s.out.index for s in seqs], prefill=self.attention)
@@ -391,6 +398,15 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_seconds += seconds * decoded / total
         return result
+
+    def _save_prompts(self, seqs: list[_Running]) -> None:
+        """Store these sequences' pre-filled prompts (their rows hold nothing else yet) and forget them."""
+        if not seqs:
+            return
+        assert self.prefix is not None
+        for s in seqs:
+            self.prefix.save(s.out.prompt_tokens, s.row)
+        self._to_save = [s for s in self._to_save if s not in seqs]
 
     def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor]) -> list[tuple[_Running, Sampled]]:
         if not seqs:
