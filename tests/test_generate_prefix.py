@@ -54,7 +54,7 @@ def assert_same(warm, ref, bits=False):
     if bits:
         assert warm.logprobs == ref.logprobs
     else:
-        torch.testing.assert_close(torch.tensor(warm.logprobs), torch.tensor(ref.logprobs), atol=2e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(warm.logprobs), torch.tensor(ref.logprobs), atol=1e-6, rtol=0)
 
 
 # -- a conversation: every turn continues from the last one's prompt ----------------------------------------------
