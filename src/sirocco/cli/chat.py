@@ -3,11 +3,10 @@
 The conversation is kept as chat messages and encoded with the model's chat template at every turn (the same
 ``tokenizer.encode_chat`` as ``generate --chat``). The engine's prefix store (``--prefix-cache-mib``) keeps the
 pre-filled state of each turn's prompt, so the next turn, which starts with it, pre-fills only the answer and the
-new message. Commands: /reset forgets the conversation, /system TEXT sets
-the system prompt (and resets), /exit leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer
-and keeps what was written; the engine is only ever interrupted between steps. With standard input from a pipe,
-each line is one user turn of one conversation: the answers are printed, one after another, and the verb exits
-at the end of the input.
+new message. Commands: /reset forgets the conversation, /system TEXT sets the system prompt (and resets), /exit
+leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer and keeps what was written; the engine is
+only ever interrupted between steps. With standard input from a pipe, each line is one user turn of one
+conversation: the answers are printed, one after another, and the verb exits at the end of the input.
 """
 
 from __future__ import annotations
