@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     model = load_model(path, dtype=getattr(torch, a.dtype), device="cpu")
     n = a.decode_tokens
     max_seq_len = max(work.prefill_len, work.decode_prompt + n) + 2
-    engines = {rows: Engine(model, None, max_rows=rows, max_seq_len=max_seq_len, backend="torch") for rows in (1, 8)}
+    engines = {rows: Engine(model, None, max_rows=rows, max_seq_len=max_seq_len) for rows in (1, 8)}
     [prefill_prompt] = bi.random_prompts([work.prefill_len], shape.vocab_size, seed=1)
     decode_prompts = bi.random_prompts([work.decode_prompt] * 8, shape.vocab_size, seed=2)
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         order = names if r % 2 == 0 else names[::-1]
         row: dict = {"round": r, "first": order[0]}
         for name in order:
-            chosen = backends.attach(model, name)
+            chosen = backends.attach(model, name).backend
             for what in only:
                 row[f"{name}_{what}"] = measure(what)
             row[f"{name}_attached"] = chosen

@@ -55,7 +55,7 @@ def _rank(ctx, args: ModelArgs, micro_batches: int, min_tokens: int, n_prompts: 
     stage = rank_stage(ctx, args, seed=0)
     engine = Engine(stage, None, executor=PipelineExecutor(stage, ctx, micro_batches=micro_batches,
                                                            min_group_tokens=min_tokens),
-                    max_rows=n_prompts, max_seq_len=length + max_tokens, chunk_size=length, backend="torch")
+                    max_rows=n_prompts, max_seq_len=length + max_tokens, chunk_size=length)
     return _run(engine, _prompts(n_prompts, length, args.vocab_size), max_tokens, repeats)
 
 
@@ -77,7 +77,7 @@ def main() -> None:
           f"{a.prompts} prompts of {a.prompt_len} tokens, {a.max_tokens} new tokens each")
     torch.set_num_threads(a.ranks)
     one = _run(Engine(build_model(args, seed=0), None, max_rows=a.prompts, chunk_size=a.prompt_len,
-                      max_seq_len=a.prompt_len + a.max_tokens, backend="torch"),
+                      max_seq_len=a.prompt_len + a.max_tokens),
                _prompts(a.prompts, a.prompt_len, a.vocab), a.max_tokens, a.repeats)
     print(f"1 process, {a.ranks} threads: pre-fill {one['prefill_tps']:7.0f} tok/s, decode "
           f"{one['decode_tps']:6.1f} tok/s, {one['seconds']:.2f} s")

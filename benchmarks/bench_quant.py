@@ -200,9 +200,10 @@ def run_format(spec: dict) -> dict:
     out["auto_backend"] = backends.choose(model, "auto")
 
     def engine(rows: int, seq: int, model=model):
-        return Engine(model, None, max_rows=rows, max_seq_len=seq, backend=spec["backend"])
+        return Engine(model, None, max_rows=rows, max_seq_len=seq)
 
     t0 = time.perf_counter()
+    backends.attach(model, spec["backend"])
     e_pre = engine(1, work.prefill_len + 2)
     e_dec = {r: engine(r, work.decode_prompt + work.decode_tokens + 1) for r in work.rows}
     out["engines_seconds"] = time.perf_counter() - t0
@@ -393,9 +394,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every measuring process")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median), after one warm-up")
     ap.add_argument("--backend", choices=("auto", "cpu", "torch"), default="cpu",
-                    help="the engine's backend for every format (default cpu: 'auto' keys on the parameters' bytes "
-                         "and so picks torch for a quantized model whose blocks are buffers; the run reports what "
-                         "auto would pick)")
+                    help="the backend (backends.attach) for every format (default cpu: 'auto' keys on the "
+                         "parameters' bytes and so picks torch for a quantized model whose blocks are buffers; the "
+                         "run reports what auto would pick)")
     ap.add_argument("--no-perplexity", action="store_true", help="skip the perplexity runs")
     ap.add_argument("--json", action="store_true", help="print one JSON document with every figure to stdout")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -54,8 +54,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 8192, (32,), generator=g).tolist() for _ in range(a.rows)]
     model = build_model(args, seed=0)
-    engines = {"off": Engine(model, None, max_rows=a.rows, max_seq_len=256, backend="torch"),
-               "on": Engine(model, None, max_rows=a.rows, max_seq_len=256, backend="torch", trace=Trace())}
+    engines = {"off": Engine(model, None, max_rows=a.rows, max_seq_len=256),
+               "on": Engine(model, None, max_rows=a.rows, max_seq_len=256, trace=Trace())}
     times: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(a.repeats):              # alternated, so that a slow phase of the host hits both alike
         for name, engine in engines.items():

@@ -40,6 +40,44 @@ def test_serve_benchmark_quick(tmp_path):
     assert len(result["targets"]) == 3 and "target server throughput" in out.stderr
 
 
+def test_inside_benchmark_quick():
+    """The inside panel's cost end to end on sirocco-tiny: a real server, a followed request and one beside it."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_inside.py"), "--rounds", "1", "--tokens", "12", "--json"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["median"]["steps_followed"] == 12 and result["solo_ratio"] > 0 and result["beside_ratio"] > 0
+    assert result["engine"]["ratio"] > 0 and result["engine"]["record_ms_per_step"] > 0
+    assert "followed request's decode" in out.stderr
+
+
+def test_grammar_benchmark_quick(tmp_path):
+    """Mask costs on the bundled vocabulary and the 8-row decode, constrained and not, on a small shape."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_grammar.py"), "--quick", "--steps", "40", "--repeats",
+                          "1", "--json", "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    row = result["masks"]["bundled (4096)"]
+    assert row["string"]["allowed_median"] > 3000 and row["string"]["mask"]["median_us"] > 0
+    assert row["nested"]["mask"]["p99_us"] >= row["nested"]["mask"]["median_us"]
+    assert result["decode"]["rows"] == 8 and result["decode"]["constrained_tps"] > 0
+    assert "constrained vs unconstrained" in out.stderr
+
+
+def test_speculate_benchmark_quick(tmp_path):
+    """The bundled model's repetitive and sampled prompts, plain against prompt lookup (the same tokens, checked
+    by the script), and the verification cost on the small shape in bf16 and int4."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_speculate.py"), "--quick", "--repeats", "1", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    for part in ("bundled", "sampled"):
+        rows = result["results"][part]["rows"]
+        assert len(rows) == 3 and all(r["same_output"] and r["speculative"]["tokens_per_s"] > 0 for r in rows)
+    for fmt in ("bf16", "int4"):
+        cost = result["results"]["cost"][fmt]
+        assert len(cost["step_seconds"]) == 8 and cost["runs"]["p=1.0"]["accepted"] > 0
+        assert cost["runs"]["p=0.0"]["accepted"] == 0
+    assert len(result["targets"]) == 4 and "int4, k = 4, every draft right" in out.stderr
+
+
 def test_prefix_benchmark_quick(tmp_path):
     """A chat's second turn on two servers, with and without the prefix store: the store's server reuses turn 1's
     prompt, the other pre-fills it all."""

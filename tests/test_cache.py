@@ -12,8 +12,8 @@ CONFIGS = {"mistral": preset("tiny"), "mixtral": preset("tiny-moe"),
            "mixed-windows": preset("tiny", n_layers=3, sliding_window=[4, None, 8])}
 
 
-def run_chunked(model, seqs, chunk, cache, attention="per_sequence"):
-    backends.attach(model, "torch", prefill=attention)
+def run_chunked(model, seqs, chunk, cache, attention="per_sequence", backend="torch"):
+    backends.attach(model, backend, prefill=attention)
     """Feed every sequence through the cache `chunk` tokens at a time, all sequences in each step; a
     sequence that is done drops out. Returns the logits of every position, per sequence."""
     outs = [[] for _ in seqs]
@@ -72,3 +72,23 @@ def test_cache_without_window_is_max_seq_len_long():
     model = build_model(args, seed=14)
     with pytest.raises(ValueError, match="exceeds the cache of 50"):
         model.plan([51], starts=[0], rows=[0], cache=cache)
+
+
+@pytest.mark.parametrize("name", ["mistral", "mixed-windows"])
+def test_room_for_drafts_changes_no_pre_fill_and_no_decode(name):
+    """A ring of W + k slots: chunked pre-fill and decode give what a ring of W slots gives, bit for bit on the
+    cpu backend (the pre-fill reads only the window's keys back; decode reads its window in the order of a ring
+    of W)."""
+    args = CONFIGS[name]
+    model = build_model(args, seed=15)
+    seqs = [torch.randint(0, args.vocab_size, (n,)) for n in (23, 9)]
+    spare = RollingCache(args, rows=2, max_seq_len=64, spare_slots=3)
+    assert {spare.size_for(w) for w in args.windows()} == ({11} if name == "mistral" else {7, 64, 11})
+    for chunk in (1, 5):
+        plain = run_chunked(model, seqs, chunk, RollingCache(args, rows=2, max_seq_len=64), backend="cpu")
+        roomy = run_chunked(model, seqs, chunk, RollingCache(args, rows=2, max_seq_len=64, spare_slots=3),
+                            backend="cpu")
+        assert all(torch.equal(a, b) for a, b in zip(plain, roomy))
+    assert RollingCache(args, rows=1, max_seq_len=10, spare_slots=3).size_for(8) == 10      # at most max_seq_len
+    with pytest.raises(ValueError, match="spare_slots must be >= 0"):
+        RollingCache(args, rows=1, spare_slots=-1)

@@ -7,6 +7,7 @@ from sirocco.cli import build_parser, main
 
 CONVERT = ["convert", "src", "dst"]
 TRAIN = ["train", "--out", "run"]
+TEXT = __file__                 # a UTF-8 text file that exists: --text-file is read where it is parsed
 
 # (argv, the option argparse names, what the message must say about the range)
 REFUSED = [
@@ -51,8 +52,13 @@ REFUSED = [
     (["serve", "--allow-origin", "https://app.example/"], "--allow-origin", "no path or trailing '/'"),
     (["serve", "--allow-origin", "app.example"], "--allow-origin", "'app.example' is not an origin"),
     (["generate", "--max-batch-tokens", "0"], "--max-batch-tokens", "must be >= 1"),
-    (["perplexity", "--text-file", "t.txt", "--context", "1"], "--context", "must be >= 2"),
-    (["perplexity", "--text-file", "t.txt", "--stride", "0"], "--stride", "must be >= 1"),
+    (["perplexity", "--text-file", TEXT, "--context", "1"], "--context", "must be >= 2"),
+    (["perplexity", "--text-file", TEXT, "--stride", "0"], "--stride", "must be >= 1"),
+    # speculative decoding: generate, chat and serve share the options
+    (["generate", "--draft-tokens", "0"], "--draft-tokens", "0 is out of range: must be in [1, 7]"),
+    (["chat", "--draft-tokens", "8"], "--draft-tokens", "must be in [1, 7]"),
+    (["serve", "--ngram", "0"], "--ngram", "must be in [1, 16]"),
+    (["viz", "cache", "--draft-tokens", "8"], "--draft-tokens", "must be in [0, 7]"),
     # viz
     (["viz", "masks", "--window", "0"], "--window", "must be >= 1"),
     (["viz", "receptive-field", "--token", "-1"], "--token", "must be >= 0"),
@@ -79,8 +85,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("argv, option, allowed", REFUSED, ids=[" ".join(a) for a, _, _ in REFUSED])
-def test_bad_values_are_refused_where_they_are_parsed(argv, option, allowed, capsys):
+def refused(argv, option, capsys) -> str:
+    """The message of the parse error ``argv`` gets (exit status 2, no traceback), checked to name ``option``."""
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2
@@ -88,7 +94,68 @@ def test_bad_values_are_refused_where_they_are_parsed(argv, option, allowed, cap
     assert "Traceback" not in err
     message = err.strip().splitlines()[-1]          # after argparse's usage lines
     assert message.startswith(f"sirocco {argv[0]}: error: argument {option}"), message
+    return message
+
+
+@pytest.mark.parametrize("argv, option, allowed", REFUSED, ids=[" ".join(a) for a, _, _ in REFUSED])
+def test_bad_values_are_refused_where_they_are_parsed(argv, option, allowed, capsys):
+    message = refused(argv, option, capsys)
     assert allowed in message, message
+
+
+# The text-file options: --prompts-file of generate, --text-file of perplexity.
+TEXT_FILE_OPTIONS = [(["generate", "--prompts-file"], "--prompts-file"),
+                     (["perplexity", "--text-file"], "--text-file")]
+TEXT_FILE_IDS = [verb for (verb, _), _ in TEXT_FILE_OPTIONS]
+
+
+@pytest.mark.parametrize("argv, option", TEXT_FILE_OPTIONS, ids=TEXT_FILE_IDS)
+def test_a_missing_text_file_is_refused_by_the_parser(argv, option, tmp_path, capsys):
+    missing = tmp_path / "prompts.txt"
+    message = refused([*argv, str(missing)], option, capsys)
+    assert f"{str(missing)!r}: no such file" in message, message
+
+
+@pytest.mark.parametrize("argv, option", TEXT_FILE_OPTIONS, ids=TEXT_FILE_IDS)
+def test_a_folder_as_text_file_is_refused_by_the_parser(argv, option, tmp_path, capsys):
+    message = refused([*argv, str(tmp_path)], option, capsys)
+    assert f"{str(tmp_path)!r} is a folder, not a file" in message, message
+
+
+@pytest.mark.parametrize("argv, option", TEXT_FILE_OPTIONS, ids=TEXT_FILE_IDS)
+def test_an_unreadable_text_file_is_refused_by_the_parser(argv, option, tmp_path, capsys, monkeypatch):
+    from sirocco.cli import options
+    path = tmp_path / "secret.txt"
+    path.write_text("hello\n")
+
+    def denied(file, *a, **k):          # chmod 000 does not stop root, who may run the tests
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(options, "open", denied, raising=False)
+    message = refused([*argv, str(path)], option, capsys)
+    assert f"cannot read {str(path)!r}: Permission denied" in message, message
+
+
+@pytest.mark.parametrize("argv, option", TEXT_FILE_OPTIONS, ids=TEXT_FILE_IDS)
+def test_a_text_file_not_utf8_is_refused_naming_the_first_bad_byte(argv, option, tmp_path, capsys):
+    path = tmp_path / "binary.txt"
+    path.write_bytes("first line\ncaf\u00e9 ".encode() + b"\xff and on")      # 11 + 6 bytes of UTF-8, then 0xff
+    message = refused([*argv, str(path)], option, capsys)
+    assert f"{str(path)!r} is not UTF-8 text: byte 0xff at offset 17 (invalid start byte)" in message, message
+
+
+def test_the_offset_counts_across_the_chunks_the_file_is_read_in(tmp_path, capsys):
+    path = tmp_path / "big.txt"
+    chunk = 1 << 20                             # utf8_text_file's reads: a 2-byte character straddles the first two
+    path.write_bytes(b"a" * (chunk - 1) + "\u00e9".encode() + b"b\xc3(")
+    message = refused(["generate", "--prompts-file", str(path)], "--prompts-file", capsys)
+    assert f"byte 0xc3 at offset {chunk + 2} (invalid continuation byte)" in message, message
+
+
+def test_a_utf8_text_file_is_accepted_as_its_path(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("The sliding window\ncaf\u00e9 \U0001f642\n", encoding="utf-8")
+    assert build_parser().parse_args(["generate", "--prompts-file", str(path)]).prompts_file == str(path)
+    assert build_parser().parse_args(["perplexity", "--text-file", str(path)]).text_file == str(path)
 
 
 # (argv, attribute, the parsed value): the edges of each range are allowed.

@@ -230,8 +230,9 @@ def cli_rank(ctx, argv, random_stage=True):
     the command loads what ``--model`` names, as it does for users."""
     from sirocco.cli import generate
     if random_stage:
-        generate.load_rank_stage = lambda model, ctx, dtype, quantize=None: (
-            rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype, quantize=quantize), ByteTokenizer(), "random")
+        generate.load_rank_stage = lambda model, ctx, dtype, quantize=None, **conversion: (
+            rank_stage(ctx, ARGS["mistral"], seed=SEED, dtype=dtype, quantize=quantize, **conversion),
+            ByteTokenizer(), "random")
     return printed(generate.run, parse_generate(argv))
 
 
@@ -325,3 +326,21 @@ def test_generate_command_over_two_ranks_loads_the_bundled_default_model():
     single = [json.loads(line) for line in out.splitlines()]
     assert [d["tokens"] for d in sharded] == [d["tokens"] for d in single]
     assert all(len(d["tokens"]) == 12 for d in single)
+
+
+def test_a_json_schema_over_two_ranks_ends_rows_alike_and_equals_one_process(tmp_path):
+    """Every rank builds each row's matcher and decides alike when its grammar is complete; only the last samples."""
+    from sirocco.cli import main
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"w": {"type": "string", "maxLength": 6},
+                                                                   "n": {"enum": [1, 2, 3]}}, "required": ["w", "n"]}))
+    argv = ["--json", "--max-tokens", "60", "--temperature", "1", "--json-schema", str(schema), "The with", "Return"]
+    results = spawn_local(cli_rank, 2, (["--pipeline-ranks", "2", *argv], False), timeout_s=60, deadline_s=90)
+    assert_ok(results)
+    (code0, out0), (code1, out1) = [r.value for r in results]
+    assert code0 == code1 == 0 and out1 == ""
+    code, out = printed(main, ["generate", *argv])
+    sharded = [json.loads(line) for line in out0.splitlines()]
+    single = [json.loads(line) for line in out.splitlines()]
+    assert [d["tokens"] for d in sharded] == [d["tokens"] for d in single]
+    assert all(d["finish_reason"] == "stop" and set(json.loads(d["text"])) == {"w", "n"} for d in sharded)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import mistral_common
+import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -53,3 +54,44 @@ def test_generate_chat_prompt_is_mistral_commons_encoding(capsys):
     c = json.loads(out)
     request = ChatCompletionRequest(messages=[{"role": "user", "content": "What is a sliding window?"}])
     assert c["prompt_tokens"] == MistralTokenizer.from_file(str(V1)).encode_chat_completion(request).tokens
+
+
+def test_generate_reads_one_prompt_per_line_of_a_utf8_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n\n   \ncafé 🙂\n", encoding="utf-8")           # blank lines are no prompts
+    out, _ = run(capsys, "--json", "--max-tokens", "2", "--prompts-file", str(prompts))
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["hello", "café 🙂"]
+
+
+def test_generate_json_schema_constrains_every_answer(capsys, tmp_path):
+    import jsonschema
+    schema = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 8},
+                                               "n": {"type": "integer", "minimum": 1, "maximum": 5}},
+              "required": ["word", "n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    code = main(["generate", "--model", "sirocco-tiny", "--no-progress", "--json", "--json-schema",
+                 str(tmp_path / "s.json"), "--max-tokens", "100", "--temperature", "1", "Return a", "The with"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for line in out.splitlines():
+        c = json.loads(line)
+        assert c["finish_reason"] == "stop"
+        doc = json.loads(c["text"])
+        jsonschema.validate(doc, schema)
+        assert set(doc) == {"word", "n"}                   # read strictly: no other keys
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), ("{not json", "is not valid JSON"), ("[1]", "must be a JSON object"),
+    ('{"type": "object", "properties": {"a": {"not": {}}}}', "uses 'not', which sirocco cannot enforce"),
+    ('{"type": "string", "format": "colour"}', "'format': 'colour'"), ('{"type": "nope"}', "nope"),
+])
+def test_a_bad_json_schema_file_is_refused_while_parsing(capsys, tmp_path, content, message):
+    path = tmp_path / "schema.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--json-schema", str(path), "x"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sirocco generate: error: argument --json-schema:") and message in err, err

@@ -37,8 +37,8 @@ def tokens(n, seed):
 
 
 def engine(name, chunk=8, store=STORE, rows=2, **kw):
-    return Engine(model_for(name), None, max_rows=rows, chunk_size=chunk, max_seq_len=160, backend="torch",
-                  prefix_cache_bytes=store, **kw)
+    return Engine(model_for(name), None, max_rows=rows, chunk_size=chunk, max_seq_len=160, prefix_cache_bytes=store,
+                  **kw)
 
 
 def cold(name, prompt, params, chunk=8):

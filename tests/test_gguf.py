@@ -1,4 +1,5 @@
-"""GGUF read and write (checkpoint/gguf.py) and the tokenizer a GGUF file carries (tokenizer/gguf_vocab.py).
+"""GGUF read and write (checkpoint/gguf_read.py, gguf_write.py) and the tokenizer a GGUF file carries
+(tokenizer/gguf_vocab.py).
 
 The files are written by sirocco's own writer (no llama.cpp at test time); that writer's output was compared
 tensor by tensor with llama.cpp's convert_hf_to_gguf.py on the same Hugging Face checkpoint (see the docs)."""
@@ -12,11 +13,15 @@ import pytest
 import sentencepiece
 import torch
 
-from sirocco.backends import quant
+from sirocco import backends
 from sirocco.backends.quant.hugepages import HUGE_PAGE
 from sirocco.backends.quant.linear import QuantLinear
-from sirocco.checkpoint import GGUFFile, load_model, save_gguf
+from sirocco.checkpoint import GGUFFile, load_model
+from sirocco.checkpoint.gguf_read import expected_shapes
+from sirocco.checkpoint.gguf_write import save_gguf
+from sirocco.config import preset
 from sirocco.errors import CheckpointError
+from sirocco.model import Transformer
 from sirocco.pretrained import BUNDLED, load
 from sirocco.tokenizer import load_tokenizer
 from sirocco.tokenizer.gguf_vocab import sentencepiece_proto, vocab_from_sentencepiece
@@ -47,7 +52,7 @@ def test_f32_gguf_of_a_hf_checkpoint_gives_transformers_logits(tmp_path, kind):
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim, args.sliding_window,
             args.rope_theta, args.norm_eps) == (64, 2, 4, 2, 16, 6, hf.config.rope_parameters["rope_theta"], 1e-5)
     assert (args.moe is None) == (kind == "mistral")
-    loaded = g.model()
+    loaded = load_model(g)
     tokens = torch.randint(0, 4096, (20,))          # longer than the window
     with torch.no_grad():
         got = loaded(tokens, [20])
@@ -61,7 +66,7 @@ def test_f16_and_bf16_tensors_convert_to_the_dtype_asked(tmp_path, float_dtype):
     kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert kinds["blk.0.attn_q.weight"] == {torch.float16: "F16", torch.bfloat16: "BF16"}[float_dtype]
     assert kinds["blk.0.attn_norm.weight"] == "F32"
-    back = GGUFFile(tmp_path / "m.gguf").model(dtype=torch.bfloat16)
+    back = load_model(tmp_path / "m.gguf", dtype=torch.bfloat16)
     for name, t in model.state_dict().items():
         want = t if name.endswith("norm.weight") else t.to(float_dtype)
         assert torch.equal(back.state_dict()[name], want.to(torch.bfloat16)), name
@@ -69,19 +74,18 @@ def test_f16_and_bf16_tensors_convert_to_the_dtype_asked(tmp_path, float_dtype):
 
 def test_mixtral_experts_are_views_of_the_stacked_blocks(tmp_path):
     model = load_model(BUNDLED / "sirocco-tiny-moe")
-    quant.attach(model, "q4_0")
+    backends.attach(model, "torch", quantize="q4_0")
     save_gguf(model, tmp_path / "m.gguf", BUNDLED / "sirocco-tiny-moe" / "tokenizer.model")
     g = GGUFFile(tmp_path / "m.gguf")
     stacked = g.tensors["blk.1.ffn_down_exps.weight"]
-    assert stacked.tensor_type.name == "Q4_0" and list(reversed(stacked.shape.tolist())) == [
-        4, model.args.dim, model.args.hidden_dim]
-    back = g.model()
+    assert stacked.type == "Q4_0" and list(stacked.shape) == [4, model.args.dim, model.args.hidden_dim]
+    back = load_model(g)
     experts = back.layers["1"].feed_forward.experts
     # read once into huge-page memory, out of the file's mapping, and every expert a row of that one buffer
-    file = torch.from_numpy(g.reader.data)
+    file = torch.from_numpy(g.header.data)
     base = experts[0].w2.qweight.data_ptr()
     assert not file.data_ptr() <= base < file.data_ptr() + file.numel()
-    row = stacked.data[0].nbytes
+    row = stacked.nbytes // stacked.shape[0]
     for e, expert in enumerate(experts):
         assert isinstance(expert.w2, QuantLinear) and expert.w2.fmt == "q4_0"
         assert expert.w2.qweight.data_ptr() == base + e * row          # rows of one buffer: qmoe reads in place
@@ -129,6 +133,14 @@ def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
         load_model(tmp_path / "m.gguf")
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_the_shapes_a_file_is_checked_against_are_the_models(name):
+    args = preset(name, n_layers=3)
+    with torch.device("meta"):
+        want = [(n, tuple(t.shape)) for n, t in Transformer(args).state_dict().items()]
+    assert list(expected_shapes(args).items()) == want
+
+
 def texts(n=300, seed=0):
     rng = random.Random(seed)
     words = ["the", "sliding", "window", "Mistral", "café", "naïve", "東京", "Привет", "🙂", "x²", "1234567",
@@ -161,9 +173,20 @@ def test_rebuilt_sentencepiece_encodes_and_decodes_like_the_original(sp_file):
 def test_tokenizer_of_a_gguf_file_is_the_one_it_was_written_with(tmp_path):
     model = load_model(BUNDLED / "sirocco-tiny")
     save_gguf(model, tmp_path / "m.gguf", TINY_SP)
-    original, from_file = load_tokenizer(TINY_SP), load_tokenizer(tmp_path / "m.gguf")
+    original, from_file = load_tokenizer(TINY_SP), GGUFFile(tmp_path / "m.gguf").tokenizer()
     assert (from_file.bos_id, from_file.eos_id, from_file.vocab_size) == (1, 2, 4096)
     for s in texts(200, seed=1):
         ids = original.encode(s, bos=True, eos=True)
         assert from_file.encode(s, bos=True, eos=True) == ids, s
         assert from_file.decode(ids) == original.decode(ids) and from_file.decode(ids[3:]) == original.decode(ids[3:])
+
+
+def test_a_missing_protobuf_is_named_not_a_traceback(monkeypatch):
+    import sys
+
+    from sirocco.errors import TokenizerError
+    monkeypatch.setitem(sys.modules, "sentencepiece.sentencepiece_model_pb2", None)     # import fails as without it
+    monkeypatch.delattr(sentencepiece, "sentencepiece_model_pb2", raising=False)
+    with pytest.raises(TokenizerError, match=r"sentencepiece's model proto, which did not load \(ModuleNotFoundError.*"
+                                             r"pip install -U protobuf"):
+        vocab_from_sentencepiece(str(TINY_SP))

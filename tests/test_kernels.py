@@ -8,6 +8,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from sirocco import backends
 from sirocco.backends.cpu import kernels, modules
 from sirocco.config import preset
 from sirocco.generate.engine import Engine
@@ -249,8 +250,10 @@ def test_fast_decode_engine_same_tokens_and_no_recompile(path, arch, monkeypatch
     model = build_model(args, seed=31)
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (9, 4)]
     params = SamplingParams(max_tokens=12)
-    plain = Engine(model, None, max_rows=2, max_seq_len=64, backend="torch").generate(prompts, params)
-    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64, backend="cpu")   # converts and warms up
+    backends.attach(model, "torch")
+    plain = Engine(model, None, max_rows=2, max_seq_len=64).generate(prompts, params)
+    assert backends.attach(model, "cpu").backend == "cpu"                      # converts and warms up
+    fast_engine = Engine(model, None, max_rows=2, max_seq_len=64)
     assert fast_engine.backend == "cpu"
     assert {type(m) for m in model.modules()} >= {modules.CpuLinear, modules.CpuRMSNorm}
     assert {type(m.ops) for m in model.modules() if isinstance(m, Attention)} == {modules.CpuAttentionOps}
@@ -303,6 +306,64 @@ def test_native_decode_attention_as_accurate_as_matmul(isa, dtype, heads, kv_hea
     for b in range(B):
         alone = native_decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], valid[b:b + 1], native)[0]
         assert torch.equal(alone, ours[b])
+
+
+@pytest.mark.parametrize("isa,dtype", _paths("attention"))
+def test_decode_attention_through_row_and_slot_maps_has_the_bits_of_the_plain_path(isa, dtype):
+    """``decode_scores_at`` / ``decode_values_at`` over a whole layer cache (queries sharing a row, keys read through
+    a slot map) give the bits of ``decode_scores`` / ``decode_values`` over the keys gathered into rows; so does the
+    reference ``decode_at``."""
+    from sirocco.model.attention import AttentionOps, decode_attention
+    native = _build(isa)
+    g = torch.Generator().manual_seed(7)
+    R, G, S, H, D, L = 5, 2, 11, 8, 32, 9
+    cache_k = torch.randn(R, G, S, D, generator=g).to(dtype)
+    cache_v = torch.randn(R, G, S, D, generator=g).to(dtype)
+    rows = torch.tensor([2, 0, 2, 4])
+    slots = torch.stack([torch.randperm(S, generator=g)[:L] for _ in rows])
+    valid = torch.arange(L)[None, :] < torch.tensor([9, 4, 1, 7])[:, None]
+    q = torch.randn(len(rows), H, D, generator=g).to(dtype)
+    k = cache_k[rows[:, None], :, slots].transpose(1, 2).contiguous()      # (B, G, L, D), gathered
+    v = cache_v[rows[:, None], :, slots].transpose(1, 2).contiguous()
+    scale = 1.0 / D ** 0.5
+    scores = native.decode_scores_at(q, cache_k, rows, slots, valid, scale)
+    assert torch.equal(scores, native.decode_scores(q, k, valid, scale))
+    probs = torch.softmax(scores, dim=-1)
+    assert torch.equal(native.decode_values_at(probs, cache_v, rows, slots), native.decode_values(probs, v))
+    assert torch.equal(AttentionOps().decode_at(q, cache_k, cache_v, rows, slots, valid),
+                       decode_attention(q, k, v, valid))
+    bad = slots.clone()
+    bad[1, 2] = S
+    with pytest.raises(RuntimeError, match=r"slots must lie in \[0, 11\), got 11"):
+        native.decode_scores_at(q, cache_k, rows, bad, valid, scale)
+    with pytest.raises(RuntimeError, match=r"rows must lie in \[0, 5\), got 5"):
+        native.decode_values_at(probs, cache_v, rows + 1, slots)
+    with pytest.raises(RuntimeError, match=r"expected rows \(B,\) and slots \(B, L\)"):
+        native.decode_scores_at(q, cache_k, rows[:3], slots, valid, scale)
+
+
+def test_decode_softmax_keeps_a_query_s_bits_beside_longer_ones():
+    """PyTorch's softmax gives -inf padding the same bits only within one of its two regimes (a row shorter than a
+    vector, or not); ``decode_softmax`` computes a short query's softmax in its own regime, so its bits are those
+    it gets alone, whatever the length of the step's longest query."""
+    lanes = modules.softmax_lanes()
+    g = torch.Generator().manual_seed(3)
+    for fill in (1, 3, lanes - 1, lanes, 2 * lanes + 3):
+        scores = torch.randn(1, 4, fill, generator=g) * 4
+        alone = torch.softmax(scores, dim=-1)
+        for width in (fill, lanes - 1, lanes, 3 * lanes, 4 * lanes + 5):
+            if width < fill:
+                continue
+            padded = torch.full((2, 4, width), float("-inf"))
+            padded[0, :, :fill] = scores[0]
+            padded[1] = torch.randn(4, width, generator=g)                # a longer query beside it
+            got = modules.decode_softmax(padded, [fill, width])[0, :, :fill]
+            assert torch.equal(got, alone[0]), (fill, width)
+    # the property decode_softmax rests on: within a regime padding keeps the bits, across it need not
+    x = torch.randn(64, 1, 3, generator=g) * 4
+    pad = lambda n: torch.cat([x, torch.full((64, 1, n - 3), float("-inf"))], -1)    # noqa: E731
+    assert torch.equal(torch.softmax(pad(lanes - 1), -1)[..., :3], torch.softmax(x, -1))
+    assert torch.equal(torch.softmax(pad(4 * lanes), -1)[..., :3], torch.softmax(pad(lanes), -1)[..., :3])
 
 
 @pytest.mark.parametrize("isa,dtype", _paths("attention"))

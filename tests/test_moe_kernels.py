@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from sirocco.backends import moe, quant
+from sirocco import backends
+from sirocco.backends import moe
 from sirocco.backends.cpu import kernels, modules
 from sirocco.backends.quant import kernels as qkernels
 from sirocco.backends.quant.linear import QuantLinear
-from sirocco.checkpoint import GGUFFile, load_model, save_gguf
+from sirocco.checkpoint import GGUFFile, load_model
+from sirocco.checkpoint.gguf_write import save_gguf
 from sirocco.config import MoeArgs, preset
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
@@ -134,7 +136,7 @@ def test_qmoe_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype, isa):
         pytest.skip("no AVX512-VNNI on this CPU")
     args = preset("tiny-moe", vocab_size=64)
     model = build_model(args, seed=7).to(dtype)
-    quant.attach(model, fmt)
+    backends.attach(model, "torch", quantize=fmt)
     layer = model.layers["1"].feed_forward
     k = layer.experts_kernel
     assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
@@ -172,7 +174,8 @@ def _count_calls(monkeypatch):
 def _generate(model, backend):
     prompts = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 6)]
     params = SamplingParams(max_tokens=10)
-    engine = Engine(model, None, max_rows=3, max_seq_len=64, backend=backend)
+    backends.attach(model, backend)
+    engine = Engine(model, None, max_rows=3, max_seq_len=64)
     return [c.tokens for c in engine.generate(prompts, params)]
 
 
@@ -193,17 +196,18 @@ def test_mixtral_generates_the_same_tokens_with_and_without_the_kernel(dtype, mo
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monkeypatch):
     model = load_model(BUNDLED / "sirocco-tiny-moe")
-    quant.attach(model, fmt)
+    backends.attach(model, "torch", quantize=fmt)
     save_gguf(model, tmp_path / "m.gguf", BUNDLED / "sirocco-tiny-moe" / "tokenizer.model")
     g = GGUFFile(tmp_path / "m.gguf")
-    back = g.model()
+    back = load_model(g)
     for i, layer in back.layers.items():
         k = layer.feed_forward.experts_kernel
         assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
         stacked = g.tensors[f"blk.{i}.ffn_gate_exps.weight"]
         # the file's stacked blocks, read once (into huge-page memory) and stacked as they are: no copy per expert
         assert k.w1.data_ptr() == layer.feed_forward.experts[0].w1.qweight.data_ptr()
-        assert torch.equal(k.w1.flatten(), torch.from_numpy(stacked.data).flatten())
+        in_file = g.header.data[stacked.offset:stacked.offset + stacked.nbytes]
+        assert torch.equal(k.w1.flatten(), torch.from_numpy(in_file))
     calls = _count_calls(monkeypatch)
     from_file = _generate(back, "torch")
     assert calls["kernel"] > 0
@@ -218,7 +222,7 @@ def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monk
 def test_qmoe_vnni_path_on_emulation_equals_the_avx2_path(fmt):
     emulated = qkernels.vnni_emulation_module()
     model = build_model(preset("tiny-moe", vocab_size=64), seed=9)
-    quant.attach(model, fmt)
+    backends.attach(model, "torch", quantize=fmt)
     k = model.layers["0"].feed_forward.experts_kernel
     code = qkernels.FMT_CODES[fmt]
     for T in (1, 5, 8):

@@ -5,7 +5,7 @@ the rest). The shares are printed (``pytest -s``) and bounded below."""
 import pytest
 import torch
 
-from sirocco.backends import quant
+from sirocco import backends
 from sirocco.generate.engine import Engine
 from sirocco.generate.sampling import SamplingParams
 from sirocco.pretrained import load
@@ -17,12 +17,12 @@ FLOOR = {"int8": 0.97, "int4": 0.9}
 
 
 def agreement(name: str, fmt: str) -> float:
-    base = load(name, dtype=torch.bfloat16).model
+    base = load(name, dtype=torch.bfloat16, backend="torch").model
     tok = load(name, dtype=torch.bfloat16).tokenizer
-    engine = Engine(base, tok, max_rows=len(PROMPTS), backend="torch")
+    engine = Engine(base, tok, max_rows=len(PROMPTS))
     done = engine.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, stop_on_eos=False))
     quantized = load(name, dtype=torch.bfloat16).model
-    quant.attach(quantized, fmt)
+    backends.attach(quantized, "torch", quantize=fmt)
     same = total = 0
     with torch.inference_mode():
         for c in done:
@@ -47,7 +47,7 @@ def test_the_cpu_backend_counts_quantized_weights_when_it_decides_whether_it_pay
     from sirocco.config import preset
     from sirocco.model import build_model
     model = build_model(preset("tiny", vocab_size=64), dtype=torch.bfloat16)
-    quant.attach(model, "int8")
+    backends.attach(model, "torch", quantize="int8")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     blocks = sum(b.numel() * b.element_size() for b in model.buffers())
     assert blocks > 0 and cpu.pays(model, min_bytes=params + blocks) and not cpu.pays(model, params + blocks + 1)

@@ -1,13 +1,13 @@
 """Quantizing while loading (``load(..., quantize=...)``, what every ``--quantize`` does): each linear weight is
 quantized as it is read, in pieces, so the float model never exists whole. The result must be the model that
-loading in float and then ``quant.attach`` gives, bit for bit, in both checkpoint layouts (Hugging Face's permutes
-wq/wk rows within each head, so a piece must hold whole heads), Mistral and Mixtral (experts stacked in one buffer
-per matrix), fp32 and bf16, whole models and pipeline stages."""
+loading in float and then quantizing (``backends.attach(..., quantize=...)``) gives, bit for bit, in both
+checkpoint layouts (Hugging Face's permutes wq/wk rows within each head, so a piece must hold whole heads), Mistral
+and Mixtral (experts stacked in one buffer per matrix), fp32 and bf16, whole models and pipeline stages."""
 
 import pytest
 import torch
 
-from sirocco.backends import quant
+from sirocco import backends
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.checkpoint import load_model, load_quantized, read
 from sirocco.cli import main
@@ -46,7 +46,7 @@ def test_quantized_while_loading_equals_quantized_after(folders, monkeypatch, la
     kind, root = folders
     monkeypatch.setattr(read, "QUANTIZE_CHUNK", chunk)
     want = load_model(root / layout, dtype=dtype)
-    expected = quant.attach(want, fmt)
+    expected = backends.attach(want, "torch", quantize=fmt).quantized
     got, report = load_quantized(root / layout, fmt, dtype=dtype)
     assert_same_model(want, got)
     assert (report.fmt, report.layers, report.kept) == (expected.fmt, expected.layers, expected.kept)
@@ -62,7 +62,7 @@ def test_quantized_while_loading_equals_quantized_after(folders, monkeypatch, la
 def test_a_pipeline_stage_quantized_while_loading(folders):
     _, root = folders
     want = load_model(root / "hf", layers=[1], embed=False, head=True)
-    quant.attach(want, "int4")
+    backends.attach(want, "torch", quantize="int4")
     got = load_model(root / "hf", layers=[1], embed=False, head=True, quantize="int4")
     a, b = want.state_dict(), got.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -7,7 +7,7 @@ import gguf
 import pytest
 import torch
 
-from sirocco.backends import quant
+from sirocco import backends
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.cli import main
 from sirocco.pretrained import load
@@ -33,7 +33,7 @@ def test_quantized_gguf_is_the_model_quantized_at_load(tmp_path, capsys, name, f
     assert summary["file_bytes"] == out_file.stat().st_size
 
     expected = load(name)                       # quantize-at-load with the same format
-    quant.attach(expected.model, flag)
+    backends.attach(expected.model, "torch", quantize=flag)
     back = load(str(out_file))
     want, got = expected.model.state_dict(), back.model.state_dict()
     assert want.keys() == got.keys()
@@ -63,7 +63,8 @@ def test_quantize_refuses_to_overwrite_and_wants_a_gguf_name(tmp_path, capsys):
 
 def test_quantize_at_load_keeps_embedding_norms_and_router_in_float():
     loaded = load("sirocco-tiny-moe")
-    report = quant.attach(loaded.model, "int4")
+    report = backends.attach(loaded.model, "torch", quantize="int4").quantized
+    assert report is not None
     m = loaded.model
     assert type(m.tok_embeddings) is torch.nn.Embedding
     assert all(type(layer.feed_forward.gate) is torch.nn.Linear for layer in m.layers.values())

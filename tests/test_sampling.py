@@ -179,3 +179,28 @@ def test_the_pipeline_message_carries_every_result_exactly():
     assert message.numel() == packed_size(rows, vocab)
     assert unpack(message.tolist(), rows, vocab) == results
     assert all(math.isfinite(v) for v in message.tolist())
+
+
+def test_a_one_hot_draft_is_verified_with_the_draws_of_plain_sampling():
+    """With q one-hot, verification draws the target's token at each position with the row's generator, as steps
+    without a draft would, and keeps the draft while they agree: the same tokens, and the generator left where
+    those plain steps leave it."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30) * 2
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+    for draft in ([], [3], [5, 9, 1]):
+        g_plain = make_generator(11, CPU)
+        plain = []
+        for j in range(len(draft) + 1):
+            plain.append(sample(logits[j:j + 1], [RowSampling(params, g_plain)])[0].tokens[0])
+            if j == len(draft) or plain[-1] != draft[j]:
+                break
+        g = make_generator(11, CPU)
+        got = sample(logits[:len(draft) + 1], [RowSampling(params, g, draft=draft)])[0].tokens
+        assert got == plain
+        assert torch.equal(g.get_state(), g_plain.get_state())
+    # a draft of the tokens plain sampling draws is kept whole
+    g = make_generator(11, CPU)
+    whole = [sample(logits[j:j + 1], [RowSampling(params, g)])[0].tokens[0] for j in range(4)]
+    got = sample(logits, [RowSampling(params, make_generator(11, CPU), draft=whole[:3])])[0].tokens
+    assert got == whole

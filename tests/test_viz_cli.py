@@ -75,6 +75,38 @@ def test_bad_values_are_refused_by_the_parser(argv, option, capsys):
     assert e.value.code == 2 and f"sirocco viz: error: argument {option}" in err and "Traceback" not in err
 
 
+def test_out_without_a_suffix_gets_png_and_the_message_names_the_file(tmp_path, capsys):
+    out = run_viz("pipeline", ["--out", str(tmp_path / "sched")], capsys)
+    png = tmp_path / "sched.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sched.png"]
+    assert f"sirocco viz: wrote {png} ({png.stat().st_size} bytes)" in out.err
+
+
+def refused_out(out, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["viz", "pipeline", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("sirocco viz: error: argument --out: "), message
+    return message
+
+
+def test_an_existing_folder_as_out_is_refused_and_nothing_is_written(tmp_path, capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    assert f"{str(folder)!r} is a folder; give the PNG file to write" in refused_out(folder, capsys)
+    (tmp_path / "masks.png").mkdir()                  # a folder only once .png is added
+    assert "which is a folder" in refused_out(tmp_path / "masks", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks.png", "pictures"] and not any(folder.iterdir())
+
+
+def test_out_with_another_suffix_is_refused_naming_png(tmp_path, capsys):
+    assert "give a name ending in .png" in refused_out(tmp_path / "masks.jpg", capsys)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("arch", ["tiny", "tiny-moe"])
 def test_a_trace_changes_nothing_the_engine_generates(arch):
     args = preset(arch, vocab_size=300, sliding_window=5)
@@ -85,3 +117,30 @@ def test_a_trace_changes_nothing_the_engine_generates(arch):
         engine = Engine(build_model(args, seed=1), None, max_rows=2, chunk_size=4, max_seq_len=32, trace=trace)
         runs.append([(c.tokens, c.logprobs) for c in engine.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+def test_the_cache_of_a_speculative_run_shows_drafts_rolled_back_after_the_wrap(tmp_path, capsys):
+    """``--draft-tokens``: a ring of W + K slots, verify steps, rejected drafts marked rolled back (positions the row
+    no longer holds), some of them after the ring has wrapped; each verify query's mask is its own window."""
+    png = tmp_path / "rollback.png"
+    data = json.loads(run_viz("cache", ["--max-tokens", "14", "--draft-tokens", "3", "--out", str(png), "--json"],
+                              capsys).out)
+    assert png.stat().st_size > 1000 and data["window"] == 4 and data["slots"] == 7
+    steps = [s for s in data["steps"] if s["phase"] == "verify"]
+    assert steps and any(s["rolled_back"] for s in steps)
+    wrapped = [s for s in steps if s["rolled_back"] and min(s["cached"].values()) > 7]
+    assert wrapped                                                      # a rollback after the ring wrapped
+    for s in steps:
+        cached = {int(r): c for r, c in s["cached"].items()}
+        assert all(s["rows"][r][slot] >= cached[r] for r, slot in s["rolled_back"])
+    masks = json.loads(run_viz("masks", ["--prompts", "6", "--window", "4", "--max-tokens", "14", "--draft-tokens",
+                                         "3", "--json"], capsys).out)
+    verify = [s for s in masks["steps"] if s["phase"] == "verify"]
+    assert verify and max(len(s["queries"]) for s in verify) > 1
+    for s in verify:
+        for (seq, p), allowed in zip(s["queries"], s["allowed"]):
+            seen = sorted(k[1] for k, a in zip(s["keys"], allowed) if a)
+            assert seen == list(range(max(0, p - 3), p + 1))            # its window, no later draft
+    with pytest.raises(SystemExit) as e:
+        main(["viz", "moe", "--draft-tokens", "2"])
+    assert "--draft-tokens draws masks and cache" in str(e.value)

@@ -1,11 +1,11 @@
 """The rolling-buffer KV cache of the Mistral design.
 
 Each layer keeps, for keys and for values, a tensor of shape ``(rows, n_kv_heads, S, head_dim)``: one row per
-sequence being generated, S slots per row. For a layer with a sliding window W, S = W and the token at absolute
-position p lives in slot ``p % W`` of its sequence's row, so memory is bounded by the window however long the
-generation runs. For a layer without a window (Mistral v0.3, Mixtral), S = the model's maximum sequence length
-and ``p % S == p``. Keys are stored after RoPE, so the order of the slots does not matter to attention once the
-mask says which slots are valid.
+sequence being generated, S slots per row. For a layer with a sliding window W, S = W (W + k with room for k
+drafts, below) and the token at absolute position p lives in slot ``p % S`` of its sequence's row, so memory is
+bounded by the window however long the generation runs. For a layer without a window (Mistral v0.3, Mixtral),
+S = the model's maximum sequence length and ``p % S == p``. Keys are stored after RoPE, so the order of the slots
+does not matter to attention once the mask says which slots are valid.
 
 Worked example, W = S = 3, three sequences in rows 0, 1, 2 that have already seen [0, 1, 3] tokens and bring
 [5, 7, 2] new ones (this is the example of the reference implementation):
@@ -19,8 +19,23 @@ Before this step row 2 held positions 0, 1, 2 in slots 0, 1, 2. Its pre-fill att
 first (``unrotate``): seen = 3, so ``cat(row[3 % 3:], row[:3 % 3])`` = slots [0, 1, 2] = positions [0, 1, 2].
 Had it seen 4 tokens (positions 1, 2, 3 in slots 1, 2, 0), unrotate gives slots [1, 2, 0]: oldest first again.
 
-The ``BatchPlan`` computes all these indices once per step (``plan.py``, with ``unrotate_slots``); this module
-only stores, writes and reads.
+Room for drafts (speculative decoding, ``spare_slots = k``): a windowed row gets S = W + k slots, so that a step
+may write the keys of k proposed tokens without overwriting a key still inside the window of the position they
+follow. Rollback is bookkeeping only: the engine forgets the rejected positions (the row's cached count goes
+back) and their slots are overwritten when the sequence reaches those positions again; attention never reads
+them, because the plan's masks and slot maps are computed from positions, not slots (``plan.py``, canonical
+order). Worked example, W = 3, k = 2, S = 5: a row that has seen positions 0..6 (the ring wrapped: position 5 is
+in slot 0) verifies the draft [a, b] after its last token t at position 7:
+
+    slot                   0  1  2  3  4
+    before the step        5  6  2  3  4      the window of the next query (7) is 5..7
+    after the write        5  6  7  8  9      t, a, b at positions 7, 8, 9 (slots 7 % 5, 8 % 5, 9 % 5)
+    query 7 (t) reads slots 0 1 2 = positions 5 6 7; query 8 (a): 6 7 8; query 9 (b): 7 8 9
+
+If a is accepted and b rejected, the row keeps positions 0..8 (cached 9): slot 4 still holds b's key, which no
+query reads (a query at 9 or later reads the slot of position 9 only after writing its own key there), and the
+token the target chose instead of b is written over it at the next step. With S = W = 3 the write of 8 and 9
+would have landed on slots 2 and 0, overwriting positions 5 and 6, which the query at 7 still needs.
 """
 
 from __future__ import annotations
@@ -83,13 +98,18 @@ class RollingCache:
     """The KV cache of a whole model: one ``LayerCache`` per layer, allocated once and reused.
 
     ``rows`` is the most sequences generated at once. ``max_seq_len`` (default the model's) sizes the layers
-    without a window. Memory: ``2 * rows * sum_l(S_l) * n_kv_heads * head_dim * itemsize`` bytes.
+    without a window. ``spare_slots``: room for that many draft positions beside each windowed row's window
+    (speculative decoding; see the module's docstring). Memory: ``2 * rows * sum_l(S_l) * n_kv_heads * head_dim
+    * itemsize`` bytes.
     """
 
     def __init__(self, args: ModelArgs, rows: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-                 layers: Optional[list[int]] = None):
+                 layers: Optional[list[int]] = None, spare_slots: int = 0):
+        if spare_slots < 0:
+            raise ValueError(f"spare_slots must be >= 0, got {spare_slots}")
         self.rows = rows
+        self.spare_slots = spare_slots
         self.max_seq_len = max_seq_len or args.max_seq_len
         self.windows = args.windows()
         layer_ids = range(args.n_layers) if layers is None else layers
@@ -98,8 +118,9 @@ class RollingCache:
             for i in layer_ids}
 
     def size_for(self, window: Optional[int]) -> int:
-        """Slots per row for layers with this window: W, or the maximum sequence length without a window."""
-        return self.max_seq_len if window is None else min(window, self.max_seq_len)
+        """Slots per row for layers with this window: W (+ the spare slots), at most the maximum sequence length,
+        which is also the size without a window."""
+        return self.max_seq_len if window is None else min(window + self.spare_slots, self.max_seq_len)
 
     def cache_lens(self) -> dict[Optional[int], int]:
         """``{window: S}`` for ``BatchPlan.build``."""

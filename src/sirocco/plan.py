@@ -25,6 +25,21 @@ key layouts:
   3. decode (one new token per sequence, written to the cache first): keys are the slots of the sequence's own
      row, valid for the first ``min(start + 1, S)`` slots -> block-diagonal causal with offset padded keys.
 
+A decode sequence may also bring several tokens (a draft to verify, generate/speculation.py): every one of its
+keys is written first, then each of its queries attends over the row like a decode token at its own position,
+masked to its own window (never to the later drafts). For that a windowed row needs room for the draft beside
+the window: S = W + k slots (cache.py), so that writing k draft keys never overwrites a key still inside the
+window of an earlier query; the rejected drafts' keys are dropped by forgetting them (the row's cached count goes
+back) and overwritten later.
+
+Decode keys are read in **canonical order**: entry l of a query's keys is the position of its window congruent
+to l modulo ``span`` = min(W, S) (S without a window), that is the slot order of a ring of exactly the window.
+With S = span this is slot l itself (the slots as stored); with S > span the plan hands the attention op a map
+(``decode_slots``) from entry to slot, so a ring with room for drafts gives each query the bits of the plain
+ring. Worked example, W = 4, S = 6 (room for 2 drafts), a query at position 9: its window is positions 6..9,
+canonical entries l = 0..3 hold positions 8, 9, 6, 7 (8 % 4 = 0, ...), stored in slots 8 % 6 = 2, 3, 0, 1: the
+map is [2, 3, 0, 1]. A ring of 4 slots would hold them in slots 0..3 in the same order.
+
 Worked example (W = 3, no cache): seqlens [3, 2] pack tokens a0 a1 a2 b0 b1; the dense mask (rows: queries,
 columns: keys) is::
 
@@ -78,7 +93,7 @@ class WindowPlan:
     q_seqlens: list[int]             # new tokens per sequence
     kv_seqlens: list[int]            # keys per sequence: cached prefix (oldest first) + new tokens
     prefix_lens: list[int]           # cached keys read back per sequence (0 without cache / first chunk)
-    decode: bool                     # one token per sequence, attending over its cache row in place
+    decode: bool                     # decode sequences: each query attends over its cache row in place
     q_seq: torch.Tensor              # (T,)  sequence index of each query
     q_pos: torch.Tensor              # (T,)  absolute position of each query
     k_seq: torch.Tensor              # (Tk,) sequence index of each key
@@ -91,7 +106,12 @@ class WindowPlan:
     prefix_row: Optional[torch.Tensor] = None   # (n_prefix,) cache row of each prefix key
     prefix_slot: Optional[torch.Tensor] = None  # (n_prefix,) slot of each prefix key, oldest first
     key_order: Optional[torch.Tensor] = None    # (Tk,) index into cat([prefix keys, new keys])
-    decode_len: int = 0                          # slots of each row the decode step reads
+    decode_len: int = 0                          # keys each decode query reads, in canonical order
+    span: int = 0                                # positions a ring of exactly the window holds: min(W, S)
+    decode_fill: Optional[list[int]] = None      # (T,) valid keys of each decode query: min(position + 1, span)
+    # Set where a decode query does not read slot l of the row at its own index: several queries per sequence, or
+    # a ring larger than the window once it wraps (the op then reads rows and slots through these maps).
+    query_rows: Optional[torch.Tensor] = None    # (T,) the cache row of each decode query
     # A mixed step (see ``BatchPlan.build``): the plans of its leading one-token sequences (a decode plan) and
     # of the rest (a pre-fill plan), each over its own slice of the step's tokens. The fields above still
     # describe the whole step (what it may attend, for the trace and the dense reference).
@@ -121,15 +141,25 @@ class WindowPlan:
 
     @functools.cached_property
     def decode_valid(self) -> torch.Tensor:
-        """(B, decode_len) bool: which slots of each sequence's row hold a key its new token may see.
+        """(T, decode_len) bool: which canonical entries of each decode query's keys it may see.
 
-        After the write, a row whose sequence has ``start`` earlier tokens holds positions
-        ``max(0, start + 1 - S) .. start``; with S = W every filled slot is inside the window, so a slot is
-        valid iff ``slot < min(start + 1, S)``. Example: S = 4, starts [1, 6] -> [[1 1 0 0], [1 1 1 1]].
+        A query at position p sees positions ``max(0, p + 1 - span) .. p``, one per residue modulo span, so
+        entry l is valid iff ``l < min(p + 1, span)``. Example: span = 4, positions [1, 6] -> [[1 1 0 0],
+        [1 1 1 1]]. With S = span (one token per sequence) entry l is slot l: a slot is valid iff it is filled.
         """
-        filled = torch.clamp(self.q_pos + 1, max=self.cache_len)          # (B,)
-        slots = torch.arange(self.decode_len, device=self.q_pos.device)
-        return slots[None, :] < filled[:, None]
+        filled = torch.clamp(self.q_pos + 1, max=self.span)               # (T,)
+        entries = torch.arange(self.decode_len, device=self.q_pos.device)
+        return entries[None, :] < filled[:, None]
+
+    @functools.cached_property
+    def decode_slots(self) -> torch.Tensor:
+        """(T, decode_len) int64: the slot of each decode query's canonical entry l, ``pos % S`` with ``pos`` the
+        position of its window congruent to l modulo span (see the module's docstring; entries past a query's
+        fill hold an unused slot)."""
+        p = self.q_pos[:, None]
+        entries = torch.arange(self.decode_len, device=self.q_pos.device)[None, :]
+        assert self.cache_len is not None, "decode without a cache"
+        return torch.remainder(p - torch.remainder(p - entries, self.span), self.cache_len)
 
 
 @dataclass
@@ -145,6 +175,7 @@ class BatchPlan:
     rows: Optional[list[int]]
     positions: torch.Tensor                    # (T,) absolute positions
     windows: dict[Optional[int], WindowPlan]
+    decode: Optional[int] = None               # the ``decode`` it was built with (None: the default rule)
 
     def for_window(self, window: Optional[int]) -> WindowPlan:
         return self.windows[window]
@@ -153,7 +184,7 @@ class BatchPlan:
     def build(cls, lengths: Sequence[int], *, starts: Optional[Sequence[int]] = None,
               rows: Optional[Sequence[int]] = None, windows: Sequence[Optional[int]] = (None,),
               cache_lens: Optional[dict[Optional[int], int]] = None,
-              device: torch.device | str = "cpu") -> "BatchPlan":
+              device: torch.device | str = "cpu", decode: Optional[int] = None) -> "BatchPlan":
         """Plan one step.
 
         Args:
@@ -162,11 +193,14 @@ class BatchPlan:
             rows: cache row of each sequence; give it (with ``cache_lens``) when the step uses a cache.
             windows: the windows of the model's layers (duplicates are fine).
             cache_lens: slots per row for each window, ``{window: S}``; None: no cache.
+            decode: how many leading sequences are decode sequences (with a cache); default: every sequence
+                when all bring one token, else the leading one-token sequences. A decode sequence of several
+                tokens (a draft to verify) attends like that many decode tokens, each at its own position.
 
-        A step with a cache whose leading sequences have one new token each and whose others have more is a
-        *mixed* step: each window's plan also carries ``parts``, a decode plan for those leading sequences and
-        a pre-fill plan for the rest, so that a one-token sequence attends with the decode op over its cache
-        row whatever else shares the step (the pre-fill op gives other rounding bits for the same row).
+        A step with a cache whose leading sequences are decode sequences and whose others are not is a *mixed*
+        step: each window's plan also carries ``parts``, a decode plan for those leading sequences and a
+        pre-fill plan for the rest, so that a decode token attends with the decode op over its cache row
+        whatever else shares the step (the pre-fill op gives other rounding bits for the same row).
         """
         lengths = [int(n) for n in lengths]
         if not lengths:
@@ -186,23 +220,51 @@ class BatchPlan:
 
         positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)],
                                  dtype=torch.long, device=device)
+        if decode is None:
+            ones = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))   # leading one-token sequences
+        elif not 0 <= decode <= len(lengths):
+            raise ValueError(f"decode must count 0 to {len(lengths)} leading sequences, got {decode}")
+        else:
+            ones = int(decode)
         plans = {}
         for w in dict.fromkeys(windows):
             plans[w] = _window_plan(w, None if cache_lens is None else int(cache_lens[w]), starts, lengths,
-                                    row_list, positions, device)
-        ones = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))   # leading one-token sequences
+                                    row_list, positions, device, decode=ones == len(lengths))
         if cache_lens is not None and row_list is not None and 0 < ones < len(lengths):
             r = row_list
+            t = sum(lengths[:ones])                     # the decode sequences' tokens come first
             for w, wp in plans.items():
                 S = int(cache_lens[w])
-                wp.parts = (_window_plan(w, S, starts[:ones], lengths[:ones], r[:ones], positions[:ones], device),
-                            _window_plan(w, S, starts[ones:], lengths[ones:], r[ones:], positions[ones:], device))
-        return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans)
+                wp.parts = (_window_plan(w, S, starts[:ones], lengths[:ones], r[:ones], positions[:t], device,
+                                         decode=True),
+                            _window_plan(w, S, starts[ones:], lengths[ones:], r[ones:], positions[t:], device,
+                                         decode=False))
+        return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans, decode=decode)
+
+
+def span_of(window: Optional[int], cache_len: int) -> int:
+    """Positions a query's keys can span in a ring of ``cache_len`` slots: min(W, S), or S without a window.
+
+    >>> span_of(4, 6), span_of(4096, 200), span_of(None, 512)
+    (4, 200, 512)
+    """
+    return cache_len if window is None else min(window, cache_len)
+
+
+def ring_slots(first: int, end: int, size: int) -> list[int]:
+    """Slots of positions ``first .. end - 1`` in a ring of ``size`` slots, oldest first.
+
+    >>> ring_slots(1, 4, 3), ring_slots(6, 9, 5)
+    ([1, 2, 0], [1, 2, 3])
+    """
+    return [p % size for p in range(first, end)]
 
 
 def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],
-                 rows: Optional[list[int]], positions: torch.Tensor, device: torch.device) -> WindowPlan:
-    """Host-side index arithmetic for one window; every list becomes one small tensor."""
+                 rows: Optional[list[int]], positions: torch.Tensor, device: torch.device,
+                 decode: bool = False) -> WindowPlan:
+    """Host-side index arithmetic for one window; every list becomes one small tensor. ``decode``: every
+    sequence is a decode sequence (with a cache)."""
     # Built from host lists: a device-side repeat_interleave would need a sync to size its output.
     q_seq = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)], dtype=torch.long, device=device)
     if cache_len is None:
@@ -211,11 +273,17 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
                           k_seq=q_seq, k_pos=positions)
 
     S = cache_len
+    span = span_of(window, S)
     assert rows is not None, "a step with a cache needs the rows"
     for s, n in zip(starts, lengths):
         if (window is None or window > S) and s + n > S:
             raise ValueError(f"sequence of {s + n} tokens exceeds the cache of {S} positions "
                              f"(the model's max_seq_len); shorten the prompt or the generation")
+        if decode and n > 1 and s + n > S and S < span + n - 1:
+            # the write of the last draft key would overwrite a key inside the first query's window
+            raise ValueError(f"a decode sequence of {n} tokens at position {s} needs a ring of at least "
+                             f"{span + n - 1} slots (window {span} + {n - 1} drafts), this cache has {S}: size "
+                             f"the cache with room for the drafts (RollingCache spare_slots)")
     # Writes: only the last min(n, S) new tokens of each sequence survive in its row, at slot p % S.
     write_src: list[int] = []
     write_row: list[int] = []
@@ -233,16 +301,24 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
 
     common: dict[str, Any] = dict(window=window, cache_len=S, q_seqlens=lengths, q_seq=q_seq, q_pos=positions,
                                   rows=rows, write_src=t(write_src), write_row=t(write_row),
-                                  write_slot=t(write_slot))
+                                  write_slot=t(write_slot), span=span)
 
-    if all(n == 1 for n in lengths):
-        # Decode: keys are the rows themselves after the write; read only as many slots as the fullest row.
-        decode_len = min(max(starts) + 1, S)
+    if decode:
+        # Decode: keys are the rows themselves after the write; read only as many entries as the fullest query.
+        last = [s + n - 1 for s, n in zip(starts, lengths)]
+        decode_len = min(max(last) + 1, span)
+        fill = [min(p + 1, span) for s, n in zip(starts, lengths) for p in range(s, s + n)]
+        query_rows = None
+        if any(n > 1 for n in lengths) or (S != span and max(last) >= span):
+            query_rows = t([r for r, n in zip(rows, lengths) for _ in range(n)])
         return WindowPlan(**common, kv_seqlens=[decode_len] * len(lengths), prefix_lens=[0] * len(lengths),
-                          decode=True, k_seq=q_seq, k_pos=positions, decode_len=decode_len)
+                          decode=True, k_seq=q_seq, k_pos=positions, decode_len=decode_len, decode_fill=fill,
+                          query_rows=query_rows)
 
-    # Pre-fill: each sequence's keys are its cached prefix (unrotated, oldest first) then its new keys.
-    prefix_lens = [min(s, S) for s in starts]
+    # Pre-fill: each sequence's keys are its cached prefix (unrotated, oldest first) then its new keys. A ring
+    # larger than the window (room for drafts) holds keys no new query may see: only the window's are read, so
+    # the pre-fill op gets the keys it gets from a ring of exactly the window.
+    prefix_lens = [min(s, span) for s in starts]
     prefix_row: list[int] = []
     prefix_slot: list[int] = []
     k_seq: list[int] = []
@@ -251,7 +327,7 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
     n_prefix = sum(prefix_lens)
     pre0 = new0 = 0
     for b, (s, n, r, c) in enumerate(zip(starts, lengths, rows, prefix_lens)):
-        for p, slot in zip(range(s - c, s), unrotate_slots(s, S)):   # cached positions, oldest first
+        for p, slot in zip(range(s - c, s), ring_slots(s - c, s, S)):   # cached positions, oldest first
             prefix_row.append(r)
             prefix_slot.append(slot)
             k_seq.append(b)

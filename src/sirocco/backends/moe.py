@@ -17,7 +17,8 @@ The layer's ``experts_kernel`` is then a ``StackedExperts``: for a decode step (
 (cpu/csrc/moe_experts.cpp) or ``qmoe`` (quant/csrc/qmoe.cpp), reading each chosen expert's rows in place; it
 returns None otherwise and the layer runs its experts one by one. The route (router, top-k, softmax) stays in
 the model. The float kernel is the CPU backend's (installed by its attach, cleared by the reference backend's);
-the quantized one comes with the quantized weights (the quantize-at-load pass, a GGUF file).
+the quantized one comes with the quantized weights (the conversion pass's step for them, conversion.py, whether
+they were quantized at load or read from a GGUF file).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The reference backend: the model's own plain-PyTorch modules and ``AttentionOps``.
 
-Attaching it undoes any other backend (a replaced module's ``reference()`` gives back the ``nn.Linear`` or
-``RMSNorm`` it replaced, holding the same parameters) and chooses the pre-fill attention path. The helpers here
-are the conversion pass every backend
-uses: replace modules by new ones, hand attention layers their ops.
+Attaching it (the first step of the conversion pass, conversion.py) undoes any other backend (a replaced
+module's ``reference()`` gives back the ``nn.Linear`` or ``RMSNorm`` it replaced, holding the same parameters)
+and chooses the pre-fill attention path. The helpers here are the pass's tools for every backend: replace
+modules by new ones, hand attention layers their ops.
 """
 
 from __future__ import annotations

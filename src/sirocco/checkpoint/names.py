@@ -1,9 +1,13 @@
-"""Tensor names and layouts of the two published formats, and the one sirocco keeps internally.
+"""Tensor names and layouts of the two published formats and GGUF, and the one sirocco keeps internally.
 
 sirocco's modules carry the consolidated (Mistral) names, and its attention rotates adjacent pairs as the
 consolidated weights expect. A Hugging Face checkpoint differs in two ways, both undone here at the boundary:
 its names (``model.layers.3.self_attn.q_proj.weight`` for ``layers.3.attention.wq.weight``) and the row order
 of ``wq``/``wk`` inside each head (it rotates the two halves of a head instead of adjacent pairs).
+
+GGUF (llama.cpp's names, ``GGUF_NAMES``) keeps the consolidated row order: llama.cpp's converter permutes Hugging
+Face's rows back to adjacent pairs, so only the names differ. Mixtral's experts are stacked there: row e of
+``blk.i.ffn_gate_exps`` is ``layers.i.feed_forward.experts.e.w1`` (older files: one ``blk.i.ffn_gate.e`` each).
 """
 
 from __future__ import annotations
@@ -29,6 +33,24 @@ NAMES = [
     ("layers.{i}.feed_forward.gate.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
     ("layers.{i}.feed_forward.experts.{e}.{w}.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"),
 ]
+# (sirocco name, GGUF name); {i} is a layer. Experts: GGUF_EXPERTS, + "_exps" stacked or ".{e}" one per expert.
+GGUF_NAMES = [
+    ("tok_embeddings.weight", "token_embd.weight"),
+    ("norm.weight", "output_norm.weight"),
+    ("output.weight", "output.weight"),
+    ("layers.{i}.attention_norm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.{i}.ffn_norm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.{i}.attention.wq.weight", "blk.{i}.attn_q.weight"),
+    ("layers.{i}.attention.wk.weight", "blk.{i}.attn_k.weight"),
+    ("layers.{i}.attention.wv.weight", "blk.{i}.attn_v.weight"),
+    ("layers.{i}.attention.wo.weight", "blk.{i}.attn_output.weight"),
+    ("layers.{i}.feed_forward.w1.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "blk.{i}.ffn_down.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "blk.{i}.ffn_up.weight"),
+    ("layers.{i}.feed_forward.gate.weight", "blk.{i}.ffn_gate_inp.weight"),
+]
+GGUF_EXPERTS = {"w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
+
 _FIELDS = {"i": r"(?P<i>\d+)", "e": r"(?P<e>\d+)", "w": r"(?P<w>w[123])"}
 
 # Tensors some Hugging Face checkpoints carry that hold no weights (recomputed from the config).
@@ -42,6 +64,11 @@ def _pattern(template: str) -> re.Pattern:
 
 _TO_HF = [(_pattern(c), h) for c, h in NAMES]
 _FROM_HF = [(_pattern(h), c) for c, h in NAMES]
+_TO_GGUF = [(_pattern(c), g) for c, g in GGUF_NAMES]
+_FROM_GGUF = [(_pattern(g), c) for c, g in GGUF_NAMES]
+_GGUF_STACKED = re.compile(r"blk\.(?P<i>\d+)\.(?P<w>ffn_gate|ffn_down|ffn_up)_exps\.weight")
+_GGUF_EXPERT = re.compile(r"blk\.(?P<i>\d+)\.(?P<w>ffn_gate|ffn_down|ffn_up)\.(?P<e>\d+)\.weight")
+_W_OF_GGUF = {g: w for w, g in GGUF_EXPERTS.items()}
 
 
 def _translate(name: str, table: list[tuple[re.Pattern, str]]) -> str:
@@ -60,6 +87,34 @@ def to_hf_name(name: str) -> str:
 def from_hf_name(name: str) -> str:
     """The inverse of :func:`to_hf_name`; ``KeyError`` for a name sirocco does not know."""
     return _translate(name, _FROM_HF)
+
+
+def to_gguf_name(name: str) -> str:
+    """``layers.0.attention.wq.weight`` -> ``blk.0.attn_q.weight`` (experts are written stacked, see
+    ``gguf_experts_name``); ``KeyError`` for a name without a GGUF equivalent."""
+    return _translate(name, _TO_GGUF)
+
+
+def gguf_experts_name(layer: int | str, w: str) -> str:
+    """The stacked GGUF tensor holding every expert's ``w`` (w1, w2 or w3) of a layer: ``blk.0.ffn_gate_exps.weight``
+    for layer 0's w1."""
+    return f"blk.{layer}.{GGUF_EXPERTS[w]}_exps.weight"
+
+
+def from_gguf_name(name: str) -> tuple[str, bool] | None:
+    """The sirocco name of a GGUF tensor and whether it is a stack of experts (then the name holds ``{e}`` for the
+    expert), or None for a name sirocco does not know. ``blk.0.attn_q.weight`` -> (``layers.0.attention.wq.weight``,
+    False); ``blk.1.ffn_down_exps.weight`` -> (``layers.1.feed_forward.experts.{e}.w2.weight``, True)."""
+    m = _GGUF_STACKED.fullmatch(name)
+    if m:
+        return f"layers.{m['i']}.feed_forward.experts.{{e}}.{_W_OF_GGUF[m['w']]}.weight", True
+    m = _GGUF_EXPERT.fullmatch(name)
+    if m:
+        return f"layers.{m['i']}.feed_forward.experts.{m['e']}.{_W_OF_GGUF[m['w']]}.weight", False
+    try:
+        return _translate(name, _FROM_GGUF), False
+    except KeyError:
+        return None
 
 
 def rope_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
 
+from .. import backends
+from ..backends.moe import expert_groups
+from ..backends.quant import formats
+from ..backends.quant.convert import QuantReport, empty_blocks
+from ..backends.quant.formats import QuantizedTensor
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
+from ..model.attention import Prefill
 from .files import HF, Layout, TensorFiles, find_layout
-from .gguf import is_gguf, load_gguf
+from .gguf_read import GGUFFile, is_gguf
 from .names import IGNORED_HF, from_hf_name, from_hf_rope, rope_heads, to_hf_name
-
-if TYPE_CHECKING:
-    from ..backends.quant.convert import QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -32,69 +36,95 @@ log = logging.getLogger(__name__)
 # wq/wk): 4 MiB in fp32, so the pass's own memory is a small fraction of even a small quantized model.
 QUANTIZE_CHUNK = 2**16
 
+Source = Union[str, Path, GGUFFile]
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+
+@dataclass
+class ModelParts:
+    """What a loader read, before the conversion pass (``backends.attach``) makes a model of it: the model with
+    its float tensors, where each linear layer of ``blocks`` still has no weight (on the meta device), and the
+    quantized weights' blocks by module path (``layers.0.attention.wq``): a GGUF file's, or a checkpoint's
+    quantized while it was read."""
+
+    model: Transformer
+    blocks: dict[str, QuantizedTensor]
+
+
+def load_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
-               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None) -> Transformer:
-    """A model from a checkpoint folder in either published format.
+               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None,
+               backend: Optional[str] = "torch", prefill: Prefill = "per_sequence") -> Transformer:
+    """A model from a checkpoint: ``read_model``, then the conversion pass ``backends.attach`` onto ``backend``
+    (default the plain-PyTorch reference) with the pre-fill attention path ``prefill``.
 
     Args:
         path: a folder with ``params.json`` + ``consolidated.safetensors`` / ``consolidated.00.pth``, or
             ``config.json`` + ``model.safetensors`` / sharded ``model-*.safetensors`` with their index, or a
-            ``.gguf`` file (gguf.py: its q8_0/q4_0 weights stay quantized, as ``QuantLinear``).
+            ``.gguf`` file (or an open ``GGUFFile``: its q8_0/q4_0 weights stay quantized, as ``QuantLinear``).
         dtype, device: of the loaded weights (converted tensor by tensor while reading).
         max_seq_len: overrides the config's (it sizes the KV cache of layers without a window).
         layers, embed, head: load only these layers / the embedding / the final norm and output (a pipeline
             stage); the other tensors are not read.
         progress: a progress bar over tensors (default: when standard error is a terminal).
-        quantize: ``int8`` / ``int4`` (or ``q8_0`` / ``q4_0``): the model that ``backends.quant.attach`` makes of
-            the loaded one, bit for bit, with each linear weight quantized as it is read (see ``load_quantized``).
+        quantize: ``int8`` / ``int4`` (or ``q8_0`` / ``q4_0``): the model that quantizing the loaded one gives,
+            bit for bit, with each linear weight of a folder quantized as it is read (see ``read_model``).
     """
-    return _load(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize)[0]
+    return _load(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize, backend, prefill)[0]
 
 
-def load_quantized(path: str | Path, fmt: str, dtype: torch.dtype = torch.float32,
+def load_quantized(path: Source, fmt: str, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
                    layers: Optional[list[int]] = None, embed: bool = True, head: bool = True,
-                   progress: Optional[bool] = None) -> tuple[Transformer, QuantReport]:
-    """``load_model`` quantizing to ``fmt`` while it reads, and the report (bytes before and after) that
-    ``attach`` would give.
-
-    The linear layers to quantize become ``QuantLinear`` with empty blocks before any data is read; each of their
-    weights is then read from its file a few rows at a time (``QUANTIZE_CHUNK`` weights: plain file reads, no
-    pages of the file left resident), converted to ``dtype`` as loading would, quantized and written into its
-    blocks, so the float model never exists. The other tensors load as in ``load_model``. A GGUF file is loaded
-    as it is and then given to ``attach`` (its quantized layers stay as stored)."""
-    model, report = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, fmt)
-    assert report is not None
-    return model, report
+                   progress: Optional[bool] = None, backend: Optional[str] = "torch"
+                   ) -> tuple[Transformer, QuantReport]:
+    """``load_model`` quantizing to ``fmt``, and the report (layers, bytes before and after) of the quantization."""
+    model, conversion = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, fmt, backend,
+                              "per_sequence")
+    assert conversion.quantized is not None
+    return model, conversion.quantized
 
 
-def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_seq_len: Optional[int],
-          layers: Optional[list[int]], embed: bool, head: bool, progress: Optional[bool],
-          quantize: Optional[str]) -> tuple[Transformer, Optional[QuantReport]]:
-    """``load_model``'s work; the quantization report too where ``quantize`` asks for it."""
-    from ..backends.quant.convert import attach_if, empty_quantized, finish
-    if is_gguf(path):
-        model = load_gguf(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=layers, embed=embed,
-                          head=head, progress=progress)
-        return model, attach_if(model, quantize, progress)
+def _load(path: Source, dtype: torch.dtype, device: torch.device | str, max_seq_len: Optional[int],
+          layers: Optional[list[int]], embed: bool, head: bool, progress: Optional[bool], quantize: Optional[str],
+          backend: Optional[str], prefill: Prefill) -> tuple[Transformer, backends.Conversion]:
+    parts = read_model(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize)
+    conversion = backends.attach(parts.model, backend, quantize=quantize, blocks=parts.blocks, prefill=prefill,
+                                 progress=progress)
+    return parts.model, conversion
+
+
+def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
+               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None) -> ModelParts:
+    """Read a checkpoint (arguments as ``load_model``) into a ``ModelParts`` for the conversion pass.
+
+    The model is built on the meta device and its float tensors assigned as they are read. Where ``quantize``
+    asks, a folder's linear weights to quantize get their blocks before any data is read (``empty_blocks``); each
+    weight is then read a few rows at a time (``QUANTIZE_CHUNK`` weights: plain file reads, no pages of the file
+    left resident), converted to ``dtype`` as loading would, quantized and written into its blocks, so the float
+    model never exists. A GGUF file's quantized weights are its own blocks; its float ones are quantized by the
+    conversion pass where ``quantize`` asks."""
+    if isinstance(path, GGUFFile) or is_gguf(path):
+        gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
+        weights = gguf.read(dtype, device, max_seq_len, layers, embed, head, progress)
+        model = _assemble(weights.args, weights.state, weights.blocks, dtype, layers, embed, head)
+        log.info("loaded %s (GGUF) as %s on %s", gguf.path, str(dtype).replace("torch.", ""), device)
+        return ModelParts(model, weights.blocks)
     layout = find_layout(path)
     args = layout.read_args(max_seq_len)
     with torch.device("meta"):
-        model = Transformer(args, layers=layers, embed=embed, head=head)
-    wanted = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        meta = Transformer(args, layers=layers, embed=embed, head=head).to(dtype)
+    wanted = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
     files, names = _open_checked(layout, args, wanted)
-    empty = empty_quantized(model, quantize, device) if quantize else None
-    blocks = empty.blocks if empty else {}
-    expert_rows = _expert_stacks(model, {k: v for k, v in wanted.items() if k not in blocks}, dtype, device)
+    blocks = empty_blocks(meta, quantize, device).blocks if quantize else {}
+    weights_of = {path + ".weight": qt for path, qt in blocks.items()}
+    expert_rows = _expert_stacks(meta, {k: v for k, v in wanted.items() if k not in weights_of}, dtype, device)
     state: dict[str, torch.Tensor] = {}
     for name in tqdm(wanted, desc=f"loading {layout.folder.name}", unit="tensor", disable=_no_bar(progress),
                      leave=False):
-        if name in blocks:
-            fmt, out = blocks[name]
-            _quantize_into(out, fmt, files, names[name], name, args, layout.format, dtype)
-            state[name.removesuffix(".weight") + ".qweight"] = out
+        if name in weights_of:
+            qt = weights_of[name]
+            _quantize_into(qt.data, qt.fmt, files, names[name], name, args, layout.format, dtype)
             continue
         if name in expert_rows:           # read as a private copy (no mapped pages left behind) into its row
             state[name] = expert_rows[name]
@@ -103,15 +133,25 @@ def _load(path: str | Path, dtype: torch.dtype, device: torch.device | str, max_
         # Keep a tensor memory-mapped only if it is used as stored; a converted one is read as a private copy.
         mapped = files.dtype(names[name]) == dtype and torch.device(device).type == "cpu"
         state[name] = _read(files, names[name], name, args, layout.format, mapped).to(device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
+    model = _assemble(args, state, blocks, dtype, layers, embed, head)
     n = sum(math.prod(shape) for shape in wanted.values())
     what = "" if layers is None and embed and head else f" (stage: layers {layers}, embed={embed}, head={head})"
     log.info("loaded %s (%s format, %d tensors, %.1fM parameters%s) as %s on %s", layout.folder, layout.format,
-             len(state), n / 1e6, what, str(dtype).replace("torch.", ""), device)
-    if empty is None:
-        return model, None
-    return model, finish(model, empty.fmt, len(blocks), empty.kept, n * dtype.itemsize)
+             len(wanted), n / 1e6, what, str(dtype).replace("torch.", ""), device)
+    return ModelParts(model, blocks)
+
+
+def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], blocks: dict[str, QuantizedTensor],
+              dtype: torch.dtype, layers: Optional[list[int]], embed: bool, head: bool) -> Transformer:
+    """The model (or stage) on the meta device in ``dtype``, with ``state`` assigned: every tensor but the weights
+    of the linear layers that ``blocks`` stand for, which stay on the meta device for the conversion pass."""
+    with torch.device("meta"):
+        model = Transformer(args, layers=layers, embed=embed, head=head).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    left = sorted(set(missing) - {path + ".weight" for path in blocks})
+    if left or unexpected:
+        raise RuntimeError(f"loader bug: tensors not read {left[:6]}, or read and not in the model {unexpected[:6]}")
+    return model.eval()
 
 
 def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype: torch.dtype,
@@ -120,7 +160,6 @@ def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype
     expert weight's name -> its row, to be read into. The experts' decode kernel (``backends.moe``) wants them
     stacked: loaded apart, stacking them would copy each (and keep the mapped file's pages resident beside the
     copy, twice the experts' bytes)."""
-    from ..backends.moe import expert_groups
     rows: dict[str, torch.Tensor] = {}
     for paths in expert_groups(model):
         expert_names = [p + ".weight" for p in paths]
@@ -136,7 +175,6 @@ def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str,
     (whole heads of wq/wk, whose rows the Hugging Face layout permutes within a head) at a time, each converted to
     ``dtype`` first as a loaded weight would be: the bits of ``quantize(loaded weight)``, since blocks run along
     rows."""
-    from ..backends.quant.formats import quantize
     rows, k = files.shape(stored)
     heads = rope_heads(name, args.n_heads, args.n_kv_heads) if layout_format == HF else None
     unit = rows // heads if heads else 1
@@ -145,7 +183,7 @@ def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str,
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             chunk = _read(files, stored, name, args, layout_format, rows=(r0, r1))
-            out[r0:r1].copy_(quantize(chunk.to(dtype), fmt))
+            out[r0:r1].copy_(formats.quantize(chunk.to(dtype), fmt))
 
 
 def read_state_dict(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Layout]:

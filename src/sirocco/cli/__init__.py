@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except SiroccoError as e:
         print(f"sirocco {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
 
 
 if __name__ == "__main__":

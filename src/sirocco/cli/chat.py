@@ -6,7 +6,9 @@ pre-filled state of each turn's prompt, so the next turn, which starts with it, 
 new message. Commands: /reset forgets the conversation, /system TEXT sets the system prompt (and resets), /exit
 leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer and keeps what was written; the engine is
 only ever interrupted between steps. With standard input from a pipe, each line is one user turn of one
-conversation: the answers are printed, one after another, and the verb exits at the end of the input.
+conversation: the answers are printed, one after another, and the verb exits at the end of the input. With
+``--web``, the verb serves the chat page instead (``sirocco serve``'s app on 127.0.0.1 only) and prints its
+address.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from typing import Optional, TextIO
 from ..errors import SiroccoError
 from ..generate.engine import Engine, PromptTooLong
 from ..generate.sampling import SamplingParams
-from .options import add_engine_arguments, add_model_arguments, add_sampling_arguments, load_from_args
+from .options import (
+    add_engine_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speculation_arguments,
+    int_in,
+    load_from_args,
+    prefix_cache_bytes,
+    speculation_from_args,
+)
 
 HELP = "commands: /reset (new conversation), /system TEXT (system prompt, resets), /exit; Ctrl-C stops an answer"
 
@@ -30,13 +41,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = ("examples:\n"
                 "  sirocco chat --model ./Mistral-7B-Instruct-v0.2 --dtype bfloat16\n"
-                "  printf 'Hello\\nWhat did I just say?\\n' | sirocco chat --temperature 0")
+                "  printf 'Hello\\nWhat did I just say?\\n' | sirocco chat --temperature 0\n"
+                "  sirocco chat --web                  # the chat page in a browser, with the engine drawn beside it")
     add_model_arguments(p)
     s = p.add_argument_group("sampling")
     s.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the conversation")
     add_sampling_arguments(s, max_tokens=512, seed=None, per="answer")
     add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True,
                          prefix_cache=True)
+    add_speculation_arguments(p.add_argument_group("speculative decoding"))
+    w = p.add_argument_group("web")
+    w.add_argument("--web", action="store_true",
+                   help="serve the chat page on this machine (127.0.0.1) and print its address, until Ctrl-C; the "
+                        "page has its own sampling settings")
+    w.add_argument("--port", type=int_in(0, 65535), default=0,
+                   help="the page's port with --web, 0 to 65535 (default 0: a free one)")
 
 
 class Chat:
@@ -104,11 +123,51 @@ class Chat:
         self.interrupted = True
 
 
+WEB_ROWS = 4          # the page, a second tab, a regenerate racing a stop
+
+
+def run_web(args: argparse.Namespace) -> int:
+    """``--web``: the server's app (chat page, inside panel, API) over this model, on 127.0.0.1 only."""
+    import socket
+
+    import uvicorn
+
+    from ..serve.app import build_app
+    from ..serve.model_thread import ModelThread
+    from ..viz.inside import RowTrace
+    from .serve import served_name, stop_pages_on_exit
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", args.port))
+    except OSError as e:
+        sock.close()
+        raise SiroccoError(f"chat --web: cannot listen on 127.0.0.1:{args.port}: {e.strerror}") from None
+    model_thread = ModelThread()             # loaded, built and run on one thread (see serve.model_thread)
+    loaded = model_thread.call(load_from_args, args)
+    engine = model_thread.call(lambda: Engine(loaded.model, loaded.tokenizer, max_rows=WEB_ROWS,
+                                              max_seq_len=args.max_seq_len,
+                                              prefix_cache_bytes=prefix_cache_bytes(args)))
+    app = build_app(engine, loaded.tokenizer, served_name(args.model), model_thread=model_thread,
+                    inside=RowTrace)
+    port = sock.getsockname()[1]
+    print(f"sirocco chat: open http://127.0.0.1:{port}/ in a browser (Ctrl-C stops)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    stop_pages_on_exit(server, app)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.web:
+        return run_web(args)
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
-                    attention=args.attention, backend=args.backend,
-                    prefix_cache_bytes=int(args.prefix_cache_mib * 2**20))
+                    speculation=speculation_from_args(args, loaded),
+                    prefix_cache_bytes=prefix_cache_bytes(args))
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

@@ -5,9 +5,11 @@ it is parsed (``sirocco VERB: error: argument --top-p: 2.0 is out of range: must
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import re
-from typing import Callable, Optional
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
 
 import torch
 
@@ -114,6 +116,53 @@ def size_bytes(text: str) -> int:
     return n
 
 
+def first_bad_utf8(f: BinaryIO, chunk_bytes: int = 1 << 20) -> Optional[tuple[int, int, str]]:
+    r"""The first byte of ``f`` that is not valid UTF-8, as (offset in bytes, the byte, why), or None; read in
+    chunks, so a large file is never held whole. A sequence cut at the end of a chunk is held over to the next:
+    with chunks of 2 bytes, b"a\xc3\xa9\xff" gives (3, 0xff, 'invalid start byte'), not an error at byte 1.
+
+    >>> import io
+    >>> first_bad_utf8(io.BytesIO(b"a\xc3\xa9\xff"), chunk_bytes=2)
+    (3, 255, 'invalid start byte')
+    >>> first_bad_utf8(io.BytesIO("caf\u00e9\n".encode()), chunk_bytes=4) is None
+    True
+    >>> first_bad_utf8(io.BytesIO(b"ok\xe2\x82"))          # cut short at the end of the file
+    (2, 226, 'unexpected end of data')
+    """
+    held, start = b"", 0                # bytes of a sequence not yet complete, and the offset of held[0]
+    while True:
+        data = f.read(chunk_bytes)
+        block = held + data
+        try:
+            _, used = codecs.utf_8_decode(block, "strict", not data)
+        except UnicodeDecodeError as e:
+            return start + e.start, block[e.start], e.reason
+        if not data:
+            return None
+        held, start = block[used:], start + used
+
+
+def utf8_text_file(text: str) -> str:
+    """The path of a readable file of UTF-8 text (returned as given). The file is read through once here, so a
+    missing, unreadable or binary file is refused where the option is parsed, naming the offset of the first
+    byte that is not UTF-8; the verb reads it again when it runs."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    try:
+        with open(path, "rb") as f:
+            bad = first_bad_utf8(f)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {e.strerror or e}") from None
+    if bad is not None:
+        offset, byte, reason = bad
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 text: byte 0x{byte:02x} at offset {offset} "
+                                         f"({reason})")
+    return text
+
+
 def device_name(text: str) -> str:
     """A device torch can name (cpu, cuda, cuda:1, mps, ...); whether it is present is checked when it is used."""
     try:
@@ -178,6 +227,11 @@ def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunk
                         "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
 
 
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """The engine's ``prefix_cache_bytes`` from --prefix-cache-mib."""
+    return int(args.prefix_cache_mib * SIZE_UNITS["MIB"])
+
+
 def add_progress_argument(g: argparse._ActionsContainer) -> None:
     """--no-progress."""
     g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
@@ -237,8 +291,59 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_from_args(args: argparse.Namespace) -> Loaded:
-    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so."""
+    """The model and tokenizer that --model, --dtype, --device and --threads name, quantized if --quantize says so,
+    on --backend with --attention's pre-fill path (verbs without those options: the plain-PyTorch reference)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(args.model, dtype=DTYPES[args.dtype], device=resolve_device(args.device),
-                quantize=getattr(args, "quantize", None))
+                quantize=getattr(args, "quantize", None), backend=engine_backend(args),
+                prefill=getattr(args, "attention", "per_sequence"))
+
+
+def engine_backend(args: argparse.Namespace) -> Optional[str]:
+    """The backend --backend asks for, or the one speculative decoding needs: with --speculate, "auto" is "cpu"
+    (its row-exact kernels), and "torch" is refused."""
+    backend = getattr(args, "backend", "torch")
+    if getattr(args, "speculate", None) is not None:
+        if backend == "torch":
+            raise SiroccoError("--speculate needs --backend cpu (or auto): the plain PyTorch backend's products round "
+                               "differently for different row counts, so verified drafts would change the output")
+        return "cpu"
+    return backend
+
+
+# -- speculative decoding ------------------------------------------------------------------------------------------
+def add_speculation_arguments(g: argparse._ActionsContainer) -> None:
+    """--speculate, --draft-tokens, --ngram: speculative decoding, for generate, chat and serve."""
+    from ..generate.speculation import ROW_EXACT_TOKENS
+    g.add_argument("--speculate", default=None, metavar="ngram|PATH",
+                   help="speculative decoding: 'ngram' (prompt lookup: the continuation of the longest recent n-gram "
+                        "found earlier in the sequence) or a draft model (a folder, .gguf file or bundled name, with "
+                        "this model's tokenizer). Greedy output is the same, bit for bit; it needs the cpu backend")
+    g.add_argument("--draft-tokens", type=int_in(1, ROW_EXACT_TOKENS - 1), default=4, metavar="K",
+                   help=f"most tokens drafted per sequence and step, 1 to {ROW_EXACT_TOKENS - 1} (default 4); each "
+                        "sequence adapts its own to its acceptance")
+    g.add_argument("--ngram", type=int_in(1, 16), default=3, metavar="N",
+                   help="longest n-gram prompt lookup matches, 1 to 16 (default 3; it tries N down to 1)")
+
+
+def speculation_from_args(args: argparse.Namespace, loaded: Optional[Loaded] = None):
+    """The ``Speculation`` that --speculate and its options ask for (None without --speculate); a draft model is
+    loaded as the target (``loaded``) was (--dtype, --device), and must encode text as its tokenizer does."""
+    from ..generate.speculation import Speculation
+
+    name = getattr(args, "speculate", None)
+    if name is None:
+        return None
+    if name == "ngram":
+        return Speculation("ngram", draft_tokens=args.draft_tokens, ngram=args.ngram)
+    if loaded is None:
+        raise SiroccoError(f"--speculate {name}: a draft model runs in one process, beside the whole model")
+    draft = load(name, dtype=DTYPES[args.dtype], device=resolve_device(args.device), backend=engine_backend(args))
+    probe = "The sliding window: 1, 2, 3 and caf\u00e9"
+    if (draft.model.args.vocab_size != loaded.model.args.vocab_size
+            or draft.tokenizer.encode(probe, bos=True, eos=False) != loaded.tokenizer.encode(probe, bos=True,
+                                                                                          eos=False)):
+        raise SiroccoError(f"--speculate {name}: the draft model's tokenizer ({draft.model.args.vocab_size} tokens) is "
+                           f"not the model's ({loaded.model.args.vocab_size} tokens): a draft model needs the same")
+    return Speculation(draft.model, draft_tokens=args.draft_tokens, ngram=args.ngram)

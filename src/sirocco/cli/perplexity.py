@@ -8,7 +8,14 @@ import sys
 
 from ..errors import SiroccoError
 from ..eval import perplexity
-from .options import add_model_arguments, add_progress_argument, int_at_least, load_from_args, positive_int
+from .options import (
+    add_model_arguments,
+    add_progress_argument,
+    int_at_least,
+    load_from_args,
+    positive_int,
+    utf8_text_file,
+)
 
 DESCRIPTION = """The mean negative log-likelihood per token and the perplexity of a text under a model. The text is
 encoded whole (BOS first) and scored in windows of --context tokens starting every --stride tokens; each window
@@ -23,7 +30,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                 "  sirocco perplexity --model m.gguf --text-file wiki.test.raw --json\n"
                 "  sirocco perplexity --model ./mistral-7b --quantize int4 --text-file wiki.test.raw")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--text-file", required=True, metavar="PATH", help="the text to score (UTF-8)")
+    p.add_argument("--text-file", type=utf8_text_file, required=True, metavar="PATH",
+                   help="the text to score (UTF-8)")
     p.add_argument("--context", type=int_at_least(2), default=None,
                    help="tokens per window (default: the model's max_seq_len, at most 1024)")
     p.add_argument("--stride", type=positive_int, default=None,

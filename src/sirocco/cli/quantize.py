@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..backends import quant
-from ..checkpoint import is_gguf, save_gguf
+from ..checkpoint import is_gguf
 from ..errors import SiroccoError
 from ..pretrained import DEMO, load, model_folder
 from ..tokenizer.sentencepiece_model import SentencePieceTokenizer
@@ -61,16 +61,20 @@ def run(args: argparse.Namespace) -> int:
         raise SiroccoError(f"{src} is already a GGUF file; quantize a checkpoint folder")
     tokenizer_model = src / "tokenizer.model"
     # fp32 is exact for every stored dtype; each linear weight is quantized as it is read, as --quantize does
-    loaded = load(str(src), dtype=torch.float32, quantize=args.type)
+    loaded = load(str(src), dtype=torch.float32, quantize=args.type, backend="torch")
     if not isinstance(loaded.tokenizer, SentencePieceTokenizer) or not tokenizer_model.is_file():
         raise SiroccoError(f"{src}: GGUF's 'llama' vocabulary is written from a sentencepiece tokenizer.model; this "
                            f"folder's tokenizer is {loaded.tokenizer.describe()}")
+    # Imported here, not at the top: the gguf package it needs is slow to import, and every verb's module is
+    # imported to build the parser of each command.
+    from ..checkpoint.gguf_write import save_gguf
+
     progress = None if not args.no_progress else False
     report = loaded.quantized
     assert report is not None
     info = save_gguf(loaded.model, dst, tokenizer_model, float_dtype=DTYPES[args.dtype],
                      name=src.name, progress=progress if progress is not None else sys.stderr.isatty())
-    summary = {"source": str(src), "destination": str(dst), "type": args.type, "output_type": quant.convert.HEAD_FORMAT,
+    summary = {"source": str(src), "destination": str(dst), "type": args.type, "output_type": quant.HEAD_FORMAT,
                "float_dtype": args.dtype, "quantized_layers": report.layers,
                "bytes_before": report.bytes_before, "bytes_after": report.bytes_after,
                "file_bytes": info["file_bytes"], "tensors": info["tensors"]}

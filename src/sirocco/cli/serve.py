@@ -22,10 +22,14 @@ from .options import (
     add_engine_arguments,
     add_model_arguments,
     add_pipeline_arguments,
+    add_speculation_arguments,
+    engine_backend,
     int_in,
     load_from_args,
     non_negative_int,
     positive_float,
+    prefix_cache_bytes,
+    speculation_from_args,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,9 @@ log = logging.getLogger(__name__)
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve a model over HTTP with OpenAI's API: POST /v1/completions, /v1/chat/completions "
                      "(streaming or not), GET /v1/models, /health, /metrics (Prometheus), POST /tokenize, "
-                     "/detokenize. Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
+                     "/detokenize; and a chat page at / (open the address in a browser), with a panel that draws "
+                     "what the engine does for the answer being written: cache slots, masks, experts, steps. "
+                     "Requests share the engine's cache rows; a long prompt is pre-filled in chunks. "
                      "Under torchrun with --pipeline-ranks N, rank 0 serves HTTP and the other ranks run their "
                      "stages (rank 0 broadcasts each step's new and aborted requests, and a heartbeat every second "
                      "when idle).")
@@ -54,7 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     h.add_argument("--port", type=int_in(0, 65535), default=8000, help="port to listen on, 0 to 65535 (default 8000)")
     h.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: the "
-                        "SIROCCO_API_KEY environment variable; none: open)")
+                        "SIROCCO_API_KEY environment variable; none: open); the chat page asks for it")
     h.add_argument("--served-model-name", default=None,
                    help="the model name clients send and /v1/models lists (default: the model's folder name)")
     h.add_argument("--max-queue", type=non_negative_int, default=128,
@@ -76,6 +82,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
+    add_speculation_arguments(p.add_argument_group("speculative decoding"))
     add_pipeline_arguments(p)
 
 
@@ -112,20 +119,20 @@ def served_name(model: str | None) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def make_engine(args: argparse.Namespace, model, tokenizer, executor=None):
+def make_engine(args: argparse.Namespace, model, tokenizer, executor=None, speculation=None):
     """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage; ``executor``:
-    this rank's ``PipelineExecutor``, or None for one process)."""
+    this rank's ``PipelineExecutor``, or None for one process; ``speculation``: from ``speculation_from_args``)."""
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
-                  max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, attention=args.attention,
-                  backend=args.backend, executor=executor, mixed=args.mixed,
-                  prefix_cache_bytes=int(args.prefix_cache_mib * MIB))
+                  max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, executor=executor,
+                  mixed=args.mixed, speculation=speculation, prefix_cache_bytes=prefix_cache_bytes(args))
 
 
 def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,
              model_thread: Any = None):
     """The app over ``engine``, named and guarded as the options say; logs what is served."""
     from ..serve.app import build_app
+    from ..viz.inside import RowTrace
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("SIROCCO_API_KEY") or None
     name = args.served_model_name or served_name(args.model)
@@ -133,7 +140,8 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
              engine.max_seq_len, args.max_queue, ", API key required" if api_key else "")
     return build_app(engine, tokenizer, name, api_key=api_key, max_queue=args.max_queue, channel=channel,
                      model_thread=model_thread, bind_host=args.host, allowed_hosts=args.allowed_hosts,
-                     allow_origins=args.allow_origin, max_body=max(1, int(args.max_body_mib * MIB)))
+                     allow_origins=args.allow_origin, max_body=max(1, int(args.max_body_mib * MIB)),
+                     inside=RowTrace)
 
 
 def build(args: argparse.Namespace):
@@ -148,7 +156,8 @@ def build(args: argparse.Namespace):
     # Loaded, built and run on one thread, not loaded here and run on the engine's: see serve.model_thread.
     model_thread = ModelThread()
     loaded = model_thread.call(load_from_args, args)
-    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer)
+    speculation = model_thread.call(speculation_from_args, args, loaded)
+    engine = model_thread.call(make_engine, args, loaded.model, loaded.tokenizer, None, speculation)
     return make_app(args, engine, loaded.tokenizer, str(loaded.source), model_thread=model_thread)
 
 
@@ -157,12 +166,32 @@ def run(args: argparse.Namespace) -> int:
 
     if args.pipeline_ranks > 1:
         from ..distributed.run import on_ranks
+        if args.speculate not in (None, "ngram"):
+            raise SiroccoError("--speculate with a draft model runs in one process: over --pipeline-ranks, "
+                               "--speculate ngram")
         with _signals_restored():
             return on_ranks(args, lambda ctx: run_on_rank(args, ctx))
     app = build(args)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           access_log=False))
+    stop_pages_on_exit(server, app)
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    server.run()
+    if not server.started:                  # it could not start (the port is taken...): uvicorn said why
+        raise SiroccoError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above)")
     return 0
+
+
+def stop_pages_on_exit(server: Any, app: Any) -> None:
+    """Have the signals that stop ``server`` (a ``uvicorn.Server``) end the chat pages' inside streams too: those
+    never end on their own, and uvicorn waits for every open response before it stops."""
+    hub = app.state.server.inside
+    handle = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:
+        hub.stop()
+        handle(sig, frame)
+    server.handle_exit = handle_exit
 
 
 def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
@@ -193,10 +222,11 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     def on_model_thread(fn, *a):
         return model_thread.call(fn, *a) if model_thread is not None else fn(*a)
 
-    stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize)
+    stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize,
+                                               engine_backend(args), args.attention)
     log.info("rank %d: loaded %s, %.1f MiB of parameters", ctx.rank, source, parameter_bytes(stage) / 2**20)
     executor = PipelineExecutor(stage, ctx, micro_batches=args.micro_batches)
-    engine = on_model_thread(make_engine, args, stage, tokenizer, executor)
+    engine = on_model_thread(make_engine, args, stage, tokenizer, executor, speculation_from_args(args))
     channel = PipelineChannel(ctx)
     if ctx.rank != 0:
         _on_signals(lambda sig: log.info("rank %d: %s ignored: the ranks stop when rank 0 stops", ctx.rank,
@@ -209,6 +239,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            access_log=False))
     runner.on_failure = lambda: setattr(server, "should_exit", True)       # a failed engine: stop serving
+    stop_pages_on_exit(server, app)
     _on_signals(lambda sig: setattr(server, "should_exit", True))
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     try:

@@ -103,10 +103,11 @@ class PipelineExecutor:
                              f"{self.ctx.is_first} and output head={self.ctx.is_last}, got embedding={has_embed} "
                              f"and output head={has_head}")
 
-    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
+    def make_cache(self, rows: int, max_seq_len: int, spare_slots: int = 0) -> RollingCache:
         """Cache rows for this stage's layers only."""
         return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device,
-                            max_seq_len=max_seq_len, layers=[int(i) for i in self.model.layers])
+                            max_seq_len=max_seq_len, layers=[int(i) for i in self.model.layers],
+                            spare_slots=spare_slots)
 
     # -- one step ----------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
@@ -121,7 +122,8 @@ class PipelineExecutor:
             offsets.append(offsets[-1] + n)
         rows = plan.rows or []
         plans = [plan] if len(groups) == 1 else [
-            self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=rows[a:b], cache=cache)
+            self.model.plan(plan.lengths[a:b], starts=plan.starts[a:b], rows=rows[a:b], cache=cache,
+                            decode=None if plan.decode is None else max(0, min(plan.decode, b) - a))
             for a, b in groups]
         # Post every receive at once: group m can arrive while group m-1 is still being computed.
         recvs = []
@@ -160,6 +162,14 @@ class PipelineExecutor:
                 if work is not None:
                     work.wait()
         self._inflight.clear()
+
+    def share(self, values: Sequence[float]) -> list[float]:
+        """Rank 0's ``values`` on every rank: for what each rank measures itself but all must decide alike (the
+        step times speculative decoding chooses its drafts by)."""
+        shared = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        with peer_errors(self.ctx, "sharing the step times"):
+            dist.broadcast(shared, src=0)
+        return shared.tolist()
 
     def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
         """The last rank samples (``sampling.sample``) and broadcasts what every row gained in one message; every

@@ -16,8 +16,10 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import backends
 from ..errors import SiroccoError
 from ..model import Transformer
+from ..model.attention import Prefill
 from ..pretrained import DEMO, load, model_folder
 from ..tokenizer import Tokenizer, load_tokenizer
 from .launch import (
@@ -30,7 +32,7 @@ from .launch import (
     peer_errors,
     shutdown,
 )
-from .stages import quantized, rank_stage, stage_from_state_dict, stage_spec
+from .stages import rank_stage, stage_from_state_dict, stage_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,26 @@ def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any
     return value
 
 
-def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype, quantize: Optional[str] = None
+def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype, quantize: Optional[str] = None,
+                    backend: Optional[str] = "torch", prefill: Prefill = "per_sequence"
                     ) -> tuple[Transformer, Tokenizer, str]:
     """This rank's stage of the model that ``model`` names (as ``--model``: a folder, a bundled name, None for
-    the default) and the tokenizer, after every rank agreed on what it is loading; its linear layers quantized
-    (int8 / int4, as ``--quantize``) where ``quantize`` says, each weight as it is read from a folder."""
+    the default) and the tokenizer, after every rank agreed on what it is loading, put on ``backend`` with the
+    pre-fill path ``prefill`` (``backends.attach``); its linear layers quantized (int8 / int4, as ``--quantize``)
+    where ``quantize`` says, each weight as it is read from a folder."""
     if model == DEMO:
-        loaded = load(model, dtype=torch.float32, device="cpu")        # small: built whole, then cut
+        loaded = load(model, dtype=torch.float32, device="cpu", backend="torch")   # small: built whole, then cut
         margs = loaded.model.args
         agree(ctx, "model to load (the random demo model)", fingerprint(margs.to_dict(), DEMO, str(dtype)))
         spec = stage_spec(margs, ctx.world_size, ctx.rank)
-        stage = quantized(stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype,
-                                                device=ctx.device), quantize)
+        stage = stage_from_state_dict(margs, spec, loaded.model.state_dict(), dtype=dtype, device=ctx.device)
+        backends.attach(stage, backend, quantize=quantize, prefill=prefill)
         return stage, loaded.tokenizer, f"{loaded.source}, {spec.describe()}"
     path = model_folder(model)
     if path.is_file():
         raise SiroccoError(f"--model {path}: pipeline ranks load checkpoint folders; a GGUF file runs in one process "
                            "(drop --pipeline-ranks)")
-    stage = rank_stage(ctx, path, dtype=dtype, quantize=quantize)
+    stage = rank_stage(ctx, path, dtype=dtype, quantize=quantize, backend=backend, prefill=prefill)
     return stage, load_tokenizer(path), f"{path} ({dtype}, {ctx.device})"
 
 

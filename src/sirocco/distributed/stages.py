@@ -19,10 +19,12 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .. import backends
 from ..checkpoint import find_layout, load_model
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer, build_model
+from ..model.attention import Prefill
 from .launch import DistContext, agree, fingerprint
 
 log = logging.getLogger(__name__)
@@ -128,11 +130,12 @@ def random_stage(args: ModelArgs, spec: StageSpec, seed: int = 0, dtype: torch.d
 
 def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-               quantize: Optional[str] = None) -> Transformer:
+               quantize: Optional[str] = None, backend: Optional[str] = "torch",
+               prefill: Prefill = "per_sequence") -> Transformer:
     """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``), each linear
-    weight quantized as it is read where ``quantize`` says (int8 / int4)."""
+    weight quantized as it is read where ``quantize`` says (int8 / int4), on ``backend``."""
     return load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len, layers=list(spec.layers),
-                      embed=spec.embed, head=spec.head, quantize=quantize)
+                      embed=spec.embed, head=spec.head, quantize=quantize, backend=backend, prefill=prefill)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -160,7 +163,8 @@ def checkpoint_fingerprint(path: Path) -> dict[str, str]:
 
 
 def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torch.dtype = torch.float32,
-               seed: int = 0, max_seq_len: Optional[int] = None, quantize: Optional[str] = None) -> Transformer:
+               seed: int = 0, max_seq_len: Optional[int] = None, quantize: Optional[str] = None,
+               backend: Optional[str] = "torch", prefill: Prefill = "per_sequence") -> Transformer:
     """This rank's stage of a pipeline of ``ctx.world_size`` stages, on ``ctx.device``.
 
     Args:
@@ -168,6 +172,8 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
             weights of ``build_model(args, seed=seed)`` (tests, demos).
         quantize: int8 / int4: the stage's linear layers quantized (``backends.quant``), while reading a
             checkpoint's tensors.
+        backend, prefill: what computes the stage and its pre-fill attention path (``backends.attach``; the
+            plain-PyTorch reference by default, as training wants).
 
     First every rank compares a fingerprint of what it is about to load (config, checkpoint files or seed,
     dtype); a difference, or more ranks than layers, fails on every rank with the same message."""
@@ -183,13 +189,8 @@ def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torc
     spec = stage_spec(args, ctx.world_size, ctx.rank)
     log.info("rank %d: %s", ctx.rank, spec.describe())
     if isinstance(model, ModelArgs):
-        return quantized(random_stage(args, spec, seed=seed, dtype=dtype, device=ctx.device), quantize)
-    return load_stage(path, spec, dtype=dtype, device=ctx.device, max_seq_len=max_seq_len, quantize=quantize)
-
-
-def quantized(stage: Transformer, quantize: Optional[str]) -> Transformer:
-    """``stage`` with its linear layers quantized in place (``backends.quant.attach``) where ``quantize`` asks: for
-    stages built in memory rather than read from a checkpoint."""
-    from ..backends.quant import attach_if
-    attach_if(stage, quantize)
-    return stage
+        stage = random_stage(args, spec, seed=seed, dtype=dtype, device=ctx.device)
+        backends.attach(stage, backend, quantize=quantize, prefill=prefill)
+        return stage
+    return load_stage(path, spec, dtype=dtype, device=ctx.device, max_seq_len=max_seq_len, quantize=quantize,
+                      backend=backend, prefill=prefill)

@@ -20,8 +20,8 @@ from .sampling import RowSampling, Sampled, sample
 class Executor(Protocol):
     model: Transformer
 
-    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
-        """The cache the engine's plans index into."""
+    def make_cache(self, rows: int, max_seq_len: int, spare_slots: int = 0) -> RollingCache:
+        """The cache the engine's plans index into (``spare_slots``: room for drafts, ``RollingCache``)."""
         ...
 
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
@@ -35,6 +35,10 @@ class Executor(Protocol):
         as host lists, the same on every process."""
         ...
 
+    def share(self, values: Sequence[float]) -> list[float]:
+        """The first process's ``values`` on every process (for a decision every process must make alike)."""
+        ...
+
 
 class LocalExecutor:
     """The whole model in this process."""
@@ -44,8 +48,9 @@ class LocalExecutor:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
 
-    def make_cache(self, rows: int, max_seq_len: int) -> RollingCache:
-        return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device, max_seq_len=max_seq_len)
+    def make_cache(self, rows: int, max_seq_len: int, spare_slots: int = 0) -> RollingCache:
+        return RollingCache(self.model.args, rows=rows, dtype=self.dtype, device=self.device, max_seq_len=max_seq_len,
+                            spare_slots=spare_slots)
 
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
                 logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -54,3 +59,6 @@ class LocalExecutor:
     def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
         assert logits is not None
         return sample(logits, rows)
+
+    def share(self, values: Sequence[float]) -> list[float]:
+        return list(values)

@@ -15,6 +15,12 @@ it; sampled rows accept draft token d with probability min(1, p(d) / q(d)) and, 
 from max(0, p - q) renormalised (q: the drafter's distribution, or a one-hot on d for a drafter that chose d
 without one). Either way the row gains between 1 and ``len(draft) + 1`` tokens.
 
+With q one-hot the rule is realised with the random numbers of plain sampling: the row draws the target's own
+token at each position, with its generator, as a step without a draft would, and keeps the draft token while
+the two agree. Agreement has probability p(d) = min(1, p(d) / 1), and a token drawn after a disagreement is
+distributed as p without d, renormalised: max(0, p - q) normalised. So the rule's distribution is kept and, the
+draws being those of plain decoding in the same order, a seeded row gets the very tokens it gets without a draft.
+
 Worked example (greedy, draft [7, 9, 4]): the row has 4 logits rows whose argmaxes are [7, 9, 5, 2]; 7 and 9
 agree, 4 does not, so the row's tokens are [7, 9, 5] (the target's own token where the draft went wrong).
 """
@@ -51,11 +57,18 @@ class LogitsProcessor:
     def fill_mask(self, out: torch.Tensor, draft: Sequence[int]) -> bool:
         """Write the allowed tokens of the row's next ``len(draft) + 1`` positions into ``out`` (that many rows of
         int32 words, packed as ``MASK_BITS`` says; row j: what may follow the draft's first j tokens). Returns
-        False, leaving ``out`` unwritten, where every token is allowed at every position."""
+        False, leaving ``out`` unwritten, where every token is allowed at every position. A draft token this
+        processor does not allow is rejected by its own row's mask, so the rows after it are never used: fill them
+        with anything. Nothing here is kept: only ``accept`` advances."""
         return False
 
     def accept(self, tokens: Sequence[int]) -> None:
         """The row kept these tokens (in order): advance past them."""
+
+    def finished(self) -> bool:
+        """Whether nothing but EOS may follow what was accepted (a grammar is complete): the row then ends
+        without spending a step on the EOS."""
+        return False
 
 
 class TokenBias(LogitsProcessor):
@@ -105,6 +118,9 @@ class _Both(LogitsProcessor):
     def accept(self, tokens: Sequence[int]) -> None:
         self.inner.accept(tokens)
 
+    def finished(self) -> bool:
+        return self.inner.finished()
+
 
 @dataclass
 class SamplingParams:
@@ -122,6 +138,8 @@ class SamplingParams:
             token's own log-probability is always returned).
         logit_bias: token id -> value added to its logit before sampling (not to the returned log-probabilities).
         constraint: what the sequence may generate (see ``Constraint``); None: anything.
+        draft_tokens: the most tokens drafted for this sequence in one step, where the engine speculates (None:
+            the engine's own; 0: no drafts for this sequence).
     """
 
     max_tokens: int = 128
@@ -134,6 +152,7 @@ class SamplingParams:
     logprobs: int = 0
     logit_bias: Optional[Mapping[int, float]] = None
     constraint: Optional[Constraint] = None
+    draft_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -146,6 +165,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.logprobs < 0:
             raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.draft_tokens is not None and self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be >= 0, got {self.draft_tokens}")
 
     def processor(self, tokenizer: object, vocab_size: int) -> Optional[LogitsProcessor]:
         """The row's processor for these params (None: nothing to apply). Ids outside the vocabulary raise."""
@@ -280,19 +301,21 @@ def _verify_sampled(scores: torch.Tensor, row: RowSampling) -> list[int]:
     tokens, then a token drawn from the residual at the first rejection, or from the last row if none."""
     p, g = row.params, row.generator
     out: list[int] = []
+    if row.draft_probs is None:                       # q one-hot: the draws of plain sampling (module docstring)
+        for j in range(len(row.draft) + 1):
+            out.append(int(_draw(scores[j], p, g)))
+            if j == len(row.draft) or out[-1] != row.draft[j]:
+                break
+        return out
     for j, d in enumerate(row.draft):
         target = torch.softmax(filter_logits(scores[j], p.temperature, p.top_k, p.top_p), dim=-1)
-        q = row.draft_probs[j].to(target) if row.draft_probs is not None else None
-        q_d = 1.0 if q is None else float(q[d])
+        q = row.draft_probs[j].to(target)
+        q_d = float(q[d])
         accept_p = 1.0 if q_d <= 0 else min(1.0, float(target[d]) / q_d)
         if float(torch.rand((), generator=g, device=target.device)) < accept_p:
             out.append(int(d))
             continue
-        if q is None:
-            residual = target.clone()
-            residual[d] = 0.0
-        else:
-            residual = torch.clamp(target - q, min=0.0)
+        residual = torch.clamp(target - q, min=0.0)
         total = float(residual.sum())
         # p == q up to rounding leaves nothing to draw from; the target itself is then the exact residual
         residual = residual / total if total > 0 else target

@@ -16,7 +16,10 @@ back oldest first) and hands the arithmetic to an ``AttentionOps``. The referenc
     ``is_causal`` where exact); supports backward. The default: on CPU far faster than a dense mask.
   * pre-fill ``"dense"``: one SDPA call with the whole (T, Tk) boolean mask; supports backward.
   * decode (one token per sequence, with a cache): matmul, fp32 softmax, matmul over the sequence's cache row
-    in place, with the plan's valid-slot mask (SDPA takes a slow path for one bf16 query on CPU).
+    in place, with the plan's valid-slot mask (SDPA takes a slow path for one bf16 query on CPU);
+  * decode through maps (``decode_at``): several queries of one sequence (a draft to verify), or a ring larger
+    than the window: each query reads its row and its keys in the plan's canonical order (``query_rows``,
+    ``decode_slots``); the reference gathers them and runs the decode above.
 
 A mixed step (decode tokens packed first, then pre-fill chunks) runs its two parts with their own ops
 (``WindowPlan.parts``): a decode row gets the same attention bits as in a pure decode step.
@@ -27,7 +30,7 @@ A backend (backends/) subclasses ``AttentionOps`` to put kernels under ``rope`` 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +67,20 @@ class AttentionOps:
             return dense_attention(q, k, v, plan.dense)
         return per_sequence_attention(q, k, v, plan)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """q (B, H, D), k/v (B, G, L, D) cache rows, valid (B, L) -> (B, H, D)."""
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+               fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """q (B, H, D), k/v (B, G, L, D) cache rows, valid (B, L) -> (B, H, D). ``fill``: each query's count of
+        valid keys, which are its first ones (the plan's ``decode_fill``)."""
         return decode_attention(q, k, v, valid)
+
+    def decode_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                  valid: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Decode over a whole layer cache: q (B, H, D), k/v (R, G, S, D), query b reads row ``rows[b]`` and its
+        l-th key from slot ``slots[b, l]``; valid (B, L) -> (B, H, D). The same result as ``decode`` over the
+        gathered keys."""
+        keys = k[rows[:, None], :, slots].transpose(1, 2)                # (B, G, L, D)
+        values = v[rows[:, None], :, slots].transpose(1, 2)
+        return self.decode(q, keys, values, valid, fill)
 
 
 REFERENCE_OPS = AttentionOps()
@@ -85,15 +99,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, 
         (T, H, D)
     """
     if cache is not None and plan.parts is not None:
-        # Mixed step: one-token sequences (packed first) with the decode op, the others with the pre-fill op;
+        # Mixed step: decode sequences (packed first) with the decode op, the others with the pre-fill op;
         # they own different cache rows, so the two halves' cache traffic is independent.
         dec, pre = plan.parts
-        n = len(dec.q_seqlens)
+        n = sum(dec.q_seqlens)
         return torch.cat([attend(q[:n], k[:n], v[:n], dec, cache, ops), attend(q[n:], k[n:], v[n:], pre, cache, ops)])
     if cache is not None and plan.decode:
-        cache.write(k, v, plan)                       # the new token is written first, then attended to
+        cache.write(k, v, plan)                       # the new tokens are written first, then attended to
+        if plan.query_rows is not None:               # several queries per row, or a ring larger than the window
+            return ops.decode_at(q, cache.k, cache.v, plan.query_rows, plan.decode_slots, plan.decode_valid,
+                                 plan.decode_fill)
         keys, values = cache.rows_view(plan)          # (B, G, L, D)
-        return ops.decode(q, keys, values, plan.decode_valid)
+        return ops.decode(q, keys, values, plan.decode_valid, plan.decode_fill)
     keys, values = k, v
     if cache is not None:
         if plan.key_order is not None:               # later chunk: [cached prefix ; new] per sequence

@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = window
         # A backend's kernel for wq, wk and wv at once (backends/quant/linear.py), or None; it returns None for the
-        # steps it does not serve.
+        # steps it does not serve. Set only by the conversion pass (backends.attach), like experts_kernel.
         self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -206,15 +206,16 @@ class Transformer(nn.Module):
         return self._rope[0][positions], self._rope[1][positions]
 
     def plan(self, lengths: list[int], starts: Optional[list[int]] = None, rows: Optional[list[int]] = None,
-             cache: Optional[RollingCache] = None) -> BatchPlan:
-        """The step's BatchPlan for this model's windows (and the cache's sizes, if any)."""
+             cache: Optional[RollingCache] = None, decode: Optional[int] = None) -> BatchPlan:
+        """The step's BatchPlan for this model's windows (and the cache's sizes, if any); ``decode``: how many
+        leading sequences are decode sequences (``BatchPlan.build``)."""
         ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
         if ends and max(ends) > self.args.max_seq_len:
             raise ValueError(f"a sequence reaches {max(ends)} tokens, past the model's max_seq_len "
                              f"{self.args.max_seq_len}")
         return BatchPlan.build(lengths, starts=starts, rows=rows, windows=self.windows,
                                cache_lens=None if cache is None else cache.cache_lens(),
-                               device=self.device)
+                               device=self.device, decode=decode)
 
     def observe_routing(self, observer: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]) -> None:
         """Have every MoE layer call ``observer(layer_id, chosen (T, k), weights (T, k))`` after its top-k

@@ -1,5 +1,5 @@
 """The HTTP routes: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus /health, /metrics,
-/tokenize and /detokenize.
+/tokenize and /detokenize; the chat page, its status and its inside streams are added by ``serve.web``.
 
 Order of work in a generation request, cheapest refusal first: the Host header (403) and the body's size (413)
 at the door (``doors``), API key (401), the Content-Type (415, before the body is read), JSON and fields (400),
@@ -29,14 +29,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SiroccoError
+from ..generate import grammar
 from ..generate.engine import Completion, Event, PromptTooLong
 from ..tokenizer.chat import kept_chars
-from . import doors, protocol
+from . import doors, protocol, web
+from .inside import InsideHub, RecorderFactory
 from .metrics import Metrics
 from .model_thread import ModelThread
 from .pipeline import Channel
 from .protocol import APIError, Logprobs, TokenText, bad
 from .runner import EngineFailed, Runner
+from .tools import CallReader
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ class Server:
 
     def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
                  max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-                 model_thread: Optional[ModelThread] = None):
+                 model_thread: Optional[ModelThread] = None, inside: Optional[RecorderFactory] = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
@@ -93,6 +96,7 @@ class Server:
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
         self.max_chars_per_token: Optional[int] = tokenizer.max_chars_per_token()
+        self.inside = InsideHub(inside, lambda t: self.token_text(t)[0], web.model_info(self))
 
     # -- checks ----------------------------------------------------------------------------------------------
     def auth(self, request: Request) -> None:
@@ -146,29 +150,68 @@ class Server:
             raise protocol.context_error(len(ids), self.max_seq_len, param)
         return ids
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: Optional[protocol.Tools] = None) -> list[int]:
         self.check_chars(kept_chars(messages), "messages")
         try:
-            ids = self.tokenizer.encode_chat(messages)
+            ids = self.tokenizer.encode_chat(messages, tools.tools if tools else None)
         except SiroccoError as e:
             raise bad(str(e), param="messages") from None
         if len(ids) >= self.max_seq_len:
             raise protocol.context_error(len(ids), self.max_seq_len, "messages")
         return ids
 
+    async def constraint(self, req: protocol.Request) -> Optional[grammar.Grammar]:
+        """The grammar every choice of ``req`` follows (response_format, tools), checked against this tokenizer:
+        a 400 naming the field and the keyword it cannot enforce. Compiled off the event loop (a large schema
+        takes milliseconds) and cached, so the engine thread's copy is cheap."""
+        vocab = self.engine.args.vocab_size
+        rf, tools = req.response_format, req.tools
+        checks: list[tuple[grammar.Grammar, str]] = []
+        try:
+            text = rf.grammar()
+            if text is not None:
+                checks.append((text, "response_format"))
+            final = text
+            if tools is not None:
+                why = getattr(self.tokenizer, "tools_unsupported", None)
+                if why:
+                    raise bad(f"tools are not supported with this model's tokenizer: {why}", param="tools")
+                for i, f in enumerate(tools.functions):
+                    checks.append((grammar.json_schema_grammar(f.parameters, f.strict),
+                                   f"tools[{i}].function.parameters"))
+                text_schema = None
+                if rf.type == "json_object":
+                    text_schema = {"type": "object"}
+                elif rf.type == "json_schema":
+                    text_schema = grammar.prepare_schema(rf.schema, rf.strict)
+                final = grammar.tool_calls_grammar(tools.functions, tools.choice, tools.parallel,
+                                                   getattr(self.tokenizer, "tool_calls_id", None), text_schema)
+                checks.append((final, "tools"))
+        except grammar.GrammarError as e:
+            raise protocol.schema_error(e, "tools") from None
+        for g, param in checks:
+            try:
+                await asyncio.to_thread(grammar.check, g, self.tokenizer, vocab)
+            except grammar.GrammarError as e:
+                raise protocol.schema_error(e, param) from None
+        return final
+
     # -- generation ------------------------------------------------------------------------------------------
     async def generate(self, request: Request, chat: bool) -> Response:
         arrival = time.perf_counter()
         self.auth(request)
-        req = protocol.parse(await self.body(request), chat=chat)
+        body = await self.body(request)
+        req = protocol.parse(body, chat=chat)
         self.check_model(req.model)
+        inside = self.inside.requested(body, req.n * len(req.prompts))
         wrong = [t for t in req.logit_bias or () if not 0 <= t < self.tokenizer.vocab_size]
         if wrong:
             raise bad(f"'logit_bias' names token ids outside the vocabulary of {self.tokenizer.vocab_size}: "
                       f"{wrong[:5]}", param="logit_bias")
         self.check_queue(req.n * len(req.prompts))
+        constraint = await self.constraint(req)
         if chat:
-            prompts = [self.encode_chat(req.prompts[0])]
+            prompts = [self.encode_chat(req.prompts[0], req.tools)]
         else:
             for p in req.prompts:                   # every prompt's length, before tokenizing any of them
                 if isinstance(p, str):
@@ -186,15 +229,19 @@ class Server:
                 index = pi * req.n + j
                 seqs.append((index, f"{req.id}-{index}", ids))
         added: list[str] = []
+        observer = None
         try:
             for index, rid, ids in seqs:
                 max_tokens = req.max_tokens if req.max_tokens is not None else self.max_seq_len - len(ids)
-                params = req.sampling(max_tokens, index)
+                params = req.sampling(max_tokens, index, constraint)
+                observer = None if inside is None else self.inside.observer(inside, rid, len(ids), max_tokens)
                 added.append(rid)
-                await self.runner.add(rid, ids, params, out, arrival)
+                await self.runner.add(rid, ids, params, out, arrival, observer=observer)
         except BaseException as e:
             for rid in added:
                 self.runner.abort(rid)
+            if observer is not None and isinstance(e, Exception):      # refused: the page's panel hears no step
+                observer.finish("error")
             if isinstance(e, PromptTooLong):
                 raise bad(str(e), param="messages" if chat else "prompt", code="context_length_exceeded") from None
             if isinstance(e, (SiroccoError, ValueError)):
@@ -234,15 +281,24 @@ class Server:
     async def _collect(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
                        prompt_tokens: int) -> dict:
         logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
+        readers = self._readers(req, rids)
         done: dict[int, Completion] = {}
         async for index, ev in self._events(rids, out):
             if req.logprobs is not None and ev.token is not None:
                 logprobs[index].add(ev, top=bool(req.logprobs))
+            if readers:
+                readers[index].feed(ev.token, ev.text)
             if ev.completion is not None:
                 done[index] = ev.completion
-        choices = [protocol.choice(req, i, done[i].text,
-                                   logprobs[i].whole() if req.logprobs is not None else None,
-                                   done[i].finish_reason or "stop") for i in sorted(done)]
+                if readers:
+                    readers[index].finish()
+        choices = []
+        for i in sorted(done):
+            reader = readers[i] if readers else None
+            calls = reader.calls if reader is not None and reader.is_call else None
+            choices.append(protocol.choice(req, i, done[i].text,
+                                           logprobs[i].whole() if req.logprobs is not None else None,
+                                           _finish(done[i], calls), calls))
         used = sum(len(c.tokens) for c in done.values())
         return protocol.response(req, self.name, choices,
                                  protocol.usage(prompt_tokens, used, cached_tokens(req.n, done)))
@@ -257,13 +313,23 @@ class Server:
             if req.chat:
                 for i in sorted(rids.values()):
                     yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, i, None, role=True)]))
+            readers = self._readers(req, rids)
             try:
                 async for index, ev in self._events(rids, out):
+                    lp = None
                     if ev.token is not None:
                         used += 1
-                        lp = None
                         if req.logprobs is not None:
                             lp = logprobs[index].add(ev, top=bool(req.logprobs))
+                    if readers:
+                        reader = readers[index]
+                        deltas = reader.feed(ev.token, ev.text)
+                        if ev.completion is not None:
+                            deltas += reader.finish()
+                        for j, delta in enumerate(deltas or ([{}] if lp is not None else [])):
+                            yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(
+                                req, index, None, lp if j == 0 else None, delta=delta)]))
+                    elif ev.token is not None:
                         if ev.text or lp is not None:
                             yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text, lp)]))
                     elif ev.text:
@@ -271,8 +337,9 @@ class Server:
                     if ev.completion is not None:
                         finished.add(ev.request_id)
                         done[index] = ev.completion
+                        calls = readers[index].calls if readers and readers[index].is_call else None
                         yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(
-                            req, index, None, finish_reason=ev.completion.finish_reason)]))
+                            req, index, None, finish_reason=_finish(ev.completion, calls))]))
             except APIError as e:
                 yield sse(e.body())
             if req.include_usage:
@@ -282,6 +349,13 @@ class Server:
         finally:
             for rid in set(rids) - finished:
                 self.runner.abort(rid)
+
+    def _readers(self, req: protocol.Request, rids: dict[str, int]) -> Optional[dict[int, CallReader]]:
+        """A tool-call reader per choice where the answer may be calls."""
+        if req.tools is None or req.tools.choice == "none":
+            return None
+        marker = getattr(self.tokenizer, "tool_calls_id", None)
+        return {i: CallReader(marker) for i in rids.values()}
 
     # -- the other routes ------------------------------------------------------------------------------------
     def models(self, request: Request) -> dict:
@@ -296,9 +370,9 @@ class Server:
             raise bad("the request body must be a JSON object")
         self.check_model(protocol._get(body, "model", "str"))
         if body.get("messages") is not None:
-            req = protocol.parse({"messages": body["messages"]}, chat=True)
+            req = protocol.parse({k: body[k] for k in ("messages", "tools") if k in body}, chat=True)
             try:
-                ids = self.tokenizer.encode_chat(req.prompts[0])
+                ids = self.tokenizer.encode_chat(req.prompts[0], req.tools.tools if req.tools else None)
             except SiroccoError as e:
                 raise bad(str(e), param="messages") from None
         else:
@@ -341,18 +415,27 @@ def cached_tokens(n: int, done: dict[int, Completion]) -> int:
     return sum(per_prompt.values())
 
 
+def _finish(c: Completion, calls: Optional[list]) -> str:
+    """OpenAI's finish_reason: a complete answer that is calls is "tool_calls"."""
+    reason = c.finish_reason or "stop"
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
               metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
               model_thread: Optional[ModelThread] = None, bind_host: str = "127.0.0.1",
               allowed_hosts: Sequence[str] = (), allow_origins: Sequence[str] = (),
-              max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB) -> FastAPI:
+              max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB,
+              inside: Optional[RecorderFactory] = None) -> FastAPI:
     """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
     ``model_thread`` if given (the thread that loaded the model: see ``serve.model_thread``). ``channel``: rank 0's
     ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``). ``bind_host`` (the
     address the server listens on) and ``allowed_hosts`` say which Host headers are answered, ``allow_origins``
     which web origins get CORS headers (none by default), ``max_body`` the largest request body in bytes: see
-    ``serve.doors``."""
-    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread)
+    ``serve.doors``. ``inside``: makes the recorder of a request the chat page's inside panel follows
+    (``viz.inside.RowTrace``; None: no panel)."""
+    server = Server(engine, tokenizer, served_model_name, api_key, max_queue, metrics, channel, model_thread,
+                    inside)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -409,4 +492,5 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] 
     async def detokenize(request: Request):
         return await server.detokenize(request)
 
+    web.add_routes(app, server, EventStream)
     return app

@@ -38,6 +38,10 @@ class Metrics:
                             "wall time it was idle or between steps)", registry=r)
         self.step_tokens = Histogram("sirocco_iteration_tokens", "Tokens per engine step (pre-fill chunks and "
                                      "decodes)", buckets=STEP_BUCKETS, registry=r)
+        self.spec_proposed = Counter("sirocco_spec_tokens_proposed", "Draft tokens verified (speculative decoding)",
+                                     registry=r)
+        self.spec_accepted = Counter("sirocco_spec_tokens_accepted", "Draft tokens accepted (speculative decoding)",
+                                     registry=r)
         self.prefix_queries = Counter("sirocco_prefix_cache_queries", "Prompts looked up in the prefix store",
                                       registry=r)
         self.prefix_hits = Counter("sirocco_prefix_cache_hits", "Prompts that continued from a stored prefix",
@@ -52,3 +56,22 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> dict:
+        """The numbers of ``render`` that a status view shows, read from the same registry: gauges as they are,
+        counters and histograms' ``_sum`` / ``_count`` as totals since the start (a reader takes differences
+        between two snapshots for rates and recent means)."""
+        get = self.registry.get_sample_value
+        out: dict = {"running": get("sirocco_requests_running"), "waiting": get("sirocco_requests_waiting")}
+        for key, name in (("prompt_tokens", "sirocco_prompt_tokens_total"),
+                          ("generation_tokens", "sirocco_generation_tokens_total"),
+                          ("busy_seconds", "sirocco_engine_busy_seconds_total")):
+            out[key] = get(name)
+        for key, name in (("ttft", "sirocco_time_to_first_token_seconds"),
+                          ("tpot", "sirocco_time_per_output_token_seconds"),
+                          ("e2e", "sirocco_e2e_request_latency_seconds"),
+                          ("step_tokens", "sirocco_iteration_tokens")):
+            out[key] = {"sum": get(name + "_sum"), "count": get(name + "_count")}
+        out["finished"] = {reason: get("sirocco_request_success_total", {"finish_reason": reason})
+                           for reason in ("stop", "length", "abort")}
+        return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ class Reply:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     arrival: float
+    observer: Any = None        # the request's inside-panel observer (serve.inside.InsideRequest), if any
 
 
 @dataclass

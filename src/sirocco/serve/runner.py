@@ -109,17 +109,18 @@ class Runner:
             return max(0, self._inbox_adds + self._engine_waiting + self._engine_running - self.engine.max_rows)
 
     async def add(self, rid: str, prompt: Sequence[int], params: SamplingParams, out: asyncio.Queue,
-                  arrival: float) -> None:
+                  arrival: float, observer: Any = None) -> None:
         """Queue a sequence; returns once the engine accepted it (raises the engine's error if it refused).
         Its events arrive on ``out``, then nothing more; if the engine stops first, an ``EngineFailed`` (or the
-        shutdown's error) arrives instead of the rest."""
+        shutdown's error) arrives instead of the rest. ``observer``: the engine's ``RowObserver`` for this
+        sequence (on this rank only), told ``finish(reason)`` when it ends."""
         if self.failed is not None:
             raise EngineFailed(f"the engine stopped: {self.failed}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
             self._inbox_adds += 1
-        self._inbox.put(Command("add", rid, list(prompt), params, Reply(out, loop, fut, arrival)))
+        self._inbox.put(Command("add", rid, list(prompt), params, Reply(out, loop, fut, arrival, observer)))
         if self._loop_done is not None and self._loop_done.done():
             self._drain_failing()
         await fut
@@ -161,11 +162,16 @@ class Runner:
                     else:
                         self._abort(cmd.rid)
                 if engine.has_unfinished():
-                    seconds, tokens = engine.stats.seconds, engine.stats.tokens
+                    st = engine.stats
+                    seconds, tokens = st.seconds, st.tokens
+                    proposed, accepted = getattr(st, "proposed_tokens", 0), getattr(st, "accepted_tokens", 0)
                     events = engine.step()
-                    if engine.stats.tokens > tokens:                # a model call ran (not only abort events)
-                        self.metrics.busy.inc(engine.stats.seconds - seconds)
-                        self.metrics.step_tokens.observe(engine.stats.tokens - tokens)
+                    if st.tokens > tokens:                          # a model call ran (not only abort events)
+                        self.metrics.busy.inc(st.seconds - seconds)
+                        self.metrics.step_tokens.observe(st.tokens - tokens)
+                    if getattr(st, "proposed_tokens", 0) > proposed:
+                        self.metrics.spec_proposed.inc(st.proposed_tokens - proposed)
+                        self.metrics.spec_accepted.inc(st.accepted_tokens - accepted)
                     self._dispatch(events)
                 self._publish()
 
@@ -186,8 +192,12 @@ class Runner:
     def _add(self, cmd: Command) -> None:
         error = None
         assert cmd.params is not None
+        observer = cmd.reply.observer if cmd.reply is not None else None
         try:
-            self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid)
+            if observer is None:
+                self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid)
+            else:
+                self.engine.add_request(cmd.prompt, cmd.params, request_id=cmd.rid, observer=observer)
         except Exception as e:                              # PromptTooLong, SiroccoError, ValueError: the caller's
             error = e
         reply = cmd.reply
@@ -223,6 +233,8 @@ class Runner:
             c = ev.completion
             if c is not None:
                 del self._reqs[r.rid]
+                if r.reply.observer is not None:
+                    r.reply.observer.finish(c.finish_reason or "abort")
                 m.success.labels(finish_reason=c.finish_reason or "abort").inc()
                 m.e2e.observe(now - r.reply.arrival)
                 if r.first is not None and r.tokens > 1:
@@ -256,6 +268,8 @@ class Runner:
                 self.engine.abort(rid)
             except Exception:
                 pass
+            if r.reply.observer is not None:
+                r.reply.observer.finish("error")
             r.reply.loop.call_soon_threadsafe(r.reply.queue.put_nowait, error)
         self._reqs.clear()
 

@@ -35,12 +35,49 @@ instead. Each kind checks its file for that and answers None when it cannot prom
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 from ..errors import TokenizerError
 from . import chat
 
 _ANCHOR = "a"
+SPECIAL = b"\xff"    # what marks a special token's bytes for a grammar engine (llguidance's convention)
+
+
+@dataclass
+class TokenVocab:
+    """What a grammar engine needs of a vocabulary: the bytes each id stands for (a special token's are
+    ``SPECIAL`` + its name, so no text can spell it), which ids are special, and an ``encode`` of text bytes
+    into ids that adds nothing (no BOS, no sentencepiece dummy-prefix space). ``hf_json``: for a Hugging Face
+    tokenizer, its ``tokenizer.json`` text, which the engine reads itself (``tokens`` is then empty)."""
+
+    tokens: list[bytes]
+    special: list[int]
+    encode: Callable[[bytes], list[int]]
+    hf_json: Optional[str] = None
+
+
+def sentencepiece_vocab(sp) -> TokenVocab:
+    """The ``TokenVocab`` of a ``SentencePieceProcessor``: "▁" is a space, ``<0xAB>`` its byte; control and
+    unknown pieces are special. ``encode`` runs a copy of the model without the dummy prefix."""
+    from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2
+
+    tokens, special = [], []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            tokens.append(bytes([int(piece[3:5], 16)]))
+        elif sp.is_control(i) or sp.is_unknown(i):
+            tokens.append(SPECIAL + piece.encode())
+            special.append(i)
+        else:
+            tokens.append(piece.replace("\u2581", " ").encode())
+    proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
+    proto.ParseFromString(sp.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = False
+    bare = SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return TokenVocab(tokens, special, lambda text: bare.encode(text.decode("utf-8", "replace")))
 
 
 class Tokenizer:
@@ -55,6 +92,11 @@ class Tokenizer:
     vocab_size: int
     inst_ids: Optional[tuple[int, int]] = None   # ids of the [INST] / [/INST] control tokens, if the vocab has them
     _max_chars: Optional[int]                    # max_chars_per_token(), once computed
+    # id of the [TOOL_CALLS] control token where prompts with tools are Mistral's own (mistral-common, v2 and
+    # later); None: tools use chat.py's plain-text template, whose answers start with the text "[TOOL_CALLS]"
+    tool_calls_id: Optional[int] = None
+    # why this tokenizer cannot take tools (a tool-call format sirocco does not write), or None
+    tools_unsupported: Optional[str] = None
 
     # -- what subclasses provide -----------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -104,10 +146,16 @@ class Tokenizer:
             self._max_chars = self._longest_piece()
         return self._max_chars
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> list[int]:
         """Prompt ids for a conversation ([{"role": "user", "content": "..."}, ...]) ending with a user
-        message, in Mistral's instruct format (chat.py); the model writes the assistant's reply next."""
-        return chat.instruct_ids(messages, self._encode_text, self.bos_id, self.eos_id, self.inst_ids)
+        message (or a tool result), in Mistral's instruct format (chat.py); the model writes the assistant's
+        reply next. ``tools``: OpenAI's ``[{"type": "function", "function": {name, description, parameters}}]``,
+        offered to the model by chat.py's plain-text template (see its docstring)."""
+        return chat.instruct_ids(messages, self._encode_text, self.bos_id, self.eos_id, self.inst_ids, tools)
+
+    def token_vocab(self) -> TokenVocab:
+        """Every token's bytes, for a grammar engine (see ``TokenVocab``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its tokens' bytes")
 
     def describe(self) -> str:
         return f"{self.source} ({self.kind}, {self.vocab_size} tokens, bos {self.bos_id}, eos {self.eos_id})"

@@ -11,8 +11,9 @@ In a folder, the first of these that exists wins:
 Mistral's own files come first because their names carry the instruct format's version, which a plain
 ``tokenizer.model`` does not; a Hugging Face Mistral folder has both ``tokenizer.model`` and ``tokenizer.json``
 and the sentencepiece model is the original of the two. A file given directly is opened by its name the same
-way (any other ``*.model`` is sentencepiece, any other ``*.json`` a Hugging Face tokenizer, a ``*.gguf`` file
-the sentencepiece vocabulary it carries: tokenizer/gguf_vocab.py).
+way (any other ``*.model`` is sentencepiece, any other ``*.json`` a Hugging Face tokenizer). A ``*.gguf`` file's
+vocabulary is read with the file (``checkpoint.GGUFFile(path).tokenizer()``, or ``pretrained.load``), where its
+container is checked as untrusted input; tokenizer/gguf_vocab.py turns its fields into a tokenizer.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def open_tokenizer_file(file: Path) -> Tokenizer:
     """One tokenizer file, opened by the library its name calls for."""
     name = file.name
     if name.lower().endswith(".gguf"):
-        from .gguf_vocab import gguf_tokenizer
-        return gguf_tokenizer(file)
+        raise TokenizerError(f"{file}: a GGUF file's tokenizer is read with the file: "
+                             "sirocco.checkpoint.GGUFFile(path).tokenizer(), or --model FILE.gguf")
     if _is_tekken(name) or _VERSIONED.search(name):
         from .mistral import MistralCommonTokenizer
         return MistralCommonTokenizer(file)

@@ -40,7 +40,14 @@ class GGUFVocab:
 
 
 def _pb2():
-    from sentencepiece import sentencepiece_model_pb2
+    """sentencepiece's generated ModelProto module. It needs protobuf (a runtime dependency), at least the
+    version it was generated with: a missing or older protobuf is reported as such, not as a traceback."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as e:      # ImportError without protobuf; protobuf's VersionError when it is too old
+        raise TokenizerError(f"GGUF vocabularies need sentencepiece's model proto, which did not load "
+                             f"({type(e).__name__}: {e}); install a current protobuf: pip install -U protobuf"
+                             ) from None
     return sentencepiece_model_pb2
 
 
@@ -138,7 +145,8 @@ def vocab_from_sentencepiece(model_file: str, vocab_size: Optional[int] = None) 
 
 
 def tokenizer_from_fields(get: Callable[[str], Any], path: Any) -> Any:
-    """The sentencepiece tokenizer of a GGUF file's vocabulary fields (``get(key)``: a field's value or None)."""
+    """The sentencepiece tokenizer of a GGUF file's vocabulary fields (``get(key)``: a field's value or None; the
+    reader, checkpoint/gguf_read.py, checks their types first)."""
     from .sentencepiece_model import SentencePieceTokenizer
     vocab = vocab_from_gguf(get, str(path))
     if not vocab.add_bos:
@@ -147,17 +155,3 @@ def tokenizer_from_fields(get: Callable[[str], Any], path: Any) -> Any:
     tok = SentencePieceTokenizer(f"{path} (GGUF vocabulary)", model_proto=sentencepiece_proto(vocab))
     tok.kind = "sentencepiece from GGUF"
     return tok
-
-
-def gguf_tokenizer(path: Any) -> Any:
-    """The sentencepiece tokenizer a GGUF file carries."""
-    from gguf import GGUFReader
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as e:      # a bad magic or version, a truncated file
-        raise TokenizerError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from None
-
-    def get(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
-    return tokenizer_from_fields(get, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import TokenizerError
-from .base import Tokenizer, first_line
+from .base import Tokenizer, TokenVocab, first_line
 
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
@@ -60,6 +60,11 @@ class HFTokenizer(Tokenizer):
         if self.tok.truncation is not None:       # encode would cut a long text short
             return None
         return longest_piece(json.loads(self.tok.to_str()), self.tok.get_vocab(with_added_tokens=True))
+
+    def token_vocab(self) -> TokenVocab:
+        return TokenVocab([], [], lambda text: self.tok.encode(text.decode("utf-8", "replace"),
+                                                               add_special_tokens=False).ids,
+                          hf_json=self.tok.to_str())
 
 
 # What ``longest_piece`` accepts in a tokenizer.json: the steps that keep every character of a text (or turn it

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import TokenizerError
-from .base import Tokenizer, first_line
+from .base import Tokenizer, TokenVocab, first_line, sentencepiece_vocab
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _longest_piece(self) -> Optional[int]:
         return longest_piece(self.sp, self.source)
+
+    def token_vocab(self) -> TokenVocab:
+        return sentencepiece_vocab(self.sp)
 
 
 def longest_piece(sp: Any, source: str) -> Optional[int]:

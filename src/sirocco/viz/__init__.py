@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from ..generate.speculation import ROW_EXACT_TOKENS, Speculation
 from . import analysis, terminal
 from .run import record_pipeline, record_run
 from .trace import Trace
@@ -47,8 +48,10 @@ def _tiny(window: Optional[int], n_layers: int = 2, moe: bool = False, seed: int
 
 
 def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_tokens,
-         seed) -> Trace:
-    """A traced run of prompts given as token lengths (random tokens) or as token ids."""
+         seed, draft_tokens: int = 0) -> Trace:
+    """A traced run of prompts given as token lengths (random tokens) or as token ids. ``draft_tokens``: speculate,
+    drafting the run's own greedy continuation (from a plain run first) with about one draft token in two wrong,
+    so that drafts are accepted and rejected, on a ring of W + draft_tokens slots."""
     if chunk_size is None:            # the engine's default: the model's smallest window
         ws = [w for w in model.args.windows() if w is not None]
         chunk_size = min(ws) if ws else 4096
@@ -56,8 +59,19 @@ def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_toke
     given: list[Any] = list(prompts)
     ids = [[int(t) for t in p] for p in given] if given and not isinstance(given[0], int) else None
     lengths = [len(p) for p in ids] if ids is not None else [int(n) for n in given]
+    speculation = None
+    if draft_tokens:
+        from ..generate.drafters import KnownDrafter
+
+        if ids is None:
+            g = torch.Generator().manual_seed(seed)
+            ids = [torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        plain, _ = record_run(model, lengths, window, chunk_size, max_tokens, Trace(),
+                              max_batch_tokens=max_batch_tokens, seed=seed, prompts=ids)
+        drafter = KnownDrafter({tuple(p): c for p, c in zip(ids, plain)}, model.args.vocab_size, p=0.6, seed=seed)
+        speculation = Speculation(drafter=drafter, draft_tokens=draft_tokens, cost_curve=[1.0] * ROW_EXACT_TOKENS)
     record_run(model, lengths, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed,
-               prompts=ids)
+               prompts=ids, speculation=speculation)
     return trace
 
 
@@ -66,20 +80,24 @@ Prompts = Union[Sequence[int], Sequence[Sequence[int]]]      # token lengths (ra
 
 def masks(prompts: Prompts = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
           max_tokens: int = 2, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
-          colour: Optional[bool] = None) -> tuple[dict, str]:
+          colour: Optional[bool] = None, draft_tokens: int = 0) -> tuple[dict, str]:
     """Masks of a run of prompts (token lengths, or token ids): chunked pre-fill (``chunk_size`` default W) then
-    decode."""
+    decode; with ``draft_tokens``, speculative (see ``_run``): verify steps, each draft query masked to its own
+    window."""
     model = model or _tiny(window, seed=seed)
-    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed).to_json("masks")
+    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed,
+                draft_tokens=draft_tokens).to_json("masks")
     return data, render("masks", data, colour)
 
 
 def cache(prompts: Prompts = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
           max_tokens: int = 4, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
-          colour: Optional[bool] = None) -> tuple[dict, str]:
-    """The rolling cache's slots after every step of a run."""
+          colour: Optional[bool] = None, draft_tokens: int = 0) -> tuple[dict, str]:
+    """The rolling cache's slots after every step of a run. ``draft_tokens``: a speculative run (see ``_run``):
+    the ring has W + draft_tokens slots, and the slots of rejected drafts are marked rolled back."""
     model = model or _tiny(window, seed=seed)
-    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed).to_json("cache")
+    data = _run(model, prompts, window, chunk_size, max_tokens, max_batch_tokens, seed,
+                draft_tokens=draft_tokens).to_json("cache")
     return data, render("cache", data, colour)
 
 

@@ -68,6 +68,8 @@ def masks(data: dict, path) -> Path:
             title += " (1-token chunk)"
         if st["phase"] == "decode":
             title += f" (rows padded to {st.get('padding')})"
+        elif st["phase"] == "verify":
+            title += " (a draft's queries; keys: its row's slots)"
         elif st["phase"] != "first chunk":
             title += " ([cache ; new] keys)"
         ax.set_title(title, fontsize=9)
@@ -105,15 +107,24 @@ def cache(data: dict, path) -> Path:
         ax.set_ylim(len(steps) - 0.5, -0.5)
         for t, st in enumerate(steps):
             written = {tuple(x) for x in st["written"]}
+            dropped = {tuple(x) for x in st.get("rolled_back", [])}
             for r in range(n_rows):
                 row = st["rows"][r] if r < len(st["rows"]) else [None] * S
                 if panel == 0:
                     cells = list(enumerate(row))
-                else:                               # unrotated: oldest first
-                    cells = sorted(((s, p) for s, p in enumerate(row) if p is not None), key=lambda c: c[1])
+                else:                               # unrotated: oldest first, the positions the row still has
+                    cells = sorted(((s, p) for s, p in enumerate(row) if p is not None and (r, s) not in dropped),
+                                   key=lambda c: c[1])
                 for j, (s, p) in enumerate(cells):
                     x = r * S + j
                     new = (r, s) in written
+                    if (r, s) in dropped:           # a rejected draft's key: the slot is kept, its position forgotten
+                        ax.add_patch(Rectangle((x - 0.5, t - 0.5), 1, 1, facecolor="mistyrose", edgecolor="crimson",
+                                               lw=1.2))
+                        ax.plot([x - 0.4, x + 0.4], [t + 0.35, t - 0.35], color="crimson", lw=0.8)
+                        ax.text(x, t, _lab(p), ha="center", va="center", fontsize=7, color="crimson",
+                                fontweight="bold")
+                        continue
                     ax.add_patch(Rectangle((x - 0.5, t - 0.5), 1, 1, facecolor="gold" if new else "whitesmoke",
                                            edgecolor="black" if new else "lightgray", lw=1.2 if new else 0.5))
                     ax.text(x, t, _lab(p), ha="center", va="center", fontsize=7)
@@ -126,8 +137,11 @@ def cache(data: dict, path) -> Path:
                            [""] * (S * n_rows), fontsize=6)
         ax.set_xlabel("row | slot (= position mod S)" if panel == 0 else "row | oldest -> newest")
         ax.set_title("slots as stored" if panel == 0 else "unrotated", fontsize=9)
+    fig.subplots_adjust(wspace=0.3)
+    rolled = any(st.get("rolled_back") for st in steps)
     fig.suptitle(f"Rolling cache, W = {data['window']}, S = {S}: position held in each slot after each step "
-                 f"(gold: written this step)", fontsize=9)
+                 f"(gold: written this step" + ("; red, struck: a rejected draft rolled back, its slot never read\n"
+                                                "and overwritten later" if rolled else "") + ")", fontsize=9)
     return _save(fig, path)
 
 

@@ -7,25 +7,30 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import backends
 from ..cache import RollingCache
 from ..generate.engine import Engine
 from ..generate.sampling import SamplingParams
+from ..generate.speculation import Speculation
 from .trace import Trace
 
 
 def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chunk_size: int, max_tokens: int,
                trace: Trace, max_batch_tokens: Optional[int] = None, seed: int = 0,
                prompts: Optional[Sequence[Sequence[int]]] = None, attention: str = "per_sequence",
-               max_seq_len: Optional[int] = None, mixed: bool = False) -> tuple[list[list[int]], RollingCache]:
+               max_seq_len: Optional[int] = None, mixed: bool = False,
+               speculation: Optional[Speculation] = None) -> tuple[list[list[int]], RollingCache]:
     """Generate ``max_tokens`` greedy tokens for random prompts of these lengths (or the given ``prompts``) with
-    ``Engine(..., trace=trace)``, every prompt in its own cache row.
+    ``Engine(..., trace=trace)``, every prompt in its own cache row, with the model put on the plain-PyTorch
+    backend (``backends.attach``).
 
     ``window``: the window whose masks and cache the trace shows (None: the model's smallest). ``attention``:
     the pre-fill attention path. ``max_seq_len``: sizes the cache (default: just big enough). ``mixed``: the
     engine's mixed steps; off by default so that the pictures show the textbook schedule (all pre-fill, then
     decode) and prompt i keeps row i to the end (with mixed steps a short prompt can finish while others are
-    still pre-filling, and its row is then taken by another). Returns the generated ids per prompt and the
-    cache the run filled.
+    still pre-filling, and its row is then taken by another). ``speculation``: speculative decoding (the model is
+    then put on the cpu backend, which it needs). Returns the generated ids per prompt and the cache the run
+    filled.
     """
     args = model.args
     if window is not None:
@@ -36,9 +41,11 @@ def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chun
         prompts = [torch.randint(0, args.vocab_size, (n,), generator=g).tolist() for n in prompt_lengths]
     prompts = [list(map(int, p)) for p in prompts]
     longest = max(len(p) for p in prompts) + max_tokens
+    # the plain-PyTorch reference; speculative decoding needs the cpu backend's row-exact kernels
+    backends.attach(model, "torch" if speculation is None else "cpu", prefill=attention)   # type: ignore[arg-type]
     engine = Engine(model, None, max_rows=len(prompts), chunk_size=chunk_size,
                     max_seq_len=max_seq_len or min(args.max_seq_len, longest), max_batch_tokens=max_batch_tokens,
-                    attention=attention, backend="torch", trace=trace, mixed=mixed)   # type: ignore[arg-type]
+                    trace=trace, mixed=mixed, speculation=speculation)
     done = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_on_eos=False))
     model.observe_routing(None)
     return [c.tokens for c in done], engine.cache

@@ -100,14 +100,16 @@ def parse_grids(text: str) -> list[list[list[bool]]]:
 
 # -- cache ---------------------------------------------------------------------------------------------------
 def render_cache(data: dict, colour: bool = False) -> str:
-    """Steps down, slots across, one block per row; ``*`` marks this step's writes, then the row unrotated
-    (oldest first)."""
+    """Steps down, slots across, one block per row; ``*`` marks this step's writes, ``x`` the slots of rejected
+    drafts (rolled back: the row no longer has that position), then the row's positions unrotated (oldest
+    first)."""
     S = data["slots"]
     steps = data["steps"]
     n_rows = max((len(s["rows"]) for s in steps), default=0)
     w = max([len(_label(p)) for s in steps for r in s["rows"] for p in r] + [1]) + 1
     lines = [f"cache · W={data['window']} · {S} slots per row, slot = position mod {S} · * written this step · "
-             f"then the row unrotated, oldest first"]
+             + ("x rolled back (a rejected draft) · " if any(st.get("rolled_back") for st in steps) else "")
+             + "then the row unrotated, oldest first"]
     head = f"{'step':>4} {'phase':<12}"
     for r in range(n_rows):
         head += " │ " + f"row {r}".ljust(2 * S * w + 3)
@@ -116,14 +118,18 @@ def render_cache(data: dict, colour: bool = False) -> str:
                                                " " * (S * w) for _ in range(n_rows)))
     for st in steps:
         written = {tuple(x) for x in st["written"]}
+        dropped = {tuple(x) for x in st.get("rolled_back", [])}
         line = f"{st['step']:>4} {st['phase']:<12}"
         for r in range(n_rows):
             row = st["rows"][r] if r < len(st["rows"]) else [None] * S
             cells = []
             for s, p in enumerate(row):
+                if (r, s) in dropped:
+                    cells.append(_paint(f"{_label(p) + 'x':>{w}}", "31", colour))
+                    continue
                 c = _label(p) + ("*" if (r, s) in written else " ")
                 cells.append(_paint(f"{c:>{w}}", "1;33", colour) if (r, s) in written else f"{c:>{w}}")
-            order = sorted(p for p in row if p is not None)
+            order = sorted(p for s, p in enumerate(row) if p is not None and (r, s) not in dropped)
             line += " │ " + "".join(cells) + " → " + "".join(f"{p:>{w}}" for p in order).ljust(S * w)
         lines.append(line.rstrip())
     return "\n".join(lines)

@@ -8,7 +8,8 @@ torch.utils.cpp_extension, once per instruction set (``BUILDS``: "avx512", and "
 - ``small_m_linear`` (small_m_linear.cpp): 1 to 8 rows times a weight matrix, bf16 or fp32, fp32 sums, weights
   read where they are (no second copy, no new layout). Each output's bits do not depend on how many rows are
   multiplied at once, so a prompt decodes the same alone or packed.
-- ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row.
+- ``decode_scores`` / ``decode_values`` (decode_attention.cpp): one query per sequence over its cache row;
+  ``decode_scores_at`` / ``decode_values_at`` the same over a whole layer cache through row and slot maps.
 - ``rms_norm`` / ``rope`` (norm_rope.cpp): RMSNorm and RoPE in one pass each, rounded as the model rounds.
 - ``moe_experts`` (moe_experts.cpp): a MoE layer's chosen experts for a decode step in one call, over experts
   stacked (E, H, D) per layer and read in place, with small_m_linear's tile (so its bits).
@@ -87,8 +88,8 @@ CSRC = Path(__file__).parent / "csrc"
 SHARED_CSRC = Path(__file__).parents[1] / "csrc"         # C++ shared by the backends (moe_plan.h)
 SOURCES = (CSRC / "simd.h", CSRC / "small_m_linear.cpp", CSRC / "decode_attention.cpp", CSRC / "norm_rope.cpp",
            SHARED_CSRC / "moe_plan.h", CSRC / "moe_experts.cpp")
-FUNCTIONS = ("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "rms_norm", "rope",
-             "moe_experts")
+FUNCTIONS = ("small_m_linear", "small_m_linear_isa", "decode_scores", "decode_values", "decode_scores_at",
+             "decode_values_at", "rms_norm", "rope", "moe_experts")
 BUILDS: dict[str, dict] = {
     "avx512": dict(name="sirocco_decode_kernels", sources=SOURCES, functions=FUNCTIONS,
                    cflags=("-mavx512f", "-mavx512bw", "-mavx512bf16")),

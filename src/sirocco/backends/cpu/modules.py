@@ -16,6 +16,7 @@ Training keeps autograd on, so it never reaches these kernels.
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,27 +92,66 @@ class CpuRMSNorm(RMSNorm):
 
 class CpuAttentionOps(AttentionOps):
     """RoPE through the ``rope`` kernel (the same bits as ``apply_rope``), decode attention through
-    ``decode_scores`` / ``decode_values`` (fp32 scores from the cache in place, masked slots skipped)."""
+    ``decode_scores`` / ``decode_values`` (fp32 scores from the cache in place, masked slots skipped), or their
+    ``_at`` forms over the whole cache through the plan's row and slot maps. A decode query's bits are those it gets
+    alone: not those of the other queries of the step (``decode_softmax``), nor of a ring larger than the window."""
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if _served(x, x.dtype, x.shape[-1], "rope"):
             return kernels.native_for(x.dtype, "rope").rope(x, cos, sin)
         return apply_rope(x, cos, sin)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+               fill: Optional[Sequence[int]] = None) -> torch.Tensor:
         if _served(q, q.dtype, q.shape[-1], "attention"):
-            return native_decode_attention(q, k, v, valid)
+            return native_decode_attention(q, k, v, valid, fill=fill)
         return decode_attention(q, k, v, valid)
+
+    def decode_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                  valid: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+        if _served(q, q.dtype, q.shape[-1], "attention"):
+            native = kernels.native_for(q.dtype, "attention")
+            scores = native.decode_scores_at(q.contiguous(), k, rows, slots, valid.contiguous(),
+                                             1.0 / math.sqrt(q.shape[-1]))                           # (B, H, L)
+            return native.decode_values_at(decode_softmax(scores, fill), v, rows, slots)
+        return super().decode_at(q, k, v, rows, slots, valid, fill)
+
+
+def softmax_lanes() -> int:
+    """fp32 lanes of PyTorch's vectorized softmax on this CPU (its ``Vectorized<float>::size()``)."""
+    return 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
+
+
+def decode_softmax(scores: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``softmax(scores, -1)`` for (B, H, L) fp32 decode scores whose query b has its ``fill[b]`` valid keys first
+    (the rest -inf), with each query's bits those of a softmax over its own keys alone.
+
+    PyTorch's softmax over the last dimension sums lanes of a vector for a row of at least ``softmax_lanes()``
+    values and one value after the other for a shorter row, and padding with -inf (probability 0) keeps the bits
+    within each of the two regimes but not across them. A step pads every query to its longest one, so a query
+    with fewer valid keys than a vector, beside a longer one, gets its softmax computed again over a row shorter
+    than a vector: the bits it has in a step of its own, whatever shares its step (and whatever the draft length
+    that makes its step longer). Without ``fill`` it is the plain softmax."""
+    probs = torch.softmax(scores, dim=-1)
+    lanes = softmax_lanes()
+    if fill is None or scores.shape[-1] < lanes:
+        return probs
+    short = [b for b, n in enumerate(fill) if n < lanes]
+    if short:
+        idx = torch.tensor(short, device=scores.device)
+        probs[idx] = F.pad(torch.softmax(scores[idx, :, :lanes - 1], dim=-1), (0, scores.shape[-1] - lanes + 1))
+    return probs
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            native=None) -> torch.Tensor:
-    """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax, and the
-    probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D); valid (B, L). ``native``:
-    the build to use (default: the one serving q's dtype here)."""
+                            native=None, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax
+    (``decode_softmax``), and the probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D);
+    valid (B, L); ``fill``: each query's count of valid keys, which are its first ones. ``native``: the build to use
+    (default: the one serving q's dtype here)."""
     native = native if native is not None else kernels.native_for(q.dtype, "attention")
     scores = native.decode_scores(q.contiguous(), k, valid.contiguous(), 1.0 / math.sqrt(q.shape[-1]))  # (B, H, L)
-    return native.decode_values(torch.softmax(scores, dim=-1), v)
+    return native.decode_values(decode_softmax(scores, fill), v)
 
 
 def attach(model: nn.Module, prefill: Prefill = "per_sequence") -> int:
@@ -153,3 +193,36 @@ def warm_up(model: nn.Module) -> str:
             ([f"compiled row kernel for {len(compiled)} weight shapes"] if compiled else []) + \
             (["one-pass RMSNorm and RoPE"] if norms else [])
     return ", ".join(parts) or "no weight shapes"
+
+
+def row_exact_reason(model: nn.Module) -> Optional[str]:
+    """Why a step of 1 to ``kernels.SMALL_M`` tokens on ``model`` may give a token other bits than a step of that
+    token alone, or None where it may not: every linear layer runs a small-row kernel (``small_m_linear``, or the
+    quantized ``qlinear``), every RMSNorm the ``rms_norm`` kernel and every attention layer ``CpuAttentionOps``
+    with its kernels served (speculative decoding needs this: generate/speculation.py)."""
+    from ...model import Attention
+    from ..quant import kernels as qkernels
+    from ..quant.linear import QuantLinear
+
+    first = next(p for p in model.parameters() if p.is_floating_point())
+    if first.device.type != "cpu":
+        return "the model is not on the CPU"
+    dtype = first.dtype                         # the activations' (quantized layers keep only blocks)
+    for name, m in model.named_modules():
+        if isinstance(m, CpuLinear):
+            if not (m.weight.is_contiguous() and kernels.native_serves(m.weight.dtype, m.in_features)):
+                return f"{name}: no small-row kernel for {m.weight.dtype} rows of {m.in_features} values here"
+        elif isinstance(m, QuantLinear):
+            if qkernels.native_module() is None:
+                return "the quantized decode kernels are not built on this machine"
+        elif isinstance(m, nn.Linear):
+            return f"{name} is a plain nn.Linear, whose rounding depends on how many rows it multiplies"
+        elif isinstance(m, RMSNorm):
+            if not (isinstance(m, CpuRMSNorm) and kernels.native_serves(m.weight.dtype, m.weight.shape[0],
+                                                                        "rms_norm")):
+                return f"{name}: no one-pass RMSNorm kernel for it here"
+        elif isinstance(m, Attention):
+            if not (isinstance(m.ops, CpuAttentionOps) and kernels.native_serves(dtype, m.head_dim, "attention")
+                    and kernels.native_serves(dtype, m.head_dim, "rope")):
+                return f"{name}: no decode attention kernel for {dtype} heads of {m.head_dim} here"
+    return None

@@ -1,6 +1,7 @@
 """Quantized weights: GGUF's q8_0 and q4_0 blocks (formats.py), decode kernels over them (kernels.py, csrc/), a
-linear layer holding them (linear.py), and the quantize-at-load pass ``attach(model, fmt)`` (convert.py)."""
-from sirocco.backends.quant.convert import QuantReport, attach, attach_if, layer_format, resolve
+linear layer holding them (linear.py), and the conversion pass's steps for them (convert.py; the pass itself is
+``backends.attach(model, backend, quantize=...)``)."""
+from sirocco.backends.quant.convert import HEAD_FORMAT, QuantReport, empty_blocks, layer_format, resolve
 from sirocco.backends.quant.formats import (
                                             BLOCK,
                                             FORMATS,
@@ -12,5 +13,5 @@ from sirocco.backends.quant.formats import (
                                             unpack,
 )
 
-__all__ = ["BLOCK", "FORMATS", "QuantReport", "QuantizedTensor", "attach", "attach_if", "block_bytes", "dequantize",
-           "layer_format", "packed_shape", "quantize", "resolve", "unpack"]
+__all__ = ["BLOCK", "FORMATS", "HEAD_FORMAT", "QuantReport", "QuantizedTensor", "block_bytes", "dequantize",
+           "empty_blocks", "layer_format", "packed_shape", "quantize", "resolve", "unpack"]

@@ -1,4 +1,7 @@
-"""The quantize-at-load pass: ``attach(model, fmt)`` replaces the model's linear layers by ``QuantLinear`` in place.
+"""Quantized weights' steps of the conversion pass (``backends.attach``): blocks for a loader to fill
+(``empty_blocks``), ``QuantLinear`` over given blocks (``use_blocks``) or over float weights quantized now
+(``quantize_linears``), and the kernels over them (``quantized_kernels``). Nothing here is called but by the pass
+and the loaders.
 
 Which layers, and in which format, is one rule (``layer_format``) shared with the GGUF writer, so a model
 quantized at load and the GGUF file ``sirocco quantize`` writes from it hold the same weights:
@@ -17,14 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from sirocco.backends.moe import expert_groups, stack_experts
-from sirocco.backends.quant.formats import BLOCK, FORMATS, packed_shape
+from sirocco.backends.quant.formats import BLOCK, FORMATS, QuantizedTensor, packed_shape
 from sirocco.backends.quant.hugepages import huge_page_tensors
 from sirocco.backends.quant.linear import QuantLinear, fuse_projections
 
@@ -64,7 +67,7 @@ def model_bytes(model: nn.Module) -> int:
 @dataclass
 class QuantReport:
     fmt: str
-    layers: int                 # linear layers now quantized
+    layers: int                 # linear layers holding blocks (QuantLinear)
     kept: list[str]             # linear layers kept in float, by path
     bytes_before: int
     bytes_after: int
@@ -91,46 +94,47 @@ def quantized_layers(model: nn.Module, fmt: str) -> tuple[dict[str, tuple[nn.Lin
     return chosen, kept
 
 
-def attach(model: nn.Module, fmt: str, progress: Optional[bool] = None) -> QuantReport:
-    """Quantize ``model``'s linear layers in place (see the module docstring); ``fmt`` is ``q8_0``/``q4_0`` or
-    ``int8``/``int4``. Layers that already are ``QuantLinear`` are left as they are. Logs the bytes before and
-    after and returns them."""
-    fmt = resolve(fmt)
-    before = model_bytes(model)
-    chosen, kept = quantized_layers(model, fmt)
+def quantize_linears(model: nn.Module, fmt: str, progress: Optional[bool] = None) -> list[str]:
+    """Replace the plain linear layers of ``model`` that ``fmt`` quantizes by ``QuantLinear`` holding their weights
+    quantized (``QuantLinear`` layers are left as they are); returns the paths of the layers kept in float for
+    their input size. A step of the conversion pass (``backends.attach``)."""
+    chosen, kept = quantized_layers(model, resolve(fmt))
     with torch.no_grad():
         for path, (linear, target) in tqdm(chosen.items(), desc=f"quantizing to {fmt}", unit="layer", leave=False,
                                            disable=None if progress is None else not progress):
-            _replace(model, path, QuantLinear.from_linear(linear, target))
-    return finish(model, fmt, len(chosen), kept, before)
+            replace(model, path, QuantLinear.from_linear(linear, target))
+    return kept
 
 
-def attach_if(model: nn.Module, fmt: Optional[str], progress: Optional[bool] = None) -> Optional[QuantReport]:
-    """``attach(model, fmt)`` where ``fmt`` is given (a model built or loaded in float: a GGUF file's, the demo's,
-    a random pipeline stage); None otherwise."""
-    return attach(model, fmt, progress) if fmt else None
+def use_blocks(model: nn.Module, blocks: Mapping[str, QuantizedTensor]) -> None:
+    """Replace the linear layer at each module path of ``blocks`` by a ``QuantLinear`` over those blocks, as they
+    are (no copy). A step of the conversion pass (``backends.attach``)."""
+    for path, qt in blocks.items():
+        linear = model.get_submodule(path)
+        if not isinstance(linear, (nn.Linear, QuantLinear)) or (linear.out_features, linear.in_features) != qt.shape:
+            raise ValueError(f"{path}: blocks of shape {list(qt.shape)} for {linear}")
+        replace(model, path, QuantLinear.from_quantized(qt))
 
 
 @dataclass
 class EmptyBlocks:
-    """What ``empty_quantized`` left for a loader to write: each quantized layer's blocks by the name of the float
-    weight they stand for (``layers.0.attention.wq.weight``), with their format."""
+    """What ``empty_blocks`` left for a loader to write: each quantized layer's blocks by module path
+    (``layers.0.attention.wq``), and the layers kept in float."""
 
     fmt: str
-    blocks: dict[str, tuple[str, torch.Tensor]]     # weight name -> (format, uint8 blocks to fill in place)
+    blocks: dict[str, QuantizedTensor]      # module path -> blocks to fill in place (uint8 ``data``)
     kept: list[str]
 
 
-def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> EmptyBlocks:
-    """Replace the linear layers of ``model`` (typically built on the meta device) that ``fmt`` quantizes by
-    ``QuantLinear`` whose blocks are allocated on ``device`` but not yet written, so that a loader can quantize
-    each float weight into them as it reads it: the layers, formats and MoE stacks of ``attach``, without the
-    float model. Every MoE layer's experts of one matrix get rows of one (E, N, bytes) buffer, which
-    ``stack_experts`` (in ``finish``) then takes as it is. On CPU all the buffers are in huge-page memory
-    (hugepages.py: decode reads them faster)."""
+def empty_blocks(model: nn.Module, fmt: str, device: torch.device | str) -> EmptyBlocks:
+    """Blocks, allocated on ``device`` but not yet written, for the linear layers of ``model`` (typically built on
+    the meta device) that quantizing to ``fmt`` replaces, so that a loader can quantize each float weight into
+    them as it reads it: the layers and formats of ``quantize_linears`` without the float model. Every MoE layer's
+    experts of one matrix get rows of one (E, N, bytes) buffer, which the conversion pass then stacks as it is. On
+    CPU all the buffers are in huge-page memory (hugepages.py: decode reads them faster). No module is replaced:
+    the conversion pass puts ``QuantLinear`` over the blocks once they are written."""
     fmt = resolve(fmt)
     chosen, kept = quantized_layers(model, fmt)
-    blocks: dict[str, tuple[str, torch.Tensor]] = {}
     groups = _shared_buffers(model, chosen)
     targets = [chosen[paths[0]][1] for paths in groups]
     firsts = [chosen[paths[0]][0] for paths in groups]
@@ -138,14 +142,11 @@ def empty_quantized(model: nn.Module, fmt: str, device: torch.device | str) -> E
               for paths, first, target in zip(groups, firsts, targets)]
     buffers = (huge_page_tensors(shapes) if torch.device(device).type == "cpu" else
                [torch.empty(shape, dtype=torch.uint8, device=device) for shape in shapes])
+    blocks: dict[str, QuantizedTensor] = {}
     for paths, target, stacked in zip(groups, targets, buffers):
         for path, qweight in zip(paths, stacked):
             linear = chosen[path][0]
-            q = QuantLinear(linear.in_features, linear.out_features, target, bias=linear.bias is not None,
-                            device=torch.device("meta"))
-            q.qweight = qweight
-            _replace(model, path, q)
-            blocks[path + ".weight"] = (target, qweight)
+            blocks[path] = QuantizedTensor(qweight, target, (linear.out_features, linear.in_features))
     return EmptyBlocks(fmt, blocks, kept)
 
 
@@ -158,24 +159,24 @@ def _shared_buffers(model: nn.Module, chosen: dict[str, tuple[nn.Linear, str]]) 
     return grouped + [[p] for p in chosen if p not in inside]
 
 
-def finish(model: nn.Module, fmt: str, layers: int, kept: list[str], bytes_before: int) -> QuantReport:
-    """After the layers are quantized: give the model the kernels of its quantized weights, log what was kept in
-    float and the bytes before and after, and return them."""
-    attach_kernels(model)
-    if kept:
-        log.info("kept in float (input size not a multiple of %d): %s", BLOCK, ", ".join(kept))
-    report = QuantReport(fmt, layers, kept, bytes_before, model_bytes(model))
-    log.info("%s", report.describe())
-    return report
-
-
-def attach_kernels(model: nn.Module) -> None:
+def quantized_kernels(model: nn.Module) -> None:
     """The one-call kernels of quantized weights: every MoE layer's experts stacked (``qmoe``), and the projections
-    that share an input fused (``SharedInputProjections``)."""
+    that share an input fused (``SharedInputProjections``). A step of the conversion pass (``backends.attach``)."""
     stack_experts(model, quantized=True)
     fuse_projections(model)
 
 
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+def report(model: nn.Module, fmt: str, kept: list[str], bytes_before: int) -> QuantReport:
+    """What quantizing did, logged: the layers now quantized, those kept in float, the bytes before and after."""
+    if kept:
+        log.info("kept in float (input size not a multiple of %d): %s", BLOCK, ", ".join(kept))
+    layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    out = QuantReport(resolve(fmt), layers, kept, bytes_before, model_bytes(model))
+    log.info("%s", out.describe())
+    return out
+
+
+def replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at module path ``path`` of ``model``."""
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)

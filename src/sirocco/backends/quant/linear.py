@@ -23,6 +23,7 @@ from sirocco.backends.cpu.kernels import bucketed_linear, upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
+from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
 
 # Output rows dequantized at once in pre-fill. The tiles are dequantized in one C++ pass (kernels.dequantize_into)
 # into one reused buffer: fp32 where bf16 products are slow (bf16 rows are then multiplied in fp32), bf16 written
@@ -83,7 +84,7 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
         """A QuantLinear over existing blocks (for example a GGUF tensor's data), without copying them."""
         out_features, in_features = qt.shape
-        q = cls(in_features, out_features, qt.fmt, bias=False, device=qt.data.device)
+        q = cls(in_features, out_features, qt.fmt, bias=False, device=torch.device("meta"))   # no zeros to drop
         q.qweight = qt.data
         if bias is not None:
             q.bias = nn.Parameter(bias)
@@ -151,8 +152,6 @@ class SharedInputProjections:
 def fuse_projections(model: nn.Module) -> int:
     """Give every attention layer whose wq, wk, wv, and every dense feed-forward whose w1, w3 are QuantLinear of
     one format without bias their ``SharedInputProjections``; returns how many layers got one."""
-    from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
-
     in_moe = {id(e) for m in model.modules() if isinstance(m, MoeFeedForward) for e in m.experts}
     n = 0
     for m in model.modules():
