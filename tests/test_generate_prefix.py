@@ -4,11 +4,14 @@ pre-fill does; where a window makes the stored state unusable, the prompt is pre
 import pytest
 import torch
 
+from sirocco import backends
 from sirocco.cache import RollingCache
 from sirocco.config import preset
+from sirocco.generate.drafters import Draft
 from sirocco.generate.engine import Engine
-from sirocco.generate.prefix import PrefixStore, common_prefix
+from sirocco.generate.prefix import Hit, PrefixStore, common_prefix
 from sirocco.generate.sampling import SamplingParams
+from sirocco.generate.speculation import ROW_EXACT_TOKENS, Speculation
 from sirocco.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,8 +123,6 @@ def test_the_same_prompt_again_reuses_all_but_its_last_token_through_a_wrapped_r
 
 def test_the_window_rule_is_tight():
     """Restoring a wrapped ring below its lowest usable length would give a wrong answer: the fallback is needed."""
-    from sirocco.generate.prefix import Hit
-
     e = engine("window")
     stored = tokens(33, 6)
     e.generate([stored], GREEDY)
@@ -195,6 +196,139 @@ def test_without_a_store_nothing_is_kept():
     e.generate([p], GREEDY)
     [c] = e.generate([p + [5, 6]], GREEDY)
     assert e.prefix is None and c.cached_tokens == 0 and e.stats.cached_tokens == 0
+
+
+# -- with speculative decoding: rings of W + k slots, drafts on restored rows ----------------------------------------
+SPEC_MODELS: dict = {}
+FLAT = [1.0] * ROW_EXACT_TOKENS          # a cost curve on which drafting always pays
+K = 3                                    # draft tokens: windowed rings of W + 3 slots
+
+
+def spec_model(name):
+    """The same weights as ``model_for(name)``, on the cpu backend (speculation needs its row-exact kernels)."""
+    if name not in SPEC_MODELS:
+        SPEC_MODELS[name] = build_model(ARGS[name], seed=21)
+        backends.attach(SPEC_MODELS[name], "cpu")
+    return SPEC_MODELS[name]
+
+
+def spec_engine(name, drafter=None, store=STORE):
+    """Chunks of 8; without a drafter, plain decoding (no spare slots) on the same backend."""
+    speculation = None if drafter is None else Speculation(drafter, draft_tokens=K, cost_curve=FLAT)
+    return Engine(spec_model(name), None, max_rows=2, chunk_size=8, max_seq_len=160, prefix_cache_bytes=store,
+                  speculation=speculation)
+
+
+class EveryThirdWrong:
+    """Proposes each sequence's known continuation with every third generated position wrong: rows accept and roll
+    back, the same way whatever ran before (a drafter of seeded draws would depend on the order of its calls)."""
+
+    costly = False
+
+    def __init__(self, continuations):
+        self.continuations = continuations
+
+    def propose(self, requests):
+        out = []
+        for r in requests:
+            known, g = self.continuations.get(tuple(r.prompt), []), len(r.generated)
+            out.append(Draft([t if (g + i) % 3 != 2 else (t + 1) % 259 for i, t in enumerate(known[g:g + r.k])]))
+        return out
+
+    def release(self, key):
+        pass
+
+    def move_row(self, src, dst):
+        pass
+
+
+def plain_runs(name, prompts, params):
+    """Each prompt's plain (not speculative, no store) completion, and a drafter of them, every third wrong."""
+    plain = spec_engine(name, store=0)
+    done = {tuple(p): plain.generate([p], params)[0] for p in prompts}
+    return done, EveryThirdWrong({p: c.tokens for p, c in done.items()})
+
+
+class Steps:
+    """A RowObserver keeping (first position, tokens brought, cached after) of each step of its request."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_row_step(self, step):
+        self.steps.append((step.start, len(step.tokens), step.cached))
+
+
+def observed(e, prompt, params=GREEDY):
+    """Run one request alone, observed: its completion and its steps."""
+    seen = Steps()
+    e.add_request(prompt, params, observer=seen)
+    done = None
+    while e.has_unfinished():
+        for ev in e.step():
+            done = ev.completion or done
+    return done, seen.steps
+
+
+@pytest.mark.parametrize("name", ["window", "mixed-windows"])
+def test_with_spare_slots_a_wrapped_ring_serves_k_more_positions_back(name):
+    """With k = 3 spare slots a window-6 ring has S = 9: the 33-token stored prompt's ring holds positions 24..32,
+    so a request may continue from any m >= 33 - 1 - (9 - 6) = 29 (the window of query m, m - 5..m, is there), not
+    only from 32 or 33 as on a ring of 6; below 29 it is pre-filled cold. Warm answers with drafts verified and
+    rolled back on the restored row equal cold speculative ones and plain decoding's."""
+    stored = tokens(33, 6)
+    reuse = {33: 33, 32: 32, 30: 30, 29: 29, 28: 0}
+    prompts = [stored[:m] + tokens(5, 40 + m) for m in reuse]
+    plain, drafter = plain_runs(name, [stored, *prompts], GREEDY)
+    e = spec_engine(name, drafter)
+    assert e.cache.size_for(6) == 6 + K and e.prefix is not None
+    e.generate([stored], GREEDY)
+    [entry] = list(e.prefix._lru)
+    assert entry.lowest == 29
+    cold = spec_engine(name, drafter, store=0)
+    proposed = accepted = 0
+    for (m, reused), prompt in zip(reuse.items(), prompts):
+        warm, warm_steps = observed(e, prompt)
+        ref, cold_steps = observed(cold, prompt)
+        assert warm.cached_tokens == reused and warm_steps[0][0] == reused
+        # after its pre-fill, the restored row decodes, drafts and rolls back step for step as the cold one
+        decodes = [[st for st in steps if st[0] >= len(prompt)] for steps in (warm_steps, cold_steps)]
+        assert decodes[0] == decodes[1] and any(n > 1 for _, n, _ in decodes[0])
+        assert_same(warm, ref, bits=m in (0, 32))         # 32: the continuation's chunks are the cold run's
+        assert_same(ref, plain[tuple(prompt)], bits=True)  # speculation's own promise, beside
+        proposed, accepted = proposed + warm.proposed_tokens, accepted + warm.accepted_tokens
+    assert 0 < accepted < proposed                        # drafts were verified, some rolled back
+    # the rule is tight: forced below it, the ring no longer holds the window of the first query
+    m = 28
+    e.prefix.lookup = lambda ids: Hit(entry, m)
+    [forced] = e.generate([prompts[-1]], GREEDY)
+    ref = plain[tuple(prompts[-1])]
+    assert forced.cached_tokens == m
+    assert max(abs(a - b) for a, b in zip(forced.logprobs, ref.logprobs)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ARGS)
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_speculative_conversation_continues_from_each_prompt_and_drafts_on_the_restored_row(name, params):
+    """Only pre-filled prompts are stored, so drafts and their rollback never reach the store: each turn restores
+    the last turn's prompt, drafts on the restored row from its first decode steps, and answers as plain decoding
+    does (greedy and seeded: the drafter gives no distribution, so sampled rows keep their draws)."""
+    turns, prompt = [], tokens(21, 1)
+    plain = spec_engine(name, store=0)
+    for turn in range(3):
+        [c] = plain.generate([prompt], params)
+        turns.append((prompt, c))
+        prompt = prompt + c.tokens + tokens(7, 10 + turn)
+    e = spec_engine(name, EveryThirdWrong({tuple(p): c.tokens for p, c in turns}))
+    previous = 0
+    for prompt, want in turns:
+        before = e.stats.prefill_tokens
+        [warm] = e.generate([prompt], params)
+        assert warm.cached_tokens == previous and e.stats.prefill_tokens - before == len(prompt) - previous
+        assert_same(warm, want)
+        assert warm.proposed_tokens > 0 and warm.accepted_tokens > 0
+        previous = len(prompt)
+    assert e.prefix.stats.hits == 2 and e.stats.accepted_tokens < e.stats.proposed_tokens
 
 
 # -- the store itself ------------------------------------------------------------------------------------------

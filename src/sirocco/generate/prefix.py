@@ -5,7 +5,8 @@ What is stored. When a sequence's prompt has been pre-filled, the engine hands i
 layer, the keys and values the row holds then, with the prompt's tokens. Only pre-filled positions are stored,
 never generated ones: a generated token's keys come from the decode path (other kernels, other rounding), while a
 later request that re-sends it pre-fills it. A restore (``lookup``, then ``restore``) copies them into a new
-request's row, which then starts with ``cached = m``.
+request's row, which then starts with ``cached = m``. Drafts (speculative decoding) are written, and rolled back,
+only after the prompt is stored, so they never reach the store.
 
 When a stored state is exact. A layer of S slots holds positions ``max(0, n - S) .. n - 1`` of an n-token prompt,
 position p in slot ``p % S`` (cache.py):
@@ -14,9 +15,10 @@ position p in slot ``p % S`` (cache.py):
     0..n-1 hold positions 0..n-1, and their first m slots are the state after any m <= n of those tokens;
   * n > S (the ring has wrapped): the positions before n - S are overwritten. After m tokens a later query can
     still see positions ``m - W + 1 .. m - 1``; the ring has them iff ``m - W + 1 >= n - S``, i.e.
-    ``m >= n - 1 - (S - W)``: with S = W, m is n - 1 or n. The whole ring is restored as it is: a slot that holds
-    a position >= m is read by the plan as the position S earlier, outside the window of every later query, until
-    the row's own writes replace it.
+    ``m >= n - 1 - (S - W)``: with S = W, m is n - 1 or n; with the k spare slots of an engine that speculates
+    (S = W + k, cache.py), k more positions back. The whole ring is restored as it is: a slot that holds a
+    position >= m is read by the plan as the position S earlier, outside the window of every later query, until
+    the row's own writes replace it (as the slot of a rolled-back draft is).
 
 A stored prompt is usable at m iff every layer allows it (so a model with some windowed layers is decided per
 layer). A request reuses ``m = min(common prefix, len(prompt) - 1)`` tokens, at least ``min_tokens``, from the
