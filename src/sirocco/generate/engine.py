@@ -79,6 +79,8 @@ class StepObserver(Protocol):
 
     def on_row_move(self, src: int, dst: int) -> None: ...
 
+    def on_row_restore(self, row: int, cached: int, sizes: dict[Optional[int], int]) -> None: ...
+
     def on_router(self, layer: int, chosen: torch.Tensor, weights: torch.Tensor) -> None: ...
 
 
@@ -93,7 +95,8 @@ class RowStep:
     request in a step of 3 sequences of lengths [1, 5, 1] at index 1: its queries are packed tokens 1..5, its
     routing rows 1..5 of each layer's (7, k) choices. With speculation, a decoding request's tokens are its last
     token and the draft the step verified, and ``cached`` counts what its row keeps after the rejected drafts
-    are rolled back.
+    are rolled back. A request that continued from the prefix store starts at ``start = m``: its first step
+    carries the m prompt tokens its row was given before it (``restored``, positions 0..m-1).
     """
 
     plan: BatchPlan
@@ -109,6 +112,7 @@ class RowStep:
     rows: int                                    # sequences in the step
     prefill_tokens: int                          # over the whole step
     decode_tokens: int
+    restored: Sequence[int] = ()                 # the request's first step only: its prompt's restored tokens
 
 
 class RowObserver(Protocol):
@@ -549,11 +553,13 @@ class Engine:
         for i in watched:
             s, a, b = step.seqs[i], offsets[i], offsets[i + 1]
             assert s.observer is not None
+            m = s.out.cached_tokens                 # a row restored from the prefix store starts there, once
             s.observer.on_row_step(RowStep(
                 plan=plan, index=i, row=s.row, start=starts[i], tokens=ids[a:b], cached=s.cached,
                 routing={layer: (c[a:b], w[a:b]) for layer, (c, w) in routed.items() if len(c) == total},
                 kind=step.phase, prefill=self.attention, seconds=seconds, rows=len(step.seqs),
-                prefill_tokens=prompt_tokens, decode_tokens=total - prompt_tokens))
+                prefill_tokens=prompt_tokens, decode_tokens=total - prompt_tokens,
+                restored=s.out.prompt_tokens[:m] if m and starts[i] == m else ()))
 
     def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor],
                 drafts: Optional[list[Optional[Draft]]] = None) -> list[tuple[_Running, Sampled]]:
@@ -641,6 +647,8 @@ class Engine:
             if hit is not None:
                 cached = out.cached_tokens = self.prefix.restore(hit, row)
                 self.stats.cached_tokens += cached
+                if self.trace is not None:
+                    self.trace.on_row_restore(row, cached, self.cache.cache_lens())
         return _Running(out=out, params=params, row=row, generator=gen, text=text,
                         processor=params.processor(self.tokenizer, self.args.vocab_size), order=order, cached=cached,
                         observer=req.observer,
