@@ -2,15 +2,18 @@
 
 In one run: the machine's read bandwidth (the sum of a large fp32 tensor in 16 MiB chunks, the best chunk, in
 ordinary and in huge-page memory, before and after; the bound is the best), then for each weight shape (K=2048
-N=2048/512/7168, K=7168 N=2048) bf16 F.linear and the q8_0 / q4_0 kernels at M = 1 and 8 rows.
-Each is reported as GB/s of weight bytes read (bf16: 2 bytes per weight; q8_0: 34 per 32; q4_0: 18 per 32) and
-as the fraction of the measured read bandwidth. Each case cycles through copies of its weight that together
-exceed twice the last-level cache (FOOTPRINT bytes), so the weights come from memory as in a model's decode step;
-the quantized copies are in huge-page memory, as a loaded model's blocks are.
+N=2048/512/7168, K=7168 N=2048) bf16 F.linear and the kernel of every GGUF type (layouts.py) at M = 1 and 8 rows.
+Each is reported as GB/s of weight bytes read (bf16: 2 bytes per weight; q8_0: 34 per 32; q4_K: 144 per 256;
+...) and as the fraction of the measured read bandwidth; then per type and row count the figure of a whole
+layer's seven matrices (wq, wk, wv, wo, w1, w3, w2: their bytes over the sum of their times). Each case cycles
+through copies of its weight that together exceed twice the last-level cache (FOOTPRINT bytes), so the weights
+come from memory as in a model's decode step; the quantized copies are in huge-page memory, as a loaded model's
+blocks are. q8_0 and q4_0 weights are quantized from random normal ones; the other types are random blocks
+(layouts.random_blocks): their kernels do the same work whatever the values.
 Figures swing +-20% with the host's load, more when another process keeps a core busy (then the second thread
 waits for its time slice: compare with --threads 1).
 
-    python benchmarks/bench_quant_kernels.py [--threads 2] [--json]
+    python benchmarks/bench_quant_kernels.py [--threads 2] [--types q4_K,q6_K] [--rows 1,8] [--json]
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from sirocco.backends.quant import kernels as qk
+from sirocco.backends.quant import layouts
 from sirocco.backends.quant.formats import quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
 
 SHAPES = [(2048, 2048), (2048, 512), (2048, 7168), (7168, 2048)]        # (K, N)
+LAYER = {(2048, 2048): 2, (2048, 512): 2, (2048, 7168): 2, (7168, 2048): 1}   # wq, wo; wk, wv; w1, w3; w2
 
 
 def last_level_cache_bytes() -> int:
@@ -94,25 +99,34 @@ def read_bandwidth_of(values: torch.Tensor, chunk_megabytes: int = 16) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default=",".join(layouts.TYPES),
+                    help="comma-separated GGUF types to measure besides bf16 (default: all)")
+    ap.add_argument("--rows", default="1,8", help="comma-separated activation row counts (1 to 8)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     a = ap.parse_args()
+    types = [t for t in a.types.split(",") if t]
+    for t in types:
+        layouts.layout(t)                                   # an unknown name stops here, by name
+    row_counts = [int(r) for r in a.rows.split(",")]
     torch.set_num_threads(a.threads)
     if not qk.kernel_available():
         raise SystemExit("the quantized C++ kernels are not available here (see the log)")
     load_before = os.getloadavg()[0]
     bandwidth = read_bandwidth()
     rows = []
+    g = torch.Generator().manual_seed(0)
     for k, n in SHAPES:
         w = torch.randn(n, k) * 0.02
         weights = {"bf16": w.to(torch.bfloat16)}
-        weights.update({fmt: quantize(w, fmt) for fmt in ("q8_0", "q4_0")})
+        weights.update({fmt: quantize(w, fmt) if fmt in ("q8_0", "q4_0") else layouts.random_blocks(n, k, fmt, g)
+                        for fmt in types})
         # the quantized copies in huge-page memory, as a loaded model's blocks are (bf16 weights are file pages)
         copies = {}
         for name, t in weights.items():
             count = -(-FOOTPRINT // (t.numel() * t.element_size()))
             copies[name] = ([t.clone() for _ in range(count)] if name == "bf16" else
                             [c.copy_(t) for c in huge_page_tensors([tuple(t.shape)] * count)])
-        for m in (1, 8):
+        for m in row_counts:
             xb = torch.randn(m, k).to(torch.bfloat16)
             for name, ws in copies.items():
                 nbytes = ws[0].numel() * ws[0].element_size()
@@ -127,15 +141,24 @@ def main() -> None:
                 gbs = nbytes / t / 1e9
                 rows.append(dict(kernel=name, K=k, N=n, M=m, us=t * 1e6, weight_bytes=nbytes, gb_per_s=gbs,
                                  fraction_of_bound=None))
+        del copies
     bandwidth_after = read_bandwidth()
     bound = max(bandwidth, bandwidth_after)
     for r in rows:
         r["fraction_of_bound"] = r["gb_per_s"] / bound
+    layer = []                               # per kernel and M: a layer's bytes over the sum of its matrices' times
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        for m in row_counts:
+            mine = [r for r in rows if r["kernel"] == kernel and r["M"] == m]
+            nbytes = sum(LAYER[r["K"], r["N"]] * r["weight_bytes"] for r in mine)
+            us = sum(LAYER[r["K"], r["N"]] * r["us"] for r in mine)
+            layer.append(dict(kernel=kernel, M=m, us=us, weight_bytes=nbytes, gb_per_s=nbytes / us / 1e3,
+                              fraction_of_bound=nbytes / us / 1e3 / bound))
     load = dict(load_average_before=load_before, load_average_after=os.getloadavg()[0], cpus=os.cpu_count())
     if a.json:
         print(json.dumps(dict(threads=a.threads, read_bandwidth_gb_per_s=bandwidth,
                               read_bandwidth_after_gb_per_s=bandwidth_after, **load,
-                              isa=qk.native_module().qlinear_isa(), results=rows), indent=1))
+                              isa=qk.native_module().qlinear_isa(), results=rows, layer=layer), indent=1))
         return
     print(f"read bandwidth (sums of 16 MiB fp32 chunks, best, ordinary or huge-page memory): {bandwidth:.1f} GB/s "
           f"before, {bandwidth_after:.1f} after; {a.threads} threads; kernel path {qk.native_module().qlinear_isa()}; "
@@ -146,6 +169,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['kernel']:<15} {r['K']:>5} {r['N']:>5} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} "
               f"{r['fraction_of_bound']:>8.0%}")
+    print("\nthe seven matrices of a layer (2 x 2048x2048, 2 x 2048x512, 2 x 2048x7168, 7168x2048):")
+    print(f"{'kernel':<15} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
+    for r in layer:
+        print(f"{r['kernel']:<15} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} {r['fraction_of_bound']:>8.0%}")
 
 
 if __name__ == "__main__":

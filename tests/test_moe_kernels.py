@@ -1,5 +1,5 @@
-"""A MoE layer's experts in one decode call: moe_experts (bf16 / fp32, cpu backend) and qmoe (q8_0 / q4_0), each
-bit for bit the per-expert path it replaces, each token's bits its own, the stacked storage read in place; the
+"""A MoE layer's experts in one decode call: moe_experts (bf16 / fp32, cpu backend) and qmoe (every GGUF type),
+each bit for bit the per-expert path it replaces, each token's bits its own, the stacked storage read in place; the
 model generates the same tokens with and without them, a GGUF Mixtral included."""
 
 import os
@@ -12,6 +12,8 @@ from sirocco import backends
 from sirocco.backends import moe
 from sirocco.backends.cpu import kernels, modules
 from sirocco.backends.quant import kernels as qkernels
+from sirocco.backends.quant import layouts
+from sirocco.backends.quant.formats import QuantizedTensor
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.checkpoint import GGUFFile, load_model
 from sirocco.checkpoint.gguf_write import save_gguf
@@ -159,6 +161,52 @@ def test_qmoe_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype, isa):
                     assert torch.equal(alone[0], got[t]), (T, r, t)
 
 
+def _gguf_layer(fmt, dtype, seed=3, dim=256, hidden=512, num_experts=4) -> MoeFeedForward:
+    """A MoE layer whose experts are QuantLinear over random ``fmt`` blocks (as a GGUF file's tensors give them)."""
+    layer = MoeFeedForward(dim, hidden, num_experts, 2).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    for expert in layer.experts:
+        for name, (n, k) in (("w1", (hidden, dim)), ("w3", (hidden, dim)), ("w2", (dim, hidden))):
+            blocks = layouts.random_blocks(n, k, fmt, g, scale=2e-3)
+            setattr(expert, name, QuantLinear.from_quantized(QuantizedTensor(blocks, fmt, (n, k))))
+    return layer
+
+
+QMOE_TYPES = [t for t in layouts.TYPES if t not in ("q8_0", "q4_0")]
+
+
+@needs_quant
+@pytest.mark.parametrize("fmt", QMOE_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qmoe_of_every_type_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype):
+    layer = _gguf_layer(fmt, dtype)
+    k = moe.stack_layer(layer)
+    assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
+    for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2)):          # each expert's rows read in place
+        for e, expert in enumerate(layer.experts):
+            assert getattr(expert, name).qweight.data_ptr() == stack.data_ptr() + e * stack.stride(0)
+    x_all = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    isas = ["avx2"] + (["avx512vnni"] if qkernels.native_module().qlinear_isa() == "avx512vnni" else [])
+    with torch.no_grad():
+        for T in (1, 3, 8):
+            x = x_all[:T]
+            for r, ids in enumerate(_routes(T, len(layer.experts), seed=T)):
+                w = _weights(T, dtype, seed=T + r)
+                want = layer.run_experts(x, ids, w)
+                assert want.abs().max().item() > 0
+                for isa in isas:
+                    got = qkernels.qmoe(x, ids, w, k.w1, k.w3, k.w2, fmt, isa=isa)
+                    assert torch.equal(got, want), (T, r, isa)
+                    for t in range(T):
+                        alone = qkernels.qmoe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], k.w1, k.w3, k.w2, fmt, isa=isa)
+                        assert torch.equal(alone[0], got[t]), (T, r, t, isa)
+        # the layer's forward takes the one-call kernel
+        layer.experts_kernel = k
+        x = x_all[:2]
+        chosen, weights = layer.route(x)
+        assert torch.equal(layer(x), layer.run_experts(x, chosen, weights))
+
+
 def _count_calls(monkeypatch):
     calls = {"kernel": 0}
     call = moe.StackedExperts.__call__
@@ -218,14 +266,17 @@ def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monk
 @pytest.mark.skipif(not os.environ.get("SIROCCO_TEST_VNNI_EMULATION"),
                     reason="set SIROCCO_TEST_VNNI_EMULATION=1 to build (about a minute, once) and check qmoe's VNNI "
                            "path on scalar emulations of its AVX-512 operations")
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", list(layouts.TYPES))
 def test_qmoe_vnni_path_on_emulation_equals_the_avx2_path(fmt):
     emulated = qkernels.vnni_emulation_module()
-    model = build_model(preset("tiny-moe", vocab_size=64), seed=9)
-    backends.attach(model, "torch", quantize=fmt)
-    k = model.layers["0"].feed_forward.experts_kernel
+    if fmt in ("q8_0", "q4_0"):
+        model = build_model(preset("tiny-moe", vocab_size=64), seed=9)
+        backends.attach(model, "torch", quantize=fmt)
+        k = model.layers["0"].feed_forward.experts_kernel
+    else:
+        k = moe.stack_layer(_gguf_layer(fmt, torch.float32))
     code = qkernels.FMT_CODES[fmt]
     for T in (1, 5, 8):
-        x, ids, w = torch.randn(T, 64), _routes(T, 4, seed=T)[0], _weights(T, torch.float32, seed=T)
+        x, ids, w = torch.randn(T, k.dim), _routes(T, 4, seed=T)[0], _weights(T, torch.float32, seed=T)
         vnni = emulated.qmoe(x, ids, w, k.w1, k.w3, k.w2, code, qkernels.ISA_CODES["avx512vnni"])
         assert torch.equal(vnni, qkernels.qmoe(x, ids, w, k.w1, k.w3, k.w2, fmt, isa="avx2"))

@@ -45,7 +45,7 @@ def test_activation_quantization_matches_the_kernels():
     assert torch.equal(d[0], torch.zeros(3)) and torch.equal(q[0], torch.zeros(96, dtype=torch.int8))
     assert ((q.float().reshape(5, 3, 32) * d[..., None]).reshape(5, 96) - x).abs().max() <= x.abs().max() / 254
     if qk.kernel_available():
-        kq, kd = qk.native_module().quantize_activations(x)
+        kq, kd = qk.native_module().quantize_activations(x, 32)
         assert torch.equal(kq, q) and torch.equal(kd, d)
 
 
@@ -97,7 +97,7 @@ def test_activation_quantization_ties_signs_and_scales_match_bit_for_bit():
     rand = torch.randn(40, 32, generator=g) * torch.logspace(-30, 30, 40)[:, None]
     x = torch.cat([ties[None], huge[None], smallest[None], rand]).reshape(1, -1)
     q, d = qk.quantize_activations(x)
-    kq, kd = qk.native_module().quantize_activations(x)
+    kq, kd = qk.native_module().quantize_activations(x, 32)
     assert torch.equal(kq, q) and torch.equal(kd, d)
     assert q[0, :12].tolist() == [127, 3, -3, 1, -1, 127, -127, 0, 2, -2, 3, -4]
 

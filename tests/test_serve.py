@@ -424,8 +424,10 @@ def test_serve_cli_with_api_key_from_the_environment(ckpts):
         assert r.usage.completion_tokens == 3
         with pytest.raises(openai.NotFoundError):
             c.completions.create(model="tiny-mixtral", prompt="Hello", max_tokens=3)
+        proc.terminate()                    # SIGTERM, as a service manager stops it: a clean exit
+        assert proc.wait(30) == 0
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(30)
 
 

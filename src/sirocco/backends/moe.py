@@ -3,7 +3,7 @@
 ``stack_experts(model, ...)`` gives every ``MoeFeedForward`` of the model one tensor per expert matrix:
 
     float experts (nn.Linear / CpuLinear)   w1, w3 (E, H, D), w2 (E, D, H) in the weights' dtype
-    quantized experts (QuantLinear)          w1, w3 (E, H, D / 32 * block_bytes), w2 (E, D, H / 32 * block_bytes)
+    quantized experts (QuantLinear)          w1, w3 (E, H, D // values * bytes), w2 (E, D, H // values * bytes)
                                              uint8 GGUF blocks, one format per layer
 
 and makes each expert's own parameter (or ``qweight`` buffer) a view of its row of the stack, so state-dict names
@@ -63,8 +63,8 @@ def stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
 
 class StackedExperts:
     """A MoE layer's experts as three stacks (see the module docstring): ``fmt`` None for float weights, else
-    "q8_0" / "q4_0"; ``__call__(x, chosen, weights)`` is the layer's experts for a decode step, or None where the
-    kernel does not serve."""
+    the blocks' type ("q8_0", "q4_K", ...); ``__call__(x, chosen, weights)`` is the layer's experts for a decode
+    step, or None where the kernel does not serve."""
 
     def __init__(self, moe: MoeFeedForward, fmt: Optional[str], stacks: tuple[torch.Tensor, torch.Tensor,
                                                                             torch.Tensor]):

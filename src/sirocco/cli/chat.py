@@ -135,7 +135,7 @@ def run_web(args: argparse.Namespace) -> int:
     from ..serve.app import build_app
     from ..serve.model_thread import ModelThread
     from ..viz.inside import RowTrace
-    from .serve import served_name, stop_pages_on_exit
+    from .serve import serve_until_stopped, served_name, stop_pages_on_exit
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -155,7 +155,7 @@ def run_web(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     stop_pages_on_exit(server, app)
     try:
-        server.run(sockets=[sock])
+        serve_until_stopped(server, sockets=[sock])
     finally:
         sock.close()
     return 0

@@ -176,10 +176,24 @@ def run(args: argparse.Namespace) -> int:
                                            access_log=False))
     stop_pages_on_exit(server, app)
     print(f"sirocco serve: listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-    server.run()
+    serve_until_stopped(server)
     if not server.started:                  # it could not start (the port is taken...): uvicorn said why
         raise SiroccoError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above)")
     return 0
+
+
+def serve_until_stopped(server: Any, **run: Any) -> None:
+    """``server.run(**run)`` (a ``uvicorn.Server``) until Ctrl-C or SIGTERM, then return: a stop asked for is a
+    clean exit (status 0). uvicorn shuts down on either signal and then raises it again to the handler it found:
+    SIGINT's raises KeyboardInterrupt, caught here, and SIGTERM's default would end the process (status 143), so a
+    handler that does nothing stands in for it while the server runs."""
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run(**run)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_pages_on_exit(server: Any, app: Any) -> None:

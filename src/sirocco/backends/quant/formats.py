@@ -9,6 +9,10 @@ a little-endian fp16 scale ``d`` followed by its quants:
   ``j + 16`` in its high nibble; value ``d * (nibble - 8)``. Quantizer: ``m`` = the element of largest magnitude
   with its sign (the first one on ties), ``d = m / -8``, ``nibble = min(15, trunc(x * (1/d) + 8.5))``.
 
+The other GGUF types (q4_1 .. q6_K, iq4_xs) are laid out in layouts.py; ``block_bytes``, ``packed_shape``,
+``dequantize`` and ``QuantizedTensor`` here take them too (through layouts.py), ``quantize`` and ``unpack`` only
+these two.
+
 The packed tensor of a (N, K) weight is uint8 (N, K // 32 * block_bytes): row n is the GGUF row n, byte for byte,
 so a GGUF tensor's data can be used as it is and ours written into a GGUF file. ``quantize`` reproduces the
 ``gguf`` package's reference quantizer (``gguf.quants.quantize``, itself bit-exact with ggml's C reference for
@@ -35,21 +39,25 @@ from typing import Sequence
 
 import torch
 
+from sirocco.backends.quant import layouts
+
 BLOCK = 32                                     # weights per block, along K
 BLOCK_BYTES = {"q8_0": 2 + BLOCK, "q4_0": 2 + BLOCK // 2}
 FORMATS = tuple(BLOCK_BYTES)
 
 
 def block_bytes(fmt: str) -> int:
-    """Bytes per block of 32 weights: 34 for q8_0, 18 for q4_0."""
-    try:
-        return BLOCK_BYTES[fmt]
-    except KeyError:
-        raise ValueError(f"unknown quantized format {fmt!r}; known: {', '.join(FORMATS)}") from None
+    """Bytes per block: 34 for q8_0, 18 for q4_0 (blocks of 32 weights); layouts.py's for the other types."""
+    if fmt not in BLOCK_BYTES:
+        return layouts.block_bytes(fmt)
+    return BLOCK_BYTES[fmt]
 
 
 def packed_shape(shape: Sequence[int], fmt: str) -> tuple[int, ...]:
-    """The uint8 shape holding a weight of logical ``shape`` (..., K): (..., K // 32 * block_bytes)."""
+    """The uint8 shape holding a weight of logical ``shape`` (..., K): (..., K // 32 * block_bytes); for the
+    other types layouts.packed_shape (K // values * bytes)."""
+    if fmt not in BLOCK_BYTES:
+        return layouts.packed_shape(shape, fmt)
     shape = tuple(int(s) for s in shape)
     if not shape or shape[-1] % BLOCK:
         raise ValueError(f"{fmt}: the last dimension (K) must be a multiple of {BLOCK}, got shape {shape}")
@@ -88,6 +96,9 @@ def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     Bit-exact with ``gguf.quants.quantize(w.float().numpy(), GGMLQuantizationType.Q8_0 / Q4_0)``. The input is
     converted to fp32 first (exact from fp16/bf16). Vectorised over all blocks; memory about 3x the fp32 weight.
     """
+    if fmt not in BLOCK_BYTES:
+        layouts.layout(fmt)                                          # an unknown name is refused as such
+        raise ValueError(f"{fmt}: no quantizer here (q8_0 and q4_0 only)")
     out_shape = packed_shape(w.shape, fmt)
     x = _blocks(w, fmt)                                              # (B, 32) fp32
     if fmt == "q8_0":
@@ -106,6 +117,9 @@ def quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
 def unpack(packed: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The integer weights and scales of packed blocks (..., nb * block_bytes): ``q`` int8 (..., nb, 32) (q4_0's
     nibbles minus 8, in -8..7) and ``d`` fp32 (..., nb), so that the weight is ``q * d[..., None]``."""
+    if fmt not in BLOCK_BYTES:
+        layouts.layout(fmt)
+        raise ValueError(f"{fmt}: unpack takes q8_0 and q4_0; layouts.integer_form takes every type")
     if packed.dtype != torch.uint8:
         raise ValueError(f"{fmt}: packed blocks must be uint8, got {packed.dtype}")
     bb = block_bytes(fmt)
@@ -127,7 +141,10 @@ def unpack(packed: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(packed: torch.Tensor, fmt: str, shape: Sequence[int] | None = None) -> torch.Tensor:
     """fp32 weights (``shape``, default (..., nb * 32)) from packed blocks (..., nb * block_bytes).
 
-    Bit-exact with ``gguf.quants.dequantize`` (each value ``q * d`` is exact in fp32)."""
+    Bit-exact with ``gguf.quants.dequantize`` (each value ``q * d`` is exact in fp32); the other types through
+    layouts.dequantize."""
+    if fmt not in BLOCK_BYTES:
+        return layouts.dequantize(packed, fmt, shape)
     q, d = unpack(packed, fmt)
     w = q.to(torch.float32) * d[..., None]
     w = w.reshape(*packed.shape[:-1], -1)
@@ -142,8 +159,8 @@ def dequantize(packed: torch.Tensor, fmt: str, shape: Sequence[int] | None = Non
 
 @dataclass
 class QuantizedTensor:
-    """A weight of logical ``shape`` (..., K) stored as GGUF blocks ``data`` (uint8 (..., K // 32 *
-    block_bytes)) in format ``fmt``."""
+    """A weight of logical ``shape`` (..., K) stored as GGUF blocks ``data`` (uint8 ``packed_shape(shape, fmt)``)
+    in format ``fmt`` (any type of layouts.py)."""
     data: torch.Tensor
     fmt: str
     shape: tuple[int, ...]

@@ -1,12 +1,14 @@
-"""Decode products over quantized weights: ``qlinear(x (M, K), packed (N, K/32 blocks), fmt) -> (M, N)``.
+"""Decode products over quantized weights: ``qlinear(x (M, K), packed (N, K // values * bytes), fmt) -> (M, N)``.
 
 A decode step multiplies one to eight activation rows by every weight matrix, so it is bound by how fast the
-weights are read; q8_0 reads 34 bytes per 32 weights and q4_0 18, against 64 for bf16. The C++ kernel of
-csrc/qlinear.cpp (built at run time by torch.utils.cpp_extension on CPUs with AVX2 or AVX-512, cached on disk by
-PyTorch) quantizes the activation rows once per call to int8 blocks with an fp32 scale (``quantize_activations``),
-takes integer dot products per block and sums ``float(dot) * d_w * d_a`` over the blocks in order, in fp32.
-Its AVX2 and AVX512-VNNI paths give the same bits, and an output's bits do not depend on how many rows are
-multiplied together.
+weights are read; q8_0 reads 34 bytes per 32 weights, q4_K 144 per 256, against 64 per 32 for bf16. The C++
+kernels of csrc/ (built at run time by torch.utils.cpp_extension on CPUs with AVX2 or AVX-512, cached on disk by
+PyTorch) serve every type of layouts.py: they quantize the activation rows once per call to int8 blocks with an
+fp32 scale (``quantize_activations``: blocks of 32 for the 32-value types, of 256 for the K types and iq4_xs),
+take integer dot products (per block, or per super-block with the integer sub-block scales applied) and sum
+``float(dot) * (d_w * d_a)`` (and the types' min or offset terms) over the blocks in order, in fp32; csrc/qlinear.cpp
+and csrc/qlinear_k.cpp state each type's arithmetic. Their AVX2 and AVX512-VNNI paths give the same bits, and an
+output's bits do not depend on how many rows are multiplied together.
 
 ``qlinear_reference`` is the plain PyTorch product of the dequantized weights with the same int8-quantized
 activations (fp32 matmul; equal to the kernel to fp32 rounding, not bit for bit): the path where no C++ kernel can
@@ -22,12 +24,13 @@ from typing import Optional, Union
 
 import torch
 
-from sirocco.backends.quant.formats import BLOCK, QuantizedTensor, dequantize, packed_shape, round_half_away
+from sirocco.backends.quant.formats import QuantizedTensor, round_half_away
+from sirocco.backends.quant.layouts import TYPES, block_values, dequantize, packed_shape
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8                                   # the kernel's largest row count
-FMT_CODES = {"q8_0": 0, "q4_0": 1}
+FMT_CODES = {fmt: code for code, fmt in enumerate(TYPES)}    # csrc/blocks.h's codes
 ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
 DEQUANT_ISA_CODES = {"auto": 0, "avx2": 1, "avx512bf16": 2}
 
@@ -36,10 +39,12 @@ _failed = False
 CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
-# One translation unit: qmoe.cpp (a MoE layer's experts in one call) uses qlinear.cpp's tiles and the backends'
-# shared moe_plan.h; dequantize.cpp (pre-fill's tiles) qlinear.cpp's block constants.
-SOURCES = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parents[1] / "csrc" / "moe_plan.h",
-           Path(__file__).parent / "csrc" / "qmoe.cpp", Path(__file__).parent / "csrc" / "dequantize.cpp")
+# One translation unit: blocks.h's format codes first; qlinear_k.cpp (the 256-value types) uses qlinear.cpp's
+# activations and vector operations; qmoe.cpp (a MoE layer's experts in one call) their tiles and the backends'
+# shared moe_plan.h; dequantize.cpp (pre-fill's tiles) the block constants and scale unpacking.
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = (_CSRC / "blocks.h", _CSRC / "qlinear.cpp", _CSRC / "qlinear_k.cpp", Path(__file__).parents[1] / "csrc" /
+           "moe_plan.h", _CSRC / "qmoe.cpp", _CSRC / "dequantize.cpp")
 
 
 def _build(name: str, defines: tuple[str, ...] = ()):
@@ -89,13 +94,22 @@ def kernel_available() -> bool:
     return native_module() is not None
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows x (M, K) -> (q int8 (M, K), d fp32 (M, K // 32)) with x ~ q * d per block of 32, bit for bit as the
-    kernel quantizes them: ``d = max|x| / 127`` (kept in fp32), ``q = round(x * (1/d))`` ties away from zero; a
-    block whose d is not a normal fp32 (all zeros, or tiny) gets d = 0 and q = 0."""
-    if x.shape[-1] % BLOCK:
-        raise ValueError(f"activations: K must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
-    blocks = x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, BLOCK)
+def activation_block(fmt: str) -> int:
+    """The block length the kernels quantize activations in for weights of ``fmt``: 32 for the 32-value types,
+    256 for the others (llama.cpp's q8_K blocks)."""
+    return block_values(fmt)
+
+
+def quantize_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x (M, K) -> (q int8 (M, K), d fp32 (M, K // block)) with x ~ q * d per block of ``block`` (32 or 256),
+    bit for bit as the kernels quantize them: ``d = max|x| / 127`` (kept in fp32), ``q = round(x * (1/d))`` ties
+    away from zero; a block whose d is not a normal fp32 (all zeros, or tiny) gets d = 0 and q = 0. The kernels of
+    the 256-value types also use the sums of each 16 quants (``q.reshape(M, -1, 16).sum(-1)``)."""
+    if block not in (32, 256):
+        raise ValueError(f"activations: blocks of 32 or 256 values, got {block}")
+    if x.shape[-1] % block:
+        raise ValueError(f"activations: K must be a multiple of {block}, got shape {tuple(x.shape)}")
+    blocks = x.detach().to(torch.float32).reshape(*x.shape[:-1], -1, block)
     amax = blocks.abs().amax(-1)
     d = amax / torch.full_like(amax, 127.0)
     normal = d >= torch.finfo(torch.float32).tiny
@@ -129,15 +143,16 @@ def qlinear_reference(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTens
     k = x.shape[-1]
     n = data.shape[0]
     w = dequantize(data, fmt, (n, k))
-    q, d = quantize_activations(x)
-    xa = (q.to(torch.float32).reshape(*x.shape[:-1], -1, BLOCK) * d[..., None]).reshape(x.shape)
+    block = activation_block(fmt)
+    q, d = quantize_activations(x, block)
+    xa = (q.to(torch.float32).reshape(*x.shape[:-1], -1, block) * d[..., None]).reshape(x.shape)
     return (xa @ w.T).to(x.dtype)
 
 
 def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str] = None,
             isa: str = "auto") -> torch.Tensor:
     """y (M, N) in x's dtype = x (M, K) (fp32 or bf16, M in 1..8) times the quantized weight (N, K) held as packed
-    GGUF blocks (uint8 (N, K // 32 * block_bytes)) of format ``fmt`` ("q8_0" or "q4_0").
+    GGUF blocks (uint8 (N, K // values * bytes)) of format ``fmt`` (a type of layouts.py: "q8_0", "q4_K", ...).
 
     The C++ kernel where it is built and x is on CPU; otherwise ``qlinear_reference``. ``isa`` ("auto", "avx2",
     "avx512vnni") forces a path of the kernel, for tests on machines that have both."""
@@ -162,9 +177,9 @@ def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str
 
 
 def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str = "auto") -> torch.Tensor:
-    """``out`` (N, K) fp32 or bf16 = the weights of the packed blocks (N, K // 32 * block_bytes): the bits of
-    ``formats.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
-    one C++ pass where the kernels are built and everything is on CPU, else through ``formats.dequantize``.
+    """``out`` (N, K) fp32 or bf16 = the weights of the packed blocks (N, K // values * bytes): the bits of
+    ``layouts.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
+    one C++ pass where the kernels are built and everything is on CPU, else through ``layouts.dequantize``.
     Pre-fill's tiles (linear.py) reuse one buffer this way. ``isa`` ("auto", "avx2", "avx512bf16") forces a path
     of the bf16 pass, for tests."""
     module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
@@ -178,8 +193,8 @@ def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str 
 def qmoe(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, q1: torch.Tensor, q3: torch.Tensor,
          q2: torch.Tensor, fmt: str, isa: str = "auto") -> Optional[torch.Tensor]:
     """A MoE layer's experts for a decode step in one call (csrc/qmoe.cpp): x (T, D) fp32 or bf16, chosen and
-    weights (T, k) (expert ids, and their weights in x's dtype), q1 / q3 (E, H, D / 32 * block_bytes) and q2
-    (E, D, H / 32 * block_bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).
+    weights (T, k) (expert ids, and their weights in x's dtype), q1 / q3 (E, H, D // values * bytes) and q2
+    (E, D, H // values * bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).
     Returns (T, D) in x's dtype, the bits of the per-expert QuantLinear path; None where the kernel is not built
     or x is not on CPU."""
     module = _decode_module(x)

@@ -1,4 +1,4 @@
-"""``QuantLinear``: an nn.Linear whose weight is held as GGUF q8_0 / q4_0 blocks.
+"""``QuantLinear``: an nn.Linear whose weight is held as GGUF blocks (q8_0, q4_0, or any type of layouts.py).
 
 Forward, by where and how many rows:
 
@@ -55,7 +55,7 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor
     """y = x @ W^T (+ bias) with W (out_features, in_features) stored as GGUF blocks of format ``fmt``.
 
-    The blocks are the uint8 buffer ``qweight`` (out_features, in_features // 32 * block_bytes), saved in the
+    The blocks are the uint8 buffer ``qweight`` (``packed_shape((out_features, in_features), fmt)``), saved in the
     state dict; ``fmt`` and ``shape`` are plain attributes (the format is also in ``extra_repr``)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,

@@ -10,7 +10,14 @@
 // finite fp32), written in the same pass so that no fp32 copy of the band is made and read again. Worked example, q4_0: a block's 16 quant bytes hold values 0..15 in their low nibbles and
 // 16..31 in their high ones, so byte 3 = 0xA2 gives q_3 = 0x2 - 8 = -6 and q_19 = 0xA - 8 = 2.
 //
-// Read after qlinear.cpp (QK, kQ8, kQ4, block_bytes), in one translation unit (kernels.py).
+// The other types (block_other): each block is unpacked to its signed quants (layouts.py's integer form) and, per
+// sub-block of 16 or 32 values, the factor dl = d * scale and the term ml = dmin * min (q2_K, q4_K, q5_K:
+// subtracted) or m (q4_1, q5_1: added), each an fp32 product as the gguf package computes them; then every value is
+// dl * q, minus or plus that term, one rounding each: the bits of layouts.dequantize. Worked example, q6_K: value
+// 70 is the high nibble of ql byte 6 with bits 4-5 of qh byte 6 above it, minus 32, times d * scale 4.
+//
+// Read after qlinear.cpp and qlinear_k.cpp (the format constants, the scale unpacking of the K types), in one
+// translation unit (kernels.py).
 namespace dequant_kernel {
 
 // 8 fp32 values to out: as they are, or rounded to bf16 (nearest, ties to even: add 0x7FFF plus the lowest kept
@@ -75,10 +82,189 @@ BF16_TARGET inline void block_q4_bf16(const uint8_t* blk, at::BFloat16* out) {
   store16(out + QK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
 }
 
+// -- the other types
+struct Unpacked {
+  alignas(32) int8_t q[QKK];
+  float dl[16], ml[16];
+};
+
+template <int FMT> constexpr int sub_values() { return FMT == kQ2K || FMT == kQ3K || FMT == kQ6K ? 16 : 32; }
+template <int FMT> constexpr int term() {                  // -1: minus ml, +1: plus m, 0: none
+  return FMT == kQ2K || FMT == kQ4K || FMT == kQ5K ? -1 : FMT == kQ41 || FMT == kQ51 ? 1 : 0;
+}
+inline float half(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+// The quants are built 32 at a time with the byte operations of the decode tiles (masks and shifts of 16-bit
+// lanes, vpshufb for the codebook), in natural order, as int8; dl and ml per sub-block in scalar code.
+template <int FMT>
+inline void unpack(const uint8_t* b, Unpacked& u) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), three = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+  auto load32 = [](const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); };
+  auto put = [&](int at, __m256i v) { _mm256_store_si256((__m256i*)(u.q + at), v); };
+  auto shr = [](__m256i v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); };
+  auto nibbles = [&](const uint8_t* p) {          // 16 bytes -> their low nibbles, then their high nibbles
+    const __m128i v = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+  };
+  const __m256i codebook = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4Values));
+  if constexpr (FMT == kQ41 || FMT == kQ50 || FMT == kQ51 || FMT == kIQ4NL) {
+    __m256i q = nibbles(b + qs_at<FMT>());
+    if (FMT == kIQ4NL) q = _mm256_shuffle_epi8(codebook, q);
+    if (has_qh<FMT>()) {
+      uint32_t qh;
+      std::memcpy(&qh, b + qh_at<FMT>(), 4);
+      q = _mm256_or_si256(q, fifth_bits(qh));
+    }
+    if (FMT == kQ50) q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    put(0, q);
+    u.dl[0] = half(b);                           // d * 1
+    if (has_m<FMT>()) u.ml[0] = half(b + 2);
+  } else if constexpr (FMT == kQ2K) {
+    const float d = half(b + 80), dmin = half(b + 82);
+    for (int i = 0; i < 16; ++i) {
+      u.dl[i] = d * (float)(b[i] & 15);
+      u.ml[i] = dmin * (float)(b[i] >> 4);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = load32(b + 16 + 32 * h);
+      for (int t = 0; t < 4; ++t) put(128 * h + 32 * t, _mm256_and_si256(shr(q, 2 * t), three));
+    }
+  } else if constexpr (FMT == kQ3K) {
+    const float d = half(b + 108);
+    uint64_t lo8, hi8;
+    ktile::q3_scales(b + 96, lo8, hi8);
+    for (int i = 0; i < 16; ++i) u.dl[i] = d * (float)((int)(((i < 8 ? lo8 : hi8) >> (8 * (i % 8))) & 0xFF) - 32);
+    const __m256i hm = load32(b), four = _mm256_set1_epi8(4);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i q = load32(b + 32 + 32 * h);
+      for (int t = 0; t < 4; ++t) {              // q - 4 where the hmask bit is clear
+        const __m256i high = _mm256_slli_epi16(_mm256_and_si256(shr(hm, 4 * h + t), one), 2);
+        put(128 * h + 32 * t, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(shr(q, 2 * t), three), high), four));
+      }
+    }
+  } else if constexpr (FMT == kQ4K || FMT == kQ5K) {
+    const float d = half(b), dmin = half(b + 2);
+    uint64_t sc8, mn8;
+    ktile::k_scales(b + 4, sc8, mn8);
+    for (int j = 0; j < 8; ++j) {
+      u.dl[j] = d * (float)((sc8 >> (8 * j)) & 0xFF);
+      u.ml[j] = dmin * (float)((mn8 >> (8 * j)) & 0xFF);
+    }
+    const uint8_t* qs = b + (FMT == kQ5K ? 48 : 16);
+    const __m256i qh = FMT == kQ5K ? load32(b + 16) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i v = load32(qs + 32 * j);
+      __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      if (FMT == kQ5K) {
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(shr(qh, 2 * j), one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(shr(qh, 2 * j + 1), one), 4));
+      }
+      put(64 * j, lo);
+      put(64 * j + 32, hi);
+    }
+  } else if constexpr (FMT == kQ6K) {
+    const float d = half(b + 208);
+    for (int i = 0; i < 16; ++i) u.dl[i] = d * (float)(int8_t)b[192 + i];
+    const __m256i top = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i A = load32(b + 64 * h), B = load32(b + 64 * h + 32), H = load32(b + 128 + 32 * h);
+      const __m256i c[4] = {
+          _mm256_or_si256(_mm256_and_si256(A, low4), _mm256_and_si256(_mm256_slli_epi16(H, 4), top)),
+          _mm256_or_si256(_mm256_and_si256(B, low4), _mm256_and_si256(_mm256_slli_epi16(H, 2), top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(A, 4), low4), _mm256_and_si256(H, top)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(B, 4), low4),
+                          _mm256_and_si256(_mm256_srli_epi16(H, 2), top))};
+      for (int t = 0; t < 4; ++t) put(128 * h + 32 * t, _mm256_sub_epi8(c[t], off));
+    }
+  } else {
+    static_assert(FMT == kIQ4XS, "a type of blocks.h");
+    const float d = half(b);
+    const uint64_t ls = ktile::xs_scales(b);
+    for (int j = 0; j < 8; ++j) u.dl[j] = d * (float)((int)((ls >> (8 * j)) & 0xFF) - 32);
+    for (int j = 0; j < 8; ++j) put(32 * j, _mm256_shuffle_epi8(codebook, nibbles(b + 8 + 16 * j)));
+  }
+}
+
+template <int FMT, typename T>
+void row_other(const uint8_t* src, int64_t nb, T* out) {
+  constexpr int V = (int)block_values(FMT), S = sub_values<FMT>();
+  for (int64_t blk = 0; blk < nb; ++blk, src += block_bytes<FMT>(), out += V) {
+    Unpacked u;
+    unpack<FMT>(src, u);
+    for (int j = 0; j < V / S; ++j) {
+      const __m256 dl = _mm256_set1_ps(u.dl[j]), ml = term<FMT>() ? _mm256_set1_ps(u.ml[j]) : _mm256_setzero_ps();
+      for (int i = 0; i < S; i += 8) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(u.q + j * S + i))));
+        __m256 v = _mm256_mul_ps(dl, q);
+        if (term<FMT>() < 0) v = _mm256_sub_ps(v, ml);
+        if (term<FMT>() > 0) v = _mm256_add_ps(v, ml);
+        store8(out + j * S + i, v);
+      }
+    }
+  }
+}
+
+template <typename T>
+using RowFn = void (*)(const uint8_t*, int64_t, T*);
+
+template <typename T>
+RowFn<T> other_row(int64_t fmt) {
+  switch (fmt) {
+    case kQ41: return row_other<kQ41, T>;
+    case kQ50: return row_other<kQ50, T>;
+    case kQ51: return row_other<kQ51, T>;
+    case kIQ4NL: return row_other<kIQ4NL, T>;
+    case kQ2K: return row_other<kQ2K, T>;
+    case kQ3K: return row_other<kQ3K, T>;
+    case kQ4K: return row_other<kQ4K, T>;
+    case kQ5K: return row_other<kQ5K, T>;
+    case kQ6K: return row_other<kQ6K, T>;
+    case kIQ4XS: return row_other<kIQ4XS, T>;
+  }
+  return nullptr;
+}
+
 BF16_TARGET void row_bf16(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, at::BFloat16* o) {
   for (int64_t b = 0; b < nb; ++b, src += bb, o += QK) {
     if (fmt == kQ8) block_q8_bf16(src, o); else block_q4_bf16(src, o);
   }
+}
+
+// The other types' bf16 tiles with AVX512-BF16: the same unpacking, then 16 values per instruction (the values
+// are multiples of 2^-24 and so never fp32 subnormals, which vcvtneps2bf16 would read as zero).
+template <int FMT>
+BF16_TARGET void row_other_bf16(const uint8_t* src, int64_t nb, at::BFloat16* out) {
+  constexpr int V = (int)block_values(FMT), S = sub_values<FMT>();
+  for (int64_t blk = 0; blk < nb; ++blk, src += block_bytes<FMT>(), out += V) {
+    Unpacked u;
+    unpack<FMT>(src, u);
+    for (int j = 0; j < V / S; ++j) {
+      const __m512 dl = _mm512_set1_ps(u.dl[j]), ml = term<FMT>() ? _mm512_set1_ps(u.ml[j]) : _mm512_setzero_ps();
+      for (int i = 0; i < S; i += 16) {
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i*)(u.q + j * S + i))));
+        __m512 v = _mm512_mul_ps(dl, q);
+        if (term<FMT>() < 0) v = _mm512_sub_ps(v, ml);
+        if (term<FMT>() > 0) v = _mm512_add_ps(v, ml);
+        store16(out + j * S + i, v);
+      }
+    }
+  }
+}
+
+RowFn<at::BFloat16> other_row_bf16(int64_t fmt) {
+  switch (fmt) {
+    case kQ41: return row_other_bf16<kQ41>;
+    case kQ50: return row_other_bf16<kQ50>;
+    case kQ51: return row_other_bf16<kQ51>;
+    case kIQ4NL: return row_other_bf16<kIQ4NL>;
+    case kQ2K: return row_other_bf16<kQ2K>;
+    case kQ3K: return row_other_bf16<kQ3K>;
+    case kQ4K: return row_other_bf16<kQ4K>;
+    case kQ5K: return row_other_bf16<kQ5K>;
+    case kQ6K: return row_other_bf16<kQ6K>;
+    case kIQ4XS: return row_other_bf16<kIQ4XS>;
+  }
+  return nullptr;
 }
 
 bool cpu_has_avx512bf16() {
@@ -89,9 +275,16 @@ bool cpu_has_avx512bf16() {
 
 template <typename T>
 void rows(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, T* dst, int64_t N, bool avx512) {
-  const int64_t K = nb * QK;
+  const int64_t K = nb * block_values((int)fmt);
+  RowFn<T> other = fmt == kQ8 || fmt == kQ4 ? nullptr : other_row<T>(fmt);
+  if constexpr (std::is_same_v<T, at::BFloat16>)
+    if (other && avx512) other = other_row_bf16(fmt);
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
+      if (other) {
+        other(src + n * nb * bb, nb, dst + n * K);
+        continue;
+      }
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (avx512) {
           row_bf16(src + n * nb * bb, fmt, nb, bb, dst + n * K);
@@ -112,17 +305,17 @@ void rows(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, T* dst, int64
 // isa: 0 the best this CPU runs (AVX512-BF16 for bf16 outputs where it has it), 1 AVX2, 2 AVX512-BF16 (an error
 // where the CPU lacks it).
 void dequantize_into(torch::Tensor packed, int64_t fmt, torch::Tensor out, int64_t isa) {
-  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, "dequantize_into: fmt 0 (q8_0) or 1 (q4_0), got ", fmt);
+  check_format(fmt, "dequantize_into");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.device().is_cpu(),
               "dequantize_into: contiguous uint8 CPU blocks (N, bytes), got ", packed.sizes());
   TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
               out.is_contiguous() && out.size(0) == packed.size(0),
               "dequantize_into: a contiguous fp32 or bf16 output of ", packed.size(0), " rows, got ", out.sizes(), " ",
               out.scalar_type());
-  const int64_t bb = fmt == kQ8 ? block_bytes<kQ8>() : block_bytes<kQ4>();
-  const int64_t N = packed.size(0), K = out.size(1), nb = K / QK;
-  TORCH_CHECK(K % QK == 0 && packed.size(1) == nb * bb, "dequantize_into: blocks of ", packed.size(1),
-              " bytes per row do not hold ", K, " values");
+  const int64_t bb = kBlockBytes[fmt], V = block_values((int)fmt);
+  const int64_t N = packed.size(0), K = out.size(1), nb = K / V;
+  TORCH_CHECK(K % V == 0 && packed.size(1) == nb * bb, "dequantize_into: ", kNames[fmt], " blocks of ",
+              packed.size(1), " bytes per row do not hold ", K, " values");
   const bool has = dequant_kernel::cpu_has_avx512bf16();
   TORCH_CHECK(isa != 2 || has, "dequantize_into: this CPU has no AVX512-BF16");
   const bool avx512 = isa == 2 || (isa == 0 && has);

@@ -1,4 +1,4 @@
-// One MoE layer's experts in a decode step, over q8_0 / q4_0 blocks stacked per layer, in one call:
+// One MoE layer's experts in a decode step, over GGUF blocks of any type of blocks.h stacked per layer, in one call:
 //
 //   qmoe(x (T, D), ids (T, k) int64, weights (T, k), q1 (E, H, bytes), q3 (E, H, bytes), q2 (E, D, bytes'),
 //        fmt, isa) -> (T, D)
@@ -28,8 +28,7 @@ namespace qmoe_kernel {
 // For every chunk of the plan: y rows [first, first + rows) (row length N) = the activation rows of the chunk times
 // the N rows of its expert's blocks w + expert * stride (and the same with w_b into y_b if given). Tasks are tiles
 // of output rows (tile_rows), chunk after chunk.
-template <int FMT>
-void products(const moe_plan::Plan& plan, const QuantizedRows& a, bool vnni, int64_t N, int64_t row_bytes,
+void products(const moe_plan::Plan& plan, const QuantizedRows& a, int64_t fmt, bool vnni, int64_t N, int64_t row_bytes,
               const uint8_t* w, int64_t stride, float* y, const uint8_t* w_b = nullptr, int64_t stride_b = 0,
               float* y_b = nullptr) {
   const int64_t rows_per_tile = tile_rows(vnni, row_bytes), per_chunk = (N + rows_per_tile - 1) / rows_per_tile;
@@ -41,7 +40,7 @@ void products(const moe_plan::Plan& plan, const QuantizedRows& a, bool vnni, int
     for (int64_t t = t0; t < t1; ++t) {
       const moe_plan::Chunk& c = plan.chunks[t / per_chunk];
       const int64_t n0 = (t % per_chunk) * rows_per_tile, valid = std::min<int64_t>(rows_per_tile, N - n0);
-      const TileFn tile = pick<FMT>(c.rows, vnni);
+      const TileFn tile = pick_tile(fmt, c.rows, vnni);
       const Acts acts = a.from(c.first);
       tile(w + c.expert * stride, row_bytes, n0, valid, acts, y + c.first * N, N);
       if (w_b) tile(w_b + c.expert * stride_b, row_bytes, n0, valid, acts, y_b + c.first * N, N);
@@ -49,9 +48,8 @@ void products(const moe_plan::Plan& plan, const QuantizedRows& a, bool vnni, int
   });
 }
 
-template <int FMT>
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch::Tensor& weights,
-                  const torch::Tensor& q1, const torch::Tensor& q3, const torch::Tensor& q2, bool vnni) {
+                  const torch::Tensor& q1, const torch::Tensor& q3, const torch::Tensor& q2, int64_t fmt, bool vnni) {
   const int64_t D = x.size(1), E = q1.size(0), H = q1.size(1);
   const moe_plan::Plan plan = moe_plan::make(ids, E);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
@@ -61,9 +59,9 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
   auto xs = torch::empty({plan.P, D}, f32);                       // the inputs in pair order
   for (int64_t p = 0; p < plan.P; ++p)
     std::memcpy(xs.data_ptr<float>() + p * D, xf.data_ptr<float>() + plan.token[p] * D, D * sizeof(float));
-  const QuantizedRows xa(xs.data_ptr<float>(), plan.P, D, x.options());
+  const QuantizedRows xa(xs.data_ptr<float>(), plan.P, D, x.options(), fmt, vnni);
   auto g = torch::empty({plan.P, H}, f32), u = torch::empty({plan.P, H}, f32);
-  products<FMT>(plan, xa, vnni, H, q1.size(2), q1.data_ptr<uint8_t>(), q1.stride(0), g.data_ptr<float>(),
+  products(plan, xa, fmt, vnni, H, q1.size(2), q1.data_ptr<uint8_t>(), q1.stride(0), g.data_ptr<float>(),
                 q3.data_ptr<uint8_t>(), q3.stride(0), u.data_ptr<float>());
 
   auto h = g.to(dtype);                                           // the QuantLinear path's roundings, in x's dtype
@@ -74,9 +72,9 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
   h.mul_(u.to(dtype));
 
   auto hf = h.to(at::kFloat).contiguous();
-  const QuantizedRows ha(hf.data_ptr<float>(), plan.P, H, x.options());
+  const QuantizedRows ha(hf.data_ptr<float>(), plan.P, H, x.options(), fmt, vnni);
   auto y = torch::empty({plan.P, D}, f32);
-  products<FMT>(plan, ha, vnni, D, q2.size(2), q2.data_ptr<uint8_t>(), q2.stride(0), y.data_ptr<float>());
+  products(plan, ha, fmt, vnni, D, q2.size(2), q2.data_ptr<uint8_t>(), q2.stride(0), y.data_ptr<float>());
 
   auto yt = y.to(dtype);
   auto out = torch::empty({plan.T, D}, x.options());
@@ -93,19 +91,19 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
 
 torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor q1, torch::Tensor q3,
                    torch::Tensor q2, int64_t fmt, int64_t isa) {
-  TORCH_CHECK(fmt == kQ8 || fmt == kQ4, "qmoe: fmt 0 (q8_0) or 1 (q4_0), got ", fmt);
+  check_format(fmt, "qmoe");
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
               "qmoe: expected x (T, D), ids and weights (T, k), got ", x.sizes(), ", ", ids.sizes(), ", ",
               weights.sizes());
-  const int64_t bb = fmt == kQ8 ? block_bytes<kQ8>() : block_bytes<kQ4>();
+  const int64_t bb = kBlockBytes[fmt], V = block_values((int)fmt);
   const int64_t D = x.size(1);
   TORCH_CHECK(q1.dim() == 3 && q1.sizes() == q3.sizes() && q2.dim() == 3 && q2.size(0) == q1.size(0),
               "qmoe: expected q1, q3 (E, H, bytes) and q2 (E, D, bytes), got ", q1.sizes(), ", ", q3.sizes(), ", ",
               q2.sizes());
   const int64_t H = q1.size(1);
-  TORCH_CHECK(D % QK == 0 && H % QK == 0 && q1.size(2) == D / QK * bb && q2.size(1) == D && q2.size(2) == H / QK * bb,
-              "qmoe: blocks ", q1.sizes(), ", ", q2.sizes(), " do not hold experts of (", H, ", ", D, ") with ", bb,
-              " bytes per block of 32");
+  TORCH_CHECK(D % V == 0 && H % V == 0 && q1.size(2) == D / V * bb && q2.size(1) == D && q2.size(2) == H / V * bb,
+              "qmoe: ", kNames[fmt], " blocks ", q1.sizes(), ", ", q2.sizes(), " do not hold experts of (", H, ", ", D,
+              ") with ", bb, " bytes per block of ", V);
   for (const auto& q : {q1, q3, q2})
     TORCH_CHECK(q.scalar_type() == at::kByte && q.device().is_cpu() && q.stride(2) == 1 && q.stride(1) == q.size(2),
                 "qmoe: uint8 CPU blocks, each expert's rows contiguous, got strides ", q.strides());
@@ -117,5 +115,5 @@ torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, to
   TORCH_CHECK(isa != 2 || has_vnni, "qmoe: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
   auto xc = x.contiguous(), idc = ids.contiguous(), wc = weights.contiguous();
-  return fmt == kQ8 ? qmoe_kernel::run<kQ8>(xc, idc, wc, q1, q3, q2, vnni) : qmoe_kernel::run<kQ4>(xc, idc, wc, q1, q3, q2, vnni);
+  return qmoe_kernel::run(xc, idc, wc, q1, q3, q2, fmt, vnni);
 }
