@@ -28,10 +28,14 @@ GREEDY = SamplingParams(max_tokens=8)
 SAMPLED = SamplingParams(max_tokens=8, temperature=1.0, top_k=50, seed=3)
 
 
-def model_for(name):
-    if name not in MODELS:
-        MODELS[name] = build_model(ARGS[name], seed=21)
-    return MODELS[name]
+def model_for(name, backend="torch"):
+    """A random model, as built (the torch backend) or on the cpu backend (speculation needs its row-exact
+    kernels): the same weights either way."""
+    if (name, backend) not in MODELS:
+        MODELS[name, backend] = build_model(ARGS[name], seed=21)
+        if backend != "torch":
+            backends.attach(MODELS[name, backend], backend)
+    return MODELS[name, backend]
 
 
 def tokens(n, seed):
@@ -39,9 +43,9 @@ def tokens(n, seed):
     return torch.randint(3, 259, (n,), generator=g).tolist()
 
 
-def engine(name, chunk=8, store=STORE, rows=2, **kw):
-    return Engine(model_for(name), None, max_rows=rows, chunk_size=chunk, max_seq_len=160, prefix_cache_bytes=store,
-                  **kw)
+def engine(name, chunk=8, store=STORE, rows=2, backend="torch", **kw):
+    return Engine(model_for(name, backend), None, max_rows=rows, chunk_size=chunk, max_seq_len=160,
+                  prefix_cache_bytes=store, **kw)
 
 
 def cold(name, prompt, params, chunk=8):
@@ -199,24 +203,14 @@ def test_without_a_store_nothing_is_kept():
 
 
 # -- with speculative decoding: rings of W + k slots, drafts on restored rows ----------------------------------------
-SPEC_MODELS: dict = {}
 FLAT = [1.0] * ROW_EXACT_TOKENS          # a cost curve on which drafting always pays
 K = 3                                    # draft tokens: windowed rings of W + 3 slots
-
-
-def spec_model(name):
-    """The same weights as ``model_for(name)``, on the cpu backend (speculation needs its row-exact kernels)."""
-    if name not in SPEC_MODELS:
-        SPEC_MODELS[name] = build_model(ARGS[name], seed=21)
-        backends.attach(SPEC_MODELS[name], "cpu")
-    return SPEC_MODELS[name]
 
 
 def spec_engine(name, drafter=None, store=STORE):
     """Chunks of 8; without a drafter, plain decoding (no spare slots) on the same backend."""
     speculation = None if drafter is None else Speculation(drafter, draft_tokens=K, cost_curve=FLAT)
-    return Engine(spec_model(name), None, max_rows=2, chunk_size=8, max_seq_len=160, prefix_cache_bytes=store,
-                  speculation=speculation)
+    return engine(name, store=store, backend="cpu", speculation=speculation)
 
 
 class EveryThirdWrong:
