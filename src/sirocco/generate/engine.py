@@ -113,6 +113,7 @@ class RowStep:
     prefill_tokens: int                          # over the whole step
     decode_tokens: int
     restored: Sequence[int] = ()                 # the request's first step only: its prompt's restored tokens
+    drafted: int = 0                             # draft tokens it verified (speculation); it kept cached - start - 1
 
 
 class RowObserver(Protocol):
@@ -511,7 +512,9 @@ class Engine:
             self.stats.decode_seconds += seconds * (total - prompt_tokens) / total
         self.stats.draft_steps += bool(drafts)
         if watched:
-            self._tell_observers(step, plan, tokens, watched, routing or {}, seconds, prompt_tokens, lengths, starts)
+            drafted = {i: len(d.tokens) for i, d in drafts.items()}
+            self._tell_observers(step, plan, tokens, watched, routing or {}, seconds, prompt_tokens, lengths, starts,
+                                 drafted)
         return result
 
     def _save_prompts(self, seqs: list[_Running]) -> None:
@@ -539,9 +542,9 @@ class Engine:
 
     def _tell_observers(self, step: Step[_Running], plan: BatchPlan, tokens: torch.Tensor, watched: list[int],
                         routing: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], seconds: float,
-                        prompt_tokens: int, lengths: list[int], starts: list[int]) -> None:
+                        prompt_tokens: int, lengths: list[int], starts: list[int], drafted: dict[int, int]) -> None:
         """Give each observed sequence of the step its slice of the step (``lengths``: the tokens each brought,
-        drafts included; ``starts``: its first position)."""
+        drafts included; ``starts``: its first position; ``drafted``: the draft tokens each verified)."""
         routed = {layer: parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]),
                                                           torch.cat([w for _, w in parts]))
                   for layer, parts in routing.items()}
@@ -559,7 +562,7 @@ class Engine:
                 routing={layer: (c[a:b], w[a:b]) for layer, (c, w) in routed.items() if len(c) == total},
                 kind=step.phase, prefill=self.attention, seconds=seconds, rows=len(step.seqs),
                 prefill_tokens=prompt_tokens, decode_tokens=total - prompt_tokens,
-                restored=s.out.prompt_tokens[:m] if m and starts[i] == m else ()))
+                restored=s.out.prompt_tokens[:m] if m and starts[i] == m else (), drafted=drafted.get(i, 0)))
 
     def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor],
                 drafts: Optional[list[Optional[Draft]]] = None) -> list[tuple[_Running, Sampled]]:

@@ -92,6 +92,9 @@ class RowTrace:
             "rows": st.rows, "prefill_tokens": st.prefill_tokens, "decode_tokens": st.decode_tokens,
             "row": st.row, "start": st.start, "cached": st.cached,
             "tokens": [[st.start + i, t, tt(t) if tt is not None else None] for i, t in enumerate(st.tokens)]}
+        if st.drafted:
+            step["proposed_tokens"] = st.drafted
+            step["accepted_tokens"] = st.cached - st.start - 1
         if st.restored:
             # the prompt tokens the row was given before this step, and those of them the slot map holds
             held = rec.slots.get(self.trace.window, {}).get(st.row) or []

@@ -154,7 +154,8 @@ export class Inside {
     t.ms += ev.ms;
     s.steps.push({
       step: ev.step, kind: ev.kind, rows: ev.rows, prefill: ev.prefill_tokens, decode: ev.decode_tokens, ms: ev.ms,
-      mine: ev.tokens.length, reused: ev.cached_tokens, accepted: ev.accepted_tokens,
+      mine: ev.tokens.length, reused: ev.cached_tokens,
+      accepted: ev.proposed_tokens ? `${ev.accepted_tokens}/${ev.proposed_tokens}` : undefined,
     });
     if (s.steps.length > MAX_STEPS) s.steps.shift();
     if (ev.moe) {
