@@ -20,6 +20,7 @@ from sirocco.cli import main
 from web_fixtures import (
     REQUIRED,
     browser,
+    inside_request,
     missing,
     open_page,
     seed_conversation,
@@ -152,10 +153,11 @@ def test_inside_slot_map_equals_viz_cache_for_the_same_tokens(chrome, tiny):
         # two questions of the same length one after the other: the second's cells hold the same positions, and
         # must show its own tokens
         for question in (QUESTION, "What does the for statement do?"):
+            before = inside_request(pg)
             pg.click("#new-chat")
             send(pg, question)
             wait_answer(pg)
-            wait_inside_done(pg)
+            wait_inside_done(pg, after=before)
             page_slots = slot_map(pg)
             want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "80")[0]
             held = (want["prompt_tokens"] + want["tokens"])[:-1]   # the last token sampled never went through
@@ -184,9 +186,10 @@ def test_a_regenerated_answer_shows_the_prompt_it_took_from_the_prefix_store(chr
         send(pg, question)
         first = wait_answer(pg)["text"]
         wait_inside_done(pg)
+        before = inside_request(pg)
         pg.click("article.assistant button.regenerate")
+        wait_inside_done(pg, after=before)
         assert wait_answer(pg)["text"] == first
-        wait_inside_done(pg)
         want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "8")[0]
         held = (want["prompt_tokens"] + want["tokens"])[:-1]
         assert 16 < len(want["prompt_tokens"]) and len(held) <= 64              # stored, and not wrapped
