@@ -195,10 +195,13 @@ def add_sampling_arguments(g: argparse._ActionsContainer, max_tokens: int, seed:
                    help=f"random seed, a 64-bit signed integer; {per} i samples with seed + i (default {seed})")
 
 
+DEFAULT_PREFIX_CACHE_MIB = 1024
+
+
 def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunks: bool = True,
-                         max_seq_len: bool = False) -> None:
+                         max_seq_len: bool = False, prefix_cache: bool = False) -> None:
     """The engine's sizes and what computes the model: --max-rows, --chunk-size, --max-batch-tokens,
-    --max-seq-len (where asked), --attention, --backend."""
+    --max-seq-len and --prefix-cache-mib (where asked), --attention, --backend."""
     from ..backends import BACKENDS
     if rows:
         g.add_argument("--max-rows", type=positive_int, default=8,
@@ -212,11 +215,22 @@ def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunk
     if max_seq_len:
         g.add_argument("--max-seq-len", type=positive_int, default=None,
                        help="longest prompt + generation in tokens; sizes the cache (default: the model's context)")
+    if prefix_cache:
+        g.add_argument("--prefix-cache-mib", type=non_negative_float, default=DEFAULT_PREFIX_CACHE_MIB, metavar="MIB",
+                       help="keep the pre-filled state of prompts in a store of this many MiB (keys and values of "
+                            "every layer; least recently used first out), so a prompt that starts with a stored "
+                            "one, such as a chat's next turn, pre-fills only what is new; 0 turns it off (default "
+                            f"{DEFAULT_PREFIX_CACHE_MIB})")
     g.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
                    help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="what computes the model: torch (the plain-PyTorch reference), cpu (C++ decode kernels, "
                         "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
+
+
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """The engine's ``prefix_cache_bytes`` from --prefix-cache-mib."""
+    return int(args.prefix_cache_mib * SIZE_UNITS["MIB"])
 
 
 def add_progress_argument(g: argparse._ActionsContainer) -> None:
