@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 MIXES = ("q8_0", "q6_K", "q5_K_M", "q4_K_M", "iq4_xs", "q4_0", "q3_K_M", "q2_K")
@@ -205,7 +205,7 @@ def sirocco_perplexity(path: Path, text: Path, context: int, n_tokens: int) -> d
 
 
 def llama_perplexity(bin_dir: Path, path: Path, text: Path, context: int, threads: int, chunks: int,
-                     logits_file: Optional[Path] = None) -> dict:
+                     logits_file: Path | None = None) -> dict:
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(path), "-f", str(text), "-c", str(context), "-b",
            str(context), "-t", str(threads), "--chunks", str(chunks)]
     if logits_file is not None:

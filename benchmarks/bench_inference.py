@@ -44,9 +44,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LIBRARIES = ("sirocco", "transformers")
@@ -220,7 +221,7 @@ class SiroccoRunner:
         self.backend = backend
 
     def imports(self) -> None:
-        import sirocco.checkpoint  # noqa: F401
+        import sirocco.checkpoint
         import sirocco.generate.engine  # noqa: F401
 
     def load(self, path: Path, dtype) -> None:

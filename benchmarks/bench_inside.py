@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 
@@ -82,7 +81,7 @@ def tpot(metrics: str) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
-async def chat(client: httpx.AsyncClient, tokens: int, channel: Optional[str]) -> dict:
+async def chat(client: httpx.AsyncClient, tokens: int, channel: str | None) -> dict:
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
     if channel is not None:

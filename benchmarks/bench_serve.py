@@ -156,7 +156,7 @@ class Server:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.wait()
         return self
 

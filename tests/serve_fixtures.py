@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import torch
@@ -101,7 +100,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
 def mixed_jobs(n: int, span: int, seeded_tokens: int) -> list[dict]:
     """``n`` greedy completions of different prompt and output lengths (4 to 3 + ``span`` tokens), then one sampled
     with a seed: the load of the "each gets its solo output" tests."""
-    words = "the cat sat on a mat while rolling windows of keys slid past every layer".split()
+    words = "the cat sat on a mat while rolling windows of keys slid past every layer".split()  # noqa: SIM905 -- a sentence reads better
     jobs = [dict(prompt=" ".join(words[: 1 + (i * 5) % len(words)]) * (1 + i % 3), max_tokens=4 + (i * 7) % span,
                  temperature=0) for i in range(n)]
     jobs.append(dict(prompt="Sampled with a seed", max_tokens=seeded_tokens, temperature=1.0, top_p=0.9, seed=1234))
@@ -158,7 +157,7 @@ class PipelineServer:
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pids: dict[int, int] = {}              # rank -> pid, once they are up
-        self.returncode: Optional[int] = None
+        self.returncode: int | None = None
         try:
             self._wait_healthy(start_timeout)
         except BaseException:
@@ -182,7 +181,7 @@ class PipelineServer:
         self.pids = rank_pids(self.proc.pid)
         assert sorted(self.pids) == list(range(self.ranks)), self.pids
 
-    def stop(self, how: str = "torchrun", timeout: float = 60) -> Optional[int]:
+    def stop(self, how: str = "torchrun", timeout: float = 60) -> int | None:
         """SIGTERM (see the class) and wait for every process; returns torchrun's exit status. Anything still
         alive at the timeout is killed, and the test fails."""
         if self.returncode is not None:

@@ -26,8 +26,8 @@ import tempfile
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 SIROCCO = Path(sys.executable).parent / "sirocco"
 TEST_EXTRAS = ("pytest", "transformers", "httpx", "openai", "ruff", "mypy")     # pyproject's [test], by module
@@ -43,7 +43,7 @@ def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def run(verb: str, *args: str, stdin: Optional[str] = None, cwd: Path) -> subprocess.CompletedProcess:
+def run(verb: str, *args: str, stdin: str | None = None, cwd: Path) -> subprocess.CompletedProcess:
     """``sirocco VERB ARGS...``; its output, or StepFailed on a non-zero exit or a traceback."""
     cmd = [str(SIROCCO), verb, *args]
     try:
@@ -55,7 +55,7 @@ def run(verb: str, *args: str, stdin: Optional[str] = None, cwd: Path) -> subpro
     return done
 
 
-def check(cmd: list[str], code: Optional[int], out: str, err: str, ok: tuple[int, ...] = (0,)) -> None:
+def check(cmd: list[str], code: int | None, out: str, err: str, ok: tuple[int, ...] = (0,)) -> None:
     if code not in ok or TRACEBACK in out or TRACEBACK in err:
         why = f"exit status {code}" if code not in ok else "a traceback"
         raise StepFailed(f"{' '.join(cmd)}: {why}\n--- stdout\n{tail(out)}\n--- stderr\n{tail(err)}")
@@ -94,7 +94,7 @@ def write_inputs(root: Path) -> None:
 
 
 # -- the steps: one function per verb or more, each run in the same folder, in this order ----------------------
-Step = Callable[[Path], Optional[str]]
+Step = Callable[[Path], str | None]
 STEPS: list[tuple[str, str, Step]] = []        # (verb, what, step); a step may return a note for the log
 
 
@@ -241,7 +241,7 @@ def chat(root: Path) -> None:
     expect(len([line for line in out.splitlines() if line.strip()]) >= 1, f"chat answered {out!r}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--keep", action="store_true", help="keep the folder of outputs and print its path")
     args = p.parse_args(argv)

@@ -361,7 +361,7 @@ def test_decode_softmax_keeps_a_query_s_bits_beside_longer_ones():
             assert torch.equal(got, alone[0]), (fill, width)
     # the property decode_softmax rests on: within a regime padding keeps the bits, across it need not
     x = torch.randn(64, 1, 3, generator=g) * 4
-    pad = lambda n: torch.cat([x, torch.full((64, 1, n - 3), float("-inf"))], -1)    # noqa: E731
+    pad = lambda n: torch.cat([x, torch.full((64, 1, n - 3), float("-inf"))], -1)
     assert torch.equal(torch.softmax(pad(lanes - 1), -1)[..., :3], torch.softmax(x, -1))
     assert torch.equal(torch.softmax(pad(4 * lanes), -1)[..., :3], torch.softmax(pad(lanes), -1)[..., :3])
 

@@ -95,7 +95,7 @@ def test_dequantize_matches_gguf_on_edge_blocks(fmt):
 
 def test_the_codebook_and_a_few_values_by_hand():
     """Direct checks of the documented layouts (not only agreement with gguf)."""
-    assert layouts.KVALUES == tuple(gguf.quants.IQ4_NL.kvalues)
+    assert tuple(gguf.quants.IQ4_NL.kvalues) == layouts.KVALUES
     # q6_K: value 70 is the high nibble of ql byte 6 with bits 4-5 of qh byte 6 above it, minus 32, times d * scale 4
     b = torch.zeros(1, 210, dtype=torch.uint8)
     b[0, 6] = 0x90                                   # high nibble 9

@@ -192,7 +192,7 @@ def test_a_regenerated_answer_shows_the_prompt_it_took_from_the_prefix_store(chr
         assert wait_answer(pg)["text"] == first
         want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "8")[0]
         held = (want["prompt_tokens"] + want["tokens"])[:-1]
-        assert 16 < len(want["prompt_tokens"]) and len(held) <= 64              # stored, and not wrapped
+        assert len(want["prompt_tokens"]) > 16 and len(held) <= 64              # stored, and not wrapped
         reused = len(want["prompt_tokens"]) - 1
         assert f"({reused} from the prefix store)" in pg.text_content("#inside-note")
         cells = [c for c in slot_map(pg) if c["pos"] is not None]
@@ -227,21 +227,20 @@ def test_moe_panel_shows_two_experts_per_token_per_layer(chrome):
 def test_a_model_answer_with_a_script_tag_is_shown_as_text(chrome, tmp_path):
     payload = "<script>window.pwned=1</script>"
     ckpt = write_parrot_checkpoint(tmp_path / "parrot", payload)
-    with serve(ckpt, "--max-rows", "2", "--threads", "1") as (url, _):
-        with open_page(chrome, url + "/") as p:
-            pg = p.page
-            settings(pg, temperature=0, max_tokens=15)
-            send(pg, "Say something")
-            answer = wait_answer(pg)
-            wait_inside_done(pg)
-            assert answer["text"].strip() == payload
-            assert pg.evaluate("window.pwned") is None
-            assert pg.locator("#messages script, #inside script").count() == 0
-            body = pg.eval_on_selector("article.assistant .body",
-                                       "b => [...b.querySelectorAll('*')].map(e => e.tagName)")
-            assert body == ["DIV"]                            # one text block, no element made from the model's text
-            assert "<" in "".join(c["text"] for c in slot_map(pg))
-            assert p.console_errors() == [] and p.foreign() == []
+    with serve(ckpt, "--max-rows", "2", "--threads", "1") as (url, _), open_page(chrome, url + "/") as p:
+        pg = p.page
+        settings(pg, temperature=0, max_tokens=15)
+        send(pg, "Say something")
+        answer = wait_answer(pg)
+        wait_inside_done(pg)
+        assert answer["text"].strip() == payload
+        assert pg.evaluate("window.pwned") is None
+        assert pg.locator("#messages script, #inside script").count() == 0
+        body = pg.eval_on_selector("article.assistant .body",
+                                   "b => [...b.querySelectorAll('*')].map(e => e.tagName)")
+        assert body == ["DIV"]                            # one text block, no element made from the model's text
+        assert "<" in "".join(c["text"] for c in slot_map(pg))
+        assert p.console_errors() == [] and p.foreign() == []
 
 
 def test_the_page_asks_for_the_api_key_and_nothing_works_without_it(chrome):

@@ -102,8 +102,8 @@ def test_notebook_mask_2_later_chunk_bottom_right():
     step = trace.steps[1]
     assert step.phase == "later chunk" and step.lengths == [3, 5]
     rows = [range(5, 8), range(6, 9), range(7, 10)] + [range(11 + j, 14 + j) for j in range(5)]
-    q_layout = lambda i: (0, 7 + i) if i < 3 else (1, i)                        # noqa: E731  queries [3, 5]
-    k_layout = lambda c: (0, c) if c < 10 else (1, c - 10)                     # noqa: E731  keys [10, 8]
+    q_layout = lambda i: (0, 7 + i) if i < 3 else (1, i)
+    k_layout = lambda c: (0, c) if c < 10 else (1, c - 10)
     want = _notebook_pairs(q_layout, k_layout, rows)
     # The rolling cache holds only the W keys before each chunk (6 + 8 keys, not 10 + 8), but every pair inside
     # the window is there, and the recorded keys are exactly the cached ones: slots of the oldest-first prefix.

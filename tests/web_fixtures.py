@@ -12,9 +12,9 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 import torch
@@ -28,11 +28,11 @@ from sirocco.tokenizer import load_tokenizer
 REQUIRED = os.environ.get("SIROCCO_BROWSER_TESTS") == "require"
 
 
-def chromium() -> Optional[str]:
+def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def missing() -> Optional[str]:
+def missing() -> str | None:
     """Why the browser tests cannot run here (None: they can)."""
     try:
         import playwright.sync_api  # noqa: F401
@@ -75,7 +75,7 @@ class Page:
     def console_errors(self) -> list[str]:
         return [t for kind, t in self.console if kind == "error"] + [str(e) for e in self.errors]
 
-    def __enter__(self) -> "Page":
+    def __enter__(self) -> Page:
         return self
 
     def __exit__(self, *exc) -> None:

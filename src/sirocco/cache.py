@@ -40,7 +40,7 @@ would have landed on slots 2 and 0, overwriting positions 5 and 6, which the que
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -63,7 +63,7 @@ class LayerCache:
     def size(self) -> int:
         return self.k.shape[2]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, plan: "WindowPlan") -> None:
+    def write(self, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan) -> None:
         """Store the new keys/values ``(T, n_kv_heads, head_dim)`` of a step at the plan's (row, slot) pairs."""
         src = plan.write_src
         assert src is not None, "a plan without a cache"
@@ -74,12 +74,12 @@ class LayerCache:
             self.k[plan.write_row, :, plan.write_slot] = k[src]
             self.v[plan.write_row, :, plan.write_slot] = v[src]
 
-    def prefix(self, plan: "WindowPlan") -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix(self, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys/values each sequence's pre-fill chunk attends to, oldest first, packed:
         ``(n_prefix, n_kv_heads, head_dim)``."""
         return (self.k[plan.prefix_row, :, plan.prefix_slot], self.v[plan.prefix_row, :, plan.prefix_slot])
 
-    def rows_view(self, plan: "WindowPlan") -> tuple[torch.Tensor, torch.Tensor]:
+    def rows_view(self, plan: WindowPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of a decode step's sequences, first ``decode_len`` slots: ``(B, n_kv_heads, L, head_dim)``.
         A view when the rows are 0..B-1 (the engine keeps them so), a gather otherwise."""
         rows, n = plan.rows, plan.decode_len
@@ -104,8 +104,8 @@ class RollingCache:
     """
 
     def __init__(self, args: ModelArgs, rows: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-                 layers: Optional[list[int]] = None, spare_slots: int = 0):
+                 device: torch.device | str = "cpu", max_seq_len: int | None = None,
+                 layers: list[int] | None = None, spare_slots: int = 0):
         if spare_slots < 0:
             raise ValueError(f"spare_slots must be >= 0, got {spare_slots}")
         self.rows = rows
@@ -117,12 +117,12 @@ class RollingCache:
             i: LayerCache(rows, args.n_kv_heads, self.size_for(self.windows[i]), args.head_dim, dtype, device)
             for i in layer_ids}
 
-    def size_for(self, window: Optional[int]) -> int:
+    def size_for(self, window: int | None) -> int:
         """Slots per row for layers with this window: W (+ the spare slots), at most the maximum sequence length,
         which is also the size without a window."""
         return self.max_seq_len if window is None else min(window + self.spare_slots, self.max_seq_len)
 
-    def cache_lens(self) -> dict[Optional[int], int]:
+    def cache_lens(self) -> dict[int | None, int]:
         """``{window: S}`` for ``BatchPlan.build``."""
         return {w: self.size_for(w) for w in set(self.windows)}
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 from .errors import ConfigError
 
-Window = Optional[int]
+Window = int | None
 
 
 @dataclass
@@ -53,9 +53,9 @@ class ModelArgs:
     norm_eps: float
     vocab_size: int
     rope_theta: float = 10000.0
-    sliding_window: Union[None, int, list[Window]] = None
+    sliding_window: int | list[Window] | None = None
     max_seq_len: int = 32768
-    moe: Optional[MoeArgs] = None
+    moe: MoeArgs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
@@ -105,7 +105,7 @@ class ModelArgs:
         per_layer = attn + ffn + 2 * self.dim
         return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
 
-    def replace(self, **changes: Any) -> "ModelArgs":
+    def replace(self, **changes: Any) -> ModelArgs:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

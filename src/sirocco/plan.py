@@ -54,8 +54,9 @@ columns: keys) is::
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ def unrotate_slots(seen: int, size: int) -> list[int]:
 
 
 def allowed(q_seq: torch.Tensor, q_pos: torch.Tensor, k_seq: torch.Tensor, k_pos: torch.Tensor,
-            window: Optional[int]) -> torch.Tensor:
+            window: int | None) -> torch.Tensor:
     """The attention predicate (broadcasting): same sequence, causal, and within the window."""
     ok = (q_seq == k_seq) & (k_pos <= q_pos)
     if window is not None:
@@ -88,8 +89,8 @@ class WindowPlan:
     Shapes: T new tokens in the step, Tk keys (prefix keys + new keys), B sequences.
     """
 
-    window: Optional[int]
-    cache_len: Optional[int]         # S, slots per cache row; None without a cache
+    window: int | None
+    cache_len: int | None         # S, slots per cache row; None without a cache
     q_seqlens: list[int]             # new tokens per sequence
     kv_seqlens: list[int]            # keys per sequence: cached prefix (oldest first) + new tokens
     prefix_lens: list[int]           # cached keys read back per sequence (0 without cache / first chunk)
@@ -99,23 +100,23 @@ class WindowPlan:
     k_seq: torch.Tensor              # (Tk,) sequence index of each key
     k_pos: torch.Tensor              # (Tk,) absolute position of each key
     # cache traffic (None without a cache)
-    rows: Optional[list[int]] = None
-    write_src: Optional[torch.Tensor] = None    # (n_write,) index into the T new tokens
-    write_row: Optional[torch.Tensor] = None    # (n_write,) cache row
-    write_slot: Optional[torch.Tensor] = None   # (n_write,) slot in the row, position % S
-    prefix_row: Optional[torch.Tensor] = None   # (n_prefix,) cache row of each prefix key
-    prefix_slot: Optional[torch.Tensor] = None  # (n_prefix,) slot of each prefix key, oldest first
-    key_order: Optional[torch.Tensor] = None    # (Tk,) index into cat([prefix keys, new keys])
+    rows: list[int] | None = None
+    write_src: torch.Tensor | None = None    # (n_write,) index into the T new tokens
+    write_row: torch.Tensor | None = None    # (n_write,) cache row
+    write_slot: torch.Tensor | None = None   # (n_write,) slot in the row, position % S
+    prefix_row: torch.Tensor | None = None   # (n_prefix,) cache row of each prefix key
+    prefix_slot: torch.Tensor | None = None  # (n_prefix,) slot of each prefix key, oldest first
+    key_order: torch.Tensor | None = None    # (Tk,) index into cat([prefix keys, new keys])
     decode_len: int = 0                          # keys each decode query reads, in canonical order
     span: int = 0                                # positions a ring of exactly the window holds: min(W, S)
-    decode_fill: Optional[list[int]] = None      # (T,) valid keys of each decode query: min(position + 1, span)
+    decode_fill: list[int] | None = None      # (T,) valid keys of each decode query: min(position + 1, span)
     # Set where a decode query does not read slot l of the row at its own index: several queries per sequence, or
     # a ring larger than the window once it wraps (the op then reads rows and slots through these maps).
-    query_rows: Optional[torch.Tensor] = None    # (T,) the cache row of each decode query
+    query_rows: torch.Tensor | None = None    # (T,) the cache row of each decode query
     # A mixed step (see ``BatchPlan.build``): the plans of its leading one-token sequences (a decode plan) and
     # of the rest (a pre-fill plan), each over its own slice of the step's tokens. The fields above still
     # describe the whole step (what it may attend, for the trace and the dense reference).
-    parts: Optional[tuple["WindowPlan", "WindowPlan"]] = None
+    parts: tuple[WindowPlan, WindowPlan] | None = None
 
     @functools.cached_property
     def dense(self) -> torch.Tensor:
@@ -124,10 +125,10 @@ class WindowPlan:
                        self.window)
 
     @functools.cached_property
-    def blocks(self) -> list[Optional[torch.Tensor]]:
+    def blocks(self) -> list[torch.Tensor | None]:
         """Per sequence, its (L, Lk) diagonal block of the mask, or None where plain causal attention
         (square, top-left aligned, no window cut) is exact and SDPA's ``is_causal`` can be used."""
-        out: list[Optional[torch.Tensor]] = []
+        out: list[torch.Tensor | None] = []
         q0 = k0 = 0
         for lq, lk, pre in zip(self.q_seqlens, self.kv_seqlens, self.prefix_lens):
             if pre == 0 and (self.window is None or self.window >= lq):
@@ -172,19 +173,19 @@ class BatchPlan:
 
     starts: list[int]
     lengths: list[int]
-    rows: Optional[list[int]]
+    rows: list[int] | None
     positions: torch.Tensor                    # (T,) absolute positions
-    windows: dict[Optional[int], WindowPlan]
-    decode: Optional[int] = None               # the ``decode`` it was built with (None: the default rule)
+    windows: dict[int | None, WindowPlan]
+    decode: int | None = None               # the ``decode`` it was built with (None: the default rule)
 
-    def for_window(self, window: Optional[int]) -> WindowPlan:
+    def for_window(self, window: int | None) -> WindowPlan:
         return self.windows[window]
 
     @classmethod
-    def build(cls, lengths: Sequence[int], *, starts: Optional[Sequence[int]] = None,
-              rows: Optional[Sequence[int]] = None, windows: Sequence[Optional[int]] = (None,),
-              cache_lens: Optional[dict[Optional[int], int]] = None,
-              device: torch.device | str = "cpu", decode: Optional[int] = None) -> "BatchPlan":
+    def build(cls, lengths: Sequence[int], *, starts: Sequence[int] | None = None,
+              rows: Sequence[int] | None = None, windows: Sequence[int | None] = (None,),
+              cache_lens: dict[int | None, int] | None = None,
+              device: torch.device | str = "cpu", decode: int | None = None) -> BatchPlan:
         """Plan one step.
 
         Args:
@@ -242,7 +243,7 @@ class BatchPlan:
         return cls(starts=starts, lengths=lengths, rows=row_list, positions=positions, windows=plans, decode=decode)
 
 
-def span_of(window: Optional[int], cache_len: int) -> int:
+def span_of(window: int | None, cache_len: int) -> int:
     """Positions a query's keys can span in a ring of ``cache_len`` slots: min(W, S), or S without a window.
 
     >>> span_of(4, 6), span_of(4096, 200), span_of(None, 512)
@@ -260,8 +261,8 @@ def ring_slots(first: int, end: int, size: int) -> list[int]:
     return [p % size for p in range(first, end)]
 
 
-def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[int], lengths: list[int],
-                 rows: Optional[list[int]], positions: torch.Tensor, device: torch.device,
+def _window_plan(window: int | None, cache_len: int | None, starts: list[int], lengths: list[int],
+                 rows: list[int] | None, positions: torch.Tensor, device: torch.device,
                  decode: bool = False) -> WindowPlan:
     """Host-side index arithmetic for one window; every list becomes one small tensor. ``decode``: every
     sequence is a decode sequence (with a cache)."""
@@ -279,7 +280,7 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
         if (window is None or window > S) and s + n > S:
             raise ValueError(f"sequence of {s + n} tokens exceeds the cache of {S} positions "
                              f"(the model's max_seq_len); shorten the prompt or the generation")
-        if decode and n > 1 and s + n > S and S < span + n - 1:
+        if decode and n > 1 and s + n > S and span + n - 1 > S:
             # the write of the last draft key would overwrite a key inside the first query's window
             raise ValueError(f"a decode sequence of {n} tokens at position {s} needs a ring of at least "
                              f"{span + n - 1} slots (window {span} + {n - 1} drafts), this cache has {S}: size "
@@ -309,7 +310,7 @@ def _window_plan(window: Optional[int], cache_len: Optional[int], starts: list[i
         decode_len = min(max(last) + 1, span)
         fill = [min(p + 1, span) for s, n in zip(starts, lengths) for p in range(s, s + n)]
         query_rows = None
-        if any(n > 1 for n in lengths) or (S != span and max(last) >= span):
+        if any(n > 1 for n in lengths) or (span != S and max(last) >= span):
             query_rows = t([r for r, n in zip(rows, lengths) for _ in range(n)])
         return WindowPlan(**common, kv_seqlens=[decode_len] * len(lengths), prefix_lens=[0] * len(lengths),
                           decode=True, k_seq=q_seq, k_pos=positions, decode_len=decode_len, decode_fill=fill,

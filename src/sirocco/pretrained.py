@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import mistral_common
 import torch
@@ -39,11 +38,11 @@ class Loaded:
     model: Transformer
     tokenizer: Tokenizer
     source: str          # what was loaded, from where: for logs and --json
-    quantized: Optional[QuantReport] = None        # what quantizing at load did (load(quantize=...))
+    quantized: QuantReport | None = None        # what quantizing at load did (load(quantize=...))
     backend: str = "torch"                         # what computes the model (``backends.attach``)
 
 
-def model_folder(name_or_path: Optional[str]) -> Path:
+def model_folder(name_or_path: str | None) -> Path:
     """The checkpoint that ``--model`` names: a folder or a ``.gguf`` file, a bundled model's name, a Hugging Face
     Hub id (``org/repo``, ``org/repo:Q4_K_M``, ``org/repo/file.gguf``: fetched into, or found in, the hub's cache;
     ``checkpoint/hub.py``), or None for the default (``sirocco-tiny``). A path that exists wins over a bundled
@@ -68,8 +67,8 @@ def model_folder(name_or_path: Optional[str]) -> Path:
         raise CheckpointError(f"{not_here}; as a Hugging Face Hub id: {e}") from None
 
 
-def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-         quantize: Optional[str] = None, backend: Optional[str] = "auto", prefill: Prefill = "per_sequence") -> Loaded:
+def load(name_or_path: str | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+         quantize: str | None = None, backend: str | None = "auto", prefill: Prefill = "per_sequence") -> Loaded:
     """A model and its tokenizer from a folder, a bundled name, or the default (see ``model_folder``), or the
     random demo model, put on ``backend`` by the conversion pass (``backends.attach``: "auto" is the C++ kernels
     for CPU models of 256 MiB or more, else the plain-PyTorch reference) with the pre-fill attention path

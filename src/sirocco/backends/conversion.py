@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 from torch import nn
 
@@ -47,13 +47,13 @@ class Conversion:
 
     backend: str
     prefill: str
-    quantized: Optional[QuantReport] = None
+    quantized: QuantReport | None = None
     # the token embedding's blocks where this pass rounded it through a type (the model holds their values in
     # float): what a GGUF writer stores for it; not kept by the model
-    embedding: Optional[QuantizedTensor] = None
+    embedding: QuantizedTensor | None = None
 
 
-def choose(model: nn.Module, name: Optional[str] = "auto") -> str:
+def choose(model: nn.Module, name: str | None = "auto") -> str:
     """The backend ``name`` means for this model: "auto" (or None) is "cpu" where its kernels pay (a CPU model
     of 256 MiB of weights or more, where decode is memory-bound), else "torch"."""
     if name in (None, "auto"):
@@ -63,9 +63,9 @@ def choose(model: nn.Module, name: Optional[str] = "auto") -> str:
     return name
 
 
-def attach(model: nn.Module, backend: Optional[str] = "auto", quantize: Optional[str] = None,
-           blocks: Optional[Mapping[str, QuantizedTensor]] = None, prefill: Prefill = "per_sequence",
-           progress: Optional[bool] = None) -> Conversion:
+def attach(model: nn.Module, backend: str | None = "auto", quantize: str | None = None,
+           blocks: Mapping[str, QuantizedTensor] | None = None, prefill: Prefill = "per_sequence",
+           progress: bool | None = None) -> Conversion:
     """Put ``model`` on ``backend`` with its weights as ``blocks`` and ``quantize`` say (see the module
     docstring). ``blocks`` stand for linear layers still without weights (on the meta device) or float ones;
     the bytes before quantizing count those layers in the model's float dtype. Logs what was prepared."""

@@ -22,7 +22,7 @@ they were quantized at load or read from a GGUF file).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class StackedExperts:
     the blocks' type ("q8_0", "q4_K", ...); ``__call__(x, chosen, weights)`` is the layer's experts for a decode
     step, or None where the kernel does not serve."""
 
-    def __init__(self, moe: MoeFeedForward, fmt: Optional[str], stacks: tuple[torch.Tensor, torch.Tensor,
+    def __init__(self, moe: MoeFeedForward, fmt: str | None, stacks: tuple[torch.Tensor, torch.Tensor,
                                                                             torch.Tensor]):
         self.fmt = fmt
         self.w1, self.w3, self.w2 = stacks
@@ -78,7 +78,7 @@ class StackedExperts:
         held = getattr(self._probe, "qweight" if self.fmt is not None else "weight")
         return held.data_ptr() == self.w1.data_ptr() and held.device == self.w1.device
 
-    def __call__(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         if (x.dim() != 2 or not 1 <= x.shape[0] <= MAX_TOKENS or x.device.type != "cpu" or torch.is_grad_enabled()
                 or x.dtype not in (torch.float32, torch.bfloat16) or not self._in_place()):
             return None
@@ -92,7 +92,7 @@ class StackedExperts:
         return qkernels.qmoe(x, chosen, weights, self.w1, self.w3, self.w2, self.fmt)
 
 
-def _expert_kind(moe: MoeFeedForward) -> Optional[str]:
+def _expert_kind(moe: MoeFeedForward) -> str | None:
     """"float" when every expert matrix has a plain ``weight``, the format when all are QuantLinear of one format,
     None for anything else (mixed, biased)."""
     from .quant.linear import QuantLinear
@@ -106,7 +106,7 @@ def _expert_kind(moe: MoeFeedForward) -> Optional[str]:
     return None
 
 
-def stack_layer(moe: MoeFeedForward) -> Optional[StackedExperts]:
+def stack_layer(moe: MoeFeedForward) -> StackedExperts | None:
     """Stack one layer's experts (copying only what is not laid out already) and point each expert's parameter or
     buffer at its row; returns the stacks, or None where the experts are of mixed kinds."""
     kind = _expert_kind(moe)

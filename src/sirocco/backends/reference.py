@@ -8,7 +8,7 @@ modules by new ones, hand attention layers their ops.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from torch import nn
 
@@ -17,7 +17,7 @@ from ..model.attention import AttentionOps, Prefill
 from .moe import clear_float_kernels
 
 
-def replace_modules(model: nn.Module, make: Callable[[nn.Module], Optional[nn.Module]]) -> int:
+def replace_modules(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> int:
     """Replace every submodule ``m`` for which ``make(m)`` gives a module (it should hold ``m``'s parameters
     under the same names, so the state dict does not change); returns how many were replaced."""
     n = 0
@@ -37,7 +37,7 @@ def set_attention_ops(model: nn.Module, ops: AttentionOps) -> None:
             m.ops = ops
 
 
-def _reference_of(m: nn.Module) -> Optional[nn.Module]:
+def _reference_of(m: nn.Module) -> nn.Module | None:
     """The plain module a backend's replacement stands for (its ``reference()``), None for any other module."""
     reference = getattr(m, "reference", None)
     return reference() if callable(reference) else None

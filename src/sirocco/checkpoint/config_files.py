@@ -15,7 +15,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..config import ModelArgs, MoeArgs, Window
 from ..errors import ConfigError
@@ -23,7 +23,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _read_json(path: Union[str, Path]) -> tuple[dict, str]:
+def _read_json(path: str | Path) -> tuple[dict, str]:
     path = Path(path)
     try:
         return json.loads(path.read_text()), str(path)
@@ -32,13 +32,13 @@ def _read_json(path: Union[str, Path]) -> tuple[dict, str]:
 
 
 # -- Mistral's consolidated params.json --------------------------------------------------------------------
-def read_params(path: Union[str, Path], max_seq_len: Optional[int] = None) -> ModelArgs:
+def read_params(path: str | Path, max_seq_len: int | None = None) -> ModelArgs:
     """The ``ModelArgs`` of a ``params.json`` file (see ``params_to_args``)."""
     raw, source = _read_json(path)
     return params_to_args(raw, source=source, max_seq_len=max_seq_len)
 
 
-def params_to_args(raw: dict, source: str = "params.json", max_seq_len: Optional[int] = None) -> ModelArgs:
+def params_to_args(raw: dict, source: str = "params.json", max_seq_len: int | None = None) -> ModelArgs:
     """Build from the dict of a consolidated ``params.json``; apply the rope_theta rule and log it."""
     required = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps", "vocab_size")
     for key in required:
@@ -93,13 +93,13 @@ def args_to_params(args: ModelArgs) -> dict:
 
 
 # -- Hugging Face config.json ------------------------------------------------------------------------------
-def read_hf_config(path: Union[str, Path], max_seq_len: Optional[int] = None) -> ModelArgs:
+def read_hf_config(path: str | Path, max_seq_len: int | None = None) -> ModelArgs:
     """The ``ModelArgs`` of a Hugging Face ``config.json`` file (see ``hf_config_to_args``)."""
     raw, source = _read_json(path)
     return hf_config_to_args(raw, source=source, max_seq_len=max_seq_len)
 
 
-def hf_config_to_args(raw: dict, source: str = "config.json", max_seq_len: Optional[int] = None) -> ModelArgs:
+def hf_config_to_args(raw: dict, source: str = "config.json", max_seq_len: int | None = None) -> ModelArgs:
     """Build from a ``MistralForCausalLM`` or ``MixtralForCausalLM`` ``config.json``."""
     model_type = raw.get("model_type")
     if model_type not in ("mistral", "mixtral"):
@@ -162,7 +162,7 @@ def args_to_hf_config(args: ModelArgs) -> dict:
     return out
 
 
-def _parse_window(value: Any, n_layers: int, source: str) -> Union[None, int, list[Window]]:
+def _parse_window(value: Any, n_layers: int, source: str) -> int | list[Window] | None:
     """sliding_window as found in the wild: absent/null, an int, a numeric string, or a per-layer list."""
     def one(v: Any) -> Window:
         if v is None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -38,7 +38,7 @@ class Layout:
     config: Path                # params.json or config.json
     weights: list[Path]         # one or more files of tensors
 
-    def read_args(self, max_seq_len: Optional[int] = None) -> ModelArgs:
+    def read_args(self, max_seq_len: int | None = None) -> ModelArgs:
         if self.format == CONSOLIDATED:
             return read_params(self.config, max_seq_len=max_seq_len)
         return read_hf_config(self.config, max_seq_len=max_seq_len)
@@ -133,7 +133,7 @@ class TensorFiles:
         return iter(self._where)
 
 
-def _open(path: Path) -> "_SafetensorsFile | _TorchFile":
+def _open(path: Path) -> _SafetensorsFile | _TorchFile:
     if path.suffix == ".safetensors":
         return _SafetensorsFile(path)
     return _TorchFile(path)
@@ -156,7 +156,7 @@ class _SafetensorsFile:
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {sl.get_dtype()}")
             self._header[name] = (tuple(sl.get_shape()), dtype)
-        self._offsets: Optional[dict[str, tuple[int, int]]] = None
+        self._offsets: dict[str, tuple[int, int]] | None = None
 
     def header(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return self._header
@@ -176,7 +176,7 @@ class _SafetensorsFile:
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({_short(e)})") from None
 
-    def _read_copy(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    def _read_copy(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of the tensor (all of it by default), read into new memory."""
         # The safetensors layout: an 8-byte little-endian header length, a JSON header giving each tensor's
         # [begin, end) byte offsets relative to the end of the header, then the data.

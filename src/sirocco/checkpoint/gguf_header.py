@@ -26,9 +26,10 @@ type, before any tensor data is read.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ READ_TYPES = tuple(name for name, _, _ in TYPES.values())
 
 # metadata value types: number -> (name, struct format of one item or None)
 STRING, ARRAY = 8, 9
-VALUE_TYPES: dict[int, tuple[str, Optional[str]]] = {
+VALUE_TYPES: dict[int, tuple[str, str | None]] = {
     0: ("uint8", "B"), 1: ("int8", "b"), 2: ("uint16", "H"), 3: ("int16", "h"), 4: ("uint32", "I"),
     5: ("int32", "i"), 6: ("float32", "f"), 7: ("bool", "?"), STRING: ("string", None), ARRAY: ("array", None),
     10: ("uint64", "Q"), 11: ("int64", "q"), 12: ("float64", "d")}
@@ -79,7 +80,7 @@ class StringArray:
         return f"StringArray({len(self)} strings)"
 
 
-Value = Union[int, float, bool, str, np.ndarray, StringArray]
+Value = int | float | bool | str | np.ndarray | StringArray
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class Entry:
     """Where one sirocco tensor is in the file: a GGUF tensor, or row ``expert`` of a stacked one."""
 
     info: TensorInfo
-    expert: Optional[int] = None
+    expert: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,7 +94,7 @@ class GGUFWeights:
     blocks: dict[str, QuantizedTensor]
     types: dict[str, int] = field(default_factory=dict)      # tensors read, by GGUF type
     dequantized: list[str] = field(default_factory=list)      # quantized in the file, float in sirocco
-    embedding_type: Optional[str] = None                      # the block type the embedding was dequantized from
+    embedding_type: str | None = None                      # the block type the embedding was dequantized from
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -131,7 +131,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def stage_names(names: list[str], layers: Optional[list[int]], embed: bool, head: bool) -> list[str]:
+def stage_names(names: list[str], layers: list[int] | None, embed: bool, head: bool) -> list[str]:
     """The names of ``names`` that the stage ``Transformer(args, layers=layers, embed=embed, head=head)`` holds."""
     keep = None if layers is None else {str(i) for i in layers}
 
@@ -151,7 +151,7 @@ class GGUFFile:
         self.path = Path(path)
         self.header: GGUFHeader = read_header(self.path)
         self.tensors: dict[str, TensorInfo] = self.header.tensors
-        self._args: dict[Optional[int], ModelArgs] = {}
+        self._args: dict[int | None, ModelArgs] = {}
 
     def fail(self, what: str) -> ModelFileError:
         return ModelFileError(f"{self.path}: {what}")
@@ -193,14 +193,14 @@ class GGUFFile:
             raise self.fail(f"metadata key '{key}' must be a string, got {_show(value)}")
         return value
 
-    def args(self, max_seq_len: Optional[int] = None) -> ModelArgs:
+    def args(self, max_seq_len: int | None = None) -> ModelArgs:
         """ModelArgs from the ``llama.*`` keys (read once); a missing or ill-typed key fails naming it. Sizes and
         counts are checked against the tensors the file holds before anything is built from them."""
         if max_seq_len not in self._args:
             self._args[max_seq_len] = self._read_args(max_seq_len)
         return self._args[max_seq_len]
 
-    def _read_args(self, max_seq_len: Optional[int]) -> ModelArgs:
+    def _read_args(self, max_seq_len: int | None) -> ModelArgs:
         arch = self.string("general.architecture")
         if arch != ARCH:
             raise self.fail(f"general.architecture is {arch!r}; sirocco reads Mistral and Mixtral files, which "
@@ -324,8 +324,8 @@ class GGUFFile:
                             "tensors")
 
     def read(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
-             head: bool = True, progress: Optional[bool] = None) -> GGUFWeights:
+             max_seq_len: int | None = None, layers: list[int] | None = None, embed: bool = True,
+             head: bool = True, progress: bool | None = None) -> GGUFWeights:
         """The weights of the model (or of the stage ``layers``, ``embed``, ``head``; the other tensors are not
         read): see the module docstring."""
         args = self.args(max_seq_len)
@@ -400,7 +400,7 @@ class GGUFFile:
         return {t.name: buf for t, buf in zip(unique, buffers)}
 
     # -- tokenizer --------------------------------------------------------------------------------------------
-    def tokenizer(self, vocab_size: Optional[int] = None) -> Tokenizer:
+    def tokenizer(self, vocab_size: int | None = None) -> Tokenizer:
         """The sentencepiece tokenizer of the file's vocabulary, its fields checked first (types, one score and
         type per token, special ids among the tokens, no more tokens than ``vocab_size``: the model's embedding
         rows, default the metadata's)."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import gguf
 import numpy as np
@@ -42,8 +41,8 @@ FLOAT_FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gg
 
 
 def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path, float_dtype: torch.dtype =
-              torch.float16, name: Optional[str] = None, progress: Optional[bool] = None, mix: Optional[str] = None,
-              embedding: Optional[QuantizedTensor] = None) -> dict:
+              torch.float16, name: str | None = None, progress: bool | None = None, mix: str | None = None,
+              embedding: QuantizedTensor | None = None) -> dict:
     """Write ``model`` (a whole model, not a pipeline stage) as a GGUF file (see the module docstring): ``mix``
     (``Q4_K_M``, any case) names its ``general.file_type`` (default: the mix whose default type the first layer's
     wq holds, else the float dtype), ``embedding`` the token embedding's blocks (default: the table in
@@ -114,8 +113,8 @@ def add_vocabulary(w: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
     w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
 
 
-def add_tensors(w: gguf.GGUFWriter, model: Transformer, float_dtype: torch.dtype, progress: Optional[bool],
-                embedding: Optional[QuantizedTensor] = None) -> tuple[dict[str, int], int]:
+def add_tensors(w: gguf.GGUFWriter, model: Transformer, float_dtype: torch.dtype, progress: bool | None,
+                embedding: QuantizedTensor | None = None) -> tuple[dict[str, int], int]:
     """Every tensor of ``model`` in llama.cpp's names and order (the embedding as ``embedding``'s blocks where
     given); returns the count by GGUF type and the bytes."""
     counts: dict[str, int] = {}
@@ -178,7 +177,7 @@ def linear_array(module: nn.Module, float_dtype: torch.dtype) -> tuple[np.ndarra
     return float_array(weight, float_dtype)
 
 
-def file_type(model: Transformer, float_dtype: torch.dtype, mix: Optional[str] = None) -> gguf.LlamaFileType:
+def file_type(model: Transformer, float_dtype: torch.dtype, mix: str | None = None) -> gguf.LlamaFileType:
     """``general.file_type``: the mix's; without one, the mix whose default type the first layer's wq holds
     (q4_K: MOSTLY_Q4_K_M), a file of that one type (q5_0: MOSTLY_Q5_0), else the float dtype."""
     if mix is not None:

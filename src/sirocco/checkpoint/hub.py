@@ -25,7 +25,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
 from ..errors import CheckpointError
 
@@ -44,14 +43,14 @@ _DEFAULT_QUANTS = ("Q4_K_M", "Q8_0")
 class HubName:
     """A parsed hub name: the repository, and the quant tag or the GGUF file asked for (at most one)."""
     repo_id: str
-    quant: Optional[str] = None
-    filename: Optional[str] = None
+    quant: str | None = None
+    filename: str | None = None
 
     def __str__(self) -> str:
         return self.repo_id + (f":{self.quant}" if self.quant else f"/{self.filename}" if self.filename else "")
 
 
-def parse_hub_name(name: str) -> Optional[HubName]:
+def parse_hub_name(name: str) -> HubName | None:
     """``org/repo``, ``org/repo:QUANT`` or ``org/repo/file.gguf`` as a HubName; None for anything else (a path
     starting with ``.``, ``/`` or ``~``, a name without exactly one ``org/`` part, ...).
 
@@ -80,7 +79,7 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def cached_snapshot(repo_id: str) -> Optional[Path]:
+def cached_snapshot(repo_id: str) -> Path | None:
     """The cached snapshot of the repository's ``main`` (``models--org--repo/snapshots/<refs/main>``), or None."""
     from huggingface_hub.file_download import repo_folder_name
     repo = hub_cache() / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -91,7 +90,7 @@ def cached_snapshot(repo_id: str) -> Optional[Path]:
     return snapshot if snapshot.is_dir() else None
 
 
-def _cached_files(repo_id: str) -> Optional[list[str]]:
+def _cached_files(repo_id: str) -> list[str] | None:
     snapshot = cached_snapshot(repo_id)
     if snapshot is None:
         return None
@@ -157,7 +156,7 @@ def _model_ggufs(files: list[str]) -> list[str]:
             and not any(k in PurePosixPath(f).name.lower() for k in _NOT_A_MODEL)]
 
 
-def _gguf_with_quant(repo_id: str, files: list[str], quant: str) -> Optional[str]:
+def _gguf_with_quant(repo_id: str, files: list[str], quant: str) -> str | None:
     """The first model GGUF whose path carries ``quant`` then ``.`` or ``-`` (case ignored), as llama.cpp picks
     it; the first part of a split model."""
     pattern = re.compile(re.escape(quant) + r"[.-]", re.IGNORECASE)
@@ -174,7 +173,7 @@ def _gguf_with_quant(repo_id: str, files: list[str], quant: str) -> Optional[str
     return None
 
 
-def choose_files(name: HubName, files: list[str], cached: Optional[list[str]] = None) -> tuple[list[str], str]:
+def choose_files(name: HubName, files: list[str], cached: list[str] | None = None) -> tuple[list[str], str]:
     """The files to fetch for ``name`` from a repository holding ``files``, and the path to load relative to the
     snapshot ("" for the snapshot folder itself). ``cached``: the files already in the cache, so that a layout
     complete there is preferred. Raises CheckpointError naming what the repository has."""

@@ -11,7 +11,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 QUANTIZE_CHUNK = 2**16
 SEARCH_PIECES = 4
 
-Source = Union[str, Path, GGUFFile]
+Source = str | Path | GGUFFile
 
 
 @dataclass
@@ -54,9 +53,9 @@ class ModelParts:
 
 
 def load_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
-               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None,
-               backend: Optional[str] = "torch", prefill: Prefill = "per_sequence") -> Transformer:
+               max_seq_len: int | None = None, layers: list[int] | None = None, embed: bool = True,
+               head: bool = True, progress: bool | None = None, quantize: str | None = None,
+               backend: str | None = "torch", prefill: Prefill = "per_sequence") -> Transformer:
     """A model from a checkpoint: ``read_model``, then the conversion pass ``backends.attach`` onto ``backend``
     (default the plain-PyTorch reference) with the pre-fill attention path ``prefill``.
 
@@ -77,9 +76,9 @@ def load_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
 
 
 def load_quantized(path: Source, mix: str, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-                   layers: Optional[list[int]] = None, embed: bool = True, head: bool = True,
-                   progress: Optional[bool] = None, backend: Optional[str] = "torch"
+                   device: torch.device | str = "cpu", max_seq_len: int | None = None,
+                   layers: list[int] | None = None, embed: bool = True, head: bool = True,
+                   progress: bool | None = None, backend: str | None = "torch"
                    ) -> tuple[Transformer, QuantReport]:
     """``load_model`` quantizing to ``mix``, and the report (layers, bytes before and after) of the quantization."""
     model, conversion = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, mix, backend,
@@ -88,9 +87,9 @@ def load_quantized(path: Source, mix: str, dtype: torch.dtype = torch.float32,
     return model, conversion.quantized
 
 
-def _load(path: Source, dtype: torch.dtype, device: torch.device | str, max_seq_len: Optional[int],
-          layers: Optional[list[int]], embed: bool, head: bool, progress: Optional[bool], quantize: Optional[str],
-          backend: Optional[str], prefill: Prefill) -> tuple[Transformer, backends.Conversion]:
+def _load(path: Source, dtype: torch.dtype, device: torch.device | str, max_seq_len: int | None,
+          layers: list[int] | None, embed: bool, head: bool, progress: bool | None, quantize: str | None,
+          backend: str | None, prefill: Prefill) -> tuple[Transformer, backends.Conversion]:
     parts = read_model(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize)
     conversion = backends.attach(parts.model, backend, quantize=quantize, blocks=parts.blocks, prefill=prefill,
                                  progress=progress)
@@ -98,8 +97,8 @@ def _load(path: Source, dtype: torch.dtype, device: torch.device | str, max_seq_
 
 
 def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               max_seq_len: Optional[int] = None, layers: Optional[list[int]] = None, embed: bool = True,
-               head: bool = True, progress: Optional[bool] = None, quantize: Optional[str] = None) -> ModelParts:
+               max_seq_len: int | None = None, layers: list[int] | None = None, embed: bool = True,
+               head: bool = True, progress: bool | None = None, quantize: str | None = None) -> ModelParts:
     """Read a checkpoint (arguments as ``load_model``) into a ``ModelParts`` for the conversion pass.
 
     The model is built on the meta device and its float tensors assigned as they are read. Where ``quantize``
@@ -148,7 +147,7 @@ def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
 
 
 def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], blocks: dict[str, QuantizedTensor],
-              dtype: torch.dtype, layers: Optional[list[int]], embed: bool, head: bool) -> Transformer:
+              dtype: torch.dtype, layers: list[int] | None, embed: bool, head: bool) -> Transformer:
     """The model (or stage) on the meta device in ``dtype``, with ``state`` assigned: every tensor but the weights
     of the linear layers that ``blocks`` stand for, which stay on the meta device for the conversion pass."""
     with torch.device("meta"):
@@ -254,7 +253,7 @@ def _open_checked(layout: Layout, args: ModelArgs, wanted: dict[str, tuple[int, 
 
 
 def _read(files: TensorFiles, stored: str, name: str, args: ModelArgs, fmt: str, mapped: bool = True,
-          rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+          rows: tuple[int, int] | None = None) -> torch.Tensor:
     """The tensor in sirocco's layout (wq/wk of a Hugging Face checkpoint permuted back), whole or only ``rows``
     (start, stop), which must then hold whole heads of wq/wk (a private copy)."""
     t = files.get(stored, mapped) if rows is None else files.rows(stored, *rows)
@@ -269,5 +268,5 @@ def _listing(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _no_bar(progress: Optional[bool]) -> Optional[bool]:
+def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -22,7 +21,7 @@ State = dict[str, torch.Tensor]
 
 
 def save_consolidated(model: Transformer | State, args: ModelArgs, folder: str | Path,
-                      dtype: Optional[torch.dtype] = None) -> Path:
+                      dtype: torch.dtype | None = None) -> Path:
     """Write ``params.json`` and ``consolidated.safetensors`` into ``folder`` (created if needed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -33,8 +32,8 @@ def save_consolidated(model: Transformer | State, args: ModelArgs, folder: str |
     return folder
 
 
-def save_hf(model: Transformer | State, args: ModelArgs, folder: str | Path, dtype: Optional[torch.dtype] = None,
-            max_shard_bytes: Optional[int] = None) -> Path:
+def save_hf(model: Transformer | State, args: ModelArgs, folder: str | Path, dtype: torch.dtype | None = None,
+            max_shard_bytes: int | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards of at most
     ``max_shard_bytes`` each, with ``model.safetensors.index.json``) in Hugging Face's names and q/k layout."""
     folder = Path(folder)
@@ -62,12 +61,12 @@ def save_hf(model: Transformer | State, args: ModelArgs, folder: str | Path, dty
     return folder
 
 
-def _state(model: Transformer | State, dtype: Optional[torch.dtype]) -> State:
+def _state(model: Transformer | State, dtype: torch.dtype | None) -> State:
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     return {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _shards(state: State, max_bytes: Optional[int]) -> list[State]:
+def _shards(state: State, max_bytes: int | None) -> list[State]:
     if max_bytes is None:
         return [state]
     shards: list[State] = [{}]

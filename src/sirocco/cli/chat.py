@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Optional, TextIO
+from typing import TextIO
 
 from ..errors import SiroccoError
 from ..generate.engine import Engine, PromptTooLong
@@ -61,14 +61,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 class Chat:
     """One conversation over an engine. ``answer(text, out)`` streams the reply to ``out`` and keeps it."""
 
-    def __init__(self, engine: Engine, tokenizer, params: SamplingParams, system: Optional[str] = None):
+    def __init__(self, engine: Engine, tokenizer, params: SamplingParams, system: str | None = None):
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.system = system
         self.messages: list[dict] = []
         self.turns = 0
         self.interrupted = False
 
-    def reset(self, system: Optional[str] = None, keep_system: bool = True) -> None:
+    def reset(self, system: str | None = None, keep_system: bool = True) -> None:
         self.messages = []
         if not keep_system:
             self.system = system
@@ -77,7 +77,7 @@ class Chat:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return self.tokenizer.encode_chat(system + self.messages)
 
-    def answer(self, text: str, out: TextIO) -> Optional[str]:
+    def answer(self, text: str, out: TextIO) -> str | None:
         """Stream the reply to ``text``; None (and the turn forgotten) if the conversation no longer fits."""
         self.messages.append({"role": "user", "content": text})
         seed = None if self.params.seed is None else self.params.seed + self.turns

@@ -8,8 +8,9 @@ import argparse
 import codecs
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO
 
 import torch
 
@@ -33,7 +34,7 @@ def _bound(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def range_text(lo: Optional[float], hi: Optional[float], lo_open: bool = False, hi_open: bool = False) -> str:
+def range_text(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:
     """'>= 1', '> 0', '<= 1', 'in (0, 1]'."""
     if lo is not None and hi is not None:
         return f"in {'(' if lo_open else '['}{_bound(lo)}, {_bound(hi)}{')' if hi_open else ']'}"
@@ -44,7 +45,7 @@ def range_text(lo: Optional[float], hi: Optional[float], lo_open: bool = False, 
     return "any value"
 
 
-def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool, hi_open: bool
+def _number(kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool
             ) -> Callable[[str], float]:
     allowed = range_text(lo, hi, lo_open, hi_open)
     noun = "an integer" if kind is int else "a number"
@@ -67,7 +68,7 @@ def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool,
     return parse
 
 
-def int_in(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[str], int]:
+def int_in(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """An integer in [lo, hi] (either bound may be None: unbounded)."""
     return _number(int, lo, hi, False, False)  # type: ignore[return-value]   # int(...) of the text
 
@@ -81,7 +82,7 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def float_in(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
              hi_open: bool = False) -> Callable[[str], float]:
     """A finite number in the interval from lo to hi, each end closed unless ``lo_open`` / ``hi_open``."""
     return _number(float, lo, hi, lo_open, hi_open)
@@ -117,7 +118,7 @@ def size_bytes(text: str) -> int:
     return n
 
 
-def first_bad_utf8(f: BinaryIO, chunk_bytes: int = 1 << 20) -> Optional[tuple[int, int, str]]:
+def first_bad_utf8(f: BinaryIO, chunk_bytes: int = 1 << 20) -> tuple[int, int, str] | None:
     r"""The first byte of ``f`` that is not valid UTF-8, as (offset in bytes, the byte, why), or None; read in
     chunks, so a large file is never held whole. A sequence cut at the end of a chunk is held over to the next:
     with chunks of 2 bytes, b"a\xc3\xa9\xff" gives (3, 0xff, 'invalid start byte'), not an error at byte 1.
@@ -181,7 +182,7 @@ def add_machine_arguments(g: argparse._ActionsContainer) -> None:
                    help="CPU threads for PyTorch, at least 1 (default: all cores)")
 
 
-def add_sampling_arguments(g: argparse._ActionsContainer, max_tokens: int, seed: Optional[int] = 0,
+def add_sampling_arguments(g: argparse._ActionsContainer, max_tokens: int, seed: int | None = 0,
                            per: str = "prompt") -> None:
     """--max-tokens, --temperature, --top-p, --top-k, --seed: how generate, chat and serve's CLI continue text."""
     g.add_argument("--max-tokens", type=positive_int, default=max_tokens,
@@ -311,7 +312,7 @@ def load_from_args(args: argparse.Namespace) -> Loaded:
                 prefill=getattr(args, "attention", "per_sequence"))
 
 
-def engine_backend(args: argparse.Namespace) -> Optional[str]:
+def engine_backend(args: argparse.Namespace) -> str | None:
     """The backend --backend asks for, or the one speculative decoding needs: with --speculate, "auto" is "cpu"
     (its row-exact kernels), and "torch" is refused."""
     backend = getattr(args, "backend", "torch")
@@ -338,7 +339,7 @@ def add_speculation_arguments(g: argparse._ActionsContainer) -> None:
                    help="longest n-gram prompt lookup matches, 1 to 16 (default 3; it tries N down to 1)")
 
 
-def speculation_from_args(args: argparse.Namespace, loaded: Optional[Loaded] = None):
+def speculation_from_args(args: argparse.Namespace, loaded: Loaded | None = None):
     """The ``Speculation`` that --speculate and its options ask for (None without --speculate); a draft model is
     loaded as the target (``loaded``) was (--dtype, --device), and must encode text as its tokenizer does."""
     from ..generate.speculation import Speculation

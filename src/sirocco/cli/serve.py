@@ -10,8 +10,9 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..distributed.launch import DistContext
 from ..errors import SiroccoError

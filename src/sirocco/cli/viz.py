@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .. import viz
 from ..generate.speculation import ROW_EXACT_TOKENS
@@ -109,8 +109,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_machine_arguments(p)
 
 
-def _prompt_ids(tokenizer, texts: list[str], ids: Optional[list[list[int]]] = None,
-                vocab_size: Optional[int] = None) -> list[list[int]]:
+def _prompt_ids(tokenizer, texts: list[str], ids: list[list[int]] | None = None,
+                vocab_size: int | None = None) -> list[list[int]]:
     """The prompts as token ids: ``ids`` as given (checked against the vocabulary), else the texts encoded."""
     if ids:
         wrong = [t for p in ids for t in p if vocab_size is not None and t >= vocab_size]
@@ -121,7 +121,7 @@ def _prompt_ids(tokenizer, texts: list[str], ids: Optional[list[list[int]]] = No
     return [tokenizer.encode(t, bos=True, eos=False) for t in texts]
 
 
-def _loaded(name: Optional[str]) -> Any:
+def _loaded(name: str | None) -> Any:
     from ..pretrained import load
     return load(name, backend="torch")          # the pictures record the plain-PyTorch run
 

@@ -12,5 +12,12 @@ See docs/distributed.md.
 from .launch import DistContext, DistributedError, init_distributed, spawn_local
 from .stages import StageSpec, split_layers, stage_spec
 
-__all__ = ["DistContext", "DistributedError", "init_distributed", "spawn_local", "StageSpec", "split_layers",
-           "stage_spec"]
+__all__ = [
+           "DistContext",
+           "DistributedError",
+           "StageSpec",
+           "init_distributed",
+           "spawn_local",
+           "split_layers",
+           "stage_spec",
+]

@@ -29,7 +29,7 @@ nearly always, decode only with many rows.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -84,7 +84,7 @@ class PipelineExecutor:
     every rank: stop strings are checked on every rank).
     """
 
-    def __init__(self, stage: Transformer, ctx: DistContext, micro_batches: Optional[int] = None,
+    def __init__(self, stage: Transformer, ctx: DistContext, micro_batches: int | None = None,
                  min_group_tokens: int = 64):
         self.model = stage
         self.ctx = ctx
@@ -94,7 +94,7 @@ class PipelineExecutor:
         param = next(stage.parameters())
         self.device, self.dtype = param.device, param.dtype
         # sends not yet known complete, with their buffers
-        self._inflight: list[tuple[Optional[dist.Work], torch.Tensor]] = []
+        self._inflight: list[tuple[dist.Work | None, torch.Tensor]] = []
 
     def _check_stage(self, stage: Transformer) -> None:
         has_embed, has_head = stage.tok_embeddings is not None, stage.output is not None
@@ -111,7 +111,7 @@ class PipelineExecutor:
 
     # -- one step ----------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
-                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run this stage over the step's micro-batches; the last rank returns the logits, the others None."""
         ctx = self.ctx
         dim = self.model.args.dim
@@ -171,7 +171,7 @@ class PipelineExecutor:
             dist.broadcast(shared, src=0)
         return shared.tolist()
 
-    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
+    def sample(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> list[Sampled]:
         """The last rank samples (``sampling.sample``) and broadcasts what every row gained in one message; every
         rank returns the same results."""
         ctx = self.ctx

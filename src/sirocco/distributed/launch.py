@@ -25,9 +25,10 @@ import queue as queue_mod
 import socket
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,7 +84,7 @@ class DistContext:
         return self.world_size - 1
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None:
         return None
@@ -93,7 +94,7 @@ def _env_int(name: str) -> Optional[int]:
         raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def pick_device(local_rank: int, process_group: Optional[str] = None) -> tuple[torch.device, str]:
+def pick_device(local_rank: int, process_group: str | None = None) -> tuple[torch.device, str]:
     """(device, process group) for a rank: NCCL on ``cuda:local_rank`` when CUDA is there (and gloo was not asked
     for), else gloo on the CPU."""
     if process_group not in (None, "gloo", "nccl"):
@@ -110,8 +111,8 @@ def pick_device(local_rank: int, process_group: Optional[str] = None) -> tuple[t
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed(process_group: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     threads: Optional[int] = None) -> DistContext:
+def init_distributed(process_group: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     threads: int | None = None) -> DistContext:
     """Join the process group described by torchrun's environment variables (or reuse the current one).
 
     Args:
@@ -233,8 +234,8 @@ class RankResult:
 
     rank: int
     value: Any = None
-    error: Optional[str] = None
-    error_type: Optional[str] = None
+    error: str | None = None
+    error_type: str | None = None
     seconds: float = 0.0          # from the rank's start to its result or error
     finished_at: float = 0.0      # wall-clock time (time.time()) of the result or error
 
@@ -243,7 +244,7 @@ class RankResult:
         return self.error is None
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, port: int, process_group: Optional[str], timeout_s: float,
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, process_group: str | None, timeout_s: float,
            threads: int, args: tuple, results: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -262,8 +263,8 @@ def _child(fn: Callable[..., Any], rank: int, world: int, port: int, process_gro
     results.put(pickle.dumps(result))
 
 
-def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, process_group: Optional[str] = None,
-                timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, deadline_s: Optional[float] = None,
+def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, process_group: str | None = None,
+                timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, deadline_s: float | None = None,
                 grace_s: float = 10.0) -> list[RankResult]:
     """Run ``fn(ctx, *args)`` on ``world_size`` new processes of this machine, one per rank, and collect each
     rank's return value or error. ``fn`` must be importable by name (a module-level function).
@@ -280,7 +281,7 @@ def spawn_local(fn: Callable[..., Any], world_size: int, args: tuple = (), *, pr
         p.start()
     out: dict[int, RankResult] = {}
     start = time.monotonic()
-    first_failure: Optional[float] = None
+    first_failure: float | None = None
     while len(out) < world_size:
         now = time.monotonic()
         if deadline_s is not None and now - start > deadline_s:

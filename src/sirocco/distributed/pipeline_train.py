@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -108,7 +109,7 @@ class TrainStage(nn.Module):
         self.aux_scale = aux_loss_coef / (stage.args.n_layers * n_microbatches) if moe and aux_loss_coef else 0.0
         self.top_k = moe.num_experts_per_tok if moe else 0
         self.aux_values: list[torch.Tensor] = []
-        self.events: Optional[list[tuple[str, int, float, float]]] = None
+        self.events: list[tuple[str, int, float, float]] | None = None
         self._forwards = 0                   # micro-batches seen by forward since the events were set
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ class TrainStage(nn.Module):
         b, T = positions.shape
         plan = self.stage.plan(document_lengths(positions))
         flat = x.reshape(b * T, *x.shape[2:])                     # (b*T,) ids or (b*T, dim)
-        router: Optional[list] = [] if self.aux_scale else None
+        router: list | None = [] if self.aux_scale else None
         h = self.stage(flat, plan, router_logits=router)
         if router:
             aux = self.aux_scale * torch.stack([load_balancing_loss(r, self.top_k) for r in router]).sum()
@@ -287,7 +288,7 @@ class PipelineStep:
             g.mul_(coef.to(g.dtype))
         return float(total)
 
-    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return gather_state_dict(self.stage, self.ctx)
 
     def num_parameters(self) -> int:
@@ -301,7 +302,7 @@ class PipelinePlace:
     """The training loop's place (``sirocco.train.run.Place``) on one rank of a pipeline: rank 0 reports and
     writes, the model is this rank's stage. Every rank checks first that all train the same recipe."""
 
-    resume_refused: Optional[str] = ("--resume is not available with --pipeline-ranks yet (the optimizer state is "
+    resume_refused: str | None = ("--resume is not available with --pipeline-ranks yet (the optimizer state is "
                                      "per rank); resume in one process, or start a new run")
 
     def __init__(self, ctx: DistContext, recipe: Recipe, schedule: Literal["gpipe", "1f1b"] = "gpipe"):
@@ -315,7 +316,7 @@ class PipelinePlace:
     def shared(self, fn: Callable[[], T], what: str) -> T:
         return shared_from_rank0(self.ctx, fn, what)
 
-    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> PipelineStep:
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Path | None, resume: bool) -> PipelineStep:
         stage = rank_stage(self.ctx, init if init is not None else recipe.model_args(vocab_size), seed=recipe.seed)
         stage.train()
         for p in stage.parameters():
@@ -332,7 +333,7 @@ class PipelinePlace:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-def gather_state_dict(stage: nn.Module, ctx: DistContext) -> Optional[dict[str, torch.Tensor]]:
+def gather_state_dict(stage: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
     """The whole model's state dict on rank 0 (CPU tensors, checkpoint names), None on the other ranks.
 
     Each rank announces its tensors' names, shapes and dtypes, then sends them to rank 0 one by one; rank 0

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,8 +55,8 @@ def shared_from_rank0(ctx: DistContext, fn: Callable[[], Any], what: str) -> Any
     return value
 
 
-def load_rank_stage(model: Optional[str], ctx: DistContext, dtype: torch.dtype, quantize: Optional[str] = None,
-                    backend: Optional[str] = "torch", prefill: Prefill = "per_sequence"
+def load_rank_stage(model: str | None, ctx: DistContext, dtype: torch.dtype, quantize: str | None = None,
+                    backend: str | None = "torch", prefill: Prefill = "per_sequence"
                     ) -> tuple[Transformer, Tokenizer, str]:
     """This rank's stage of the model that ``model`` names (as ``--model``: a folder, a bundled name, None for
     the default) and the tokenizer, after every rank agreed on what it is loading, put on ``backend`` with the

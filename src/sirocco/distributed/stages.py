@@ -15,7 +15,7 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -129,8 +129,8 @@ def random_stage(args: ModelArgs, spec: StageSpec, seed: int = 0, dtype: torch.d
 
 
 def load_stage(path: str | Path, spec: StageSpec, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
-               quantize: Optional[str] = None, backend: Optional[str] = "torch",
+               device: torch.device | str = "cpu", max_seq_len: int | None = None,
+               quantize: str | None = None, backend: str | None = "torch",
                prefill: Prefill = "per_sequence") -> Transformer:
     """Read only this stage's tensors from a checkpoint folder (``sirocco.checkpoint.load_model``), each linear
     weight quantized as it is read where ``quantize`` says (int8 / int4), on ``backend``."""
@@ -162,9 +162,9 @@ def checkpoint_fingerprint(path: Path) -> dict[str, str]:
     return out
 
 
-def rank_stage(ctx: DistContext, model: Union[str, Path, ModelArgs], dtype: torch.dtype = torch.float32,
-               seed: int = 0, max_seq_len: Optional[int] = None, quantize: Optional[str] = None,
-               backend: Optional[str] = "torch", prefill: Prefill = "per_sequence") -> Transformer:
+def rank_stage(ctx: DistContext, model: str | Path | ModelArgs, dtype: torch.dtype = torch.float32,
+               seed: int = 0, max_seq_len: int | None = None, quantize: str | None = None,
+               backend: str | None = "torch", prefill: Prefill = "per_sequence") -> Transformer:
     """This rank's stage of a pipeline of ``ctx.world_size`` stages, on ``ctx.device``.
 
     Args:

@@ -18,8 +18,8 @@ Here each window adds its summed negative log-likelihood and its exact count.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,8 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def perplexity(model, tokens: Sequence[int] | torch.Tensor, context: int, stride: Optional[int] = None,
-               progress: Optional[bool] = None) -> PerplexityResult:
+def perplexity(model, tokens: Sequence[int] | torch.Tensor, context: int, stride: int | None = None,
+               progress: bool | None = None) -> PerplexityResult:
     """Perplexity of ``tokens`` (BOS first, as the tokenizer encodes a text) under ``model`` (a Transformer), in
     windows of ``context`` tokens every ``stride`` (default: ``context``, no overlap). Log-probabilities in fp32."""
     ids = torch.as_tensor(list(tokens) if not isinstance(tokens, torch.Tensor) else tokens, dtype=torch.long)

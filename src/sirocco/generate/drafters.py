@@ -19,8 +19,9 @@ drafter) rolls back to the common prefix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -62,7 +63,7 @@ class Draft:
     chose them without one (verification then takes q one-hot on each token)."""
 
     tokens: list[int]
-    probs: Optional[torch.Tensor] = None
+    probs: torch.Tensor | None = None
 
 
 class Drafter(Protocol):
@@ -158,7 +159,7 @@ class NgramDrafter:
 class _DraftRow:
     row: int
     fed: list[int]                        # tokens the draft cache holds, positions 0 .. len - 1
-    generator: Optional[torch.Generator]
+    generator: torch.Generator | None
 
 
 class ModelDrafter:
@@ -182,7 +183,7 @@ class ModelDrafter:
     costly = True
 
     def __init__(self, model: Transformer, max_rows: int, max_seq_len: int, draft_tokens: int,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: int | None = None):
         self.model = model
         param = next(model.parameters())
         self.device = param.device

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Protocol
 
 import torch
 
@@ -79,7 +80,7 @@ class StepObserver(Protocol):
 
     def on_row_move(self, src: int, dst: int) -> None: ...
 
-    def on_row_restore(self, row: int, cached: int, sizes: dict[Optional[int], int]) -> None: ...
+    def on_row_restore(self, row: int, cached: int, sizes: dict[int | None, int]) -> None: ...
 
     def on_router(self, layer: int, chosen: torch.Tensor, weights: torch.Tensor) -> None: ...
 
@@ -122,7 +123,7 @@ class RowObserver(Protocol):
 
     def on_row_step(self, step: RowStep) -> None: ...
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 
 
 class PromptTooLong(SiroccoError):
@@ -144,18 +145,18 @@ class Completion:
     """The result for one prompt. ``tokens`` and ``logprobs`` align; ``text`` stops before a stop string."""
 
     index: int
-    prompt: Optional[str]
+    prompt: str | None
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    finish_reason: Optional[str] = None   # "stop" (EOS, a stop string, a complete grammar), "length" or "abort"
+    finish_reason: str | None = None   # "stop" (EOS, a stop string, a complete grammar), "length" or "abort"
     request_id: str = ""
     # per token, its most likely alternatives [(id, logprob), ...], where SamplingParams.logprobs asked for them
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # draft tokens verified for this sequence and those accepted, where the engine speculates (else None)
-    proposed_tokens: Optional[int] = None
-    accepted_tokens: Optional[int] = None
+    proposed_tokens: int | None = None
+    accepted_tokens: int | None = None
     cached_tokens: int = 0                # prompt tokens restored from the prefix store instead of pre-filled
 
     def to_json(self) -> dict:
@@ -176,12 +177,12 @@ class Event:
     multi-byte character or a possible stop string is pending). ``completion`` is set on the last event."""
 
     index: int
-    token: Optional[int]
-    logprob: Optional[float]
+    token: int | None
+    logprob: float | None
     text: str
-    completion: Optional[Completion] = None
+    completion: Completion | None = None
     request_id: str = ""
-    top: Optional[list[tuple[int, float]]] = None     # the token's alternatives, where the params asked for them
+    top: list[tuple[int, float]] | None = None     # the token's alternatives, where the params asked for them
 
 
 @dataclass
@@ -221,7 +222,7 @@ class _Waiting:
 
     out: Completion
     params: SamplingParams
-    observer: Optional[RowObserver] = None
+    observer: RowObserver | None = None
 
 
 @dataclass(eq=False)
@@ -232,13 +233,13 @@ class _Running:
     out: Completion
     params: SamplingParams
     row: int
-    generator: Optional[torch.Generator]
-    text: Optional[TextTracker]
-    processor: Optional[LogitsProcessor] = None
+    generator: torch.Generator | None
+    text: TextTracker | None
+    processor: LogitsProcessor | None = None
     order: int = 0
     cached: int = 0
-    spec: Optional[RowSpeculation] = None      # its drafting state, where the engine speculates
-    observer: Optional[RowObserver] = None
+    spec: RowSpeculation | None = None      # its drafting state, where the engine speculates
+    observer: RowObserver | None = None
 
     @property
     def request_id(self) -> str:
@@ -283,10 +284,10 @@ class Engine:
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: Optional[int] = None,
-                 max_seq_len: Optional[int] = None, max_batch_tokens: Optional[int] = None,
-                 executor: Optional[Executor] = None, trace: Optional[StepObserver] = None, mixed: bool = True,
-                 speculation: Optional[Speculation] = None, prefix_cache_bytes: int = 0):
+    def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: int | None = None,
+                 max_seq_len: int | None = None, max_batch_tokens: int | None = None,
+                 executor: Executor | None = None, trace: StepObserver | None = None, mixed: bool = True,
+                 speculation: Speculation | None = None, prefix_cache_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.args = model.args
@@ -309,7 +310,7 @@ class Engine:
         log.info("cache: %d rows x %s slots, %.1f MiB (%s)", max_rows,
                  sorted({self.cache.size_for(w) for w in self.args.windows()}, key=int),
                  self.cache.nbytes() / 2**20, self.dtype)
-        self.prefix: Optional[PrefixStore] = None
+        self.prefix: PrefixStore | None = None
         if prefix_cache_bytes > 0:
             self.prefix = PrefixStore(self.cache, self.args.n_kv_heads, self.args.head_dim, prefix_cache_bytes)
         self.backend = backends.backend_of(model)          # what the conversion pass put the model on
@@ -333,7 +334,7 @@ class Engine:
 
     # -- public API ----------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
-                    request_id: Optional[str] = None, observer: Optional[RowObserver] = None) -> str:
+                    request_id: str | None = None, observer: RowObserver | None = None) -> str:
         """Queue a prompt (first come, first served) and return its id; it runs from the next ``step()`` that
         has a free row. Validates at once: an invalid prompt raises (``PromptTooLong``, ``SiroccoError``) and
         queues nothing; an id that is already waiting or running raises ``ValueError``. Without an id, a new
@@ -564,8 +565,8 @@ class Engine:
                 prefill_tokens=prompt_tokens, decode_tokens=total - prompt_tokens,
                 restored=s.out.prompt_tokens[:m] if m and starts[i] == m else (), drafted=drafted.get(i, 0)))
 
-    def _sample(self, seqs: list[_Running], logits: Optional[torch.Tensor],
-                drafts: Optional[list[Optional[Draft]]] = None) -> list[tuple[_Running, Sampled]]:
+    def _sample(self, seqs: list[_Running], logits: torch.Tensor | None,
+                drafts: list[Draft | None] | None = None) -> list[tuple[_Running, Sampled]]:
         if not seqs:
             return []
         rows = [RowSampling(s.params, s.generator, s.processor) if d is None else
@@ -603,7 +604,7 @@ class Engine:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _request(self, index: int, prompt: Prompt, params: SamplingParams,
-                 request_id: Optional[str]) -> _Waiting:
+                 request_id: str | None) -> _Waiting:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise SiroccoError("text prompts need a tokenizer; pass token ids or a tokenizer")
@@ -675,7 +676,7 @@ class Engine:
         return events
 
     def _advance_one(self, seq: _Running, token: int, logprob: float,
-                     top: Optional[list[tuple[int, float]]]) -> Event:
+                     top: list[tuple[int, float]] | None) -> Event:
         """Append a sampled token, decide whether the sequence is done, and say what text it adds."""
         out, p = seq.out, seq.params
         out.tokens.append(token)

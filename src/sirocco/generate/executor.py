@@ -7,7 +7,8 @@ whole model in this process; ``distributed.executor.PipelineExecutor`` runs one 
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -25,12 +26,12 @@ class Executor(Protocol):
         ...
 
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
-                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         """(T,) tokens -> (N, vocab) logits of the ``logits_at`` tokens (all without it), or None on a process
         that does not hold the output head."""
         ...
 
-    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
+    def sample(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> list[Sampled]:
         """Each row's tokens, log-probabilities and top-k alternatives from the step's ``logits`` (``sampling.sample``),
         as host lists, the same on every process."""
         ...
@@ -53,10 +54,10 @@ class LocalExecutor:
                             spare_slots=spare_slots)
 
     def forward(self, tokens: torch.Tensor, plan: BatchPlan, cache: RollingCache,
-                logits_at: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.model(tokens, plan, cache, logits_at=logits_at)
 
-    def sample(self, logits: Optional[torch.Tensor], rows: Sequence[RowSampling]) -> list[Sampled]:
+    def sample(self, logits: torch.Tensor | None, rows: Sequence[RowSampling]) -> list[Sampled]:
         assert logits is not None
         return sample(logits, rows)
 

@@ -27,8 +27,9 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ MATCHERS_CACHED = 64
 class GrammarError(ValueError):
     """A schema or grammar that cannot be enforced. ``keyword``: the schema keyword at fault, where one is."""
 
-    def __init__(self, message: str, keyword: Optional[str] = None):
+    def __init__(self, message: str, keyword: str | None = None):
         super().__init__(message)
         self.keyword = keyword
 
@@ -264,7 +265,7 @@ class Function:
 
 
 def tool_calls_grammar(functions: Sequence[Function], choice: str, parallel: bool = True,
-                       marker: Optional[int] = None, text_schema: Optional[dict] = None) -> Grammar:
+                       marker: int | None = None, text_schema: dict | None = None) -> Grammar:
     """What an answer may be when tools are offered: ``choice`` is "none" (text, never a call), "auto" (text,
     or a call list), "required" (a call list) or a function's name (a list of calls of it).
 

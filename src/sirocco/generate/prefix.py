@@ -55,8 +55,8 @@ binary search for the first difference): nothing in proportion to the store's si
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -168,13 +168,13 @@ class PrefixStore:
         return sum(min(n, size) for size in self.sizes) * self.position_bytes
 
     # -- the engine's calls ------------------------------------------------------------------------------------
-    def lookup(self, tokens: Sequence[int]) -> Optional[Hit]:
+    def lookup(self, tokens: Sequence[int]) -> Hit | None:
         """The stored state a prompt continues from (the largest exact m, at least ``min_tokens``), or None."""
         self.stats.queries += 1
         if len(tokens) - 1 < self.min_tokens:
             return None
         req = tuple(tokens)
-        best: Optional[Hit] = None
+        best: Hit | None = None
         for e in self._buckets.get(req[:self.min_tokens], ()):
             m = min(common_prefix(e.tokens, req), len(req) - 1)
             if m >= max(self.min_tokens, e.lowest) and (best is None or m > best.tokens):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -50,7 +50,7 @@ class LogitsProcessor:
     both. Built per row when the row starts (``Constraint.processor``), told every token the row keeps
     (``accept``), so it may carry state (a grammar's position). This base class allows everything."""
 
-    def bias(self) -> Optional[tuple[Sequence[int], Sequence[float]]]:
+    def bias(self) -> tuple[Sequence[int], Sequence[float]] | None:
         """(token ids, values) added to the logits of every position of the row, or None."""
         return None
 
@@ -78,7 +78,7 @@ class TokenBias(LogitsProcessor):
         self.ids = list(bias)
         self.values = [float(v) for v in bias.values()]
 
-    def bias(self) -> Optional[tuple[Sequence[int], Sequence[float]]]:
+    def bias(self) -> tuple[Sequence[int], Sequence[float]] | None:
         return self.ids, self.values
 
 
@@ -109,7 +109,7 @@ class _Both(LogitsProcessor):
     def __init__(self, bias: LogitsProcessor, inner: LogitsProcessor):
         self.bias_of, self.inner = bias, inner
 
-    def bias(self) -> Optional[tuple[Sequence[int], Sequence[float]]]:
+    def bias(self) -> tuple[Sequence[int], Sequence[float]] | None:
         return self.bias_of.bias()
 
     def fill_mask(self, out: torch.Tensor, draft: Sequence[int]) -> bool:
@@ -146,13 +146,13 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: Sequence[str] = field(default_factory=tuple)
     stop_on_eos: bool = True
     logprobs: int = 0
-    logit_bias: Optional[Mapping[int, float]] = None
-    constraint: Optional[Constraint] = None
-    draft_tokens: Optional[int] = None
+    logit_bias: Mapping[int, float] | None = None
+    constraint: Constraint | None = None
+    draft_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -168,7 +168,7 @@ class SamplingParams:
         if self.draft_tokens is not None and self.draft_tokens < 0:
             raise ValueError(f"draft_tokens must be >= 0, got {self.draft_tokens}")
 
-    def processor(self, tokenizer: object, vocab_size: int) -> Optional[LogitsProcessor]:
+    def processor(self, tokenizer: object, vocab_size: int) -> LogitsProcessor | None:
         """The row's processor for these params (None: nothing to apply). Ids outside the vocabulary raise."""
         bias = None
         if self.logit_bias:
@@ -196,10 +196,10 @@ class RowSampling:
     """
 
     params: SamplingParams
-    generator: Optional[torch.Generator] = None
-    processor: Optional[LogitsProcessor] = None
+    generator: torch.Generator | None = None
+    processor: LogitsProcessor | None = None
     draft: Sequence[int] = ()
-    draft_probs: Optional[torch.Tensor] = None
+    draft_probs: torch.Tensor | None = None
 
     @property
     def positions(self) -> int:
@@ -214,7 +214,7 @@ class Sampled:
 
     tokens: list[int]
     logprobs: list[float]
-    top: Optional[list[list[tuple[int, float]]]] = None
+    top: list[list[tuple[int, float]]] | None = None
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -290,7 +290,7 @@ def _starts(rows: Sequence[RowSampling]) -> list[int]:
     return out
 
 
-def _draw(scores: torch.Tensor, p: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _draw(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """One token (a (1,) tensor) drawn from a row's filtered distribution."""
     probs = torch.softmax(filter_logits(scores, p.temperature, p.top_k, p.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
@@ -382,7 +382,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[Sampled]:
     return out
 
 
-def make_generator(seed: Optional[int], device: torch.device) -> torch.Generator:
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()

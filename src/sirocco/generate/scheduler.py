@@ -23,8 +23,9 @@ Rules, applied at every step boundary:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterable, Optional, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 
 class Seq(Protocol):
@@ -89,7 +90,7 @@ class Scheduler(Generic[W, S]):
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def abort(self, request_id: str) -> tuple[Optional[W], Optional[S]]:
+    def abort(self, request_id: str) -> tuple[W | None, S | None]:
         """Remove a request: (the waiting request, None), (None, the running sequence, its row already freed
         and the rows compacted), or (None, None) if it is neither waiting nor running."""
         for w in self.waiting:
@@ -113,7 +114,7 @@ class Scheduler(Generic[W, S]):
             new.append(seq)
         return new
 
-    def schedule(self) -> Optional[Step[S]]:
+    def schedule(self) -> Step[S] | None:
         """Admit, then choose the next step (None when nothing is running)."""
         self.admit()
         if not self.running:

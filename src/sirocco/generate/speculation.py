@@ -40,8 +40,9 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -75,12 +76,12 @@ class Speculation:
         draft_cost_curve: the same for one decode step of a draft model over 1, 2, ... rows.
     """
 
-    drafter: Union[str, "Transformer", Drafter] = "ngram"
+    drafter: str | Transformer | Drafter = "ngram"
     draft_tokens: int = 4
     ngram: int = 3
     min_ngram: int = 1
-    cost_curve: Optional[Sequence[float]] = None
-    draft_cost_curve: Optional[Sequence[float]] = None
+    cost_curve: Sequence[float] | None = None
+    draft_cost_curve: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.draft_tokens < ROW_EXACT_TOKENS:
@@ -106,7 +107,7 @@ class RowSpeculation:
     trials: float = 0.0
     proposed: int = 0
     accepted: int = 0
-    shadow: Optional[int] = None                 # a free drafter's first token, where the row did not draft
+    shadow: int | None = None                 # a free drafter's first token, where the row did not draft
     prior: tuple[float, float] = PRIOR_COSTLY    # (hits, trials) before any observation
 
     @property
@@ -162,14 +163,14 @@ class Speculator:
     """
 
     def __init__(self, config: Speculation, drafter: Drafter, cost: Sequence[float],
-                 draft_cost: Optional[Sequence[float]] = None, max_step_tokens: int = ROW_EXACT_TOKENS):
+                 draft_cost: Sequence[float] | None = None, max_step_tokens: int = ROW_EXACT_TOKENS):
         self.config = config
         self.drafter = drafter
         self.cost = list(cost)
         self.draft_cost = list(draft_cost) if draft_cost is not None else None
         self.max_step_tokens = min(max_step_tokens, ROW_EXACT_TOKENS)
 
-    def start(self, params: SamplingParams) -> Optional[RowSpeculation]:
+    def start(self, params: SamplingParams) -> RowSpeculation | None:
         """A new sequence's state, or None where its params turn drafting off."""
         limit = self.config.draft_tokens if params.draft_tokens is None else min(params.draft_tokens,
                                                                                  self.config.draft_tokens)
@@ -215,7 +216,7 @@ class Speculator:
                 seqs[i].spec.shadow = None
         return out
 
-    def settle(self, seq: Any, draft: Optional[Draft], kept: Sequence[int]) -> None:
+    def settle(self, seq: Any, draft: Draft | None, kept: Sequence[int]) -> None:
         """After the step: learn from what the row kept (``kept``: the sampler's tokens for it) and count it."""
         st = seq.spec
         if st is None:
@@ -277,7 +278,7 @@ class Speculator:
         return best
 
 
-def make_drafter(config: Speculation, model: "Transformer", max_rows: int, max_seq_len: int,
+def make_drafter(config: Speculation, model: Transformer, max_rows: int, max_seq_len: int,
                  chunk_size: int) -> Drafter:
     """The drafter ``config.drafter`` names, built for an engine of these sizes."""
     from ..model import Transformer
@@ -301,7 +302,7 @@ def make_drafter(config: Speculation, model: "Transformer", max_rows: int, max_s
     return d
 
 
-def step_runner(model: "Transformer", cache, forward: Callable[..., Any]) -> Callable[[int], None]:
+def step_runner(model: Transformer, cache, forward: Callable[..., Any]) -> Callable[[int], None]:
     """``run(n)``: one forward of a decode sequence of n tokens at positions 0 .. n - 1 in cache row 0, as a step
     with drafts runs (the cost curve's measurement; the row is overwritten by the first sequence it serves)."""
     device = next(model.parameters()).device

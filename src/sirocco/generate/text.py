@@ -12,7 +12,7 @@ result does not contain.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 _CONTEXT = 4     # prompt tokens decoded before the first generated one, to get its leading space right
 

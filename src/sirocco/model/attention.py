@@ -30,7 +30,8 @@ A backend (backends/) subclasses ``AttentionOps`` to put kernels under ``rope`` 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +69,13 @@ class AttentionOps:
         return per_sequence_attention(q, k, v, plan)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-               fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+               fill: Sequence[int] | None = None) -> torch.Tensor:
         """q (B, H, D), k/v (B, G, L, D) cache rows, valid (B, L) -> (B, H, D). ``fill``: each query's count of
         valid keys, which are its first ones (the plan's ``decode_fill``)."""
         return decode_attention(q, k, v, valid)
 
     def decode_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-                  valid: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  valid: torch.Tensor, fill: Sequence[int] | None = None) -> torch.Tensor:
         """Decode over a whole layer cache: q (B, H, D), k/v (R, G, S, D), query b reads row ``rows[b]`` and its
         l-th key from slot ``slots[b, l]``; valid (B, L) -> (B, H, D). The same result as ``decode`` over the
         gathered keys."""
@@ -86,7 +87,7 @@ class AttentionOps:
 REFERENCE_OPS = AttentionOps()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, cache: Optional[LayerCache],
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: WindowPlan, cache: LayerCache | None,
            ops: AttentionOps) -> torch.Tensor:
     """Attention of one layer for one step.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,21 +47,21 @@ class Attention(nn.Module):
     """Grouped-query attention with an optional sliding window; K/V are never copied to all heads. ``ops`` computes
     RoPE and the attention itself (the reference ops by default; a backend hands others)."""
 
-    def __init__(self, args: ModelArgs, window: Optional[int]):
+    def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
         self.ops: AttentionOps = REFERENCE_OPS
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = window
         # A backend's kernel for wq, wk and wv at once (backends/quant/linear.py), or None; it returns None for the
         # steps it does not serve. Set only by the conversion pass (backends.attach), like experts_kernel.
-        self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
+        self.projection_kernel: Callable[[torch.Tensor], tuple[torch.Tensor, ...] | None] | None = None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan,
-                cache: Optional[RollingCache], layer_id: int) -> torch.Tensor:
+                cache: RollingCache | None, layer_id: int) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = (self.projection_kernel and self.projection_kernel(x)) or (self.wq(x), self.wk(x), self.wv(x))
         q = q.view(T, self.n_heads, self.head_dim)
@@ -79,7 +79,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         # A backend's kernel for w1 and w3 at once, or None (as Attention's projection_kernel).
-        self.projection_kernel: Optional[Callable[[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]] = None
+        self.projection_kernel: Callable[[torch.Tensor], tuple[torch.Tensor, ...] | None] | None = None
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
@@ -96,15 +96,14 @@ class MoeFeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_experts_per_tok: int):
         super().__init__()
         self.k = num_experts_per_tok
-        self.on_route: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None   # observer: sirocco viz
+        self.on_route: Callable[[torch.Tensor, torch.Tensor], None] | None = None   # observer: sirocco viz
         # A backend's kernel for all the chosen experts at once (backends/moe.py), or None; it returns None for
         # the steps it does not serve.
-        self.experts_kernel: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                               Optional[torch.Tensor]]] = None
+        self.experts_kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(num_experts))
 
-    def forward(self, x: torch.Tensor, router_logits: Optional[list] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_logits: list | None = None) -> torch.Tensor:
         chosen, weights = self.route(x, router_logits)
         if self.experts_kernel is not None:
             out = self.experts_kernel(x, chosen, weights)
@@ -112,7 +111,7 @@ class MoeFeedForward(nn.Module):
                 return out
         return self.run_experts(x, chosen, weights)
 
-    def route(self, x: torch.Tensor, router_logits: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, router_logits: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's k chosen experts (T, k) and their weights (T, k) in x's dtype."""
         logits = self.gate(x)                                              # (T, E)
         if router_logits is not None:
@@ -155,7 +154,7 @@ class TransformerBlock(nn.Module):
                                                args.moe.num_experts_per_tok)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], plan: BatchPlan,
-                cache: Optional[RollingCache], router_logits: Optional[list] = None) -> torch.Tensor:
+                cache: RollingCache | None, router_logits: list | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, plan, cache, self.layer_id)
         h = self.ffn_norm(x)
         if isinstance(self.feed_forward, MoeFeedForward):
@@ -177,7 +176,7 @@ class Transformer(nn.Module):
     some of them (and maybe no embedding or no output) keeps the checkpoint's names; ``forward`` passes
     hidden states through where the embedding or the output head is absent."""
 
-    def __init__(self, args: ModelArgs, layers: Optional[list[int]] = None, embed: bool = True, head: bool = True):
+    def __init__(self, args: ModelArgs, layers: list[int] | None = None, embed: bool = True, head: bool = True):
         super().__init__()
         self.args = args
         self.tok_embeddings = _embedding(args.vocab_size, args.dim) if embed else None
@@ -185,13 +184,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args, i) for i in layer_ids})
         self.norm = RMSNorm(args.dim, args.norm_eps) if head else None
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False) if head else None
-        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def windows(self) -> list[Optional[int]]:
+    def windows(self) -> list[int | None]:
         return self.args.windows()
 
-    def rope(self, positions: torch.Tensor, needed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor, needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for these positions, all below ``needed`` (default: max_seq_len). The tables live on the
         positions' device and cover a power of two of positions, at least 4096, at most max_seq_len, rebuilt
         longer when a step needs it: Mistral's 32768 positions are 16 MiB of tables (and three times that while
@@ -205,8 +204,8 @@ class Transformer(nn.Module):
             self._rope = (cos.to(positions.device), sin.to(positions.device))
         return self._rope[0][positions], self._rope[1][positions]
 
-    def plan(self, lengths: list[int], starts: Optional[list[int]] = None, rows: Optional[list[int]] = None,
-             cache: Optional[RollingCache] = None, decode: Optional[int] = None) -> BatchPlan:
+    def plan(self, lengths: list[int], starts: list[int] | None = None, rows: list[int] | None = None,
+             cache: RollingCache | None = None, decode: int | None = None) -> BatchPlan:
         """The step's BatchPlan for this model's windows (and the cache's sizes, if any); ``decode``: how many
         leading sequences are decode sequences (``BatchPlan.build``)."""
         ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
@@ -217,7 +216,7 @@ class Transformer(nn.Module):
                                cache_lens=None if cache is None else cache.cache_lens(),
                                device=self.device, decode=decode)
 
-    def observe_routing(self, observer: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]) -> None:
+    def observe_routing(self, observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None) -> None:
         """Have every MoE layer call ``observer(layer_id, chosen (T, k), weights (T, k))`` after its top-k
         (None: stop)."""
         for i, layer in self.layers.items():
@@ -228,8 +227,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, x: torch.Tensor, plan: BatchPlan | list[int], cache: Optional[RollingCache] = None,
-                router_logits: Optional[list] = None, logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: BatchPlan | list[int], cache: RollingCache | None = None,
+                router_logits: list | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: (T,) token ids, or (T, dim) hidden states on a pipeline stage without the embedding.
@@ -270,7 +269,7 @@ def init_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> Transf
 
 
 def build_model(args: ModelArgs, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                seed: Optional[int] = 0, **stage: object) -> Transformer:
+                seed: int | None = 0, **stage: object) -> Transformer:
     """A model with random weights (seeded), in ``dtype`` on ``device``."""
     model = Transformer(args, **stage)  # type: ignore[arg-type]
     if seed is not None:

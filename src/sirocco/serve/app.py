@@ -21,8 +21,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -83,9 +84,9 @@ async def _wait_disconnect(request: Request) -> None:
 class Server:
     """The app's state: engine runner, tokenizer, names and limits."""
 
-    def __init__(self, engine, tokenizer, served_model_name: str, api_key: Optional[str] = None,
-                 max_queue: int = 128, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-                 model_thread: Optional[ModelThread] = None, inside: Optional[RecorderFactory] = None):
+    def __init__(self, engine, tokenizer, served_model_name: str, api_key: str | None = None,
+                 max_queue: int = 128, metrics: Metrics | None = None, channel: Channel | None = None,
+                 model_thread: ModelThread | None = None, inside: RecorderFactory | None = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
@@ -95,7 +96,7 @@ class Server:
         self.runner = Runner(engine, self.metrics, channel, model_thread)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
-        self.max_chars_per_token: Optional[int] = tokenizer.max_chars_per_token()
+        self.max_chars_per_token: int | None = tokenizer.max_chars_per_token()
         self.inside = InsideHub(inside, lambda t: self.token_text(t)[0], web.model_info(self))
 
     # -- checks ----------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class Server:
         except (ValueError, UnicodeDecodeError) as e:
             raise bad(f"the request body is not valid JSON: {e}") from None
 
-    def check_model(self, model: Optional[str]) -> None:
+    def check_model(self, model: str | None) -> None:
         if model is not None and model != self.name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.name}'.",
                            param="model", code="model_not_found")
@@ -150,7 +151,7 @@ class Server:
             raise protocol.context_error(len(ids), self.max_seq_len, param)
         return ids
 
-    def encode_chat(self, messages: list[dict], tools: Optional[protocol.Tools] = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: protocol.Tools | None = None) -> list[int]:
         self.check_chars(kept_chars(messages), "messages")
         try:
             ids = self.tokenizer.encode_chat(messages, tools.tools if tools else None)
@@ -160,7 +161,7 @@ class Server:
             raise protocol.context_error(len(ids), self.max_seq_len, "messages")
         return ids
 
-    async def constraint(self, req: protocol.Request) -> Optional[grammar.Grammar]:
+    async def constraint(self, req: protocol.Request) -> grammar.Grammar | None:
         """The grammar every choice of ``req`` follows (response_format, tools), checked against this tokenizer:
         a 400 naming the field and the keyword it cannot enforce. Compiled off the event loop (a large schema
         takes milliseconds) and cached, so the engine thread's copy is cheap."""
@@ -350,7 +351,7 @@ class Server:
             for rid in set(rids) - finished:
                 self.runner.abort(rid)
 
-    def _readers(self, req: protocol.Request, rids: dict[str, int]) -> Optional[dict[int, CallReader]]:
+    def _readers(self, req: protocol.Request, rids: dict[str, int]) -> dict[int, CallReader] | None:
         """A tool-call reader per choice where the answer may be calls."""
         if req.tools is None or req.tools.choice == "none":
             return None
@@ -415,18 +416,18 @@ def cached_tokens(n: int, done: dict[int, Completion]) -> int:
     return sum(per_prompt.values())
 
 
-def _finish(c: Completion, calls: Optional[list]) -> str:
+def _finish(c: Completion, calls: list | None) -> str:
     """OpenAI's finish_reason: a complete answer that is calls is "tool_calls"."""
     reason = c.finish_reason or "stop"
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def build_app(engine, tokenizer, served_model_name: str, api_key: Optional[str] = None, max_queue: int = 128,
-              metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-              model_thread: Optional[ModelThread] = None, bind_host: str = "127.0.0.1",
+def build_app(engine, tokenizer, served_model_name: str, api_key: str | None = None, max_queue: int = 128,
+              metrics: Metrics | None = None, channel: Channel | None = None,
+              model_thread: ModelThread | None = None, bind_host: str = "127.0.0.1",
               allowed_hosts: Sequence[str] = (), allow_origins: Sequence[str] = (),
               max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB,
-              inside: Optional[RecorderFactory] = None) -> FastAPI:
+              inside: RecorderFactory | None = None) -> FastAPI:
     """The ASGI app over ``engine``. The engine loop starts and stops with the app's lifespan, on
     ``model_thread`` if given (the thread that loaded the model: see ``serve.model_thread``). ``channel``: rank 0's
     ``PipelineChannel`` when the engine is one of a pipeline's (see ``serve.pipeline``). ``bind_host`` (the

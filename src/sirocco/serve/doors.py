@@ -32,7 +32,8 @@ Errors are OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` lik
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from .protocol import APIError
 
@@ -79,7 +80,7 @@ class Hosts:
                                                                                    if not n.startswith("*")}
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
 
-    def allows(self, header: Optional[str]) -> bool:
+    def allows(self, header: str | None) -> bool:
         if header is None or self.any:
             return True
         name = host_name(header)
@@ -95,7 +96,7 @@ class Hosts:
         return ", ".join(shown) + (" and any IP address" if self.wildcard else "")
 
 
-def _header(scope: dict, name: bytes) -> Optional[str]:
+def _header(scope: dict, name: bytes) -> str | None:
     for k, v in scope.get("headers", ()):
         if k == name:
             return v.decode("latin-1")
@@ -158,7 +159,7 @@ class BodyCap:
         await self.app(scope, counted, send)
 
 
-def check_json(content_type: Optional[str]) -> None:
+def check_json(content_type: str | None) -> None:
     """415 unless the Content-Type is application/json (parameters such as '; charset=utf-8' allowed)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != JSON:

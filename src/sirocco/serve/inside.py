@@ -29,7 +29,8 @@ import json
 import logging
 import re
 import time
-from typing import Any, AsyncIterator, Callable, Optional, Protocol, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 from ..generate.engine import RowStep
 from .protocol import APIError, bad
@@ -90,7 +91,7 @@ class InsideRequest:
         self.channel, self.request_id, self.recorder, self.loop = channel, request_id, recorder, loop
         self.pending: collections.deque[RowStep] = collections.deque()    # appended by the engine's thread
         self.scheduled = False                     # a flush is on its way (set by the engine's thread)
-        self.timer: Optional[asyncio.TimerHandle] = None
+        self.timer: asyncio.TimerHandle | None = None
         self.failed = False
 
     def on_row_step(self, step: RowStep) -> None:                 # the engine's thread
@@ -135,7 +136,7 @@ class InsideHub:
     """The open channels of one server. ``recorder``: makes a request's recorder (None: the inside panel is
     off, and a request naming a channel gets 400)."""
 
-    def __init__(self, recorder: Optional[RecorderFactory], token_text: Callable[[int], str], model_info: dict):
+    def __init__(self, recorder: RecorderFactory | None, token_text: Callable[[int], str], model_info: dict):
         self.recorder = recorder
         self.token_text = token_text
         self.model_info = model_info
@@ -166,7 +167,7 @@ class InsideHub:
         if self.channels.get(channel.name) is channel:
             del self.channels[channel.name]
 
-    def requested(self, body: Any, sequences: int) -> Optional[Channel]:
+    def requested(self, body: Any, sequences: int) -> Channel | None:
         """The channel a request body names in ``sirocco_inside`` (None if it names none); 400 if the channel is
         not open or the request has more than one sequence."""
         name = body.get("sirocco_inside") if isinstance(body, dict) else None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,8 @@ class Command:
     kind: str
     rid: str = ""
     prompt: list[int] = field(default_factory=list)
-    params: Optional[SamplingParams] = None
-    reply: Optional[Reply] = field(default=None, compare=False)
+    params: SamplingParams | None = None
+    reply: Reply | None = field(default=None, compare=False)
 
     def shared(self) -> Command:
         """What the other ranks receive: the command without rank 0's reply."""
@@ -68,7 +68,7 @@ class Channel(Protocol):
     wait inside ``share``, never reach their timeout."""
 
     leader: bool
-    heartbeat_s: Optional[float]
+    heartbeat_s: float | None
 
     def share(self, cmds: list[Command]) -> list[Command]:
         """Called once per iteration on every rank: the leader's commands, on every rank."""
@@ -83,7 +83,7 @@ class LocalChannel:
     """One process: nothing to share, and nobody waits for a heartbeat."""
 
     leader = True
-    heartbeat_s: Optional[float] = None
+    heartbeat_s: float | None = None
 
     def share(self, cmds: list[Command]) -> list[Command]:
         return cmds
@@ -98,7 +98,7 @@ class PipelineChannel:
     def __init__(self, ctx: DistContext, heartbeat_s: float = HEARTBEAT_S):
         self.ctx = ctx
         self.leader = ctx.rank == 0
-        self.heartbeat_s: Optional[float] = min(heartbeat_s, ctx.timeout_s / 4)
+        self.heartbeat_s: float | None = min(heartbeat_s, ctx.timeout_s / 4)
         self._bound = False
 
     def share(self, cmds: list[Command]) -> list[Command]:

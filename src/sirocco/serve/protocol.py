@@ -33,8 +33,9 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ..generate.engine import Event
 from ..generate.grammar import Function, Grammar, GrammarError, json_object_grammar, json_schema_grammar
@@ -48,8 +49,8 @@ MAX_N = 16
 class APIError(Exception):
     """An error answered with OpenAI's body ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -58,7 +59,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -89,7 +90,7 @@ def _is_num(v: Any) -> bool:
 
 
 def _get(body: dict, name: str, kind: str, default: Any = None) -> Any:
-    v = body.get(name, None)
+    v = body.get(name)
     if v is None:
         return default
     ok = {"int": _is_int, "num": _is_num, "bool": lambda x: isinstance(x, bool), "str": lambda x: isinstance(x, str),
@@ -139,10 +140,10 @@ class ResponseFormat:
     """``response_format``: "text", "json_object" or "json_schema" (with its schema and strictness)."""
 
     type: str = "text"
-    schema: Optional[dict] = None
+    schema: dict | None = None
     strict: bool = False
 
-    def grammar(self) -> Optional[Grammar]:
+    def grammar(self) -> Grammar | None:
         """The grammar of the answer's text, or None for free text. Raises ``APIError`` naming the keyword."""
         try:
             if self.type == "json_object":
@@ -163,26 +164,26 @@ class Request:
     """A checked request of either endpoint."""
 
     chat: bool
-    model: Optional[str]
+    model: str | None
     prompts: list                          # completions: str or list[int] each; chat: one list of messages
-    max_tokens: Optional[int]
+    max_tokens: int | None
     temperature: float
     top_p: float
     top_k: int
-    seed: Optional[int]
+    seed: int | None
     stop: tuple[str, ...]
     n: int
-    logprobs: Optional[int]                # None: no logprobs; k >= 0: that many alternatives per token
+    logprobs: int | None                # None: no logprobs; k >= 0: that many alternatives per token
     stream: bool
     include_usage: bool
     ignore_eos: bool
-    logit_bias: Optional[dict[int, float]] = None
+    logit_bias: dict[int, float] | None = None
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
-    tools: Optional[Tools] = None
+    tools: Tools | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = ""
 
-    def sampling(self, max_tokens: int, i: int, constraint: Optional[Grammar] = None) -> SamplingParams:
+    def sampling(self, max_tokens: int, i: int, constraint: Grammar | None = None) -> SamplingParams:
         """Choice i's sampling params (choice i of a seeded request samples with seed + i, like ``generate``)."""
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=None if self.seed is None else self.seed + i,
@@ -317,7 +318,7 @@ def _response_format(body: dict) -> ResponseFormat:
     return out
 
 
-def _tools(body: dict) -> Optional[Tools]:
+def _tools(body: dict) -> Tools | None:
     raw, choice, parallel = body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
@@ -385,7 +386,7 @@ def _check_tool_ids(messages: list[dict]) -> None:
                       f"message", param=f"messages[{i}].tool_call_id")
 
 
-def _logit_bias(body: dict) -> Optional[dict[int, float]]:
+def _logit_bias(body: dict) -> dict[int, float] | None:
     """OpenAI's ``logit_bias``: token ids (as strings, JSON's keys) to values in [-100, 100]; None when absent or
     empty. Ids outside the vocabulary are refused by the engine when the request is added."""
     raw = _get(body, "logit_bias", "dict")
@@ -477,7 +478,7 @@ def _prompts(p: Any) -> list:
               "(none empty)", param="prompt")
 
 
-def _logprobs(body: dict, chat: bool) -> Optional[int]:
+def _logprobs(body: dict, chat: bool) -> int | None:
     if chat:
         want = _get(body, "logprobs", "bool", False)
         k = _get(body, "top_logprobs", "int")
@@ -516,7 +517,7 @@ class TokenText:
         return hit
 
 
-def _piece(tokenizer, token: int) -> Optional[str]:
+def _piece(tokenizer, token: int) -> str | None:
     sp = getattr(tokenizer, "sp", None)
     if sp is not None and hasattr(sp, "id_to_piece"):
         return sp.id_to_piece(token)
@@ -577,8 +578,8 @@ def response(req: Request, model: str, choices: Sequence[dict], use: dict) -> di
             "usage": use}
 
 
-def choice(req: Request, index: int, text: str, logprobs: Optional[dict], finish_reason: str,
-           tool_calls: Optional[list] = None) -> dict:
+def choice(req: Request, index: int, text: str, logprobs: dict | None, finish_reason: str,
+           tool_calls: list | None = None) -> dict:
     if req.chat:
         message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text}
         if tool_calls:
@@ -587,7 +588,7 @@ def choice(req: Request, index: int, text: str, logprobs: Optional[dict], finish
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chunk(req: Request, model: str, choices: list[dict], use: Optional[dict] = None) -> dict:
+def chunk(req: Request, model: str, choices: list[dict], use: dict | None = None) -> dict:
     body: dict[str, Any] = {"id": req.id, "object": "chat.completion.chunk" if req.chat else "text_completion",
             "created": req.created, "model": model, "choices": choices}
     if use is not None:
@@ -595,8 +596,8 @@ def chunk(req: Request, model: str, choices: list[dict], use: Optional[dict] = N
     return body
 
 
-def chunk_choice(req: Request, index: int, text: Optional[str], logprobs: Optional[dict] = None,
-                 finish_reason: Optional[str] = None, role: bool = False, delta: Optional[dict] = None) -> dict:
+def chunk_choice(req: Request, index: int, text: str | None, logprobs: dict | None = None,
+                 finish_reason: str | None = None, role: bool = False, delta: dict | None = None) -> dict:
     """One choice of a stream chunk: ``text`` as its content, or ``delta`` as it is (chat: tool_calls deltas)."""
     if req.chat:
         if delta is None:

@@ -22,9 +22,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -45,11 +46,11 @@ class _Req:
     rid: str
     reply: Reply
     params: SamplingParams
-    first: Optional[float] = None
+    first: float | None = None
     tokens: int = 0
 
 
-def _resolve(fut: asyncio.Future, error: Optional[BaseException]) -> None:
+def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
     if fut.done():
         return
     if error is None:
@@ -71,21 +72,21 @@ class Runner:
     (default: a new one). ``on_failure`` is called from the engine thread if it fails (a pipeline's rank 0
     stops serving then)."""
 
-    def __init__(self, engine: Any, metrics: Optional[Metrics] = None, channel: Optional[Channel] = None,
-                 model_thread: Optional[ModelThread] = None):
+    def __init__(self, engine: Any, metrics: Metrics | None = None, channel: Channel | None = None,
+                 model_thread: ModelThread | None = None):
         self.engine = engine
         self.model_thread = model_thread
         self.metrics = metrics or Metrics()
         self.channel: Channel = channel if channel is not None else LocalChannel()
-        self.on_failure: Optional[Callable[[], None]] = None
+        self.on_failure: Callable[[], None] | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reqs: dict[str, _Req] = {}           # engine thread only
         self._lock = threading.Lock()
         self._inbox_adds = 0                        # sequences sent, not yet given to the engine
         self._engine_waiting = 0                    # the engine's own queue, as of the last step
         self._engine_running = 0                    # sequences in rows, as of the last step
-        self.failed: Optional[BaseException] = None
-        self._loop_done: Optional[Future] = None
+        self.failed: BaseException | None = None
+        self._loop_done: Future | None = None
         self._counted = self._totals()              # the engine's totals already on their counters
 
     # -- event-loop side -----------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ class Runner:
     def _running(self) -> bool:
         return self._loop_done is not None and not self._loop_done.done()
 
-    def stop(self, timeout: Optional[float] = 30.0) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
         if self._running():
             assert self._loop_done is not None
             self._inbox.put(Command("stop"))

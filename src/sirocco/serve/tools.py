@@ -21,7 +21,6 @@ import re
 import secrets
 import string
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ..generate.grammar import TOOL_MARKER
 
@@ -38,7 +37,7 @@ def call_id() -> str:
     return "".join(secrets.choice(ID_CHARS) for _ in range(9))
 
 
-def value_end(text: str, start: int) -> Optional[int]:
+def value_end(text: str, start: int) -> int | None:
     """Where the JSON value starting at ``text[start]`` ends (the index after it), or None if it is incomplete.
     A bare scalar ends where the call's closing brace follows it.
 
@@ -101,15 +100,15 @@ def scan_calls(text: str) -> list[tuple[str, str, bool]]:
 class CallReader:
     """One choice's answer, fed event by event (``feed(token, text)`` returns OpenAI deltas)."""
 
-    marker_id: Optional[int]                  # the [TOOL_CALLS] control token, or None for the text marker
-    is_call: Optional[bool] = None            # None while undecided
+    marker_id: int | None                  # the [TOOL_CALLS] control token, or None for the text marker
+    is_call: bool | None = None            # None while undecided
     content: str = ""
     calls: list[dict] = field(default_factory=list)     # OpenAI's tool_calls, as streamed so far
     _held: str = ""
     _text: str = ""                                       # the call list's text (after the marker)
     _first: bool = True
 
-    def feed(self, token: Optional[int], text: str) -> list[dict]:
+    def feed(self, token: int | None, text: str) -> list[dict]:
         if self._first and token is not None:
             self._first = False
             if self.marker_id is not None:

@@ -35,8 +35,8 @@ instead. Each kind checks its file for that and answers None when it cannot prom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 from ..errors import TokenizerError
 from . import chat
@@ -55,7 +55,7 @@ class TokenVocab:
     tokens: list[bytes]
     special: list[int]
     encode: Callable[[bytes], list[int]]
-    hf_json: Optional[str] = None
+    hf_json: str | None = None
 
 
 def sentencepiece_vocab(sp) -> TokenVocab:
@@ -90,13 +90,13 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     vocab_size: int
-    inst_ids: Optional[tuple[int, int]] = None   # ids of the [INST] / [/INST] control tokens, if the vocab has them
-    _max_chars: Optional[int]                    # max_chars_per_token(), once computed
+    inst_ids: tuple[int, int] | None = None   # ids of the [INST] / [/INST] control tokens, if the vocab has them
+    _max_chars: int | None                    # max_chars_per_token(), once computed
     # id of the [TOOL_CALLS] control token where prompts with tools are Mistral's own (mistral-common, v2 and
     # later); None: tools use chat.py's plain-text template, whose answers start with the text "[TOOL_CALLS]"
-    tool_calls_id: Optional[int] = None
+    tool_calls_id: int | None = None
     # why this tokenizer cannot take tools (a tool-call format sirocco does not write), or None
-    tools_unsupported: Optional[str] = None
+    tools_unsupported: str | None = None
 
     # -- what subclasses provide -----------------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
@@ -106,7 +106,7 @@ class Tokenizer:
         """The library's own decode: drops special tokens and the first text piece's leading space."""
         raise NotImplementedError
 
-    def _longest_piece(self) -> Optional[int]:
+    def _longest_piece(self) -> int | None:
         """The bound of ``max_chars_per_token`` for this file, or None (the default: no promise)."""
         return None
 
@@ -138,7 +138,7 @@ class Tokenizer:
             return self._decode_text(ids)
         return text[len(self._anchor_text):]
 
-    def max_chars_per_token(self) -> Optional[int]:
+    def max_chars_per_token(self) -> int | None:
         """The most characters of a text one token of ``encode`` stands for, or None where this tokenizer cannot
         promise a bound (see the module docstring): ``len(encode(text, bos=False)) >= ceil(len(text) / m)``.
         Computed once from the vocabulary."""
@@ -146,7 +146,7 @@ class Tokenizer:
             self._max_chars = self._longest_piece()
         return self._max_chars
 
-    def encode_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         """Prompt ids for a conversation ([{"role": "user", "content": "..."}, ...]) ending with a user
         message (or a tool result), in Mistral's instruct format (chat.py); the model writes the assistant's
         reply next. ``tools``: OpenAI's ``[{"type": "function", "function": {name, description, parameters}}]``,

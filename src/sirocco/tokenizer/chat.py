@@ -41,8 +41,9 @@ arguments are written as JSON when they parse as JSON, as mistral-common does.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from ..errors import TokenizerError
 
@@ -56,9 +57,9 @@ class Message:
     role: str
     content: str
     prefix: bool = False
-    tool_calls: Optional[list[dict]] = None       # an assistant's: [{"id", "type", "function": {name, arguments}}]
-    tool_call_id: Optional[str] = None            # a tool result's
-    name: Optional[str] = None                    # a tool result's function name, where given
+    tool_calls: list[dict] | None = None       # an assistant's: [{"id", "type", "function": {name, arguments}}]
+    tool_call_id: str | None = None            # a tool result's
+    name: str | None = None                    # a tool result's function name, where given
 
     @property
     def plain(self) -> bool:
@@ -107,7 +108,7 @@ def _check_calls(calls: Any, i: int) -> None:
                                  "'function', 'function': {'name': str, 'arguments': str}}")
 
 
-def normalise(messages: Sequence[dict], roles: Sequence[str] = ROLES) -> tuple[Optional[str], list[Message]]:
+def normalise(messages: Sequence[dict], roles: Sequence[str] = ROLES) -> tuple[str | None, list[Message]]:
     """The system prompt (or None) and the turns, merged and checked as described above."""
     msgs = check_messages(messages, roles)
     system = [m.content for m in msgs if m.role == "system"]
@@ -151,7 +152,7 @@ def tools_json(tools: Sequence[dict]) -> str:
 
 
 def instruct_ids(messages: Sequence[dict], encode: Callable[[str], list[int]], bos_id: int, eos_id: int,
-                 inst_ids: Optional[tuple[int, int]] = None, tools: Optional[Sequence[dict]] = None) -> list[int]:
+                 inst_ids: tuple[int, int] | None = None, tools: Sequence[dict] | None = None) -> list[int]:
     """Prompt ids for ``messages``. ``encode`` maps text to ids without BOS/EOS; ``inst_ids`` are the
     [INST] and [/INST] control token ids, or None for the v1 text format; ``tools`` (OpenAI's tool objects)
     and tool messages follow the plain-text template of the module docstring."""

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from ..errors import TokenizerError
 from .base import Tokenizer
@@ -94,6 +93,6 @@ def _is_tekken(name: str) -> bool:
 
 
 def _version_rank(name: str) -> tuple[int, int]:
-    m: Optional[re.Match] = _VERSIONED.search(name)
+    m: re.Match | None = _VERSIONED.search(name)
     assert m is not None
     return -int(m.group(1)), int(m.group(2) or 0)     # highest version first, then the plain before m1, m2

@@ -13,8 +13,9 @@ GGUF's token types use sentencepiece's own numbers (1 normal, 2 unknown, 3 contr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..errors import TokenizerError
 
@@ -113,7 +114,7 @@ def sentencepiece_proto(vocab: GGUFVocab) -> bytes:
     return proto.SerializeToString()
 
 
-def vocab_from_sentencepiece(model_file: str, vocab_size: Optional[int] = None) -> GGUFVocab:
+def vocab_from_sentencepiece(model_file: str, vocab_size: int | None = None) -> GGUFVocab:
     """The GGUF fields of a sentencepiece ``tokenizer.model``, padded with unused ``[PADi]`` tokens up to
     ``vocab_size`` (the model's embedding rows) as llama.cpp's converter does."""
     pb = _pb2()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import TokenizerError
 from .base import Tokenizer, TokenVocab, first_line
@@ -56,7 +56,7 @@ class HFTokenizer(Tokenizer):
     def _decode_text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def _longest_piece(self) -> Optional[int]:
+    def _longest_piece(self) -> int | None:
         if self.tok.truncation is not None:       # encode would cut a long text short
             return None
         return longest_piece(json.loads(self.tok.to_str()), self.tok.get_vocab(with_added_tokens=True))
@@ -76,7 +76,7 @@ _ANCHORS = re.compile(r"\\[AzZbB]|\^|\$")
 _REGEX_SYNTAX = ".^$*+?{}[]()|\\"
 
 
-def longest_piece(spec: dict, vocab: dict[str, int]) -> Optional[int]:
+def longest_piece(spec: dict, vocab: dict[str, int]) -> int | None:
     """``Tokenizer.max_chars_per_token`` of a tokenizer.json (``spec``, parsed) with its vocabulary (added tokens
     included): the longest vocabulary string, when every character of a text reaches the model. That needs
     normalizers and pre-tokenizers that drop nothing (a Replace's content at least as long as what it replaces), a
@@ -115,7 +115,7 @@ def _keeps_characters(step: dict) -> bool:
         return str(step.get("behavior", "")).lower() != "removed"          # Split and Punctuation may drop matches
     if kind == "Replace":           # a string, or a regex of plain characters and anchors: its matches' length is known
         pattern = step.get("pattern") or {}
-        literal: Optional[str] = pattern.get("String")
+        literal: str | None = pattern.get("String")
         if literal is None and "Regex" in pattern:
             literal = _ANCHORS.sub("", pattern["Regex"])
             if set(literal) & set(_REGEX_SYNTAX):
@@ -129,7 +129,7 @@ def _byte_level_alphabet() -> set[str]:
     return set(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _configured_token(folder: Path, key: str) -> tuple[Optional[str], str]:
+def _configured_token(folder: Path, key: str) -> tuple[str | None, str]:
     """The token named by ``key`` in the first config file that sets it, and that file's name."""
     for name in CONFIG_FILES:
         f = folder / name

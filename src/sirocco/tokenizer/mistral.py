@@ -14,8 +14,9 @@ Without the tokens (v1), tools use the plain-text template of chat.py."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ..errors import TokenizerError
 from . import chat
@@ -52,7 +53,7 @@ class MistralCommonTokenizer(Tokenizer):
                                           f"Mistral's tool calls up to v7 (a JSON list after [TOOL_CALLS])")
         self._setup()
 
-    def _special(self, name: str) -> Optional[int]:
+    def _special(self, name: str) -> int | None:
         try:
             i = int(self.raw.get_special_token(name))
         except Exception:          # mistral-common raises its own exceptions for a name not in the vocabulary
@@ -74,7 +75,7 @@ class MistralCommonTokenizer(Tokenizer):
     def _decode_text(self, ids: list[int]) -> str:
         return self.raw.decode(ids)
 
-    def _longest_piece(self) -> Optional[int]:
+    def _longest_piece(self) -> int | None:
         model: Any = getattr(self.raw, "_model", None)   # what mistral-common encodes with
         if hasattr(model, "serialized_model_proto"):     # a SentencePieceProcessor
             from .sentencepiece_model import longest_piece
@@ -86,7 +87,7 @@ class MistralCommonTokenizer(Tokenizer):
             return max(len(p) for p in pieces)           # bytes: at least as many as the characters they hold
         return None
 
-    def encode_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
         """mistral-common's encoding of the conversation (``encode_chat_completion``) for this file's instruct
         version, built from its request objects; with tools where the vocabulary has the tool tokens (else
         chat.py's plain-text template, as for any tokenizer without them)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import TokenizerError
 from .base import Tokenizer, TokenVocab, first_line, sentencepiece_vocab
@@ -21,7 +21,7 @@ _TEXT_PIECES = (1, 4, 5)
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, path: Path | str, model_proto: Optional[bytes] = None):
+    def __init__(self, path: Path | str, model_proto: bytes | None = None):
         """From a ``tokenizer.model`` file, or from a serialized ModelProto (``model_proto``; ``path`` then names
         where it came from, for logs and errors)."""
         import sentencepiece
@@ -50,14 +50,14 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode_text(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
-    def _longest_piece(self) -> Optional[int]:
+    def _longest_piece(self) -> int | None:
         return longest_piece(self.sp, self.source)
 
     def token_vocab(self) -> TokenVocab:
         return sentencepiece_vocab(self.sp)
 
 
-def longest_piece(sp: Any, source: str) -> Optional[int]:
+def longest_piece(sp: Any, source: str) -> int | None:
     """``Tokenizer.max_chars_per_token`` of a SentencePieceProcessor: its longest text piece in characters, when
     every character of a text reaches the pieces. That needs the identity normalizer (no character map: NFKC
     would merge characters), runs of whitespace kept, and byte fallback (without it, a run of characters the

@@ -26,9 +26,9 @@ import logging
 import re
 import sysconfig
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
 
 from ..errors import SiroccoError
 
@@ -89,7 +89,7 @@ def is_validation(text: str, val_fraction: float) -> bool:
 
 
 def build(documents: Iterable[tuple[str, str]], val_fraction: float = 0.05, min_chars: int = 40,
-          dedup_body: Optional[dict[str, str]] = None) -> Corpus:
+          dedup_body: dict[str, str] | None = None) -> Corpus:
     """Clean, filter, de-duplicate and split ``(text, source)`` pairs.
 
     ``dedup_body`` maps a source to the part of its text compared for duplicates (the docstring without its
@@ -175,7 +175,7 @@ def _walk(node: ast.AST, module: str, prefix: str, bodies: dict[str, str]) -> It
             yield from _walk(child, module, f"{prefix}.{child.name}", bodies)
 
 
-def default_corpus(val_fraction: float = 0.05, min_chars: int = 40, stdlib: Optional[Path] = None) -> Corpus:
+def default_corpus(val_fraction: float = 0.05, min_chars: int = 40, stdlib: Path | None = None) -> Corpus:
     """The pydoc topics and the standard library's docstrings of this Python, cleaned, de-duplicated, split."""
     root = Path(stdlib or sysconfig.get_paths()["stdlib"])
     bodies: dict[str, str] = {}

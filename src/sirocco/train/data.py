@@ -19,8 +19,9 @@ resume the same stream.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -58,7 +59,7 @@ class Batch:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(self.tokens.to(device), self.targets.to(device), self.positions.to(device))
 
 

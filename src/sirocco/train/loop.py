@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class StepFunction(Protocol):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Clip the gradients to a norm of ``max_norm`` over the whole model; the norm before clipping."""
 
-    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's tensors where the checkpoint is written (rank 0), None elsewhere."""
 
     def num_parameters(self) -> int:
@@ -104,10 +104,10 @@ class LocalStep:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Summed cross-entropy of a micro-batch's targets, and the mean load balance of its MoE layers."""
         batch = batch.to(self.device)
-        router: Optional[list] = [] if self.top_k else None
+        router: list | None = [] if self.top_k else None
         with self._context():
             logits = self.model(batch.tokens.flatten(), batch.lengths, router_logits=router)   # (B*T, V)
         ce = cross_entropy_sum(logits, batch.targets.flatten())

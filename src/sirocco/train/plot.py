@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
 
 def plot_losses(train: list[list[float]], val: list[list[float]], out: str | Path, title: str = "",
-                baseline: Optional[float] = None) -> Path:
+                baseline: float | None = None) -> Path:
     """Training loss per step (and its moving average), validation loss per evaluation; ``[step, loss]`` pairs.
 
     ``baseline``: a horizontal reference line (the corpus's unigram entropy)."""

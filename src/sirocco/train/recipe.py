@@ -15,10 +15,11 @@ of the bundled models ship in ``recipes/`` and can be named instead of a path (`
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..config import ModelArgs, MoeArgs, preset
 from ..errors import ConfigError
@@ -49,25 +50,25 @@ class DataRecipe:
 
 @dataclass
 class TokenizerRecipe:
-    path: Optional[str] = None       # a tokenizer.model (or a folder with one); none: train one on the corpus
+    path: str | None = None       # a tokenizer.model (or a folder with one); none: train one on the corpus
     vocab_size: int = 4096           # pieces of the tokenizer trained when no path is given
 
 
 @dataclass
 class ModelRecipe:
-    preset: Optional[str] = None     # a named preset of sirocco.config; the fields below override it
-    dim: Optional[int] = None
-    n_layers: Optional[int] = None
-    head_dim: Optional[int] = None   # default dim // n_heads
-    hidden_dim: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    norm_eps: Optional[float] = None       # default 1e-5
-    rope_theta: Optional[float] = None     # default 10000
-    sliding_window: Optional[int] = None   # default none (full causal attention)
-    max_seq_len: Optional[int] = None      # default 4 * seq_len
-    num_experts: Optional[int] = None      # > 0: a Mixtral-style mixture of experts
-    num_experts_per_tok: Optional[int] = None   # default 2
+    preset: str | None = None     # a named preset of sirocco.config; the fields below override it
+    dim: int | None = None
+    n_layers: int | None = None
+    head_dim: int | None = None   # default dim // n_heads
+    hidden_dim: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    norm_eps: float | None = None       # default 1e-5
+    rope_theta: float | None = None     # default 10000
+    sliding_window: int | None = None   # default none (full causal attention)
+    max_seq_len: int | None = None      # default 4 * seq_len
+    num_experts: int | None = None      # > 0: a Mixtral-style mixture of experts
+    num_experts_per_tok: int | None = None   # default 2
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Recipe:
 
     # -- reading -------------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "recipe") -> "Recipe":
+    def from_dict(cls, raw: dict, source: str = "recipe") -> Recipe:
         recipe = cls()
         sections = {f.name for f in dataclasses.fields(cls) if f.name != "seed"}
         for key, value in raw.items():
@@ -117,7 +118,7 @@ class Recipe:
         return recipe
 
     @classmethod
-    def load(cls, name_or_path: str) -> "Recipe":
+    def load(cls, name_or_path: str) -> Recipe:
         """A recipe file, or the name of a bundled one (``sirocco-tiny``)."""
         path = Path(name_or_path).expanduser()
         if not path.exists() and (RECIPES / f"{name_or_path}.toml").exists():
@@ -219,7 +220,7 @@ class Recipe:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` as the annotated type (int, float, str, or Optional of one), or a RecipeError naming it."""
-    if typing.get_origin(hint) is typing.Union:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):     # Optional[int], or int | None
         inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
         return None if value is None else _coerce(value, inner, where)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):

@@ -25,9 +25,10 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -54,13 +55,13 @@ class Place(Protocol):
     pipeline (``sirocco.distributed.pipeline_train.PipelinePlace``). ``train`` is the same for both."""
 
     is_reporter: bool               # shows the progress, logs the run, gets the checkpoint to write
-    resume_refused: Optional[str]   # why --resume cannot work here, or None
+    resume_refused: str | None   # why --resume cannot work here, or None
     label: str                      # added to the progress bar's description
 
     def shared(self, fn: Callable[[], T], what: str) -> T:
         """``fn()`` run by the reporter, its result on every rank."""
 
-    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> StepFunction:
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Path | None, resume: bool) -> StepFunction:
         """The step function of the model to train (see ``open_run_model``), in training mode."""
 
     def barrier(self, what: str) -> None:
@@ -74,7 +75,7 @@ class LocalPlace:
     """The whole model in this process, on ``device``."""
 
     is_reporter = True
-    resume_refused: Optional[str] = None
+    resume_refused: str | None = None
     label = ""
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -83,7 +84,7 @@ class LocalPlace:
     def shared(self, fn: Callable[[], T], what: str) -> T:
         return fn()
 
-    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool) -> LocalStep:
+    def build(self, recipe: Recipe, out: Path, vocab_size: int, init: Path | None, resume: bool) -> LocalStep:
         return LocalStep(open_run_model(recipe, out, vocab_size, init, resume, self.device), recipe.train)
 
     def barrier(self, what: str) -> None:
@@ -102,7 +103,7 @@ class Run:
     place: Place
     step_fn: StepFunction
     trainer: Trainer
-    tok_path: Optional[Path]            # the tokenizer file copied into checkpoints (None: given in memory)
+    tok_path: Path | None            # the tokenizer file copied into checkpoints (None: given in memory)
     digest: str                         # fingerprint of the tokenized training documents
     baseline: float                     # their unigram entropy (nats)
     n_params: int                       # parameters of the whole model
@@ -139,10 +140,10 @@ class Run:
         self.place.barrier("waiting for rank 0 to export the model")
 
 
-def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
-          export: Optional[str | Path] = None, export_dtype: torch.dtype = torch.bfloat16,
-          device: torch.device | str = "cpu", progress: Optional[bool] = None, stop_at: Optional[int] = None,
-          corpus: Optional[Corpus] = None, tokenizer: Any = None, place: Optional[Place] = None) -> dict[str, Any]:
+def train(recipe: Recipe, out: str | Path, *, init: str | Path | None = None, resume: bool = False,
+          export: str | Path | None = None, export_dtype: torch.dtype = torch.bfloat16,
+          device: torch.device | str = "cpu", progress: bool | None = None, stop_at: int | None = None,
+          corpus: Corpus | None = None, tokenizer: Any = None, place: Place | None = None) -> dict[str, Any]:
     """Run ``recipe`` writing checkpoints into ``out``; returns the summary (also in ``--json``).
 
     Args:
@@ -168,15 +169,15 @@ def train(recipe: Recipe, out: str | Path, *, init: Optional[str | Path] = None,
 
 
 # -- opening the run ------------------------------------------------------------------------------------------
-def open_run(recipe: Recipe, out: Path, place: Place, *, init: Optional[Path], resume: bool,
-             corpus: Optional[Corpus], tokenizer: Any, t_start: float) -> Run:
+def open_run(recipe: Recipe, out: Path, place: Place, *, init: Path | None, resume: bool,
+             corpus: Corpus | None, tokenizer: Any, t_start: float) -> Run:
     """Everything before the first step: the folder, the documents tokenized, the model on ``place`` with its
     optimizer and, on ``resume``, the step, data position, history and optimizer state where the run stopped."""
     state = claim_folder(out, resume, place)
     d, r = recipe.data, recipe.train
     if corpus is None:
         corpus = load_corpus(d.corpus, d.val_fraction, d.min_chars)
-    tok_path: Optional[Path] = None
+    tok_path: Path | None = None
     if tokenizer is None:
         tokenizer, tok_path = shared_tokenizer(recipe, out, corpus, init, resume, place)
     train_docs = tokenize([doc.text for doc in corpus.train], tokenizer)
@@ -223,7 +224,7 @@ def claim_folder(out: Path, resume: bool, place: Place) -> dict[str, Any]:
     return state
 
 
-def shared_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Optional[Path], resume: bool,
+def shared_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Path | None, resume: bool,
                      place: Place) -> tuple[Any, Path]:
     """The run's tokenizer and its file (see ``open_run_tokenizer``), opened or trained into ``out`` by the
     reporter, then read from that file by the other ranks."""
@@ -237,7 +238,7 @@ def shared_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Optional[P
     return (opened[0] if opened else load_tokenizer(path)), path
 
 
-def open_run_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Optional[Path], resume: bool
+def open_run_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Path | None, resume: bool
                        ) -> tuple[Any, Path]:
     """The run's tokenizer and its file: the resumed run's, the fine-tuned checkpoint's, the recipe's, or a
     new one trained on the training documents (written into ``out``)."""
@@ -253,7 +254,7 @@ def open_run_tokenizer(recipe: Recipe, out: Path, corpus: Corpus, init: Optional
     return load_tokenizer(source), tokenizer_file(source)
 
 
-def open_run_model(recipe: Recipe, out: Path, vocab_size: int, init: Optional[Path], resume: bool,
+def open_run_model(recipe: Recipe, out: Path, vocab_size: int, init: Path | None, resume: bool,
                    device: torch.device) -> Transformer:
     """The fp32 model to train: the resumed run's, the fine-tuned checkpoint's, or new weights drawn with the
     recipe's seed."""
@@ -303,7 +304,7 @@ class LoopTotals:
     val_loss: float         # the last validation loss (nan without validation documents)
 
 
-def run_steps(run: Run, stop_at: Optional[int] = None, progress: Optional[bool] = None) -> LoopTotals:
+def run_steps(run: Run, stop_at: int | None = None, progress: bool | None = None) -> LoopTotals:
     """Steps up to the recipe's ``steps`` (or ``stop_at``): validation every ``eval_every`` steps and at the
     last, checkpoints every ``save_every`` steps and at the end, a progress bar on the reporter."""
     r, trainer, history, place = run.recipe.train, run.trainer, run.history, run.place
@@ -342,7 +343,7 @@ def run_steps(run: Run, stop_at: Optional[int] = None, progress: Optional[bool] 
 
 
 # -- the summary and the export -------------------------------------------------------------------------------
-def summarize(run: Run, totals: LoopTotals, export: Optional[str | Path] = None) -> dict[str, Any]:
+def summarize(run: Run, totals: LoopTotals, export: str | Path | None = None) -> dict[str, Any]:
     """The run's summary (``sirocco train --json``): steps, losses (the training loss averaged over the last
     10 steps), speed, epochs, where the files are; nan values as None."""
     last = run.history["train"][-10:]
@@ -362,7 +363,7 @@ def summarize(run: Run, totals: LoopTotals, export: Optional[str | Path] = None)
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
 
 
-def export_model(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Optional[Path], folder: str | Path,
+def export_model(state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Path | None, folder: str | Path,
                  dtype: torch.dtype) -> None:
     """The model alone (no training state) in ``dtype``, with its tokenizer: a folder to ship."""
     save_consolidated(state, args, folder, dtype=dtype)

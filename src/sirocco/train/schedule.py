@@ -15,7 +15,7 @@ the step alone, so resuming needs nothing but the step::
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,8 +35,8 @@ STATE, OPTIMIZER, RECIPE = "trainer_state.json", "optimizer.pt", "recipe.toml"
 
 
 def save_training(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], args: ModelArgs,
-                  optimizer: Optional[torch.optim.Optimizer], state: dict[str, Any], recipe_toml: str,
-                  tokenizer: Optional[Path]) -> Path:
+                  optimizer: torch.optim.Optimizer | None, state: dict[str, Any], recipe_toml: str,
+                  tokenizer: Path | None) -> Path:
     """Write a checkpoint of ``model`` (a module or the whole model's state dict) into ``folder``: resumable
     with an ``optimizer``, without one the model, its recipe, tokenizer and state only."""
     folder = Path(folder)

@@ -14,7 +14,8 @@ Runs use a tiny random model unless ``model`` is given (any ``Transformer``; its
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -23,8 +24,20 @@ from . import analysis, terminal
 from .run import record_pipeline, record_run
 from .trace import Trace
 
-__all__ = ["Trace", "record_run", "record_pipeline", "masks", "cache", "receptive_field", "moe", "pipeline",
-           "memory", "write_png", "render", "KINDS"]
+__all__ = [
+    "KINDS",
+    "Trace",
+    "cache",
+    "masks",
+    "memory",
+    "moe",
+    "pipeline",
+    "receptive_field",
+    "record_pipeline",
+    "record_run",
+    "render",
+    "write_png",
+]
 
 KINDS = ("masks", "cache", "receptive-field", "moe", "pipeline", "memory")
 
@@ -35,11 +48,11 @@ def write_png(kind: str, data: dict, path):
     return write(kind, data, path)
 
 
-def render(kind: str, data: dict, colour: Optional[bool] = None) -> str:
+def render(kind: str, data: dict, colour: bool | None = None) -> str:
     return terminal.render(kind, data, colour)
 
 
-def _tiny(window: Optional[int], n_layers: int = 2, moe: bool = False, seed: int = 0):
+def _tiny(window: int | None, n_layers: int = 2, moe: bool = False, seed: int = 0):
     from ..config import preset
     from ..model import build_model
 
@@ -75,12 +88,12 @@ def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_toke
     return trace
 
 
-Prompts = Union[Sequence[int], Sequence[Sequence[int]]]      # token lengths (random tokens), or token ids
+Prompts = Sequence[int] | Sequence[Sequence[int]]      # token lengths (random tokens), or token ids
 
 
-def masks(prompts: Prompts = (7, 5, 6), window: Optional[int] = 3, chunk_size: Optional[int] = None,
-          max_tokens: int = 2, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
-          colour: Optional[bool] = None, draft_tokens: int = 0) -> tuple[dict, str]:
+def masks(prompts: Prompts = (7, 5, 6), window: int | None = 3, chunk_size: int | None = None,
+          max_tokens: int = 2, max_batch_tokens: int | None = None, model=None, seed: int = 0,
+          colour: bool | None = None, draft_tokens: int = 0) -> tuple[dict, str]:
     """Masks of a run of prompts (token lengths, or token ids): chunked pre-fill (``chunk_size`` default W) then
     decode; with ``draft_tokens``, speculative (see ``_run``): verify steps, each draft query masked to its own
     window."""
@@ -90,9 +103,9 @@ def masks(prompts: Prompts = (7, 5, 6), window: Optional[int] = 3, chunk_size: O
     return data, render("masks", data, colour)
 
 
-def cache(prompts: Prompts = (6,), window: Optional[int] = 4, chunk_size: Optional[int] = None,
-          max_tokens: int = 4, max_batch_tokens: Optional[int] = None, model=None, seed: int = 0,
-          colour: Optional[bool] = None, draft_tokens: int = 0) -> tuple[dict, str]:
+def cache(prompts: Prompts = (6,), window: int | None = 4, chunk_size: int | None = None,
+          max_tokens: int = 4, max_batch_tokens: int | None = None, model=None, seed: int = 0,
+          colour: bool | None = None, draft_tokens: int = 0) -> tuple[dict, str]:
     """The rolling cache's slots after every step of a run. ``draft_tokens``: a speculative run (see ``_run``):
     the ring has W + draft_tokens slots, and the slots of rejected drafts are marked rolled back."""
     model = model or _tiny(window, seed=seed)
@@ -101,9 +114,9 @@ def cache(prompts: Prompts = (6,), window: Optional[int] = 4, chunk_size: Option
     return data, render("cache", data, colour)
 
 
-def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 5, chunk_size: Optional[int] = None,
-                    model=None, seed: int = 0, colour: Optional[bool] = None,
-                    token: Optional[int] = None) -> tuple[dict, str]:
+def receptive_field(length: int = 6, window: int | None = 3, n_layers: int = 5, chunk_size: int | None = None,
+                    model=None, seed: int = 0, colour: bool | None = None,
+                    token: int | None = None) -> tuple[dict, str]:
     """What token ``token`` (default the last) of one prompt depends on after each layer, composed from the run's
     recorded masks; ``data["gradient"]`` holds the same sets read from autograd (a forward without cache)."""
     token = length - 1 if token is None else token
@@ -118,8 +131,8 @@ def receptive_field(length: int = 6, window: Optional[int] = 3, n_layers: int = 
     return data, render("receptive-field", data, colour)
 
 
-def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: Optional[int] = 8, model=None,
-        seed: int = 0, colour: Optional[bool] = None) -> tuple[dict, str]:
+def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: int | None = 8, model=None,
+        seed: int = 0, colour: bool | None = None) -> tuple[dict, str]:
     """Router choices of every token at every MoE layer over a run (tiny Mixtral-style model by default)."""
     model = model or _tiny(None, moe=True, seed=seed)
     data = _run(model, prompts, None, chunk_size, max_tokens, None, seed).to_json("moe")
@@ -129,7 +142,7 @@ def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: Optional[in
 
 
 def pipeline(stages: int = 2, micro_batches: int = 4, tokens: int = 64, seed: int = 0, schedule: str = "gpipe",
-             colour: Optional[bool] = None) -> tuple[dict, str]:
+             colour: bool | None = None) -> tuple[dict, str]:
     """A real pipeline training step of a tiny model over ``stages`` processes: each stage's forward and backward
     of each micro-batch, as the schedule ran them."""
     from ..config import preset
@@ -144,8 +157,8 @@ def pipeline(stages: int = 2, micro_batches: int = 4, tokens: int = 64, seed: in
     return data, render("pipeline", data, colour)
 
 
-def memory(model="mistral-7b-v0.1", lengths: Optional[Sequence[int]] = None,
-           dtype: torch.dtype = torch.bfloat16, colour: Optional[bool] = None) -> tuple[dict, str]:
+def memory(model="mistral-7b-v0.1", lengths: Sequence[int] | None = None,
+           dtype: torch.dtype = torch.bfloat16, colour: bool | None = None) -> tuple[dict, str]:
     """KV-cache bytes per sequence against the sequence length, rolling vs full: of a preset's name, or of a
     ``ModelArgs``."""
     from ..config import preset

@@ -8,7 +8,7 @@ come out of autograd: the rows of d(h_l[p]) / d(embeddings) that are not exactly
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ from ..backends import reference
 from .trace import Trace
 
 
-def attended_sets(trace: Trace, window: Optional[int]) -> dict[tuple[int, int], set[int]]:
+def attended_sets(trace: Trace, window: int | None) -> dict[tuple[int, int], set[int]]:
     """``{(seq, pos): positions of the keys it was allowed}`` over every recorded step, for one window."""
     out: dict[tuple[int, int], set[int]] = {}
     for st in trace.steps:
@@ -26,7 +26,7 @@ def attended_sets(trace: Trace, window: Optional[int]) -> dict[tuple[int, int], 
     return out
 
 
-def receptive_field(trace: Trace, seq: int, pos: int, windows: Optional[Sequence[Optional[int]]] = None,
+def receptive_field(trace: Trace, seq: int, pos: int, windows: Sequence[int | None] | None = None,
                     ) -> list[set[int]]:
     """Positions of sequence ``seq`` that token ``pos`` reaches after each layer, composed from the masks."""
     windows = list(windows if windows is not None else trace.windows or [])
@@ -40,8 +40,8 @@ def receptive_field(trace: Trace, seq: int, pos: int, windows: Optional[Sequence
     return out
 
 
-def receptive_field_from_trace(trace: Trace, token: Optional[tuple[int, int]] = None,
-                               windows: Optional[Sequence[Optional[int]]] = None) -> dict:
+def receptive_field_from_trace(trace: Trace, token: tuple[int, int] | None = None,
+                               windows: Sequence[int | None] | None = None) -> dict:
     """The receptive-field picture's data: ``{"window", "token", "reach": [[lowest, highest], per layer]}``."""
     if token is None:
         token = (0, max(p for s, p in attended_sets(trace, trace.window) if s == 0))
@@ -83,7 +83,7 @@ def gradient_receptive_field(model, tokens: torch.Tensor, pos: int) -> list[set[
     return out
 
 
-def expert_loads(moe: dict, num_experts: Optional[int] = None) -> list[list[int]]:
+def expert_loads(moe: dict, num_experts: int | None = None) -> list[list[int]]:
     """Per layer, how many (token, choice) pairs went to each expert; each layer sums to k x tokens."""
     out = []
     for layer in moe["layers"]:

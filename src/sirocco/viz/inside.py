@@ -27,7 +27,8 @@ than the cache has slot ``null``. The first step of a request whose row continue
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..generate.engine import RowStep
 from .trace import Trace
@@ -50,10 +51,10 @@ class RowTrace:
         engine.add_request(ids, params, observer=Observer())
     """
 
-    def __init__(self, token_text: Optional[Callable[[int], str]] = None):
+    def __init__(self, token_text: Callable[[int], str] | None = None):
         self.trace = Trace()
         self.token_text = token_text
-        self.row: Optional[int] = None
+        self.row: int | None = None
         self.steps = 0
 
     def event(self, steps: Sequence[RowStep]) -> dict:

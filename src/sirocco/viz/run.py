@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -15,11 +15,11 @@ from ..generate.speculation import Speculation
 from .trace import Trace
 
 
-def record_run(model, prompt_lengths: Sequence[int], window: Optional[int], chunk_size: int, max_tokens: int,
-               trace: Trace, max_batch_tokens: Optional[int] = None, seed: int = 0,
-               prompts: Optional[Sequence[Sequence[int]]] = None, attention: str = "per_sequence",
-               max_seq_len: Optional[int] = None, mixed: bool = False,
-               speculation: Optional[Speculation] = None) -> tuple[list[list[int]], RollingCache]:
+def record_run(model, prompt_lengths: Sequence[int], window: int | None, chunk_size: int, max_tokens: int,
+               trace: Trace, max_batch_tokens: int | None = None, seed: int = 0,
+               prompts: Sequence[Sequence[int]] | None = None, attention: str = "per_sequence",
+               max_seq_len: int | None = None, mixed: bool = False,
+               speculation: Speculation | None = None) -> tuple[list[list[int]], RollingCache]:
     """Generate ``max_tokens`` greedy tokens for random prompts of these lengths (or the given ``prompts``) with
     ``Engine(..., trace=trace)``, every prompt in its own cache row, with the model put on the plain-PyTorch
     backend (``backends.attach``).

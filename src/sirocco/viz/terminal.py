@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import IO, Optional
+from typing import IO
 
 from .analysis import expert_loads, expert_persistence
 
@@ -29,7 +29,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ROW = re.compile(r"^\s*s\d+ p\d+ │(.*)$")
 
 
-def use_colour(stream: Optional[IO] = None) -> bool:
+def use_colour(stream: IO | None = None) -> bool:
     stream = sys.stdout if stream is None else stream
     return "NO_COLOR" not in os.environ and hasattr(stream, "isatty") and stream.isatty()
 
@@ -43,7 +43,7 @@ def _label(x) -> str:
 
 
 # -- masks ---------------------------------------------------------------------------------------------------
-def render_mask_step(step: dict, window: Optional[int], colour: bool = False) -> str:
+def render_mask_step(step: dict, window: int | None, colour: bool = False) -> str:
     keys, queries = step["keys"], step["queries"]
     w = max([len(_label(v)) for k in keys for v in k] + [1])
     qlabels = [f"s{s} p{p}" for s, p in queries]
@@ -218,7 +218,7 @@ RENDERERS = {"masks": render_masks, "cache": render_cache, "receptive-field": re
              "moe": render_moe, "pipeline": render_pipeline, "memory": render_memory}
 
 
-def render(kind: str, data: dict, colour: Optional[bool] = None, stream: Optional[IO] = None) -> str:
+def render(kind: str, data: dict, colour: bool | None = None, stream: IO | None = None) -> str:
     """The terminal text of one picture; ``colour`` None: decide from ``stream`` (default stdout)."""
     if kind not in RENDERERS:
         raise ValueError(f"no terminal rendering for {kind!r}; known: {', '.join(RENDERERS)}")

@@ -31,29 +31,30 @@ a matrix, so a long pre-fill chunk costs its queries plus its keys, not their pr
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from ..plan import BatchPlan
 
-Key = tuple[int, Optional[int], Optional[int]]      # (sequence, position or None for an empty slot, slot)
+Key = tuple[int, int | None, int | None]      # (sequence, position or None for an empty slot, slot)
 
 
 @dataclass
 class MaskRecord:
     """One step's attention for one window, as the attention code saw it."""
 
-    window: Optional[int]
+    window: int | None
     phase: str                                   # "first chunk", "later chunk", "decode" or "mixed"
     queries: list[tuple[int, int]]               # (sequence, position) of each new token
     keys: list[Key]                              # (sequence, position, slot) of each key column
     allowed: list[list[int]]                     # (queries, keys) 0/1, as lowered by the plan ([] with runs)
     lowering: str                                # "decode_valid", "dense", "blocks" or "decode_valid + ..."
-    padding: Optional[int] = None                # slots read per row (decode steps)
-    runs: Optional[list[list[tuple[int, int]]]] = None   # one request's view: per query, (first key, count)
+    padding: int | None = None                # slots read per row (decode steps)
+    runs: list[list[tuple[int, int]]] | None = None   # one request's view: per query, (first key, count)
 
 
 @dataclass
@@ -63,13 +64,13 @@ class StepRecord:
     phase: str                                   # read from the plan (first/later chunk, decode, mixed)
     starts: list[int]
     lengths: list[int]
-    rows: Optional[list[int]]
-    masks: dict[Optional[int], MaskRecord]
-    slots: dict[Optional[int], dict[int, list[Optional[int]]]]   # window -> row -> position per slot
-    written: dict[Optional[int], list[tuple[int, int]]]           # window -> (row, slot) written this step
-    cached: Optional[dict[int, int]] = None                        # what the caller said each row holds
+    rows: list[int] | None
+    masks: dict[int | None, MaskRecord]
+    slots: dict[int | None, dict[int, list[int | None]]]   # window -> row -> position per slot
+    written: dict[int | None, list[tuple[int, int]]]           # window -> (row, slot) written this step
+    cached: dict[int, int] | None = None                        # what the caller said each row holds
     router: dict[int, tuple[list[list[int]], list[list[float]]]] = field(default_factory=dict)
-    token_ids: Optional[list[int]] = None
+    token_ids: list[int] | None = None
 
 
 def _phase(wp: Any) -> str:
@@ -135,19 +136,19 @@ class Trace:
         windows: the window of each layer, for the receptive field (default: unknown; set by ``record_run``).
     """
 
-    def __init__(self, window: Optional[int] = None, windows: Optional[Sequence[Optional[int]]] = None):
+    def __init__(self, window: int | None = None, windows: Sequence[int | None] | None = None):
         self.window = window
         self._window_chosen = window is not None
         self.windows = list(windows) if windows is not None else None
         self.steps: list[StepRecord] = []
         self.pipeline: list[dict] = []
-        self._slots: dict[Optional[int], dict[int, list[Optional[int]]]] = {}
+        self._slots: dict[int | None, dict[int, list[int | None]]] = {}
         self._router: dict[int, tuple[list[list[int]], list[list[float]]]] = {}
 
     # -- hooks -----------------------------------------------------------------------------------------------
-    def on_step(self, phase: str, plan: "BatchPlan", cache_positions: Optional[Mapping[int, int]] = None,
-                tokens: Optional[Sequence[int] | torch.Tensor] = None, seqs: Optional[Sequence[int]] = None,
-                prefill: str = "per_sequence", only: Optional[int] = None, mask: bool = True) -> None:
+    def on_step(self, phase: str, plan: BatchPlan, cache_positions: Mapping[int, int] | None = None,
+                tokens: Sequence[int] | torch.Tensor | None = None, seqs: Sequence[int] | None = None,
+                prefill: str = "per_sequence", only: int | None = None, mask: bool = True) -> None:
         """After a step's model call: record its masks, its cache writes and the router choices seen since the
         last step. ``cache_positions``: tokens each cache row holds after the step, ``{row: cached}`` (optional,
         kept as given). ``tokens``: the step's token ids (optional, for labels). ``seqs``: an id for each packed
@@ -205,7 +206,7 @@ class Trace:
             if src in rows:
                 rows[dst] = list(rows[src])
 
-    def on_row_restore(self, row: int, cached: int, sizes: Mapping[Optional[int], int]) -> None:
+    def on_row_restore(self, row: int, cached: int, sizes: Mapping[int | None, int]) -> None:
         """The engine gave cache row ``row`` a prompt's first ``cached`` positions from the prefix store
         (``generate.prefix``); ``sizes``: S of each window's rows (``RollingCache.cache_lens()``). Each window's slot
         map of the row becomes the one a pre-fill of them leaves, position p in slot ``p % S`` for the last S of
@@ -213,7 +214,7 @@ class Trace:
         reads as these: old positions, outside every later query's window). With S = 4 and cached = 6: slots
         0 1 2 3 hold 4 5 2 3."""
         for w, size in sizes.items():
-            held: list[Optional[int]] = [None] * size
+            held: list[int | None] = [None] * size
             for p in range(max(0, cached - size), cached):
                 held[p % size] = p
             self._slots.setdefault(w, {})[row] = held
@@ -243,7 +244,7 @@ class Trace:
             return MaskRecord(wp.window, _phase(wp), queries, keys, allowed.int().tolist(),
                               "decode_slots" if mapped else "decode_valid", n)
         k_seq, k_pos = [ids[b] for b in wp.k_seq.tolist()], wp.k_pos.tolist()
-        slots: list[Optional[int]] = [None] * len(k_seq)
+        slots: list[int | None] = [None] * len(k_seq)
         if wp.key_order is not None:                 # keys = cat([prefix, new])[key_order]
             n_prefix = len(wp.prefix_slot)
             prefix_slot = wp.prefix_slot.tolist()
@@ -255,7 +256,7 @@ class Trace:
             how = f"decode_valid + {how}"
         return MaskRecord(wp.window, _phase(wp), queries, list(zip(k_seq, k_pos, slots)), mask.int().tolist(), how)
 
-    def _mask_of(self, wp: Any, prefill: str, ids: list[int], b: int, row: Optional[int]) -> MaskRecord:
+    def _mask_of(self, wp: Any, prefill: str, ids: list[int], b: int, row: int | None) -> MaskRecord:
         """Packed sequence b's part of ``_mask``: its queries, its keys, the runs of its lowered mask."""
         if wp.decode:
             assert row is not None, "a decode step reads a cache row"
@@ -278,7 +279,7 @@ class Trace:
         q1, k1 = q0 + wp.q_seqlens[b], k0 + wp.kv_seqlens[b]
         queries = [(ids[b], p) for p in wp.q_pos[q0:q1].tolist()]
         k_pos = wp.k_pos[k0:k1].tolist()
-        slots: list[Optional[int]] = [None] * len(k_pos)
+        slots: list[int | None] = [None] * len(k_pos)
         if wp.key_order is not None:
             n_prefix = len(wp.prefix_slot)
             order = wp.key_order[k0:k1]
@@ -293,7 +294,7 @@ class Trace:
         mask = _lowered_prefill_of(wp, prefill, b)
         return MaskRecord(wp.window, _phase(wp), queries, keys, [], how, runs=runs(mask))
 
-    def _writes(self, wp: Any, row: Optional[int] = None) -> list[tuple[int, int, int]]:
+    def _writes(self, wp: Any, row: int | None = None) -> list[tuple[int, int, int]]:
         """(row, slot, position) of the step's cache writes (of cache row ``row`` alone if given)."""
         if wp.cache_len is None:
             return []
@@ -304,13 +305,13 @@ class Trace:
         pos = wp.q_pos[src].tolist()
         return list(zip(rows.tolist(), slots.tolist(), pos))
 
-    def _slots_after_write(self, wp: Any, row: int) -> list[Optional[int]]:
+    def _slots_after_write(self, wp: Any, row: int) -> list[int | None]:
         held = list(self._slots.get(wp.window, {}).get(row, [None] * wp.cache_len))
         for _, s, p in self._writes(wp, row):
             held[s] = p
         return held
 
-    def _write(self, window: Optional[int], wp: Any, row: Optional[int] = None) -> list[tuple[int, int]]:
+    def _write(self, window: int | None, wp: Any, row: int | None = None) -> list[tuple[int, int]]:
         """Apply the step's writes (to cache row ``row`` alone if given) to the slot map; return the (row, slot)
         pairs written."""
         writes = self._writes(wp, row)
@@ -364,7 +365,7 @@ class Trace:
 
     def _moe_json(self) -> dict:
         tokens: list[list[int]] = []
-        ids: list[Optional[int]] = []
+        ids: list[int | None] = []
         layers: dict[int, dict[str, Any]] = {}
         for st in self.steps:
             if not st.router:

@@ -28,8 +28,8 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ def cpu_isas() -> tuple[str, ...]:
     return {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
 
 
-def native_module(isa: Optional[str] = None):
+def native_module(isa: str | None = None):
     """The C++ kernels of csrc/ built for ``isa`` ("avx512" or "avx2"; by default the best this CPU runs), built
     on first use; None where the CPU cannot run that build or building fails (said once in the log). Which
     functions a build holds: ``BUILDS``."""
@@ -149,7 +149,7 @@ def native_module(isa: Optional[str] = None):
     return _modules[isa]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bf16_dot_product_supported() -> bool:
     """Whether the CPU has AVX512-BF16 (the avx512 build's bf16 products use its dot-product instruction)."""
     check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
@@ -185,10 +185,10 @@ def candidate_isas(dtype: torch.dtype, kernel: str = "linear") -> tuple[str, ...
                  and not (isa == "avx512" and dtype == torch.bfloat16 and not _bf16_dot_product_supported()))
 
 
-_chosen: dict[tuple[torch.dtype, str], Optional[str]] = {}
+_chosen: dict[tuple[torch.dtype, str], str | None] = {}
 
 
-def kernel_isa(dtype: torch.dtype, kernel: str = "linear") -> Optional[str]:
+def kernel_isa(dtype: torch.dtype, kernel: str = "linear") -> str | None:
     """The build that serves ``kernel`` for ``dtype`` here: the first of ``candidate_isas`` that builds (built on
     first use), or None. Decided once per (dtype, kernel): every layer asks at every step."""
     key = (dtype, kernel)
@@ -203,7 +203,7 @@ def native_for(dtype: torch.dtype, kernel: str = "linear"):
     return None if isa is None else native_module(isa)
 
 
-def native_kernel(dtype: torch.dtype = torch.float32) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def native_kernel(dtype: torch.dtype = torch.float32) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """``small_m_linear(x (M, K), w (N, K)) -> (M, N)`` from csrc/small_m_linear.cpp for ``dtype`` rows, or None
     (see above)."""
     module = native_for(dtype, "linear")
@@ -217,7 +217,7 @@ def native_serves(dtype: torch.dtype, k: int, kernel: str = "linear") -> bool:
     return isa is not None and k % SERVES[isa][kernel][dtype] == 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_gemm_is_slow() -> bool:
     """Whether PyTorch lacks a fast bf16 matrix product on this CPU: an x86 CPU (AVX2 or AVX-512 as PyTorch reads
     it) with neither AVX512-BF16 nor AMX tiles (torch's own checks). There its bf16 products run several times

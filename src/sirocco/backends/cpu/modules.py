@@ -16,7 +16,7 @@ Training keeps autograd on, so it never reaches these kernels.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,7 @@ class CpuRMSNorm(RMSNorm):
     in another order."""
 
     @classmethod
-    def of(cls, norm: RMSNorm) -> "CpuRMSNorm":
+    def of(cls, norm: RMSNorm) -> CpuRMSNorm:
         new = cls(norm.weight.shape[0], norm.eps)
         new.weight = norm.weight
         return new
@@ -102,13 +102,13 @@ class CpuAttentionOps(AttentionOps):
         return apply_rope(x, cos, sin)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-               fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+               fill: Sequence[int] | None = None) -> torch.Tensor:
         if _served(q, q.dtype, q.shape[-1], "attention"):
             return native_decode_attention(q, k, v, valid, fill=fill)
         return decode_attention(q, k, v, valid)
 
     def decode_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-                  valid: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+                  valid: torch.Tensor, fill: Sequence[int] | None = None) -> torch.Tensor:
         if _served(q, q.dtype, q.shape[-1], "attention"):
             native = kernels.native_for(q.dtype, "attention")
             scores = native.decode_scores_at(q.contiguous(), k, rows, slots, valid.contiguous(),
@@ -122,7 +122,7 @@ def softmax_lanes() -> int:
     return 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
 
 
-def decode_softmax(scores: torch.Tensor, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+def decode_softmax(scores: torch.Tensor, fill: Sequence[int] | None = None) -> torch.Tensor:
     """``softmax(scores, -1)`` for (B, H, L) fp32 decode scores whose query b has its ``fill[b]`` valid keys first
     (the rest -inf), with each query's bits those of a softmax over its own keys alone.
 
@@ -144,7 +144,7 @@ def decode_softmax(scores: torch.Tensor, fill: Optional[Sequence[int]] = None) -
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            native=None, fill: Optional[Sequence[int]] = None) -> torch.Tensor:
+                            native=None, fill: Sequence[int] | None = None) -> torch.Tensor:
     """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax
     (``decode_softmax``), and the probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D);
     valid (B, L); ``fill``: each query's count of valid keys, which are its first ones. ``native``: the build to use
@@ -195,7 +195,7 @@ def warm_up(model: nn.Module) -> str:
     return ", ".join(parts) or "no weight shapes"
 
 
-def row_exact_reason(model: nn.Module) -> Optional[str]:
+def row_exact_reason(model: nn.Module) -> str | None:
     """Why a step of 1 to ``kernels.SMALL_M`` tokens on ``model`` may give a token other bits than a step of that
     token alone, or None where it may not: every linear layer runs a small-row kernel (``small_m_linear``, or the
     quantized ``qlinear``), every RMSNorm the ``rms_norm`` kernel and every attention layer ``CpuAttentionOps``

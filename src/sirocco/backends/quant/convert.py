@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ def resolve(name: str) -> str:
         raise ValueError(f"unknown quantization {name!r}; choose one of {', '.join(QUANTIZE)}") from None
 
 
-def layer_type(path: str, mix: str, shape: tuple[int, ...], model: MixModel) -> Optional[str]:
+def layer_type(path: str, mix: str, shape: tuple[int, ...], model: MixModel) -> str | None:
     """The block type the weight of the layer at module path ``path`` (``layers.0.attention.wq``, ``output``,
     ``tok_embeddings``) of ``shape`` gets in ``mix``; None keeps it in float."""
     return tensor_type(resolve(mix), path + ".weight", shape, model)
@@ -93,7 +93,7 @@ class QuantReport:
     bytes_before: int
     bytes_after: int
     types: dict[str, int] = field(default_factory=dict)      # QuantLinear layers by block type
-    embedding: Optional[str] = None
+    embedding: str | None = None
 
     def describe(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.types.items()))
@@ -121,7 +121,7 @@ def quantized_layers(model: nn.Module, mix: str) -> tuple[dict[str, tuple[nn.Lin
     return chosen, kept
 
 
-def quantize_linears(model: nn.Module, mix: str, progress: Optional[bool] = None) -> list[str]:
+def quantize_linears(model: nn.Module, mix: str, progress: bool | None = None) -> list[str]:
     """Replace the plain linear layers of ``model`` that ``mix`` quantizes by ``QuantLinear`` holding their weights
     quantized (``QuantLinear`` layers are left as they are); returns the paths of the layers kept in float for
     their input size. A step of the conversion pass (``backends.attach``)."""
@@ -136,7 +136,7 @@ def quantize_linears(model: nn.Module, mix: str, progress: Optional[bool] = None
     return kept
 
 
-def embedding_blocks(model: nn.Module, mix: str) -> Optional[QuantizedTensor]:
+def embedding_blocks(model: nn.Module, mix: str) -> QuantizedTensor | None:
     """The blocks ``mix`` stores the token embedding in, quantized from the float table ``model`` holds; None for
     a mix that keeps it in float, a stage without the embedding, or a table already rounded through a type (a GGUF
     file's, or by ``quantize_embedding``)."""
@@ -149,7 +149,7 @@ def embedding_blocks(model: nn.Module, mix: str) -> Optional[QuantizedTensor]:
     return QuantizedTensor(quantize_weight(table.weight.detach(), target), target, tuple(table.weight.shape))
 
 
-def quantize_embedding(model: nn.Module, mix: str) -> Optional[QuantizedTensor]:
+def quantize_embedding(model: nn.Module, mix: str) -> QuantizedTensor | None:
     """Round the token embedding of ``model`` through the type ``mix`` stores it in (llama.cpp's mixes): its float
     table becomes the dequantized blocks, in its dtype, as reading the GGUF file of that mix gives it. Returns the
     blocks (what a GGUF writer stores), or None where nothing was rounded (see ``embedding_blocks``). A step of

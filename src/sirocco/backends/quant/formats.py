@@ -34,8 +34,8 @@ Worked example (q8_0, one block): x = [1.0, -2.5, 0, ..., 0] gives d = 2.5/127 =
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -172,7 +172,7 @@ class QuantizedTensor:
                              f"of shape {self.shape} (expected uint8 {packed_shape(self.shape, self.fmt)})")
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, fmt: str) -> "QuantizedTensor":
+    def from_float(cls, w: torch.Tensor, fmt: str) -> QuantizedTensor:
         return cls(quantize(w, fmt), fmt, tuple(w.shape))
 
     @property

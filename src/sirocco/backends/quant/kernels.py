@@ -20,7 +20,6 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -119,7 +118,7 @@ def quantize_activations(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor
     return q.reshape(x.shape), d
 
 
-def _unwrap(packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str]) -> tuple[torch.Tensor, str]:
+def _unwrap(packed: torch.Tensor | QuantizedTensor, fmt: str | None) -> tuple[torch.Tensor, str]:
     if isinstance(packed, QuantizedTensor):
         return packed.data, packed.fmt
     if fmt is None:
@@ -135,8 +134,8 @@ def _decode_module(x: torch.Tensor):
     return native_module()
 
 
-def qlinear_reference(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor],
-                      fmt: Optional[str] = None) -> torch.Tensor:
+def qlinear_reference(x: torch.Tensor, packed: torch.Tensor | QuantizedTensor,
+                      fmt: str | None = None) -> torch.Tensor:
     """The plain PyTorch product: dequantized weights times the int8-quantized activations (``quantize_activations``)
     in fp32, for any number of rows, on any device; returns (M, N) in x's dtype."""
     data, fmt = _unwrap(packed, fmt)
@@ -149,7 +148,7 @@ def qlinear_reference(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTens
     return (xa @ w.T).to(x.dtype)
 
 
-def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: Optional[str] = None,
+def qlinear(x: torch.Tensor, packed: torch.Tensor | QuantizedTensor, fmt: str | None = None,
             isa: str = "auto") -> torch.Tensor:
     """y (M, N) in x's dtype = x (M, K) (fp32 or bf16, M in 1..8) times the quantized weight (N, K) held as packed
     GGUF blocks (uint8 (N, K // values * bytes)) of format ``fmt`` (a type of layouts.py: "q8_0", "q4_K", ...).
@@ -166,7 +165,7 @@ def qlinear(x: torch.Tensor, packed: Union[torch.Tensor, QuantizedTensor], fmt: 
 
 
 def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str = "auto"
-                 ) -> Optional[list[torch.Tensor]]:
+                 ) -> list[torch.Tensor] | None:
     """[x @ W_i^T for each packed weight W_i] in one C++ call (the projections that share an input: a layer's wq,
     wk, wv, or w1, w3): x (M, K) fp32 or bf16, M in 1..8, quantized once; each output has the bits ``qlinear``
     gives it alone. None where the kernel is not built or x is not on CPU."""
@@ -191,7 +190,7 @@ def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str 
 
 
 def qmoe(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, q1: torch.Tensor, q3: torch.Tensor,
-         q2: torch.Tensor, fmt: str, isa: str = "auto") -> Optional[torch.Tensor]:
+         q2: torch.Tensor, fmt: str, isa: str = "auto") -> torch.Tensor | None:
     """A MoE layer's experts for a decode step in one call (csrc/qmoe.cpp): x (T, D) fp32 or bf16, chosen and
     weights (T, k) (expert ids, and their weights in x's dtype), q1 / q3 (E, H, D // values * bytes) and q2
     (E, D, H // values * bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).

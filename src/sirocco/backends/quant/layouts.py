@@ -47,8 +47,8 @@ high nibbles of quant bytes 64..95, so value 170 = d*scale*(qs[74] >> 4) - dmin*
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -122,9 +122,9 @@ class IntegerForm:
     q: torch.Tensor
     scale: torch.Tensor
     d: torch.Tensor
-    dmin: Optional[torch.Tensor] = None
-    min: Optional[torch.Tensor] = None
-    m: Optional[torch.Tensor] = None
+    dmin: torch.Tensor | None = None
+    min: torch.Tensor | None = None
+    m: torch.Tensor | None = None
 
 
 def _fp16(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -235,7 +235,7 @@ def integer_form(packed: torch.Tensor, fmt: str) -> IntegerForm:
                        m=None if m is None else shaped(m))
 
 
-def dequantize(packed: torch.Tensor, fmt: str, shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, fmt: str, shape: Sequence[int] | None = None) -> torch.Tensor:
     """fp32 weights (``shape``, default (..., nb * values)) of packed blocks (..., nb * bytes): per sub-block
     ``(d * scale) * q``, minus ``dmin * min`` or plus ``m`` where the type has them, each step rounded to fp32 as
     the gguf package's dequantizers round (bit for bit, tests/test_quant_layouts.py)."""

@@ -13,7 +13,6 @@ Forward, by where and how many rows:
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -59,7 +58,7 @@ class QuantLinear(nn.Module):
     state dict; ``fmt`` and ``shape`` are plain attributes (the format is also in ``extra_repr``)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.register_buffer("qweight", torch.zeros(packed_shape((out_features, in_features), fmt),
@@ -71,7 +70,7 @@ class QuantLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> QuantLinear:
         """A QuantLinear holding ``linear``'s weight quantized to ``fmt`` (its bias kept as it is)."""
         q = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
@@ -81,7 +80,7 @@ class QuantLinear(nn.Module):
         return q
 
     @classmethod
-    def from_quantized(cls, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> QuantLinear:
         """A QuantLinear over existing blocks (for example a GGUF tensor's data), without copying them."""
         out_features, in_features = qt.shape
         q = cls(in_features, out_features, qt.fmt, bias=False, device=torch.device("meta"))   # no zeros to drop
@@ -153,10 +152,10 @@ class SharedInputProjections:
         self.groups = [[i for i, m in enumerate(linears) if m.fmt == fmt] for fmt in fmts]
         self.fmts = fmts
 
-    def __call__(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, ...]]:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         if x.dim() != 2 or torch.is_grad_enabled():
             return None
-        out: list[Optional[torch.Tensor]] = [None] * len(self.linears)
+        out: list[torch.Tensor | None] = [None] * len(self.linears)
         for fmt, group in zip(self.fmts, self.groups):
             ys = kernels.qlinear_many(x, [self.linears[i].qweight for i in group], fmt)
             if ys is None:

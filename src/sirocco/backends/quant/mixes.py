@@ -38,8 +38,8 @@ layers 0-3, 6, 9, 12, 15, 18, 21, 24, 27-31 and ``q4_K`` in the other 16.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from sirocco.backends.quant.quantizers import TYPES
 from sirocco.config import ModelArgs
@@ -84,7 +84,7 @@ class MixModel:
     n_experts: int = 0
 
     @classmethod
-    def of(cls, args: ModelArgs) -> "MixModel":
+    def of(cls, args: ModelArgs) -> MixModel:
         return cls(args.n_layers, args.n_heads, args.n_kv_heads, args.moe.num_experts if args.moe else 0)
 
     @property
@@ -105,14 +105,14 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-def _category(name: str) -> Optional[str]:
+def _category(name: str) -> str | None:
     for pattern, category in _CATEGORY:
         if pattern.fullmatch(name):
             return category
     return None
 
 
-def _promoted(mix: str, category: str, i: int, m: MixModel) -> Optional[str]:
+def _promoted(mix: str, category: str, i: int, m: MixModel) -> str | None:
     """The type llama.cpp's rules choose over the default for a weight of ``category`` in layer ``i`` (None: the
     default stands)."""
     moe8 = m.n_experts == 8
@@ -147,7 +147,7 @@ def _promoted(mix: str, category: str, i: int, m: MixModel) -> Optional[str]:
     return None
 
 
-def _fits(qtype: Optional[str], k: int) -> Optional[str]:
+def _fits(qtype: str | None, k: int) -> str | None:
     """``qtype``, or its fallback where K is not a multiple of its block (None: float)."""
     if qtype is None or k % TYPES[qtype][0] == 0:
         return qtype
@@ -155,7 +155,7 @@ def _fits(qtype: Optional[str], k: int) -> Optional[str]:
     return qtype if k % TYPES[qtype][0] == 0 else None
 
 
-def tensor_type(mix: str, name: str, shape: Sequence[int], model: MixModel) -> Optional[str]:
+def tensor_type(mix: str, name: str, shape: Sequence[int], model: MixModel) -> str | None:
     """The block type (ggml's spelling, a key of ``quantizers.TYPES``) of sirocco's tensor ``name`` of ``shape``
     ((N, K): nn.Linear's (out, in); an embedding (vocab, dim)) in ``mix`` (any case); None where it stays in
     float. Raises ValueError for an unknown mix or a name that is not a Mistral/Mixtral weight."""
@@ -183,6 +183,6 @@ def tensor_type(mix: str, name: str, shape: Sequence[int], model: MixModel) -> O
     return _fits(_promoted(mix, category, i, model) or default, k)
 
 
-def mix_types(mix: str, shapes: dict[str, Sequence[int]], model: MixModel) -> dict[str, Optional[str]]:
+def mix_types(mix: str, shapes: dict[str, Sequence[int]], model: MixModel) -> dict[str, str | None]:
     """``tensor_type`` of every tensor of a state dict's shapes (name -> shape)."""
     return {name: tensor_type(mix, name, shape, model) for name, shape in shapes.items()}

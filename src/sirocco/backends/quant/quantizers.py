@@ -55,8 +55,8 @@ are levels 0, 7 and 14:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -589,14 +589,14 @@ _QUANTIZE: dict[str, Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Te
 
 # -- the API ----------------------------------------------------------------------------------------------------
 
-def quantize_with_values(w: torch.Tensor, qtype: str, search: bool = True, chunk_values: Optional[int] = None
+def quantize_with_values(w: torch.Tensor, qtype: str, search: bool = True, chunk_values: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize`` and the fp32 values the chosen scales and levels stand for, computed from them (not from the
     bytes), in ggml's dequantizers' order of operations: ((..., K // block * type_size) uint8, (..., K) fp32)."""
     return _run(w, qtype, search, chunk_values, keep_values=True)  # type: ignore[return-value]
 
 
-def quantize(w: torch.Tensor, qtype: str, search: bool = True, chunk_values: Optional[int] = None) -> torch.Tensor:
+def quantize(w: torch.Tensor, qtype: str, search: bool = True, chunk_values: int | None = None) -> torch.Tensor:
     """A float weight (..., K), K a multiple of the type's block, as ggml's blocks of ``qtype`` (any case:
     ``Q4_K``, ``q4_K``): uint8 (..., K // block * type_size).
 
@@ -608,7 +608,7 @@ def quantize(w: torch.Tensor, qtype: str, search: bool = True, chunk_values: Opt
     return _run(w, qtype, search, chunk_values, keep_values=False)[0]
 
 
-def _run(w: torch.Tensor, qtype: str, search: bool, chunk_values: Optional[int], keep_values: bool
+def _run(w: torch.Tensor, qtype: str, search: bool, chunk_values: int | None, keep_values: bool
          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     qtype = canonical(qtype)
     out_shape = packed_shape(w.shape, qtype)
