@@ -48,7 +48,7 @@ def main() -> None:
     v = torch.randn(T, G, D, dtype=dtype)
     plan = BatchPlan.build(lengths, windows=[W]).for_window(W)
     with torch.inference_mode():
-        plan.dense, plan.blocks                                    # built once per step in real use
+        _ = plan.dense, plan.blocks                                # built once per step in real use
         dense = timed(lambda: dense_attention(q, k, v, plan.dense), repeats=2)
         per_seq = timed(lambda: per_sequence_attention(q, k, v, plan))
         print(f"pre-fill, 8 packed prompts ({T} tokens), {a.dtype}:")

@@ -52,9 +52,9 @@ def linear_rows(n_rounds: int) -> list[dict]:
             ws = [(torch.randn(n, k) * 0.02).to(dtype) for _ in range(-(-FOOTPRINT // nbytes))]
             for m in (1, 8):
                 x = torch.randn(m, k).to(dtype)
-                variants = {"F.linear": cycling(lambda i: F.linear(x, ws[i]), nbytes)}
+                variants = {"F.linear": cycling(lambda i, x=x, ws=ws: F.linear(x, ws[i]), nbytes)}
                 if small_m_linear is not None:
-                    variants["small_m_linear"] = cycling(lambda i: small_m_linear(x, ws[i]), nbytes)
+                    variants["small_m_linear"] = cycling(lambda i, f=small_m_linear, x=x, ws=ws: f(x, ws[i]), nbytes)
                 with torch.inference_mode():
                     t = rounds(variants, n_rounds, lambda fn: best_time(fn, calls=20, min_seconds=0.2))
                 for name, s in t.items():
@@ -71,8 +71,9 @@ def prefill_rows(n_rounds: int, ms: list[int]) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k).to(torch.bfloat16)
             xf = x.float()
-            variants = {"bf16 F.linear": lambda: F.linear(x, w), "upcast_linear": lambda: kernels.upcast_linear(x, w),
-                        "fp32 F.linear": lambda: F.linear(xf, wf)}
+            variants = {"bf16 F.linear": lambda x=x, w=w: F.linear(x, w),
+                        "upcast_linear": lambda x=x, w=w: kernels.upcast_linear(x, w),
+                        "fp32 F.linear": lambda xf=xf, wf=wf: F.linear(xf, wf)}
             with torch.inference_mode():
                 t = rounds(variants, n_rounds if m <= 512 else 1, lambda fn: best_time(fn, calls=2, min_seconds=0))
             for name, s in t.items():
@@ -88,9 +89,9 @@ def attention_rows(n_rounds: int) -> list[dict]:
         q = torch.randn(B, H, D).to(dtype)
         k, v = torch.randn(B, G, L, D).to(dtype), torch.randn(B, G, L, D).to(dtype)
         valid = torch.ones(B, L, dtype=torch.bool)
-        variants = {"matmul": lambda: decode_attention(q, k, v, valid)}
+        variants = {"matmul": lambda q=q, k=k, v=v, valid=valid: decode_attention(q, k, v, valid)}
         if kernels.native_serves(dtype, D, "attention"):
-            variants["C++"] = lambda: modules.native_decode_attention(q, k, v, valid)
+            variants["C++"] = lambda q=q, k=k, v=v, valid=valid: modules.native_decode_attention(q, k, v, valid)
         with torch.inference_mode():
             t = rounds(variants, n_rounds, lambda fn: best_time(fn, calls=20, min_seconds=0.2))
         rows += [dict(kernel=name, dtype=str(dtype)[6:], ms=s * 1e3) for name, s in t.items()]
@@ -108,8 +109,9 @@ def norm_rows(n_rounds: int) -> list[dict]:
         cos, sin = rope_tables(128, 4096, 1e6)
         h = torch.randn(1, 16, 128).to(dtype)
         c, s = cos[5:6], sin[5:6]
-        variants = {"RMSNorm": lambda: norm(x), "CpuRMSNorm": lambda: fast(x),
-                    "apply_rope": lambda: apply_rope(h, c, s), "CpuAttentionOps.rope": lambda: ops.rope(h, c, s)}
+        variants = {"RMSNorm": lambda norm=norm, x=x: norm(x), "CpuRMSNorm": lambda fast=fast, x=x: fast(x),
+                    "apply_rope": lambda h=h, c=c, s=s: apply_rope(h, c, s),
+                    "CpuAttentionOps.rope": lambda ops=ops, h=h, c=c, s=s: ops.rope(h, c, s)}
         with torch.inference_mode():
             t = rounds(variants, n_rounds, lambda fn: best_time(fn, calls=200, min_seconds=0.05))
         rows += [dict(kernel=name, dtype=str(dtype)[6:], us=s * 1e6) for name, s in t.items()]
@@ -122,8 +124,9 @@ def sdpa_rows(n_rounds: int) -> list[dict]:
         q, k, v = torch.randn(1, 16, t, 128), torch.randn(1, 4, t, 128), torch.randn(1, 4, t, 128)
         qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
         variants = {
-            "bf16": lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True),
-            "fp32": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+            "bf16": lambda qb=qb, kb=kb, vb=vb: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True,
+                                                                              enable_gqa=True),
+            "fp32": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
         with torch.inference_mode():
             ts = rounds(variants, n_rounds, lambda fn: best_time(fn, calls=3, min_seconds=0))
         rows += [dict(kernel=name, tokens=t, ms=s * 1e3) for name, s in ts.items()]

@@ -210,7 +210,7 @@ def llama_perplexity(bin_dir: Path, path: Path, text: Path, context: int, thread
            str(context), "-t", str(threads), "--chunks", str(chunks)]
     if logits_file is not None:
         cmd += ["--save-all-logits", str(logits_file)]
-    for attempt in range(3):
+    for _attempt in range(3):
         # llama.cpp logs from a thread of its own, and a process that ends before it is flushed can lose the last
         # lines (the final estimate among them, with status 0): run it again then
         t0 = time.perf_counter()
@@ -275,7 +275,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 logits.unlink()
                 row["tokens_agree"] = theirs == ids[:len(theirs)]
                 if not row["tokens_agree"]:
-                    at = next(i for i, (p, q) in enumerate(zip(theirs, ids)) if p != q)
+                    at = next(i for i, (p, q) in enumerate(zip(theirs, ids, strict=False)) if p != q)
                     log(f"warning: llama.cpp tokenizes the text differently from token {at} on")
             if kind in LLAMA_MIXES:
                 own = llama_quantize(a.llama_cpp, files["f16"], kind, a.threads)

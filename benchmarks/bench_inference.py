@@ -333,7 +333,7 @@ def measure_ceilings(quick: bool, repeats: int = 5) -> dict:
         for dtype in ("bfloat16", "float32"):
             x = torch.randn(m, k).to(getattr(torch, dtype))
             w = torch.randn(n, k).to(getattr(torch, dtype))           # (out, in), as nn.Linear stores it
-            out[f"matmul_flops_{dtype}"] = 2 * m * k * n / fastest(lambda: F.linear(x, w), repeats)
+            out[f"matmul_flops_{dtype}"] = 2 * m * k * n / fastest(lambda x=x, w=w: F.linear(x, w), repeats)
         out["read_bytes_per_s"] = read_bandwidth(read_buffer(quick), repeats)
     return out
 
@@ -412,7 +412,7 @@ def spawn(spec: dict, log: Callable[[str], None], script: Path = Path(__file__),
 # -- the report ---------------------------------------------------------------------------------------------------
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -528,7 +528,7 @@ def agreement(results: dict, dtypes: list[str]) -> list[str]:
             b = results.get(("transformers", dtype, what), {}).get("tokens")
             if not a or not b:
                 continue
-            prefix = [common_prefix(x, y) for x, y in zip(a, b)]
+            prefix = [common_prefix(x, y) for x, y in zip(a, b, strict=True)]
             n = len(a[0])
             first = min(4, n)
             out.append(f"{dtype} {what}: {sum(p >= first for p in prefix)}/{len(prefix)} sequences agree on the first "

@@ -197,7 +197,7 @@ def engine_part(model_name: str, tokens: int, rounds: int) -> dict:
     for i in range(0, len(kept), 25):
         json.dumps(rt.event(kept[i:i + 25]))
     record = (time.perf_counter() - t0) / len(kept) * 1e3
-    ratios = [off / on for off, on in zip(ms["off"], ms["on"])]
+    ratios = [off / on for off, on in zip(ms["off"], ms["on"], strict=True)]
     return {"decode_ms_off": statistics.median(ms["off"]), "decode_ms_on": statistics.median(ms["on"]),
             "ratio": statistics.median(ratios), "record_ms_per_step": record}
 

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         r.imports()
         r.load(path, dtype)
         r.prepare([1], max(*lens, work.decode_prompt + work.decode_tokens) + 2)
-    prefill_prompts = dict(zip(lens, bi.random_prompts(lens, shape.vocab_size, seed=1)))
+    prefill_prompts = dict(zip(lens, bi.random_prompts(lens, shape.vocab_size, seed=1), strict=True))
     [decode_prompt] = bi.random_prompts([work.decode_prompt], shape.vocab_size, seed=2)
     n = work.decode_tokens
     probe = bi.bandwidth_probe(a.quick)
@@ -75,12 +75,12 @@ def main(argv=None) -> int:
         row: dict = {"round": i, "first": order[0].name}
         for n_pre, prompt in prefill_prompts.items():
             for r in order:
-                row[f"{r.name}_prefill_{n_pre}"] = n_pre / seconds(lambda: r.generate([prompt], 1))
+                row[f"{r.name}_prefill_{n_pre}"] = n_pre / seconds(lambda r=r, prompt=prompt: r.generate([prompt], 1))
             row[f"prefill_ratio_{n_pre}"] = row[f"sirocco_prefill_{n_pre}"] / row[f"transformers_prefill_{n_pre}"]
         for r in order:
-            one = seconds(lambda: r.generate([decode_prompt], 1))
+            one = seconds(lambda r=r: r.generate([decode_prompt], 1))
             before = probe() if r.name == "sirocco" else None
-            many = seconds(lambda: r.generate([decode_prompt], n))
+            many = seconds(lambda r=r: r.generate([decode_prompt], n))
             row[f"{r.name}_decode"] = (n - 1) / (many - one)
             if before is not None:
                 row["bandwidth"] = max(before, probe())

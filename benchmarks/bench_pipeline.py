@@ -46,7 +46,7 @@ def _run(engine: Engine, prompts: list[list[int]], max_tokens: int, repeats: int
         t0 = time.perf_counter()
         done = engine.generate(prompts, params)
         runs.append((time.perf_counter() - t0, engine.stats.prefill_tps, engine.stats.decode_tps))
-    seconds, prefill, decode = (statistics.median(x) for x in zip(*runs))
+    seconds, prefill, decode = (statistics.median(x) for x in zip(*runs, strict=True))
     return {"seconds": seconds, "prefill_tps": prefill, "decode_tps": decode, "tokens": [c.tokens for c in done]}
 
 

@@ -139,7 +139,7 @@ def main() -> int:
         for server in servers.values():
             server.wait()
         log(f"warm-up: a {history // 4}-token conversation on each server")
-        for kind, server in servers.items():
+        for server in servers.values():
             chat_round(server.url, conversation(server.url, history // 4, 10**6), answer_tokens, 10**6)
         for i in range(args.rounds):
             row: dict[str, Any] = {}

@@ -347,7 +347,8 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         bw, read = r["bandwidth_bytes_per_s"], r["decode_read_bytes"]
         nbytes = [read[str(n)] for n in work.rows]
         chunk = max(r["bandwidth_before"]["chunk_bytes_per_s"], r["bandwidth_after"]["chunk_bytes_per_s"])
-        cells = [f"{r[k]['steps_per_s']:.2f}, {r[k]['steps_per_s'] / (bw / b):.0%}" for k, b in zip(dk, nbytes)]
+        cells = [f"{r[k]['steps_per_s']:.2f}, {r[k]['steps_per_s'] / (bw / b):.0%}"
+                 for k, b in zip(dk, nbytes, strict=True)]
         before = r['bandwidth_before']['pass_bytes_per_s']
         lines.append(f"| {f} | {' / '.join(f'{b / gb:.3f}' for b in dict.fromkeys(nbytes))} | {bw / gb:.1f} "
                      f"(before {before / gb:.1f}, after {r['bandwidth_after']['pass_bytes_per_s'] / gb:.1f}) | "
@@ -376,7 +377,7 @@ def report(res: dict, ppl: dict, shape: Shape, work: Workload, run_best_bw: floa
         n = next((ppl[f][name]["tokens"] for f in p), None)
         base = p.get("bf16")
 
-        def rel(f):
+        def rel(f, p=p, base=base):
             return f"{p[f] / base - 1:+.2%}" if f in p and base else "–"
         lines.append(f"| {name} | {n if n is not None else '–'} | {num(p.get('bf16'), 3)} | {num(p.get('int8'), 3)} | "
                      f"{rel('int8')} | {num(p.get('int4'), 3)} | {rel('int4')} |")

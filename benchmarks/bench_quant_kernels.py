@@ -131,10 +131,10 @@ def main() -> None:
             for name, ws in copies.items():
                 nbytes = ws[0].numel() * ws[0].element_size()
                 if name == "bf16":
-                    fn = cycling(lambda i, ws=ws: F.linear(xb, ws[i]), nbytes)
+                    fn = cycling(lambda i, xb=xb, ws=ws: F.linear(xb, ws[i]), nbytes)
                     name = "bf16 F.linear"
                 else:
-                    fn = cycling(lambda i, ws=ws, fmt=name: qk.qlinear(xb, ws[i], fmt), nbytes)
+                    fn = cycling(lambda i, xb=xb, ws=ws, fmt=name: qk.qlinear(xb, ws[i], fmt), nbytes)
                     name = f"{name} qlinear"
                 with torch.inference_mode():
                     t = best_time(fn)

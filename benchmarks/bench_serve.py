@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,7 @@ def engine_counters(url: str) -> dict:
 
 def load_figures(results: list[dict], wall: float) -> dict:
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
-    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    itl = [b - a for r in results for a, b in pairwise(r["times"])]
     e2e = [r["end"] - r["start"] for r in results]
     tpot = [(r["end"] - r["times"][0]) / (r["tokens"] - 1) for r in results if r["times"] and r["tokens"] > 1]
     out_tokens = sum(r["tokens"] for r in results)
@@ -315,9 +316,9 @@ async def long_prompt_case(url: str, streams: int, stream_prompt: int, long_prom
         t_done = time.perf_counter()
         stop_at[0] = t_done + 0.5 * (t_done - t_arrive) + 0.2
         results = await asyncio.gather(*tasks)
-    during = [b - a for res in results for a, b in zip(res["times"], res["times"][1:])
+    during = [b - a for res in results for a, b in pairwise(res["times"])
               if b > t_arrive and a < t_done]
-    before = [b - a for res in results for a, b in zip(res["times"], res["times"][1:]) if b <= t_arrive]
+    before = [b - a for res in results for a, b in pairwise(res["times"]) if b <= t_arrive]
     return {"long_prompt_ttft_s": t_done - t_arrive, "itl_during_s": {**summary(during), "max": max(during or [0])},
             "itl_before_s": summary(before)}
 

@@ -385,7 +385,7 @@ def report(res: dict, a: argparse.Namespace) -> tuple[list[str], list[dict]]:
                   f"{p['load_average_start']:.2f} -> {p['load_average_end']:.2f}:", "",
                   "| prompt | sirocco plain | sirocco prompt lookup | llama.cpp plain | llama.cpp ngram-simple |",
                   "|---|---|---|---|---|"]
-        for s, lp, ll in zip(p["sirocco"], p["llama_cpp"]["plain"], p["llama_cpp"]["lookup"]):
+        for s, lp, ll in zip(p["sirocco"], p["llama_cpp"]["plain"], p["llama_cpp"]["lookup"], strict=True):
             lines.append(f"| `{s['prompt']}` | {s['plain']['tokens_per_s']:.0f} | "
                          f"{s['speculative']['tokens_per_s']:.0f} ({s['speculative']['accepted']}/"
                          f"{s['speculative']['proposed']}) | {lp['tokens_per_s']:.0f} | {ll['tokens_per_s']:.0f} "

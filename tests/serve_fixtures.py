@@ -128,7 +128,7 @@ def assert_solo_under_load(url: str, jobs: list[dict], model: str = "tiny-mistra
 
         return await asyncio.gather(*(one(j) for j in jobs))
 
-    for j, s, (text, finish) in zip(jobs, solo, asyncio.run(all_at_once())):
+    for j, s, (text, finish) in zip(jobs, solo, asyncio.run(all_at_once()), strict=True):
         assert text == s.choices[0].text, j
         assert finish == s.choices[0].finish_reason == "length"
         assert s.usage.completion_tokens == j["max_tokens"]
@@ -329,4 +329,4 @@ def check_chat_reuse(url: str, model_dir: Path, model: str) -> None:
         [loaded.tokenizer.encode_chat(messages)], SamplingParams(max_tokens=8))
     assert usage.prompt_tokens == len(want.prompt_tokens) and text == want.text
     assert len(logprobs) == len(want.logprobs)
-    assert all(abs(a - b) <= 1e-5 for a, b in zip(logprobs, want.logprobs))
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(logprobs, want.logprobs, strict=True))

@@ -31,7 +31,7 @@ def test_the_engine_runs_the_model_as_the_pass_left_it():
     assert (engine.backend, engine.attention) == ("torch", "dense")
     engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3))
     assert modules_of(model) == before
-    assert all(a is b for a, b in zip(ops, [m.ops for m in model.modules() if isinstance(m, Attention)]))
+    assert all(a is b for a, b in zip(ops, [m.ops for m in model.modules() if isinstance(m, Attention)], strict=True))
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])

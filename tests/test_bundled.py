@@ -74,7 +74,7 @@ def test_greedy_generation_is_deterministic_and_equals_full_recomputation(bundle
     again = Engine(model, tok, max_rows=4, max_seq_len=128).generate(prompts, GREEDY)
     assert [c.tokens for c in first] == [c.tokens for c in again]
     assert all(len(c.text) > 40 for c in first)
-    for prompt, c in zip(prompts, first):
+    for prompt, c in zip(prompts, first, strict=True):
         ids = tok.encode(prompt, bos=True)
         window = model.args.sliding_window
         if window is not None:

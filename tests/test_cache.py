@@ -19,12 +19,12 @@ def run_chunked(model, seqs, chunk, cache, attention="per_sequence", backend="to
     outs = [[] for _ in seqs]
     done = [0] * len(seqs)
     with torch.no_grad():
-        while any(d < len(s) for d, s in zip(done, seqs)):
+        while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
             act = [b for b, s in enumerate(seqs) if done[b] < len(s)]
             lens = [min(chunk, len(seqs[b]) - done[b]) for b in act]
-            toks = torch.cat([seqs[b][done[b]:done[b] + n] for b, n in zip(act, lens)])
+            toks = torch.cat([seqs[b][done[b]:done[b] + n] for b, n in zip(act, lens, strict=True)])
             plan = model.plan(lens, starts=[done[b] for b in act], rows=act, cache=cache)
-            for b, n, o in zip(act, lens, model(toks, plan, cache).split(lens)):
+            for b, n, o in zip(act, lens, model(toks, plan, cache).split(lens), strict=True):
                 outs[b].append(o)
                 done[b] += n
     return [torch.cat(o) for o in outs]
@@ -39,7 +39,7 @@ def test_chunked_and_incremental_equal_one_shot(name, chunk):
     with torch.no_grad():
         one_shot = [model(s, [len(s)]) for s in seqs]
     cache = RollingCache(args, rows=3, max_seq_len=64)
-    for got, want in zip(run_chunked(model, seqs, chunk, cache), one_shot):
+    for got, want in zip(run_chunked(model, seqs, chunk, cache), one_shot, strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
@@ -49,7 +49,7 @@ def test_dense_backend_with_cache_matches():
     seqs = [torch.randint(0, 256, (n,)) for n in (21, 13)]
     a = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), attention="dense")
     b = run_chunked(model, seqs, 5, RollingCache(args, rows=2, max_seq_len=64), attention="per_sequence")
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
 
 
@@ -88,7 +88,7 @@ def test_room_for_drafts_changes_no_pre_fill_and_no_decode(name):
         plain = run_chunked(model, seqs, chunk, RollingCache(args, rows=2, max_seq_len=64), backend="cpu")
         roomy = run_chunked(model, seqs, chunk, RollingCache(args, rows=2, max_seq_len=64, spare_slots=3),
                             backend="cpu")
-        assert all(torch.equal(a, b) for a, b in zip(plain, roomy))
+        assert all(torch.equal(a, b) for a, b in zip(plain, roomy, strict=True))
     assert RollingCache(args, rows=1, max_seq_len=10, spare_slots=3).size_for(8) == 10      # at most max_seq_len
     with pytest.raises(ValueError, match="spare_slots must be >= 0"):
         RollingCache(args, rows=1, spare_slots=-1)

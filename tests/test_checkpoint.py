@@ -37,7 +37,7 @@ def test_logits_equal_transformers(hf_checkpoint):
     model = load_model(folder)
     assert model.args.sliding_window == 6 and (model.args.moe is not None) == (kind == "mixtral")
     seqs = [torch.randint(0, 320, (n,)) for n in LENGTHS]
-    for got, toks in zip(_packed_logits(model, seqs), seqs):
+    for got, toks in zip(_packed_logits(model, seqs), seqs, strict=True):
         torch.testing.assert_close(got, hf_logits(hf, toks), atol=1e-5, rtol=1e-5)
 
 
@@ -47,7 +47,7 @@ def test_logits_equal_after_conversion_to_consolidated(hf_checkpoint, tmp_path):
     assert (tmp_path / "c" / "params.json").exists() and (tmp_path / "c" / "consolidated.safetensors").exists()
     model = load_model(tmp_path / "c")
     seqs = [torch.randint(0, 320, (n,)) for n in LENGTHS]
-    for got, toks in zip(_packed_logits(model, seqs), seqs):
+    for got, toks in zip(_packed_logits(model, seqs), seqs, strict=True):
         torch.testing.assert_close(got, hf_logits(hf, toks), atol=1e-5, rtol=1e-5)
 
 

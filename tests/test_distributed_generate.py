@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import time
+from itertools import pairwise
 
 import pytest
 import torch
@@ -91,13 +92,13 @@ def sharded():
 @pytest.mark.parametrize("name", ARGS)
 def test_sharded_greedy_equals_single_process(sharded, name):
     reference, model = single_process(name, GREEDY)
-    for p, sp, c in zip(prompts(), GREEDY, reference):            # the reference itself, engine-free
+    for p, sp, c in zip(prompts(), GREEDY, reference, strict=True):            # the reference itself, engine-free
         assert c.tokens == recompute_greedy(model, p, sp.max_tokens)
     for rank in sharded[name]:
         for run in rank["runs"][:2]:                               # with and without micro-batches
             assert [t for t, _, _ in run] == [c.tokens for c in reference]
             assert [f for _, _, f in run] == [c.finish_reason for c in reference]
-            for (_, lp, _), c in zip(run, reference):
+            for (_, lp, _), c in zip(run, reference, strict=True):
                 torch.testing.assert_close(torch.tensor(lp), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
 
 
@@ -108,7 +109,7 @@ def test_sharded_sampling_is_the_same_on_every_rank_and_equals_single_process(sh
     assert rank0["runs"][2:] == rank1["runs"][2:]                  # every rank: same tokens and logprobs
     for run in rank0["runs"][2:]:
         assert [t for t, _, _ in run] == [c.tokens for c in reference]
-        for (_, lp, _), c in zip(run, reference):
+        for (_, lp, _), c in zip(run, reference, strict=True):
             torch.testing.assert_close(torch.tensor(lp), torch.tensor(c.logprobs), atol=1e-5, rtol=0)
     # The sampled tokens are really sampled: they differ from greedy decoding.
     assert [t for t, _, _ in rank0["runs"][2]] != [t for t, _, _ in rank0["runs"][0]]
@@ -277,7 +278,7 @@ def test_split_groups_covers_every_sequence_once_in_order():
         for n in (1, 2, 3, 4):
             groups = split_groups(lengths, n)
             assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
-            assert all(a < b for a, b in groups) and all(g[1] == h[0] for g, h in zip(groups, groups[1:]))
+            assert all(a < b for a, b in groups) and all(g[1] == h[0] for g, h in pairwise(groups))
             assert len(groups) == min(n, len(lengths))
 
 

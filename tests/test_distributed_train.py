@@ -44,7 +44,7 @@ def batch():
     positions, lengths = [], []
     for _ in range(ROWS):
         cuts = sorted(set(torch.randint(1, COLS, (3,), generator=g).tolist()))
-        row = [c - a for a, c in zip([0] + cuts, cuts + [COLS])]
+        row = [c - a for a, c in zip([0] + cuts, cuts + [COLS], strict=True)]
         lengths.append(row)
         positions.append([p for n in row for p in range(n)])
     return tokens, targets, torch.tensor(positions), lengths
@@ -53,7 +53,8 @@ def batch():
 def micro_batches():
     """The batch's ROWS rows cut into MICRO micro-batches, in order."""
     tokens, targets, positions, _ = batch()
-    return [Batch(*parts) for parts in zip(*(t.split(ROWS // MICRO) for t in (tokens, targets, positions)))]
+    pieces = (t.split(ROWS // MICRO) for t in (tokens, targets, positions))
+    return [Batch(*parts) for parts in zip(*pieces, strict=True)]
 
 
 def save(step_fn, args, folder):

@@ -177,7 +177,7 @@ def test_mixed_steps_give_what_separate_steps_give(name, mix):
         phases = record_phases(engine)
         runs[mixed] = engine.generate(prompts, params)
         assert ("mixed" in phases) == mixed
-    for c, ref in zip(runs[True], runs[False]):
+    for c, ref in zip(runs[True], runs[False], strict=True):
         assert_same(c, ref)
 
 
@@ -282,14 +282,14 @@ def test_logit_bias_and_top_logprobs_through_the_engine(name):
                                              SamplingParams(max_tokens=8, logit_bias={42: 100.0}, logprobs=2)])
     assert biased.tokens == [42] * 8
     ref = full_logprobs(model, p + biased.tokens)
-    for i, (t, lp) in enumerate(zip(biased.tokens, biased.logprobs)):
+    for i, (t, lp) in enumerate(zip(biased.tokens, biased.logprobs, strict=True)):
         assert math.isclose(lp, float(ref[len(p) - 1 + i, t]), abs_tol=1e-5)      # the unbiased distribution
     ref = full_logprobs(model, p + plain.tokens)
     assert len(plain.top_logprobs) == len(plain.tokens)
-    for i, (t, top) in enumerate(zip(plain.tokens, plain.top_logprobs)):
+    for i, (t, top) in enumerate(zip(plain.tokens, plain.top_logprobs, strict=True)):
         values, ids = ref[len(p) - 1 + i].topk(3)
         assert [a for a, _ in top] == ids.tolist() and top[0][0] == t
-        assert all(math.isclose(a, float(b), abs_tol=1e-5) for (_, a), b in zip(top, values))
+        assert all(math.isclose(a, float(b), abs_tol=1e-5) for (_, a), b in zip(top, values, strict=True))
     assert "top_logprobs" in plain.to_json() and "top_logprobs" not in alone(model, p, SamplingParams(
         max_tokens=2)).to_json()
 

@@ -55,7 +55,7 @@ def test_prompts_together_equal_prompts_alone(name):
               enumerate([(12, 0), (5, 0.8), (15, 0), (9, 1.2), (1, 0)])]
     engine = Engine(model, None, max_rows=3, chunk_size=5, max_seq_len=64)   # fewer rows than prompts
     together = engine.generate(prompts, params)
-    for p, sp, c in zip(prompts, params, together):
+    for p, sp, c in zip(prompts, params, together, strict=True):
         [alone] = Engine(model, None, max_rows=1, chunk_size=64, max_seq_len=64).generate([p], sp)
         assert c.tokens == alone.tokens
         torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)

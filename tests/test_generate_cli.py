@@ -38,7 +38,7 @@ def test_generate_json_fields(capsys):
     lines = out.splitlines()
     assert len(lines) == 2
     tok = load_tokenizer(V1)
-    for i, (line, prompt) in enumerate(zip(lines, prompts)):
+    for i, (line, prompt) in enumerate(zip(lines, prompts, strict=True)):
         c = json.loads(line)
         assert set(c) == FIELDS
         assert c["index"] == i and c["prompt"] == prompt

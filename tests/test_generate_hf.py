@@ -19,7 +19,7 @@ def test_greedy_equals_transformers(kind, tmp_path):
     n_new = 24
     engine = Engine(model, None, max_rows=2, chunk_size=5, max_seq_len=64)      # 3 prompts over 2 rows
     ours = engine.generate(prompts, SamplingParams(max_tokens=n_new))
-    for prompt, c in zip(prompts, ours):
+    for prompt, c in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                               eos_token_id=None, pad_token_id=0)

@@ -140,7 +140,7 @@ def test_the_window_rule_is_tight():
         if m == 32:
             assert_same(forced, ref)
         else:
-            assert max(abs(a - b) for a, b in zip(forced.logprobs, ref.logprobs)) > 1e-3
+            assert max(abs(a - b) for a, b in zip(forced.logprobs, ref.logprobs, strict=False)) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["window", "no-window"])
@@ -188,7 +188,7 @@ def test_a_prompt_is_stored_once_its_first_token_is_out_or_before_its_row_is_fre
     assert len(e.prefix) == 4
     while e.has_unfinished():
         e.step()
-    for i, p in enumerate([tokens(20, 3), tokens(20, 4)]):
+    for p in [tokens(20, 3), tokens(20, 4)]:
         [c] = e.generate([p + [7, 8]], GREEDY)
         assert c.cached_tokens == 20
         assert_same(c, cold("no-window", p + [7, 8], GREEDY))
@@ -281,7 +281,7 @@ def test_with_spare_slots_a_wrapped_ring_serves_k_more_positions_back(name):
     assert entry.lowest == 29
     cold = spec_engine(name, drafter, store=0)
     proposed = accepted = 0
-    for (m, reused), prompt in zip(reuse.items(), prompts):
+    for (m, reused), prompt in zip(reuse.items(), prompts, strict=True):
         warm, warm_steps = observed(e, prompt)
         ref, cold_steps = observed(cold, prompt)
         assert warm.cached_tokens == reused and warm_steps[0][0] == reused
@@ -298,7 +298,7 @@ def test_with_spare_slots_a_wrapped_ring_serves_k_more_positions_back(name):
     [forced] = e.generate([prompts[-1]], GREEDY)
     ref = plain[tuple(prompts[-1])]
     assert forced.cached_tokens == m
-    assert max(abs(a - b) for a, b in zip(forced.logprobs, ref.logprobs)) > 1e-3
+    assert max(abs(a - b) for a, b in zip(forced.logprobs, ref.logprobs, strict=False)) > 1e-3
 
 
 @pytest.mark.parametrize("name", ARGS)

@@ -3,6 +3,7 @@
 
 import ast
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import sirocco
@@ -82,7 +83,7 @@ def test_no_import_cycle_between_modules():
             visit(m, [m])
     # A package's __init__ re-exporting its submodules is not a cycle of the code's logic: only count cycles
     # that do not pass through a package's own __init__ importing its children.
-    real = [c for c in cycles if not any(a == b.rsplit(".", 1)[0] for a, b in zip(c, c[1:]))]
+    real = [c for c in cycles if not any(a == b.rsplit(".", 1)[0] for a, b in pairwise(c))]
     assert not real, real
 
 

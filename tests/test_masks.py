@@ -89,7 +89,7 @@ def window_positions(plan):
     """For each decode query, the positions its canonical entries hold (None where invalid)."""
     span = plan.span
     out = []
-    for p, valid in zip(plan.q_pos.tolist(), plan.decode_valid.tolist()):
+    for p, valid in zip(plan.q_pos.tolist(), plan.decode_valid.tolist(), strict=True):
         out.append([p - (p - entry) % span if ok else None for entry, ok in enumerate(valid)])
     return out
 

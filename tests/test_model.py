@@ -31,7 +31,7 @@ def test_packed_forward_matches_reference(name, backend):
         backends.attach(model, "torch", prefill=backend)
         out = model(torch.cat(seqs), model.plan(lengths))
     sd = model.state_dict()
-    for got, toks in zip(out.split(lengths), seqs):
+    for got, toks in zip(out.split(lengths), seqs, strict=True):
         torch.testing.assert_close(got, reference_logits(sd, args, toks), atol=2e-5, rtol=1e-5)
 
 
@@ -41,7 +41,7 @@ def test_packed_equals_alone():
     seqs = [torch.randint(0, 256, (n,)) for n in lengths]
     with torch.no_grad():
         packed = model(torch.cat(seqs), lengths).split(lengths)
-        for got, toks in zip(packed, seqs):
+        for got, toks in zip(packed, seqs, strict=True):
             torch.testing.assert_close(got, model(toks, [len(toks)]), atol=1e-5, rtol=1e-5)
 
 

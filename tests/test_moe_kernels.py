@@ -116,7 +116,7 @@ def test_attach_stacks_the_experts_and_keeps_names_and_values(dtype):
         ff = layer.feed_forward
         k = ff.experts_kernel
         assert isinstance(k, moe.StackedExperts) and k.fmt is None
-        for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2)):
+        for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2), strict=True):
             assert stack.shape[0] == len(ff.experts)
             for e, expert in enumerate(ff.experts):     # each expert's weight is its row of the stack, in place
                 row = stack.data_ptr() + e * stack.stride(0) * stack.element_size()
@@ -142,7 +142,7 @@ def test_qmoe_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype, isa):
     layer = model.layers["1"].feed_forward
     k = layer.experts_kernel
     assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
-    for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2)):
+    for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2), strict=True):
         for e, expert in enumerate(layer.experts):
             q = getattr(expert, name)
             assert isinstance(q, QuantLinear)
@@ -182,7 +182,7 @@ def test_qmoe_of_every_type_equals_the_quant_linear_experts_bit_for_bit(fmt, dty
     layer = _gguf_layer(fmt, dtype)
     k = moe.stack_layer(layer)
     assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
-    for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2)):          # each expert's rows read in place
+    for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2), strict=True):          # each expert's rows read in place
         for e, expert in enumerate(layer.experts):
             assert getattr(expert, name).qweight.data_ptr() == stack.data_ptr() + e * stack.stride(0)
     x_all = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).to(dtype)

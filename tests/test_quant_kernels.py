@@ -127,7 +127,7 @@ def test_weights_sharing_an_input_in_one_call_get_the_bits_of_separate_calls(fmt
         for m in range(1, qk.MAX_ROWS + 1):
             ys = qk.qlinear_many(x[:m], weights, fmt, isa=isa)
             assert ys is not None and len(ys) == 3
-            for y, w in zip(ys, weights):
+            for y, w in zip(ys, weights, strict=True):
                 assert y.dtype == dtype and torch.equal(y, qk.qlinear(x[:m], w, fmt, isa=isa)), (isa, m)
     with pytest.raises(RuntimeError, match="does not match"):
         qk.qlinear_many(x[:1], [weights[0], quantize(torch.randn(4, 64), fmt)], fmt)

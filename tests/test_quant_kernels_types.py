@@ -180,7 +180,7 @@ def test_weights_sharing_an_input_in_one_call_get_the_bits_of_separate_calls(fmt
         for m in (1, 3, 8):
             ys = qk.qlinear_many(x[:m], weights, fmt, isa=isa)
             assert ys is not None and len(ys) == 3
-            for y, w in zip(ys, weights):
+            for y, w in zip(ys, weights, strict=True):
                 assert torch.equal(y, qk.qlinear(x[:m], w, fmt, isa=isa)), (isa, m)
 
 

@@ -139,6 +139,6 @@ def test_prefill_tiles_share_one_scratch_buffer_per_thread():
     layers = [ql.QuantLinear.from_linear(nn.Linear(k, n, bias=False), "q8_0") for k, n in ((64, 40), (96, 24))]
     x = [torch.randn(33, 64), torch.randn(33, 96)]
     with torch.no_grad():
-        ys = [q(xi) for q, xi in zip(layers, x)] + [layers[0](x[0])]
-    for y, q, xi in zip(ys, layers + layers[:1], x + x[:1]):
+        ys = [q(xi) for q, xi in zip(layers, x, strict=True)] + [layers[0](x[0])]
+    for y, q, xi in zip(ys, layers + layers[:1], x + x[:1], strict=True):
         torch.testing.assert_close(y, F.linear(xi, dequantize(q.qweight, "q8_0", q.shape)))

@@ -88,12 +88,13 @@ def test_float_experts_are_read_into_one_stack_per_matrix(folders, dtype):
         pytest.skip("dense model")
     model = load_model(root / "consolidated", dtype=dtype)
     hf = load_model(root / "hf", dtype=dtype)
-    for layer, other in zip(model.layers.values(), hf.layers.values()):
+    for layer, other in zip(model.layers.values(), hf.layers.values(), strict=True):
         for matrix in MATRICES:
             weights = [getattr(e, matrix).weight for e in layer.feed_forward.experts]
             stacked, copied = stack(weights)
             assert not copied and stacked.data_ptr() == weights[0].data_ptr()
-            assert all(torch.equal(w, getattr(e, matrix).weight) for w, e in zip(weights, other.feed_forward.experts))
+            assert all(torch.equal(w, getattr(e, matrix).weight)
+                       for w, e in zip(weights, other.feed_forward.experts, strict=True))
 
 
 def test_projections_sharing_an_input_run_in_one_kernel_call(folders, monkeypatch):

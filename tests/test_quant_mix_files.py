@@ -134,12 +134,14 @@ def test_projections_of_different_types_are_fused_one_call_per_type(folders, mon
         model, _ = quantized_at_load(folders[name], "q4_K_M")
         attention = [m for m in model.modules() if isinstance(m, Attention)]
         assert all(isinstance(m.projection_kernel, SharedInputProjections) for m in attention)
-        for layer, expected_calls in zip(attention, calls_per_layer):
+        for layer, expected_calls in zip(attention, calls_per_layer, strict=True):
             kinds = [layer.wq.fmt, layer.wk.fmt, layer.wv.fmt]
             assert len(set(kinds)) == expected_calls, kinds
             calls = []
             many = qk.qlinear_many
-            monkeypatch.setattr(qk, "qlinear_many", lambda x, ws, fmt, **kw: calls.append(fmt) or many(x, ws, fmt))
+            # bound now: were the kernel missing, the skip below would leave this layer's patch in place for the next
+            monkeypatch.setattr(qk, "qlinear_many",
+                                lambda x, ws, fmt, calls=calls, many=many, **kw: calls.append(fmt) or many(x, ws, fmt))
             with torch.inference_mode():
                 x = torch.randn(3, layer.wq.in_features)
                 fused = layer.projection_kernel(x)
@@ -147,7 +149,7 @@ def test_projections_of_different_types_are_fused_one_call_per_type(folders, mon
                     assert not qk.kernel_available()
                     continue
                 assert sorted(calls) == sorted(set(kinds))
-                for y, linear in zip(fused, (layer.wq, layer.wk, layer.wv)):
+                for y, linear in zip(fused, (layer.wq, layer.wk, layer.wv), strict=True):
                     assert isinstance(linear, QuantLinear) and torch.equal(y, linear(x))
             monkeypatch.undo()
 

@@ -9,6 +9,7 @@
 
 import hashlib
 import warnings
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -210,7 +211,7 @@ def _best_index(x: np.float32) -> int:
 
 def test_nearest_codebook_entry_as_ggml_picks_it():
     xs = []
-    for a, b in zip(IQ4_VALUES, IQ4_VALUES[1:]):        # every midpoint and its fp32 neighbours
+    for a, b in pairwise(IQ4_VALUES):        # every midpoint and its fp32 neighbours
         v = np.float32((a + b) / 2)
         xs += [v, *(np.nextafter(v, np.float32(s * np.inf), dtype=np.float32) for s in (-1, 1))]
     xs += [np.float32(v) for v in IQ4_VALUES] + [np.float32(v) for v in (-1e30, 1e30, 0.0, -0.0, -127.5, 113.5)]

@@ -27,7 +27,7 @@ def reference_sample(logits, params, generators):
     """The sampling rule written plainly, row by row: argmax for greedy rows, else a draw from the filtered
     softmax with the row's generator; log-probabilities of the raw distribution."""
     tokens, logprobs = [], []
-    for row, p, g in zip(logits, params, generators):
+    for row, p, g in zip(logits, params, generators, strict=True):
         if p.temperature > 0:
             probs = torch.softmax(filter_logits(row, p.temperature, p.top_k, p.top_p), dim=-1)
             t = int(torch.multinomial(probs, 1, generator=g))
@@ -59,7 +59,7 @@ def test_top_logprobs_are_the_most_likely_of_the_unmodified_distribution():
     ref = torch.log_softmax(logits, dim=-1)
     for i, k in ((0, 4), (2, 1)):
         values, ids = ref[i].topk(k)
-        assert got[i].top == [list(zip(ids.tolist(), values.tolist()))]
+        assert got[i].top == [list(zip(ids.tolist(), values.tolist(), strict=True))]
     assert got[1].top is None
     assert got[2].tokens == [7] and got[2].logprobs == [float(ref[2, 7])]     # biased choice, raw log-probability
 
@@ -113,7 +113,7 @@ def test_greedy_verification_keeps_the_agreeing_prefix_and_the_target_s_next_tok
 
 
 def _chi_square(counts, probs, n):
-    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs) if p > 0)
+    return sum((c - n * p) ** 2 / (n * p) for c, p in zip(counts, probs, strict=True) if p > 0)
 
 
 @pytest.mark.parametrize("drafter", ["one-hot", "distribution"])

@@ -77,14 +77,15 @@ def test_greedy_text_and_logprobs_equal_generate_json(ckpts, kind, mistral):
         assert model == f"tiny-{kind}"
         r = c.completions.create(model=model, prompt=PROMPTS, max_tokens=12, temperature=0, logprobs=1)
         assert [ch.index for ch in r.choices] == [0, 1, 2]
-        for ch, w in zip(r.choices, want):
+        for ch, w in zip(r.choices, want, strict=True):
             assert ch.text == w["text"] and ch.finish_reason == w["finish_reason"]
             assert len(ch.logprobs.token_logprobs) == len(w["tokens"])
-            assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(ch.logprobs.token_logprobs, w["logprobs"]))
+            assert all(math.isclose(a, b, abs_tol=1e-5)
+                       for a, b in zip(ch.logprobs.token_logprobs, w["logprobs"], strict=True))
         assert r.usage.prompt_tokens == sum(len(w["prompt_tokens"]) for w in want)
         assert r.usage.completion_tokens == sum(len(w["tokens"]) for w in want)
         # the same prompts one by one, streamed: the same text
-        for p, w in zip(PROMPTS, want):
+        for p, w in zip(PROMPTS, want, strict=True):
             s = c.completions.create(model=model, prompt=p, max_tokens=12, temperature=0, stream=True)
             assert "".join(ch.choices[0].text for ch in s) == w["text"]
 
@@ -108,7 +109,7 @@ def test_chat_equals_generate_chat(ckpts, mistral):
     assert r.object == "chat.completion" and r.usage.prompt_tokens == len(want["prompt_tokens"])
     content = ch.logprobs.content
     assert len(content) == len(want["tokens"]) == r.usage.completion_tokens
-    for entry, lp in zip(content, want["logprobs"]):
+    for entry, lp in zip(content, want["logprobs"], strict=True):
         assert math.isclose(entry.logprob, lp, abs_tol=1e-5)
         assert entry.bytes is not None and len(entry.top_logprobs) == 3
         # greedy: the chosen token is the most likely one, and the alternatives come in order

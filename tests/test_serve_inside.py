@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -131,7 +132,7 @@ def test_row_trace_is_the_full_trace_restricted_to_the_row(attention):
         engine.step()
     assert len({st.row for st in rec.steps}) > 1, "the row was meant to move"
     window = full.window
-    for st, ev, whole in zip(rec.steps, rec.events, rec.full_steps):
+    for st, ev, whole in zip(rec.steps, rec.events, rec.full_steps, strict=True):
         assert ev["slots"] == whole.slots[window][st.row]
         assert ev["written"] == [s for r, s in whole.written[window] if r == st.row]
         # the full trace's queries of this request and the key columns of its sequence (the full trace names
@@ -161,7 +162,7 @@ def test_row_trace_is_the_full_trace_restricted_to_the_row(attention):
     batched, per_step = RowTrace(), RowTrace()
     one = [per_step.event([st]) for st in rec.steps]
     cuts = [0, 1, 4, 5, len(rec.steps)]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in pairwise(cuts):
         ev = batched.event(rec.steps[a:b])
         assert ev["steps"] == [e["steps"][0] for e in one[a:b]]
         assert {k: ev[k] for k in ("window", "slots", "written", "mask")} == \
@@ -201,7 +202,7 @@ def test_a_row_continued_from_the_prefix_store_is_traced_from_its_restored_posit
     assert step["cached_tokens"] == m and "cached_tokens" not in rec.events[1]["steps"][0]
     assert [p for p, _, _ in step["restored"]] == [p for p in sorted(ev["slots"]) if p < m]
     assert all(stored[p] == t for p, t, _ in step["restored"])
-    for st, e, whole in zip(rec.steps, rec.events, rec.full_steps):
+    for st, e, whole in zip(rec.steps, rec.events, rec.full_steps, strict=True):
         assert e["slots"] == whole.slots[window][st.row]                  # the engine's full trace agrees
         assert None not in e["slots"]
     seq = prompt + warm.tokens[:-1]

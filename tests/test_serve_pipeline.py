@@ -74,13 +74,14 @@ def check_equals_generate(url: str, model_dir, name: str) -> None:
     c = client(url)
     assert c.models.list().data[0].id == name
     r = c.completions.create(model=name, prompt=PROMPTS, max_tokens=12, temperature=0, logprobs=1)
-    for ch, w in zip(r.choices, want):
+    for ch, w in zip(r.choices, want, strict=True):
         assert ch.text == w["text"] and ch.finish_reason == w["finish_reason"]
         assert len(ch.logprobs.token_logprobs) == len(w["tokens"])
-        assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(ch.logprobs.token_logprobs, w["logprobs"]))
+        assert all(math.isclose(a, b, abs_tol=1e-5)
+                   for a, b in zip(ch.logprobs.token_logprobs, w["logprobs"], strict=True))
     assert r.usage.completion_tokens == sum(len(w["tokens"]) for w in want)
     assert r.usage.prompt_tokens == sum(len(w["prompt_tokens"]) for w in want)
-    for p, w in zip(PROMPTS, want):
+    for p, w in zip(PROMPTS, want, strict=True):
         s = c.completions.create(model=name, prompt=p, max_tokens=12, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in s) == w["text"]
     chat = generate_json(model_dir, [QUESTION], "--chat", "--max-tokens", "10")[0]
@@ -89,7 +90,7 @@ def check_equals_generate(url: str, model_dir, name: str) -> None:
     assert r.choices[0].message.content == chat["text"]
     assert r.usage.completion_tokens == len(chat["tokens"]) and r.usage.prompt_tokens == len(chat["prompt_tokens"])
     assert all(math.isclose(e.logprob, lp, abs_tol=1e-5) for e, lp in zip(r.choices[0].logprobs.content,
-                                                                        chat["logprobs"]))
+                                                                        chat["logprobs"], strict=True))
 
 
 def check_clean_stop(server: PipelineServer, how: str) -> int | None:
@@ -134,19 +135,19 @@ def test_top_logprobs_equal_the_one_process_server(pipeline, single):
 
     (completion, chat), (completion_1, chat_1) = ask(pipeline.url), ask(single)
     assert len(completion) == len(completion_1) == 12              # 2 choices x 6 tokens, 4 alternatives each
-    for g, w in zip(completion, completion_1):
+    for g, w in zip(completion, completion_1, strict=True):
         assert len(g) == 4 and list(g) == list(w)                  # the same tokens, in the same order
         assert all(math.isclose(g[t], w[t], abs_tol=1e-5) for t in g)
     assert len(chat) == len(chat_1) == 5
-    for g, w in zip(chat, chat_1):
+    for g, w in zip(chat, chat_1, strict=True):
         assert len(g) == 2 and [t for t, _ in g] == [t for t, _ in w]
-        assert all(math.isclose(a, b, abs_tol=1e-5) for (_, a), (_, b) in zip(g, w))
+        assert all(math.isclose(a, b, abs_tol=1e-5) for (_, a), (_, b) in zip(g, w, strict=True))
     got, want = asyncio.run(together(pipeline.url)), asyncio.run(together(single))
     assert got[2] is None and want[2] is None
-    for g, w, k in zip(got[:2], want[:2], (1, 5)):
+    for g, w, k in zip(got[:2], want[:2], (1, 5), strict=True):
         assert g["tokens"] == w["tokens"]
         assert all(len(top) == k for top in g["top_logprobs"])
-        for gt, wt in zip(g["top_logprobs"], w["top_logprobs"]):
+        for gt, wt in zip(g["top_logprobs"], w["top_logprobs"], strict=True):
             assert list(gt) == list(wt) and all(math.isclose(gt[t], wt[t], abs_tol=1e-5) for t in gt)
 
 

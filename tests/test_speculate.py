@@ -55,11 +55,12 @@ def run(model, prompts, params, speculation=None, chunk_size=4, max_rows=4, toke
 def known_drafter(model, prompts, params, p, seed=0, **kw):
     """A drafter of the plain run's own continuation, each token right with probability p."""
     plain, _ = run(model, prompts, params, **kw)
-    return KnownDrafter({tuple(q): c.tokens for q, c in zip(prompts, plain)}, model.args.vocab_size, p=p, seed=seed)
+    return KnownDrafter({tuple(q): c.tokens for q, c in zip(prompts, plain, strict=True)}, model.args.vocab_size, p=p,
+                        seed=seed)
 
 
 def assert_identical(got, want):
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.tokens == w.tokens
         assert g.logprobs == w.logprobs                                  # the same float bits
         assert g.finish_reason == w.finish_reason
@@ -130,7 +131,7 @@ def test_a_draft_model_rolls_back_with_the_target():
 
         def propose(self, requests):
             out = drafter.propose(requests)
-            for r, d in zip(requests, out):
+            for r, d in zip(requests, out, strict=True):
                 seen.append(([r.token(i) for i in range(len(r))], d.tokens))
             return out
 
@@ -500,7 +501,7 @@ def test_over_pipeline_ranks_speculation_keeps_the_output_and_every_rank_decides
     model = model_for("mistral")
     prompts = prompts_for()
     plain, _ = run(model, prompts, GREEDY)
-    continuations = {tuple(p): c.tokens for p, c in zip(prompts, plain)}
+    continuations = {tuple(p): c.tokens for p, c in zip(prompts, plain, strict=True)}
     results = spawn_local(_pipeline_rank, 2, (continuations,), timeout_s=120, deadline_s=300)
     assert all(r.ok for r in results), [r.error for r in results]
     (plain0, spec0), (plain1, spec1) = [r.value for r in results]
@@ -559,8 +560,9 @@ def test_an_observed_request_sees_its_drafts_and_how_many_it_kept():
     verified = [s for s in seen if s.drafted]
     assert verified and all(len(s.tokens) == s.drafted + 1 for s in verified)
     kept = [s.cached - s.start - 1 for s in verified]
-    assert all(0 <= k <= s.drafted for k, s in zip(kept, verified)) and 0 < sum(kept) < sum(s.drafted for s in verified)
+    assert all(0 <= k <= s.drafted for k, s in zip(kept, verified, strict=True))
+    assert 0 < sum(kept) < sum(s.drafted for s in verified)
     assert (sum(s.drafted for s in verified), sum(kept)) == (engine.stats.proposed_tokens, engine.stats.accepted_tokens)
     event = RowTrace().event(seen)                                   # the page's event over the whole run
     assert [(e["proposed_tokens"], e["accepted_tokens"]) for e in event["steps"] if "proposed_tokens" in e] == \
-        [(s.drafted, k) for s, k in zip(verified, kept)]
+        [(s.drafted, k) for s, k in zip(verified, kept, strict=True)]

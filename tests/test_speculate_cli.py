@@ -30,7 +30,7 @@ def test_generate_speculates_with_the_same_output_and_reports_its_drafts(capsys)
     plain, _ = generate(capsys, "--backend", "cpu", *PROMPTS)
     spec, err = generate(capsys, "--speculate", "ngram", "--draft-tokens", "5", "--ngram", "2", *PROMPTS)
     assert spec[0]["accepted_tokens"] > 20                # "1, 2, ..." goes on repeating itself
-    for p, s in zip(plain, spec):
+    for p, s in zip(plain, spec, strict=True):
         assert "proposed_tokens" not in p
         assert s.pop("proposed_tokens") >= s.pop("accepted_tokens") >= 0
         assert s == p                                   # tokens, log-probabilities, text: the same

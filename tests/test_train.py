@@ -94,7 +94,7 @@ def test_gradient_accumulation_equals_one_larger_batch(arch, texts):
         assert ra.grad_norm == pytest.approx(rb.grad_norm, rel=1e-4)
         assert ra.grad_norm > common["clip"]
     assert a.position == b.position
-    for (name, pa), pb in zip(a.step_fn.model.named_parameters(), b.step_fn.model.parameters()):
+    for (name, pa), pb in zip(a.step_fn.model.named_parameters(), b.step_fn.model.parameters(), strict=True):
         torch.testing.assert_close(pa, pb, atol=2e-6, rtol=1e-5, msg=name)
 
 
@@ -118,7 +118,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_the_documents_one_by_one(arc
         total = total + F.cross_entropy(model(x, [len(x)]), y, reduction="sum")
     (total / sum(lengths)).backward()
     torch.testing.assert_close(ce, total, rtol=1e-5, atol=1e-5)
-    for (name, p), g_packed in zip(model.named_parameters(), packed_grads):
+    for (name, p), g_packed in zip(model.named_parameters(), packed_grads, strict=True):
         torch.testing.assert_close(g_packed, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert (aux is not None) == (args.moe is not None)
 

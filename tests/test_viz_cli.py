@@ -138,8 +138,8 @@ def test_the_cache_of_a_speculative_run_shows_drafts_rolled_back_after_the_wrap(
     verify = [s for s in masks["steps"] if s["phase"] == "verify"]
     assert verify and max(len(s["queries"]) for s in verify) > 1
     for s in verify:
-        for (seq, p), allowed in zip(s["queries"], s["allowed"]):
-            seen = sorted(k[1] for k, a in zip(s["keys"], allowed) if a)
+        for (_seq, p), allowed in zip(s["queries"], s["allowed"], strict=True):
+            seen = sorted(k[1] for k, a in zip(s["keys"], allowed, strict=True) if a)
             assert seen == list(range(max(0, p - 3), p + 1))            # its window, no later draft
     with pytest.raises(SystemExit) as e:
         main(["viz", "moe", "--draft-tokens", "2"])

@@ -1,6 +1,7 @@
 """Terminal grids read back to the recorded masks; every PNG is written; the data behind memory and pipeline."""
 
 import io
+from itertools import pairwise
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def test_rendered_masks_parse_back(mask_data, colour):
     assert ("\x1b[" in text) == colour
     grids = terminal.parse_grids(text)
     assert len(grids) == len(mask_data["steps"])
-    for grid, step in zip(grids, mask_data["steps"]):
+    for grid, step in zip(grids, mask_data["steps"], strict=True):
         assert grid == [[bool(a) for a in row] for row in step["allowed"]]
         assert terminal.parse_grid(terminal.render_mask_step(step, 3)) == grid
 
@@ -89,7 +90,7 @@ def test_pipeline_events_of_a_real_step_follow_the_schedule(schedule, stages, m)
         assert end[(0, "B", 0)]["start"] < end[(0, "F", m - 1)]["start"]
     for r in range(stages):                         # a stage runs one thing at a time
         mine = sorted((e for e in ev if e["rank"] == r), key=lambda e: e["start"])
-        assert all(a["end"] <= b["start"] for a, b in zip(mine, mine[1:]))
+        assert all(a["end"] <= b["start"] for a, b in pairwise(mine))
     ideal = (stages - 1) / (m + stages - 1)
     assert data["ideal_bubble"] == ideal and "ideal" in text and f"{ideal:.0%}" in text
 

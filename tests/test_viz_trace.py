@@ -31,8 +31,8 @@ def pairs(m, seq=None):
     queries, keys, allowed = (m.queries, m.keys, m.allowed) if hasattr(m, "queries") else (
         m["queries"], m["keys"], m["allowed"])
     out = set()
-    for (qs, qp), row in zip(queries, allowed):
-        for (ks, kp, _slot), a in zip(keys, row):
+    for (qs, qp), row in zip(queries, allowed, strict=True):
+        for (ks, kp, _slot), a in zip(keys, row, strict=True):
             if a and (seq is None or qs == seq):
                 out.add((qs, qp, ks, kp))
     return out
@@ -47,12 +47,12 @@ def test_recorded_masks_are_the_definition(name, backend):
     assert trace.steps[-1].phase == "decode"
     for st in trace.steps:
         for w, m in st.masks.items():
-            for (qs, qp), row in zip(m.queries, m.allowed):
-                for (ks, kp, _), a in zip(m.keys, row):
+            for (qs, qp), row in zip(m.queries, m.allowed, strict=True):
+                for (ks, kp, _), a in zip(m.keys, row, strict=True):
                     want = kp is not None and qs == ks and 0 <= qp - kp < (w if w is not None else 10**9)
                     assert bool(a) == want, (st.step, w, (qs, qp), (ks, kp))
                 # ... and each query sees every position of its window exactly once
-                seen = sorted(kp for (ks, kp, _), a in zip(m.keys, row) if a)
+                seen = sorted(kp for (ks, kp, _), a in zip(m.keys, row, strict=True) if a)
                 lo = 0 if w is None else max(0, qp - w + 1)
                 assert seen == list(range(lo, qp + 1)), (st.step, w, (qs, qp), seen)
 
@@ -162,12 +162,12 @@ def test_cache_map_and_cached_keys(name):
     # Keys in the cache after the run == the rotated keys of a forward without cache at those positions.
     fed = {}
     for st in trace.steps:
-        for (seq, pos), t in zip(st.masks[next(iter(st.masks))].queries, st.token_ids):
+        for (seq, pos), t in zip(st.masks[next(iter(st.masks))].queries, st.token_ids, strict=True):
             fed[(seq, pos)] = t
     for b in range(len(prompts)):
         tokens = torch.tensor([fed[(b, p)] for p in range(max(p for s, p in fed if s == b) + 1)])
         keys = {}
-        hooks = [layer.attention.wk.register_forward_hook(lambda m, i, o, l=int(n): keys.__setitem__(l, o))
+        hooks = [layer.attention.wk.register_forward_hook(lambda m, i, o, l=int(n), keys=keys: keys.__setitem__(l, o))
                  for n, layer in model.layers.items()]
         with torch.no_grad():
             model(tokens, [len(tokens)])
@@ -200,7 +200,7 @@ def test_router_choices_rebuild_the_moe_output_exactly():
     k = args.moe.num_experts_per_tok
     with torch.inference_mode():
         for n, layer in model.layers.items():
-            for st, (x, out) in zip(steps, calls[int(n)]):
+            for st, (x, out) in zip(steps, calls[int(n)], strict=True):
                 chosen, weights = (torch.tensor(v) for v in st.router[int(n)])
                 assert chosen.shape == (x.shape[0], k)
                 assert torch.equal(analysis.rebuild_moe(layer.feed_forward, x, chosen, weights), out)

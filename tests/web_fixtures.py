@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -176,7 +177,7 @@ def write_parrot_checkpoint(folder: Path, answer: str) -> Path:
     chain = [tokenizer.encode_chat([{"role": "user", "content": "x"}])[-1]]
     chain += tokenizer.encode(answer, bos=False, eos=False)
     following: dict[int, int] = {}
-    for a, b in zip(chain, chain[1:]):
+    for a, b in pairwise(chain):
         if following.setdefault(a, b) != b and a != chain[-1]:
             raise ValueError(f"token {a} is followed by both {following[a]} and {b} in {answer!r}")
     args = preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=512)

@@ -130,7 +130,7 @@ class WindowPlan:
         (square, top-left aligned, no window cut) is exact and SDPA's ``is_causal`` can be used."""
         out: list[torch.Tensor | None] = []
         q0 = k0 = 0
-        for lq, lk, pre in zip(self.q_seqlens, self.kv_seqlens, self.prefix_lens):
+        for lq, lk, pre in zip(self.q_seqlens, self.kv_seqlens, self.prefix_lens, strict=True):
             if pre == 0 and (self.window is None or self.window >= lq):
                 out.append(None)
             else:
@@ -219,7 +219,7 @@ class BatchPlan:
             raise ValueError("a step without a cache must start every sequence at position 0")
         device = torch.device(device)
 
-        positions = torch.tensor([p for s, n in zip(starts, lengths) for p in range(s, s + n)],
+        positions = torch.tensor([p for s, n in zip(starts, lengths, strict=True) for p in range(s, s + n)],
                                  dtype=torch.long, device=device)
         if decode is None:
             ones = next((i for i, n in enumerate(lengths) if n != 1), len(lengths))   # leading one-token sequences
@@ -276,7 +276,7 @@ def _window_plan(window: int | None, cache_len: int | None, starts: list[int], l
     S = cache_len
     span = span_of(window, S)
     assert rows is not None, "a step with a cache needs the rows"
-    for s, n in zip(starts, lengths):
+    for s, n in zip(starts, lengths, strict=True):
         if (window is None or window > S) and s + n > S:
             raise ValueError(f"sequence of {s + n} tokens exceeds the cache of {S} positions "
                              f"(the model's max_seq_len); shorten the prompt or the generation")
@@ -290,7 +290,7 @@ def _window_plan(window: int | None, cache_len: int | None, starts: list[int], l
     write_row: list[int] = []
     write_slot: list[int] = []
     t0 = 0
-    for s, n, r in zip(starts, lengths, rows):
+    for s, n, r in zip(starts, lengths, rows, strict=True):
         for i in range(max(0, n - S), n):
             write_src.append(t0 + i)
             write_row.append(r)
@@ -306,12 +306,12 @@ def _window_plan(window: int | None, cache_len: int | None, starts: list[int], l
 
     if decode:
         # Decode: keys are the rows themselves after the write; read only as many entries as the fullest query.
-        last = [s + n - 1 for s, n in zip(starts, lengths)]
+        last = [s + n - 1 for s, n in zip(starts, lengths, strict=True)]
         decode_len = min(max(last) + 1, span)
-        fill = [min(p + 1, span) for s, n in zip(starts, lengths) for p in range(s, s + n)]
+        fill = [min(p + 1, span) for s, n in zip(starts, lengths, strict=True) for p in range(s, s + n)]
         query_rows = None
         if any(n > 1 for n in lengths) or (span != S and max(last) >= span):
-            query_rows = t([r for r, n in zip(rows, lengths) for _ in range(n)])
+            query_rows = t([r for r, n in zip(rows, lengths, strict=True) for _ in range(n)])
         return WindowPlan(**common, kv_seqlens=[decode_len] * len(lengths), prefix_lens=[0] * len(lengths),
                           decode=True, k_seq=q_seq, k_pos=positions, decode_len=decode_len, decode_fill=fill,
                           query_rows=query_rows)
@@ -327,8 +327,8 @@ def _window_plan(window: int | None, cache_len: int | None, starts: list[int], l
     key_order: list[int] = []
     n_prefix = sum(prefix_lens)
     pre0 = new0 = 0
-    for b, (s, n, r, c) in enumerate(zip(starts, lengths, rows, prefix_lens)):
-        for p, slot in zip(range(s - c, s), ring_slots(s - c, s, S)):   # cached positions, oldest first
+    for b, (s, n, r, c) in enumerate(zip(starts, lengths, rows, prefix_lens, strict=True)):
+        for p, slot in zip(range(s - c, s), ring_slots(s - c, s, S), strict=True):   # cached positions, oldest first
             prefix_row.append(r)
             prefix_slot.append(slot)
             k_seq.append(b)
@@ -340,6 +340,7 @@ def _window_plan(window: int | None, cache_len: int | None, starts: list[int], l
             k_pos.append(p)
             key_order.append(n_prefix + new0)
             new0 += 1
-    return WindowPlan(**common, kv_seqlens=[c + n for c, n in zip(prefix_lens, lengths)], prefix_lens=prefix_lens,
+    kv_seqlens = [c + n for c, n in zip(prefix_lens, lengths, strict=True)]
+    return WindowPlan(**common, kv_seqlens=kv_seqlens, prefix_lens=prefix_lens,
                       decode=False, k_seq=t(k_seq), k_pos=t(k_pos), prefix_row=t(prefix_row),
                       prefix_slot=t(prefix_slot), key_order=t(key_order) if n_prefix else None)

@@ -23,6 +23,7 @@ they were quantized at load or read from a GGUF file).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def stack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
         offsets = [t.storage_offset() for t in tensors]
         step = offsets[1] - offsets[0]
         if (step >= first.numel() and all(t.untyped_storage().data_ptr() == storage for t in tensors)
-                and all(b - a == step for a, b in zip(offsets, offsets[1:]))):
+                and all(b - a == step for a, b in pairwise(offsets))):
             view = first.as_strided((len(tensors), *shape), (step, *first.stride()), offsets[0])
             return view, False
     if same and len(tensors) == 1:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +313,7 @@ def _check_tensors(infos: list[_RawInfo], data_start: int, alignment: int, size:
                                  "truncated?)")
         tensors[r.name] = TensorInfo(r.name, shape, kind, data_start + r.offset, nbytes)
     ordered = sorted(tensors.values(), key=lambda t: t.offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if a.offset + a.nbytes > b.offset:
             raise ModelFileError(f"{path}: tensors '{a.name}' (bytes {a.offset}..{a.offset + a.nbytes}) and "
                                  f"'{b.name}' (from byte {b.offset}) overlap")

@@ -387,7 +387,7 @@ class GGUFFile:
         buffers = huge_page_tensors([tuple(self._mapped(t).shape) for t in unique])
         try:
             with open(self.path, "rb", buffering=0) as f:
-                for t, buf in zip(unique, buffers):
+                for t, buf in zip(unique, buffers, strict=True):
                     f.seek(t.offset)
                     view, done = buf.numpy().data.cast("B"), 0
                     while done < len(view):
@@ -397,7 +397,7 @@ class GGUFFile:
                         done += n
         except OSError as e:
             raise self.fail(f"cannot read the tensors: {e.strerror or e}") from None
-        return {t.name: buf for t, buf in zip(unique, buffers)}
+        return {t.name: buf for t, buf in zip(unique, buffers, strict=True)}
 
     # -- tokenizer --------------------------------------------------------------------------------------------
     def tokenizer(self, vocab_size: int | None = None) -> Tokenizer:

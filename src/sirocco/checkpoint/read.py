@@ -170,7 +170,7 @@ def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype
         expert_names = [p + ".weight" for p in paths]
         if all(n in wanted for n in expert_names):
             stacked = torch.empty((len(expert_names), *wanted[expert_names[0]]), dtype=dtype, device=device)
-            rows.update(zip(expert_names, stacked))
+            rows.update(zip(expert_names, stacked, strict=True))
     return rows
 
 
@@ -239,7 +239,7 @@ def _open_checked(layout: Layout, args: ModelArgs, wanted: dict[str, tuple[int, 
     if missing:
         shown = [n if layout.format != HF else to_hf_name(n) for n in missing]
         problems.append(f"{len(missing)} missing tensor(s): " + _listing(
-            [f"{n} (expected shape {list(wanted[m])})" for n, m in zip(shown, missing)]))
+            [f"{n} (expected shape {list(wanted[m])})" for n, m in zip(shown, missing, strict=True)]))
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s): " + _listing(
             [f"{n} {list(files.shape(n))}" for n in unexpected]))

@@ -134,7 +134,7 @@ class PipelineExecutor:
                     recvs.append((dist.irecv(buf, src=ctx.prev, tag=m), buf))
         wanted = None if logits_at is None else logits_at.tolist()
         outs = []
-        for m, ((a, b), sub) in enumerate(zip(groups, plans)):
+        for m, ((a, b), sub) in enumerate(zip(groups, plans, strict=True)):
             t0, t1 = offsets[a], offsets[b]
             if ctx.is_first:
                 x = tokens[t0:t1]
@@ -211,7 +211,7 @@ def packed_size(rows: Sequence[RowSampling], vocab_size: int) -> int:
 def pack(results: Sequence[Sampled], rows: Sequence[RowSampling], vocab_size: int) -> torch.Tensor:
     """The results of ``sample`` for ``rows`` as the vector described above."""
     values: list[float] = []
-    for res, r in zip(results, rows):
+    for res, r in zip(results, rows, strict=True):
         n, p, k = len(res.tokens), r.positions, _top_k(r, vocab_size)
         pad = [0.0] * (p - n)
         values += [n, *res.tokens, *pad, *res.logprobs, *pad]

@@ -214,12 +214,12 @@ class ModelDrafter:
                 short = [i for i in pending if len(requests[i]) - pending[i] <= self.decode_tokens]
                 order = short + [i for i in pending if i not in short]
                 lengths = [min(len(requests[i]) - pending[i], self.chunk_size) for i in order]
-                tokens = [requests[i].token(p) for i, n in zip(order, lengths)
+                tokens = [requests[i].token(p) for i, n in zip(order, lengths, strict=True)
                           for p in range(pending[i], pending[i] + n)]
                 logits = self._forward(tokens, [pending[i] for i in order], lengths, [states[i].row for i in order],
                                        len(short))
                 at = 0
-                for j, (i, n) in enumerate(zip(order, lengths)):
+                for j, (i, n) in enumerate(zip(order, lengths, strict=True)):
                     states[i].fed += tokens[at:at + n]
                     at += n
                     pending[i] += n
@@ -237,7 +237,7 @@ class ModelDrafter:
                     states[i].fed.append(drafts[i][-1])
                     self._choose(logits[j], requests[i], states[i], drafts[i], probs[i])
         return [Draft(d, torch.stack(p) if p and r.params.temperature > 0 else None)
-                for d, p, r in zip(drafts, probs, requests)]
+                for d, p, r in zip(drafts, probs, requests, strict=True)]
 
     def release(self, key: str) -> None:
         self._rows.pop(key, None)

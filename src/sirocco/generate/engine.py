@@ -333,13 +333,16 @@ class Engine:
         self._observed: set[str] = set()         # ids of unfinished requests with a RowObserver
 
     # -- public API ----------------------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams = SamplingParams(),
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, observer: RowObserver | None = None) -> str:
         """Queue a prompt (first come, first served) and return its id; it runs from the next ``step()`` that
         has a free row. Validates at once: an invalid prompt raises (``PromptTooLong``, ``SiroccoError``) and
         queues nothing; an id that is already waiting or running raises ``ValueError``. Without an id, a new
         one is made ("req-N", the same on every pipeline rank). ``observer`` is told of each step that runs
-        this request (``RowObserver``); requests without one cost no observing work."""
+        this request (``RowObserver``); requests without one cost no observing work. No ``params``: the
+        defaults of ``SamplingParams()``."""
+        if params is None:
+            params = SamplingParams()
         if request_id is not None and request_id in self._unfinished:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = self._request(self._next_index, prompt, params, request_id)
@@ -408,7 +411,7 @@ class Engine:
         """Requests queued for a row."""
         return len(self.scheduler.waiting)
 
-    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[Completion]:
         """Run every prompt to completion; results in prompt order."""
         done: dict[int, Completion] = {}
@@ -417,12 +420,15 @@ class Engine:
                 done[event.index] = event.completion
         return [done[i] for i in sorted(done)]
 
-    def stream(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    def stream(self, prompts: Iterable[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                ) -> Iterator[Event]:
         """Yield an ``Event`` per generated token of any sequence, as soon as it is sampled. ``index`` is the
         prompt's position in ``prompts``. Needs an engine with no other requests in flight; every prompt is
-        validated before any is queued; leaving the loop early aborts the prompts not yet finished."""
+        validated before any is queued; leaving the loop early aborts the prompts not yet finished. ``params``: one
+        for all prompts or one per prompt; none gives every prompt ``SamplingParams()``."""
         prompts = list(prompts)
+        if params is None:
+            params = SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
@@ -430,7 +436,7 @@ class Engine:
         if self.has_unfinished():
             raise RuntimeError("stream() and generate() need an idle engine: other requests are in flight "
                                "(drive them with step(), or abort them)")
-        reqs = [self._request(i, p, sp, None) for i, (p, sp) in enumerate(zip(prompts, params))]
+        reqs = [self._request(i, p, sp, None) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
         for req in reqs:
             self._queue(req)
         try:
@@ -450,7 +456,8 @@ class Engine:
         count then rolls back past the rejected drafts."""
         t0 = time.perf_counter()
         seqs, lengths = step.seqs, step.lengths
-        sampling = [i for i, (s, n) in enumerate(zip(seqs, lengths)) if not s.prompt_left or n == s.prompt_left]
+        sampling = [i for i, (s, n) in enumerate(zip(seqs, lengths, strict=True))
+                    if not s.prompt_left or n == s.prompt_left]
         drafts: dict[int, Draft] = {}
         decode = None
         if self.speculator is not None:
@@ -461,12 +468,12 @@ class Engine:
                 decode = leading_decode(lengths)
                 lengths = [n + len(drafts[i].tokens) if i in drafts else n for i, n in enumerate(lengths)]
         ids: list[int] = []
-        for i, (s, n) in enumerate(zip(seqs, lengths)):
+        for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
             if s.prompt_left:
                 ids += s.out.prompt_tokens[s.cached:s.cached + n]
             else:
                 ids += [s.out.tokens[-1]] + (drafts[i].tokens if i in drafts else [])
-        prompt_tokens = sum(n for s, n in zip(seqs, lengths) if s.prompt_left)
+        prompt_tokens = sum(n for s, n in zip(seqs, lengths, strict=True) if s.prompt_left)
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         starts = [s.cached for s in seqs]
         plan = self.model.plan(lengths, starts=starts, rows=[s.row for s in seqs], cache=self.cache, decode=decode)
@@ -483,13 +490,13 @@ class Engine:
         finally:
             if routing is not None:
                 self.model.observe_routing(None if self.trace is None else self.trace.on_router)
-        for s, n in zip(seqs, lengths):
+        for s, n in zip(seqs, lengths, strict=True):
             if self.prefix is not None and n == s.prompt_left:       # its prompt's last chunk (never with drafts)
                 self._to_save.append(s)         # its row holds exactly the pre-filled prompt until the next step
             s.cached += n
         result = self._sample([seqs[i] for i in sampling], logits, [drafts.get(i) for i in sampling])
         decoded = 0
-        for i, (s, sampled) in zip(sampling, result):
+        for i, (s, sampled) in zip(sampling, result, strict=True):
             if i in drafts:
                 s.cached = starts[i] + len(sampled.tokens)        # roll back past the rejected drafts
                 self.stats.proposed_tokens += len(drafts[i].tokens)
@@ -571,8 +578,8 @@ class Engine:
             return []
         rows = [RowSampling(s.params, s.generator, s.processor) if d is None else
                 RowSampling(s.params, s.generator, s.processor, draft=d.tokens, draft_probs=d.probs)
-                for s, d in zip(seqs, drafts or [None] * len(seqs))]
-        return list(zip(seqs, self.executor.sample(logits, rows)))
+                for s, d in zip(seqs, drafts or [None] * len(seqs), strict=True)]
+        return list(zip(seqs, self.executor.sample(logits, rows), strict=True))
 
     # -- speculation ---------------------------------------------------------------------------------------
     def _speculator(self, config: Speculation) -> Speculator:
@@ -668,7 +675,7 @@ class Engine:
     def _advance(self, seq: _Running, sampled: Sampled) -> list[Event]:
         """Append what the row gained this step, token by token until the sequence is done; one event each."""
         events = []
-        for j, (token, logprob) in enumerate(zip(sampled.tokens, sampled.logprobs)):
+        for j, (token, logprob) in enumerate(zip(sampled.tokens, sampled.logprobs, strict=True)):
             top = sampled.top[j] if sampled.top is not None else None
             events.append(self._advance_one(seq, token, logprob, top))
             if seq.out.finish_reason is not None:

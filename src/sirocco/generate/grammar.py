@@ -305,7 +305,7 @@ def tool_calls_grammar(functions: Sequence[Function], choice: str, parallel: boo
     else:
         start = f'" "? text_value | {marker_rule} " "? calls'
     lines = [f"start: {start}", f"calls: {calls}", f"call: {' | '.join(call_rules)}"] + lines
-    for rule, f in zip(call_rules, chosen):
+    for rule, f in zip(call_rules, chosen, strict=True):
         head = '{"name": ' + json.dumps(f.name, ensure_ascii=False) + ', "arguments": '
         lines.append(f'{rule}: {_lark_string(head)} args_{rule} "}}"')
         lines.append(f"args_{rule}: {_json_rule(prepare_schema(f.parameters, f.strict, 'parameters'))}")

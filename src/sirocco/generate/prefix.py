@@ -157,7 +157,7 @@ class PrefixStore:
         """The smallest m at which the state after n tokens is exact in every layer (0: any m <= n). With W = S = 4
         in every layer, 8 tokens have wrapped the rings (lowest 7) and 3 have not (lowest 0)."""
         lo = 0
-        for w, size in zip(self.windows, self.sizes):
+        for w, size in zip(self.windows, self.sizes, strict=True):
             if n > size:
                 assert w is not None, "a layer without a window holds every position"
                 lo = max(lo, n - 1 - (size - w))

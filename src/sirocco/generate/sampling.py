@@ -246,14 +246,14 @@ def unpack_mask(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def processed(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     """The logits every row samples from: each row's bias added and its mask applied, in one operation each over
     the rows that have them. Returns ``logits`` itself when no row has a processor."""
-    owners = [(r, i) for r, start in zip(rows, _starts(rows)) for i in range(start, start + r.positions)
+    owners = [(r, i) for r, start in zip(rows, _starts(rows), strict=True) for i in range(start, start + r.positions)
               if r.processor is not None]
     if not owners:
         return logits
     scores = logits.float().clone() if logits.dtype != torch.float32 else logits.clone()
     vocab = logits.shape[-1]
     bias_rows, bias_ids, bias_values = [], [], []
-    for row, start in zip(rows, _starts(rows)):
+    for row, start in zip(rows, _starts(rows), strict=True):
         if row.processor is None:
             continue
         bias = row.processor.bias()
@@ -269,7 +269,7 @@ def processed(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor
     masked: list[int] = []
     words = torch.empty(len(owners), mask_words(vocab), dtype=torch.int32)
     w = 0
-    for row, start in zip(rows, _starts(rows)):
+    for row, start in zip(rows, _starts(rows), strict=True):
         if row.processor is None:
             continue
         if row.processor.fill_mask(words[w:w + row.positions], row.draft):
@@ -348,7 +348,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[Sampled]:
                                   torch.cat(picks))
     chosen_host = chosen.tolist()
     tokens: list[list[int]] = []
-    for r, start in zip(rows, starts):
+    for r, start in zip(rows, starts, strict=True):
         if not r.draft:
             tokens.append([chosen_host[start]])
         elif r.params.temperature > 0:
@@ -359,7 +359,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[Sampled]:
                 kept += 1
             tokens.append(list(r.draft[:kept]) + [chosen_host[start + kept]])
     # Log-probabilities of the unmodified distribution, at each kept position.
-    at = torch.tensor([start + j for toks, start in zip(tokens, starts) for j in range(len(toks))],
+    at = torch.tensor([start + j for toks, start in zip(tokens, starts, strict=True) for j in range(len(toks))],
                       device=logits.device)
     flat = torch.tensor([t for toks in tokens for t in toks], device=logits.device)
     logsoft = torch.log_softmax(logits.float(), dim=-1)
@@ -371,12 +371,12 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[Sampled]:
         top_values, top_ids = top.values.tolist(), top.indices.tolist()
     out: list[Sampled] = []
     i = 0
-    for r, toks in zip(rows, tokens):
+    for r, toks in zip(rows, tokens, strict=True):
         n = len(toks)
         top_r = None
         if r.params.logprobs and top_values is not None and top_ids is not None:
             kr = r.params.logprobs
-            top_r = [list(zip(top_ids[j][:kr], top_values[j][:kr])) for j in range(i, i + n)]
+            top_r = [list(zip(top_ids[j][:kr], top_values[j][:kr], strict=True)) for j in range(i, i + n)]
         out.append(Sampled(toks, values[i:i + n], top_r))
         i += n
     return out

@@ -186,7 +186,7 @@ class Speculator:
         base = sum(lengths)
         room = self.max_step_tokens - base
         caps: dict[int, int] = {}
-        for i, (s, n) in enumerate(zip(seqs, lengths)):
+        for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
             st = s.spec
             if st is None or s.prompt_left or n != 1:
                 continue
@@ -244,7 +244,7 @@ class Speculator:
         order = sorted(ks)
         requests = [DraftRequest(seqs[i].request_id, seqs[i].row, seqs[i].out.prompt_tokens, seqs[i].out.tokens,
                                  ks[i], seqs[i].params) for i in order]
-        return dict(zip(order, self.drafter.propose(requests)))
+        return dict(zip(order, self.drafter.propose(requests), strict=True))
 
     def _step_cost(self, tokens: int, alloc: dict[int, int]) -> float:
         t = self.cost[tokens - 1]

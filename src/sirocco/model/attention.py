@@ -136,7 +136,7 @@ def per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pl
     else:
         qs, ks, vs = q.split(plan.q_seqlens), k.split(plan.kv_seqlens), v.split(plan.kv_seqlens)
     outs = []
-    for qb, kb, vb, block in zip(qs, ks, vs, plan.blocks):
+    for qb, kb, vb, block in zip(qs, ks, vs, plan.blocks, strict=True):
         # 4-D inputs: with 3-D ones SDPA on CPU falls back to its math path instead of the flash kernel.
         o = F.scaled_dot_product_attention(qb.transpose(0, 1)[None], kb.transpose(0, 1)[None],
                                            vb.transpose(0, 1)[None], attn_mask=block, is_causal=block is None,

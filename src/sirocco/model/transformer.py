@@ -132,7 +132,7 @@ class MoeFeedForward(nn.Module):
         weight_of = weights.flatten()[order, None]
         out = torch.zeros_like(x)
         start = 0
-        for expert, n in zip(self.experts, counts):
+        for expert, n in zip(self.experts, counts, strict=True):
             if n:
                 idx = token_of[start:start + n]
                 out.index_add_(0, idx, expert(x[idx]) * weight_of[start:start + n])
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
              cache: RollingCache | None = None, decode: int | None = None) -> BatchPlan:
         """The step's BatchPlan for this model's windows (and the cache's sizes, if any); ``decode``: how many
         leading sequences are decode sequences (``BatchPlan.build``)."""
-        ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths)]
+        ends = [(s or 0) + n for s, n in zip(starts or [0] * len(lengths), lengths, strict=True)]
         if ends and max(ends) > self.args.max_seq_len:
             raise ValueError(f"a sequence reaches {max(ends)} tokens, past the model's max_seq_len "
                              f"{self.args.max_seq_len}")
@@ -243,7 +243,8 @@ class Transformer(nn.Module):
         if not isinstance(plan, BatchPlan):
             plan = self.plan(list(plan))
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        rope = self.rope(plan.positions, max((s + n for s, n in zip(plan.starts, plan.lengths)), default=1))
+        ends = (s + n for s, n in zip(plan.starts, plan.lengths, strict=True))
+        rope = self.rope(plan.positions, max(ends, default=1))
         for layer in self.layers.values():
             h = layer(h, rope, plan, cache, router_logits)
         if self.output is None or self.norm is None:

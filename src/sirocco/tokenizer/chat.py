@@ -113,7 +113,7 @@ def normalise(messages: Sequence[dict], roles: Sequence[str] = ROLES) -> tuple[s
     msgs = check_messages(messages, roles)
     system = [m.content for m in msgs if m.role == "system"]
     turns: list[Message] = []
-    for prev, m in zip([None, *msgs], msgs):
+    for prev, m in zip([None, *msgs], msgs, strict=False):
         if m.role == "system":
             continue
         # a system message in between keeps turns apart; calls and results never merge

@@ -90,7 +90,7 @@ def sentencepiece_proto(vocab: GGUFVocab) -> bytes:
     """A serialized sentencepiece ModelProto holding ``vocab`` (see the module docstring for what is assumed)."""
     pb = _pb2()
     proto = pb.ModelProto()
-    for piece, score, kind in zip(vocab.tokens, vocab.scores, vocab.types):
+    for piece, score, kind in zip(vocab.tokens, vocab.scores, vocab.types, strict=True):
         p = proto.pieces.add()
         p.piece, p.score, p.type = piece, score, kind
     ts = proto.trainer_spec

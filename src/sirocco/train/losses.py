@@ -11,6 +11,8 @@ the one-process step (loop.py) and pipeline-parallel training (sirocco.distribut
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +38,7 @@ def document_lengths(positions: torch.Tensor) -> list[int]:
         raise ValueError(f"positions must count up by one within a document; row {bad // T}, column {bad % T} "
                          f"has {int(flat[bad])}, expected {int(idx[bad] - doc_start[bad])}")
     starts = (flat == 0).nonzero().flatten().tolist() + [B * T]
-    return [b - a for a, b in zip(starts, starts[1:])]
+    return [b - a for a, b in pairwise(starts)]
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

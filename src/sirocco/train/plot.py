@@ -20,14 +20,15 @@ def plot_losses(train: list[list[float]], val: list[list[float]], out: str | Pat
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        steps, losses = zip(*train)
+        steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
         k = max(1, len(losses) // 50)
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
                   for i in range(len(losses))]
         ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label=f"train (mean of {k})")
     if val:
-        vs, vl = zip(*[(s, v) for s, v in val if not math.isnan(v)]) if any(not math.isnan(v) for _, v in val) \
+        vs, vl = zip(*[(s, v) for s, v in val if not math.isnan(v)], strict=True) \
+            if any(not math.isnan(v) for _, v in val) \
             else ((), ())
         ax.plot(vs, vl, "o-", color="tab:orange", markersize=3, label="validation")
     if baseline is not None:

@@ -81,7 +81,8 @@ def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_toke
             ids = [torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist() for n in lengths]
         plain, _ = record_run(model, lengths, window, chunk_size, max_tokens, Trace(),
                               max_batch_tokens=max_batch_tokens, seed=seed, prompts=ids)
-        drafter = KnownDrafter({tuple(p): c for p, c in zip(ids, plain)}, model.args.vocab_size, p=0.6, seed=seed)
+        drafter = KnownDrafter({tuple(p): c for p, c in zip(ids, plain, strict=True)}, model.args.vocab_size, p=0.6,
+                               seed=seed)
         speculation = Speculation(drafter=drafter, draft_tokens=draft_tokens, cost_curve=[1.0] * ROW_EXACT_TOKENS)
     record_run(model, lengths, window, chunk_size, max_tokens, trace, max_batch_tokens=max_batch_tokens, seed=seed,
                prompts=ids, speculation=speculation)

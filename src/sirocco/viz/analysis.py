@@ -21,8 +21,8 @@ def attended_sets(trace: Trace, window: int | None) -> dict[tuple[int, int], set
     out: dict[tuple[int, int], set[int]] = {}
     for st in trace.steps:
         m = st.masks[window]
-        for (seq, pos), row in zip(m.queries, m.allowed):
-            out[(seq, pos)] = {k[1] for k, a in zip(m.keys, row) if a and k[1] is not None}
+        for (seq, pos), row in zip(m.queries, m.allowed, strict=True):
+            out[(seq, pos)] = {k[1] for k, a in zip(m.keys, row, strict=True) if a and k[1] is not None}
     return out
 
 
@@ -97,7 +97,7 @@ def expert_persistence(moe: dict) -> list[float]:
     """Per layer, the share of consecutive tokens of one sequence whose first-choice expert is the same."""
     out = []
     for layer in moe["layers"]:
-        first = {tuple(t): c[0] for t, c in zip(moe["tokens"], layer["experts"])}
+        first = {tuple(t): c[0] for t, c in zip(moe["tokens"], layer["experts"], strict=True)}
         pairs = [(first[(s, p)], first[(s, p + 1)]) for (s, p) in first if (s, p + 1) in first]
         out.append(sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan"))
     return out

@@ -50,7 +50,7 @@ def masks(data: dict, path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, st in zip(axes.flat, steps):
+    for ax, st in zip(axes.flat, steps, strict=False):
         allowed = st["allowed"]
         ax.imshow(allowed, cmap="Greens", vmin=0, vmax=1.4, aspect="auto", interpolation="nearest")
         for b in _boundaries([k[0] for k in st["keys"]]):
@@ -168,7 +168,7 @@ def moe(data: dict, path) -> Path:
               loc="upper center", bbox_to_anchor=(0.5, -0.25))
     ax = axes[1]
     width = 0.8 / max(len(layers), 1)
-    for i, (layer, load) in enumerate(zip(layers, loads)):
+    for i, (layer, load) in enumerate(zip(layers, loads, strict=True)):
         total = sum(load)
         ax.bar([e + i * width for e in range(len(load))], [n / total for n in load], width,
                label=f"layer {layer['layer']}")

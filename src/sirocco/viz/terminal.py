@@ -52,7 +52,7 @@ def render_mask_step(step: dict, window: int | None, colour: bool = False) -> st
     def cells(values: list[str], seqs: list[int]) -> str:
         """Cells (already padded to the column width) with a bar between sequences."""
         out = []
-        for i, (v, s) in enumerate(zip(values, seqs)):
+        for i, (v, s) in enumerate(zip(values, seqs, strict=True)):
             if i and s != seqs[i - 1]:
                 out.append("│")
             out.append(v)
@@ -69,7 +69,7 @@ def render_mask_step(step: dict, window: int | None, colour: bool = False) -> st
     lines = [head]
     for name, idx in (("seq", 0), ("pos", 1), ("slot", 2)):
         lines.append(f"{name:>{L}}   " + cells([f"{_label(k[idx]):>{w}}" for k in keys], kseq))
-    for i, (lab, row) in enumerate(zip(qlabels, step["allowed"])):
+    for i, (lab, row) in enumerate(zip(qlabels, step["allowed"], strict=True)):
         if i and queries[i][0] != queries[i - 1][0]:
             rule = cells(["─" * w] * len(keys), kseq).replace(" ", "─").replace("│", "┼")
             lines.append("─" * (L + 1) + "┼─" + rule)
@@ -171,7 +171,7 @@ def render_moe(data: dict, colour: bool = False) -> str:
         lines.append(f"{'layer ' + str(layer['layer']):>8} " + " ".join(cells))
     loads = expert_loads(data)
     keep = expert_persistence(data)
-    for layer, load, k in zip(data["layers"], loads, keep):
+    for layer, load, k in zip(data["layers"], loads, keep, strict=True):
         total = sum(load)
         share = " ".join(f"e{e} {n / total:.2f}" for e, n in enumerate(load))
         lines.append(f"layer {layer['layer']}: share {share} (even {1 / len(load):.2f}); "
@@ -209,7 +209,7 @@ def render_pipeline(data: dict, colour: bool = False, columns: int = 96) -> str:
 def render_memory(data: dict, colour: bool = False) -> str:
     lines = [f"KV cache per sequence ({data.get('model', '')} {data['dtype']}), rolling W={data['window']} vs full",
              f"{'tokens':>8} {'rolling MiB':>12} {'full MiB':>10}"]
-    for n, a, b in zip(data["lengths"], data["rolling"], data["full"]):
+    for n, a, b in zip(data["lengths"], data["rolling"], data["full"], strict=True):
         lines.append(f"{n:>8} {a / 2**20:>12.1f} {b / 2**20:>10.1f}")
     return "\n".join(lines)
 

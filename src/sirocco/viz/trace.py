@@ -89,7 +89,7 @@ def _lowered_prefill(wp: Any, prefill: str) -> tuple[torch.Tensor, str]:
     T, Tk = sum(wp.q_seqlens), sum(wp.kv_seqlens)
     out = torch.zeros(T, Tk, dtype=torch.bool)
     q0 = k0 = 0
-    for lq, lk, block in zip(wp.q_seqlens, wp.kv_seqlens, wp.blocks):
+    for lq, lk, block in zip(wp.q_seqlens, wp.kv_seqlens, wp.blocks, strict=True):
         if block is None:                        # SDPA is_causal: top-left aligned lower triangle
             block = torch.ones(lq, lk, dtype=torch.bool).tril()
         out[q0:q0 + lq, k0:k0 + lk] = block.cpu()
@@ -122,7 +122,7 @@ def runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
     rows_s, starts = torch.nonzero(edges == 1, as_tuple=True)
     ends = torch.nonzero(edges == -1, as_tuple=True)[1]
     out: list[list[tuple[int, int]]] = [[] for _ in range(q)]
-    for r, a, e in zip(rows_s.tolist(), starts.tolist(), ends.tolist()):
+    for r, a, e in zip(rows_s.tolist(), starts.tolist(), ends.tolist(), strict=True):
         out[r].append((a, e - a))
     return out
 
@@ -222,7 +222,7 @@ class Trace:
     # -- recording -------------------------------------------------------------------------------------------
     def _mask(self, wp: Any, prefill: str, ids: list[int]) -> MaskRecord:
         q_seq, q_pos = [ids[b] for b in wp.q_seq.tolist()], wp.q_pos.tolist()
-        queries = list(zip(q_seq, q_pos))
+        queries = list(zip(q_seq, q_pos, strict=True))
         if wp.decode:
             # Keys: the first decode_len slots of each sequence's row, after this step's write; where the op reads
             # through maps (several queries per row, a ring larger than the window), every slot of the row, each
@@ -254,7 +254,8 @@ class Trace:
             # A mixed step: the one-token rows ran the decode op over their cache rows (same allowed pairs,
             # shown here in the pre-fill key layout), the others the pre-fill lowering.
             how = f"decode_valid + {how}"
-        return MaskRecord(wp.window, _phase(wp), queries, list(zip(k_seq, k_pos, slots)), mask.int().tolist(), how)
+        keys = list(zip(k_seq, k_pos, slots, strict=True))
+        return MaskRecord(wp.window, _phase(wp), queries, keys, mask.int().tolist(), how)
 
     def _mask_of(self, wp: Any, prefill: str, ids: list[int], b: int, row: int | None) -> MaskRecord:
         """Packed sequence b's part of ``_mask``: its queries, its keys, the runs of its lowered mask."""
@@ -290,7 +291,7 @@ class Trace:
         how = "dense" if prefill == "dense" else "blocks"
         if getattr(wp, "parts", None) is not None:
             how = f"decode_valid + {how}"
-        keys = [(ids[b], p, s) for p, s in zip(k_pos, slots)]
+        keys = [(ids[b], p, s) for p, s in zip(k_pos, slots, strict=True)]
         mask = _lowered_prefill_of(wp, prefill, b)
         return MaskRecord(wp.window, _phase(wp), queries, keys, [], how, runs=runs(mask))
 
@@ -303,7 +304,7 @@ class Trace:
             keep = rows == row
             src, rows, slots = src[keep], rows[keep], slots[keep]
         pos = wp.q_pos[src].tolist()
-        return list(zip(rows.tolist(), slots.tolist(), pos))
+        return list(zip(rows.tolist(), slots.tolist(), pos, strict=True))
 
     def _slots_after_write(self, wp: Any, row: int) -> list[int | None]:
         held = list(self._slots.get(wp.window, {}).get(row, [None] * wp.cache_len))

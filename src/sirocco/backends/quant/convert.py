@@ -211,12 +211,12 @@ def empty_blocks(model: nn.Module, mix: str, device: torch.device | str) -> Empt
     targets = [chosen[paths[0]][1] for paths in groups]
     firsts = [chosen[paths[0]][0] for paths in groups]
     shapes = [(len(paths), *packed_shape((first.out_features, first.in_features), target))
-              for paths, first, target in zip(groups, firsts, targets)]
+              for paths, first, target in zip(groups, firsts, targets, strict=True)]
     buffers = (huge_page_tensors(shapes) if torch.device(device).type == "cpu" else
                [torch.empty(shape, dtype=torch.uint8, device=device) for shape in shapes])
     blocks: dict[str, QuantizedTensor] = {}
-    for paths, target, stacked in zip(groups, targets, buffers):
-        for path, qweight in zip(paths, stacked):
+    for paths, target, stacked in zip(groups, targets, buffers, strict=True):
+        for path, qweight in zip(paths, stacked, strict=True):
             linear = chosen[path][0]
             blocks[path] = QuantizedTensor(qweight, target, (linear.out_features, linear.in_features))
     return EmptyBlocks(mix, blocks, kept)

@@ -50,4 +50,4 @@ def huge_page_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     view = memoryview(area)
     return [torch.frombuffer(view[start + o:start + o + n], dtype=torch.uint8).view(shape) if n else
             torch.empty(shape, dtype=torch.uint8)
-            for shape, o, n in zip(shapes, offsets, sizes)]
+            for shape, o, n in zip(shapes, offsets, sizes, strict=True)]

@@ -156,11 +156,11 @@ class SharedInputProjections:
         if x.dim() != 2 or torch.is_grad_enabled():
             return None
         out: list[torch.Tensor | None] = [None] * len(self.linears)
-        for fmt, group in zip(self.fmts, self.groups):
+        for fmt, group in zip(self.fmts, self.groups, strict=True):
             ys = kernels.qlinear_many(x, [self.linears[i].qweight for i in group], fmt)
             if ys is None:
                 return None
-            for i, y in zip(group, ys):
+            for i, y in zip(group, ys, strict=True):
                 out[i] = y
         return tuple(y for y in out if y is not None)
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -305,7 +306,7 @@ _CODEBOOK = torch.tensor(IQ4_VALUES, dtype=_F32)
 # both differences are exact in fp32, so the index only changes at half-integers: it is a table lookup on
 # floor(2 x), clamped to the codebook's span.
 _HALF_LO, _HALF_HI = 2 * IQ4_VALUES[0], 2 * IQ4_VALUES[-1]
-_MIDPOINTS = [(a + b) / 2 for a, b in zip(IQ4_VALUES, IQ4_VALUES[1:])]
+_MIDPOINTS = [(a + b) / 2 for a, b in pairwise(IQ4_VALUES)]
 _CODE_OF_HALF = torch.tensor([sum(j / 2 >= m for m in _MIDPOINTS) for j in range(_HALF_LO, _HALF_HI + 1)])
 _VALUE_OF_HALF = _CODEBOOK[_CODE_OF_HALF]
 
