@@ -97,10 +97,7 @@ def walk(tok, schema: dict, steps: int, seed: int, text: bytes | None = None) ->
         mask_s.append(time.perf_counter() - t0)
         ids = unpack_mask(words, vocab)[0].nonzero()[:, 0].tolist()
         allowed.append(len(ids))
-        if forced:
-            t = forced[i % len(forced)]
-        else:
-            t = rng.choice([t for t in ids if t != tok.eos_id] or ids)
+        t = forced[i % len(forced)] if forced else rng.choice([t for t in ids if t != tok.eos_id] or ids)
         t0 = time.perf_counter()
         p.accept([t])
         accept_s.append(time.perf_counter() - t0)

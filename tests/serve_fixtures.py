@@ -154,7 +154,7 @@ class PipelineServer:
                "127.0.0.1", "--master-port", str(free_port()), "-m", "sirocco.cli", "serve", "--pipeline-ranks",
                str(ranks), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--dist-backend",
                "gloo", "--threads", "1", *options]
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")          # noqa: SIM115 -- the servers write to it until stop() closes it
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pids: dict[int, int] = {}              # rank -> pid, once they are up
         self.returncode: int | None = None
@@ -191,10 +191,8 @@ class PipelineServer:
                 _signal_group(self.pids[0], signal.SIGTERM)
             else:
                 _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.returncode = self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
             left = [pid for pid in [self.proc.pid, *self.pids.values()] if alive(pid)]
         finally:
             for pid in [self.proc.pid, *self.pids.values()]:
@@ -209,10 +207,8 @@ class PipelineServer:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(os.getpgid(pid), sig)
-    except ProcessLookupError:
-        pass
 
 
 def alive(pid: int) -> bool:

@@ -71,7 +71,7 @@ def bundled(name: str) -> Path:
     spec = importlib.util.find_spec("sirocco")
     if spec is None or spec.submodule_search_locations is None:
         raise StepFailed(f"the sirocco package is not installed for {sys.executable}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "models" / name
+    folder = Path(next(iter(spec.submodule_search_locations))) / "models" / name
     expect((folder / "params.json").is_file(), f"{folder}: the bundled model is not in the installed package")
     return folder
 

@@ -42,7 +42,7 @@ def test_logits_equal_transformers(hf_checkpoint):
 
 
 def test_logits_equal_after_conversion_to_consolidated(hf_checkpoint, tmp_path):
-    kind, folder, hf = hf_checkpoint
+    _kind, folder, hf = hf_checkpoint
     assert main(["convert", str(folder), str(tmp_path / "c")]) == 0
     assert (tmp_path / "c" / "params.json").exists() and (tmp_path / "c" / "consolidated.safetensors").exists()
     model = load_model(tmp_path / "c")
@@ -52,7 +52,7 @@ def test_logits_equal_after_conversion_to_consolidated(hf_checkpoint, tmp_path):
 
 
 def test_round_trip_is_exact(hf_checkpoint, tmp_path):
-    kind, folder, _ = hf_checkpoint
+    _kind, folder, _ = hf_checkpoint
     main(["convert", str(folder), str(tmp_path / "c")])
     main(["convert", str(tmp_path / "c"), str(tmp_path / "h")])
     original, back = load_file(folder / "model.safetensors"), load_file(tmp_path / "h" / "model.safetensors")
@@ -108,7 +108,7 @@ def test_pth_with_code_is_refused(tmp_path):
     save_consolidated(build_model(preset("tiny")), preset("tiny"), tmp_path)
     (tmp_path / "consolidated.safetensors").unlink()
     torch.save({"tok_embeddings.weight": _NotATensor()}, tmp_path / "consolidated.00.pth")
-    with pytest.raises(CheckpointError, match="consolidated.00.pth: cannot read PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=re.escape("consolidated.00.pth: cannot read PyTorch checkpoint")):
         load_model(tmp_path)
 
 
@@ -122,7 +122,7 @@ def test_dtype_is_applied_while_loading(hf_checkpoint, dtype):
 
 
 def test_stage_reads_only_its_tensors(hf_checkpoint):
-    kind, folder, _ = hf_checkpoint
+    _kind, folder, _ = hf_checkpoint
     full = load_model(folder)
     stage = load_model(folder, layers=[1], embed=False, head=True)
     assert set(stage.state_dict()) == {k for k in full.state_dict() if not k.startswith(("layers.0.", "tok_"))}
@@ -195,7 +195,7 @@ def test_wrong_shape_names_key_and_both_shapes(consolidated):
 
 
 def test_hf_missing_tensor_uses_hf_names(hf_checkpoint, tmp_path):
-    kind, folder, _ = hf_checkpoint
+    _kind, folder, _ = hf_checkpoint
     state = load_file(folder / "model.safetensors")
     state.pop("model.layers.0.self_attn.q_proj.weight")
     save_file(state, tmp_path / "model.safetensors")
@@ -209,7 +209,7 @@ def test_truncated_file(consolidated, cut):
     path = consolidated / "consolidated.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * cut)])
-    with pytest.raises(CheckpointError, match="consolidated.safetensors: cannot read safetensors file .* truncated"):
+    with pytest.raises(CheckpointError, match=r"consolidated\.safetensors: cannot read safetensors file .* truncated"):
         load_model(consolidated)
 
 

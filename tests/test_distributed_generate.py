@@ -340,7 +340,7 @@ def test_a_json_schema_over_two_ranks_ends_rows_alike_and_equals_one_process(tmp
     assert_ok(results)
     (code0, out0), (code1, out1) = [r.value for r in results]
     assert code0 == code1 == 0 and out1 == ""
-    code, out = printed(main, ["generate", *argv])
+    _code, out = printed(main, ["generate", *argv])
     sharded = [json.loads(line) for line in out0.splitlines()]
     single = [json.loads(line) for line in out.splitlines()]
     assert [d["tokens"] for d in sharded] == [d["tokens"] for d in single]

@@ -297,7 +297,8 @@ def test_logit_bias_and_top_logprobs_through_the_engine(name):
 class EvenOnly:
     """A constraint: even token ids only; its processors remember what they were told."""
 
-    made: list = []
+    def __init__(self):
+        self.made: list = []                   # this constraint's own, not shared by every EvenOnly
 
     def processor(self, tokenizer, vocab_size):
         from sirocco.generate.sampling import AllowedTokens

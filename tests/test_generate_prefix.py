@@ -354,7 +354,7 @@ def test_restore_copies_the_exact_slots_per_layer():
 
 def test_budget_least_recently_used_and_contained_prompts():
     args = preset("tiny", sliding_window=None)
-    cache, store = store_for(args, 0)
+    _cache, store = store_for(args, 0)
     per_token = store.cost(1)
     assert per_token == args.n_layers * 2 * args.n_kv_heads * args.head_dim * 4      # fp32 keys and values
     store.budget = 30 * per_token
@@ -377,7 +377,7 @@ def test_budget_least_recently_used_and_contained_prompts():
 
 
 def test_short_prompts_and_the_last_token():
-    cache, store = store_for(preset("tiny", sliding_window=None), 2**20, min_tokens=4)
+    _cache, store = store_for(preset("tiny", sliding_window=None), 2**20, min_tokens=4)
     store.save([1, 2, 3], 0)                         # shorter than min_tokens: not worth keeping
     assert len(store) == 0
     store.save([1, 2, 3, 4, 5], 0)

@@ -116,7 +116,7 @@ def test_a_row_cut_by_max_tokens_says_length(tiny):
 
 
 def test_tool_calls_grammar_gives_calls_whose_arguments_validate(tiny):
-    engine, tok = tiny
+    engine, _tok = tiny
     weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                                 "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}
     add = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},

@@ -120,7 +120,7 @@ def test_a_draft_s_queries_each_see_their_own_window_and_no_later_draft():
 
 
 def test_a_draft_too_long_for_the_ring_is_refused():
-    with pytest.raises(ValueError, match="needs a ring of at least 6 slots .* this cache has 5"):
+    with pytest.raises(ValueError, match=r"needs a ring of at least 6 slots .* this cache has 5"):
         BatchPlan.build([3], starts=[7], rows=[0], windows=[4], cache_lens={4: 5}, decode=1)
     # before the ring wraps nothing is overwritten: allowed
     BatchPlan.build([3], starts=[0], rows=[0], windows=[4], cache_lens={4: 5}, decode=1)

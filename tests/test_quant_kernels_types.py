@@ -37,7 +37,7 @@ def definition(x: torch.Tensor, packed: torch.Tensor, fmt: str) -> torch.Tensor:
     lay = layouts.layout(fmt)
     block = qk.activation_block(fmt)
     qa, da = qk.quantize_activations(x, block)
-    m, k = x.shape
+    m, _k = x.shape
     f = layouts.integer_form(packed, fmt)                              # q (N, nb, values)
     n, nb = f.d.shape
     per = lay.values // lay.subblock

@@ -116,7 +116,7 @@ def test_projections_sharing_an_input_run_in_one_kernel_call(folders, monkeypatc
     assert all(isinstance(k, SharedInputProjections) for k in fused.values())
     with torch.inference_mode():
         x = torch.randn(3, attention[0].wq.in_features)
-        q, k, v = fused[attention[0]](x)
+        q, _k, v = fused[attention[0]](x)
         assert torch.equal(q, attention[0].wq(x)) and torch.equal(v, attention[0].wv(x))
         assert fused[attention[0]](torch.randn(9, x.shape[1])) is None
 

@@ -289,7 +289,7 @@ def test_annotations_are_accepted(bundled):
 
 # -- context honesty --------------------------------------------------------------------------------------------
 def test_the_context_is_reported_and_never_cut_silently():
-    with serve(BUNDLED / "sirocco-tiny", "--max-rows", "2", "--max-seq-len", "64") as (url, server):
+    with serve(BUNDLED / "sirocco-tiny", "--max-rows", "2", "--max-seq-len", "64") as (url, _server):
         models = httpx.get(url + "/v1/models").json()
         assert models["data"][0]["max_model_len"] == 64
         # no max_tokens: the answer runs to the context and says so

@@ -202,26 +202,26 @@ def test_a_regenerated_answer_shows_the_prompt_it_took_from_the_prefix_store(chr
 
 
 def test_moe_panel_shows_two_experts_per_token_per_layer(chrome):
-    with serve("sirocco-tiny-moe", "--max-rows", "2", "--threads", "1") as (url, server):
-        with open_page(chrome, url + "/") as p:
-            pg = p.page
-            settings(pg, temperature=0, max_tokens=24)
-            send(pg, "The with statement")
-            n = int(re.match(r"(\d+) tokens", wait_answer(pg)["stats"]).group(1))
-            wait_inside_done(pg)
-            cells = pg.eval_on_selector_all(
-                ".moe-row[data-pos]", "rows => rows.map(r => [...r.querySelectorAll('.moe-cell[data-experts]')]"
-                                      ".map(c => c.dataset.experts.split(',').map(Number)))")
-            prompt = len(server.tokenizer.encode_chat([{"role": "user", "content": "The with statement"}]))
-            assert 10 < n <= 24 and len(cells) == n - 1        # every answer token that went through the model
-            for row in cells:
-                assert len(row) == 4                           # the model's 4 layers
-                assert all(len(set(c)) == 2 and all(0 <= e < 4 for e in c) for c in row)   # two of the 4 experts
-            loads = pg.eval_on_selector_all(".load-bar",
-                                            "bars => bars.map(b => b.dataset.counts.split(',').map(Number))")
-            assert len(loads) == 4 and all(sum(c) == 2 * (prompt + n - 1) for c in loads)
-            assert not pg.is_hidden("#moe-panel")
-            assert p.console_errors() == [] and p.foreign() == []
+    with (serve("sirocco-tiny-moe", "--max-rows", "2", "--threads", "1") as (url, server),
+          open_page(chrome, url + "/") as p):
+        pg = p.page
+        settings(pg, temperature=0, max_tokens=24)
+        send(pg, "The with statement")
+        n = int(re.match(r"(\d+) tokens", wait_answer(pg)["stats"]).group(1))
+        wait_inside_done(pg)
+        cells = pg.eval_on_selector_all(
+            ".moe-row[data-pos]", "rows => rows.map(r => [...r.querySelectorAll('.moe-cell[data-experts]')]"
+                                  ".map(c => c.dataset.experts.split(',').map(Number)))")
+        prompt = len(server.tokenizer.encode_chat([{"role": "user", "content": "The with statement"}]))
+        assert 10 < n <= 24 and len(cells) == n - 1        # every answer token that went through the model
+        for row in cells:
+            assert len(row) == 4                           # the model's 4 layers
+            assert all(len(set(c)) == 2 and all(0 <= e < 4 for e in c) for c in row)   # two of the 4 experts
+        loads = pg.eval_on_selector_all(".load-bar",
+                                        "bars => bars.map(b => b.dataset.counts.split(',').map(Number))")
+        assert len(loads) == 4 and all(sum(c) == 2 * (prompt + n - 1) for c in loads)
+        assert not pg.is_hidden("#moe-panel")
+        assert p.console_errors() == [] and p.foreign() == []
 
 
 def test_a_model_answer_with_a_script_tag_is_shown_as_text(chrome, tmp_path):
@@ -244,37 +244,37 @@ def test_a_model_answer_with_a_script_tag_is_shown_as_text(chrome, tmp_path):
 
 
 def test_the_page_asks_for_the_api_key_and_nothing_works_without_it(chrome):
-    with serve("sirocco-tiny", "--max-rows", "2", "--threads", "1", "--api-key", "open-sesame") as (url, _):
-        with open_page(chrome, url + "/", wait_model=False) as p:
-            pg = p.page
-            pg.wait_for_selector("#key-dialog[open]")
-            assert "401" in pg.text_content("#notice") and "API key" in pg.text_content("#notice")
-            data = [(s, u) for s, u in p.responses if "/v1/" in u]
-            assert data and all(s == 401 for s, _ in data)
-            # without the key, sending fails with 401 and says so
-            pg.keyboard.press("Escape")
-            settings(pg, temperature=0, max_tokens=8)
-            send(pg, "Hello")
-            failed = wait_answer(pg)
-            assert pg.locator("article.assistant .error").text_content().startswith("The server needs an API key (401)")
-            assert failed["text"] == "" and pg.is_visible("#key-dialog")
-            # with it, everything works: the model, the answer, the inside panel, the status line
-            pg.fill("#key-input", "wrong")
-            pg.click("#key-form button[type=submit]")
-            pg.wait_for_selector("#key-dialog[open]")
-            assert "refused" in pg.text_content("#key-why")
-            pg.fill("#key-input", "open-sesame")
-            pg.click("#key-form button[type=submit]")
-            pg.wait_for_selector("#model-name:not(:empty)")
-            pg.click("article.assistant button.regenerate")
-            answer = wait_answer(pg)
-            assert answer["text"] and "8 tokens" in answer["stats"]
-            wait_inside_done(pg)
-            pg.wait_for_function("() => document.getElementById('status').textContent.includes('running')")
-            later = [(s, u) for s, u in p.responses[len(data):] if "/v1/" in u]
-            assert any(s == 200 and u.endswith("/v1/chat/completions") for s, u in later)
-            assert any(s == 200 and "/v1/inside/" in u for s, u in later)
-            assert p.foreign() == []
+    with (serve("sirocco-tiny", "--max-rows", "2", "--threads", "1", "--api-key", "open-sesame") as (url, _),
+          open_page(chrome, url + "/", wait_model=False) as p):
+        pg = p.page
+        pg.wait_for_selector("#key-dialog[open]")
+        assert "401" in pg.text_content("#notice") and "API key" in pg.text_content("#notice")
+        data = [(s, u) for s, u in p.responses if "/v1/" in u]
+        assert data and all(s == 401 for s, _ in data)
+        # without the key, sending fails with 401 and says so
+        pg.keyboard.press("Escape")
+        settings(pg, temperature=0, max_tokens=8)
+        send(pg, "Hello")
+        failed = wait_answer(pg)
+        assert pg.locator("article.assistant .error").text_content().startswith("The server needs an API key (401)")
+        assert failed["text"] == "" and pg.is_visible("#key-dialog")
+        # with it, everything works: the model, the answer, the inside panel, the status line
+        pg.fill("#key-input", "wrong")
+        pg.click("#key-form button[type=submit]")
+        pg.wait_for_selector("#key-dialog[open]")
+        assert "refused" in pg.text_content("#key-why")
+        pg.fill("#key-input", "open-sesame")
+        pg.click("#key-form button[type=submit]")
+        pg.wait_for_selector("#model-name:not(:empty)")
+        pg.click("article.assistant button.regenerate")
+        answer = wait_answer(pg)
+        assert answer["text"] and "8 tokens" in answer["stats"]
+        wait_inside_done(pg)
+        pg.wait_for_function("() => document.getElementById('status').textContent.includes('running')")
+        later = [(s, u) for s, u in p.responses[len(data):] if "/v1/" in u]
+        assert any(s == 200 and u.endswith("/v1/chat/completions") for s, u in later)
+        assert any(s == 200 and "/v1/inside/" in u for s, u in later)
+        assert p.foreign() == []
 
 
 def test_the_page_stays_responsive_through_a_4000_token_conversation(chrome, tiny):

@@ -337,7 +337,7 @@ def test_a_stateful_processor_sees_the_drafts_and_only_the_kept_tokens():
 # -- what speculation refuses ----------------------------------------------------------------------------------
 def test_speculation_needs_row_exact_kernels_and_an_executor_that_shares_its_step_times():
     model = model_for("mistral")
-    with pytest.raises(SiroccoError, match="needs the model on the cpu backend.* and here layers.0.attention: no "):
+    with pytest.raises(SiroccoError, match=r"needs the model on the cpu backend.* and here layers\.0\.attention: no "):
         Engine(build_model(ARGS["mistral"], seed=21), None, speculation=Speculation(cost_curve=FLAT))   # reference
 
     class Remote:
@@ -504,7 +504,7 @@ def test_over_pipeline_ranks_speculation_keeps_the_output_and_every_rank_decides
     continuations = {tuple(p): c.tokens for p, c in zip(prompts, plain, strict=True)}
     results = spawn_local(_pipeline_rank, 2, (continuations,), timeout_s=120, deadline_s=300)
     assert all(r.ok for r in results), [r.error for r in results]
-    (plain0, spec0), (plain1, spec1) = [r.value for r in results]
+    (plain0, spec0), (_plain1, spec1) = [r.value for r in results]
     assert spec0["cost"] == spec1["cost"] and spec0["proposed"] == spec1["proposed"] > 0
     assert 0 < spec0["accepted"] < spec0["proposed"]
     assert spec0["done"] == plain0["done"] == spec1["done"]

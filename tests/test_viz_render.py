@@ -120,6 +120,6 @@ def test_unknown_kind():
 def test_masks_of_a_given_model():
     from sirocco.model import build_model
     model = build_model(preset("tiny", sliding_window=[3, None]), seed=0)
-    data, text = viz.masks(prompts=[4, 2], window=None, model=model, chunk_size=4, max_tokens=1)
+    data, _text = viz.masks(prompts=[4, 2], window=None, model=model, chunk_size=4, max_tokens=1)
     assert data["window"] == 3                     # the smallest window of the model by default
     assert all(torch.tensor(s["allowed"]).sum() > 0 for s in data["steps"])

@@ -41,7 +41,7 @@ def pairs(m, seq=None):
 @pytest.mark.parametrize("backend", ["per_sequence", "dense"])
 @pytest.mark.parametrize("name", RUNS)
 def test_recorded_masks_are_the_definition(name, backend):
-    model, trace = _run(name, backend)
+    _model, trace = _run(name, backend)
     # (with chunks of 1 token every step runs as a decode step over the cache, pre-fill included)
     assert trace.steps[0].phase == ("decode" if RUNS[name][2] == 1 else "first chunk")
     assert trace.steps[-1].phase == "decode"
@@ -129,14 +129,14 @@ def test_notebook_mask_3_decode_padded_keys():
 
 @pytest.mark.parametrize("name", ["w3-chunk3", "mixed-windows"])
 def test_receptive_field_from_masks_equals_gradient_pattern(name):
-    over, prompts, chunk, _, _ = RUNS[name]
+    over, _prompts, chunk, _, _ = RUNS[name]
     over = {**over, "n_layers": 4, "sliding_window": over["sliding_window"] if name != "mixed-windows"
             else [3, None, 5, 3]}
     model = build_model(preset("tiny", **over), seed=2)
     trace = Trace()
     gen, _ = record_run(model, [9], None, chunk, 3, trace)
     pos = 10                                          # the last token fed: a decode step's query
-    tokens = torch.tensor(trace.steps[0].token_ids + sum((s.token_ids for s in trace.steps[1:]), []))
+    tokens = torch.tensor([t for s in trace.steps for t in s.token_ids])
     assert len(tokens) == pos + 1 and tokens[-2:].tolist() == gen[0][:2]
     from_masks = analysis.receptive_field(trace, 0, pos)
     from_grad = analysis.gradient_receptive_field(model, tokens, pos)
@@ -213,7 +213,7 @@ def test_router_choices_rebuild_the_moe_output_exactly():
 
 
 def test_json_shapes():
-    model, trace = _run("w3-chunk3")
+    _model, trace = _run("w3-chunk3")
     m = trace.to_json("masks")
     assert m["window"] == 3
     for st in m["steps"]:

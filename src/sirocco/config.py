@@ -82,10 +82,9 @@ class ModelArgs:
         for w in self.windows():
             if w is not None and (not isinstance(w, int) or w <= 0):
                 raise ConfigError(f"sliding_window entries must be positive integers or None, got {w!r}")
-        if self.moe is not None:
-            if not 0 < self.moe.num_experts_per_tok <= self.moe.num_experts:
-                raise ConfigError(f"moe.num_experts_per_tok must be in 1..{self.moe.num_experts}, "
-                                  f"got {self.moe.num_experts_per_tok}")
+        if self.moe is not None and not 0 < self.moe.num_experts_per_tok <= self.moe.num_experts:
+            raise ConfigError(f"moe.num_experts_per_tok must be in 1..{self.moe.num_experts}, "
+                              f"got {self.moe.num_experts_per_tok}")
 
     # -- derived facts -------------------------------------------------------------------------------------
     def windows(self) -> list[Window]:

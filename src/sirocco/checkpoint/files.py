@@ -119,14 +119,14 @@ class TensorFiles:
         allows (no copy: the right choice when it is kept as it is); ``mapped=False`` reads a private copy
         with plain file reads, so that converting a tensor to another dtype or device does not leave the
         file's pages resident in this process."""
-        path, reader = self._where[name]
+        _path, reader = self._where[name]
         return reader.get(name, mapped)  # type: ignore[attr-defined]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (along the first dimension) of the tensor ``name`` as a private copy, read with
         plain file reads from a safetensors file: a loader that converts a large tensor piece by piece never
         holds the whole of it, nor leaves its pages resident."""
-        path, reader = self._where[name]
+        _path, reader = self._where[name]
         return reader.rows(name, start, stop)  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[str]:

@@ -208,7 +208,7 @@ def read_header(path: str | Path) -> GGUFHeader:
 def _value(cur: _Cursor, kind: int, key: str) -> Value:
     if kind not in VALUE_TYPES:
         raise cur.fail(f"metadata key '{key}' has unknown value type {kind}")
-    name, fmt = VALUE_TYPES[kind]
+    _name, fmt = VALUE_TYPES[kind]
     if kind == STRING:
         return cur.string(f"the value of '{key}'")
     if kind != ARRAY:

@@ -36,10 +36,8 @@ class TextTracker:
         after = self.tokenizer.decode(self.ids[self.prefix_offset:])
         if after.endswith("\ufffd"):
             return "", False                  # a character is still incomplete: wait for its next byte
-        if after.startswith(before):
-            delta = after[len(before):]
-        else:                                 # the context decoded differently: decode the new ids alone
-            delta = self.tokenizer.decode(self.ids[self.read_offset:])
+        # if the context decoded differently, decode the new ids alone
+        delta = after[len(before):] if after.startswith(before) else self.tokenizer.decode(self.ids[self.read_offset:])
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         search_from = max(0, len(self.text) - self.hold)
         self.text += delta

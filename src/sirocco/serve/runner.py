@@ -177,10 +177,8 @@ class Runner:
         """The inbox's commands; with ``wait``, the first waited for (at most the channel's heartbeat)."""
         cmds = []
         if wait:
-            try:
+            with contextlib.suppress(queue.Empty):
                 cmds.append(self._inbox.get(timeout=self.channel.heartbeat_s))
-            except queue.Empty:
-                pass
         while True:
             try:
                 cmds.append(self._inbox.get_nowait())
@@ -272,10 +270,8 @@ class Runner:
     def _shutdown(self, error: BaseException) -> None:
         """Every request still open gets ``error`` on its queue; the engine's rows are freed."""
         for rid, r in list(self._reqs.items()):
-            try:
+            with contextlib.suppress(Exception):
                 self.engine.abort(rid)
-            except Exception:
-                pass
             if r.reply.observer is not None:
                 r.reply.observer.finish("error")
             r.reply.loop.call_soon_threadsafe(r.reply.queue.put_nowait, error)

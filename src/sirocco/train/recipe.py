@@ -221,7 +221,7 @@ class Recipe:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """``value`` as the annotated type (int, float, str, or Optional of one), or a RecipeError naming it."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):     # Optional[int], or int | None
-        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(hint) if a is not type(None))
         return None if value is None else _coerce(value, inner, where)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value

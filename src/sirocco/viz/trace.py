@@ -116,7 +116,7 @@ def runs(mask: torch.Tensor) -> list[list[tuple[int, int]]]:
     >>> runs(torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]], dtype=torch.bool))
     [[(0, 2), (3, 1)], []]
     """
-    q, k = mask.shape
+    q, _k = mask.shape
     edges = torch.diff(mask.to(torch.int8), dim=1, prepend=torch.zeros(q, 1, dtype=torch.int8),
                        append=torch.zeros(q, 1, dtype=torch.int8))
     rows_s, starts = torch.nonzero(edges == 1, as_tuple=True)

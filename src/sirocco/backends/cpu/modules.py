@@ -221,7 +221,7 @@ def row_exact_reason(model: nn.Module) -> str | None:
             if not (isinstance(m, CpuRMSNorm) and kernels.native_serves(m.weight.dtype, m.weight.shape[0],
                                                                         "rms_norm")):
                 return f"{name}: no one-pass RMSNorm kernel for it here"
-        elif isinstance(m, Attention):
+        elif isinstance(m, Attention):      # noqa: SIM102 -- one branch per module kind, its check inside, as above
             if not (isinstance(m.ops, CpuAttentionOps) and kernels.native_serves(dtype, m.head_dim, "attention")
                     and kernels.native_serves(dtype, m.head_dim, "rope")):
                 return f"{name}: no decode attention kernel for {dtype} heads of {m.head_dim} here"

@@ -13,6 +13,7 @@ tensors; the mapping lives as long as any of them.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
@@ -43,10 +44,8 @@ def huge_page_tensors(shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     del probe                                                         # no exported pointer left behind
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
     if advice is not None:
-        try:
+        with contextlib.suppress(OSError):                            # a kernel built without THP
             area.madvise(advice, start, length - start)
-        except OSError:                                               # a kernel built without THP
-            pass
     view = memoryview(area)
     return [torch.frombuffer(view[start + o:start + o + n], dtype=torch.uint8).view(shape) if n else
             torch.empty(shape, dtype=torch.uint8)
