@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from types import FrameType
 from typing import TextIO
 
 from ..errors import SiroccoError
 from ..generate.engine import Engine, PromptTooLong
 from ..generate.sampling import SamplingParams
+from ..tokenizer.base import Tokenizer
 from .options import (
     add_engine_arguments,
     add_model_arguments,
@@ -61,7 +63,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 class Chat:
     """One conversation over an engine. ``answer(text, out)`` streams the reply to ``out`` and keeps it."""
 
-    def __init__(self, engine: Engine, tokenizer, params: SamplingParams, system: str | None = None):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None
+                 ) -> None:
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.system = system
         self.messages: list[dict] = []
@@ -119,7 +122,7 @@ class Chat:
         self.messages.append({"role": "assistant", "content": text_out})
         return text_out
 
-    def _on_interrupt(self, signum, frame) -> None:
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
 
@@ -18,6 +19,7 @@ from ..errors import SiroccoError
 from ..generate.engine import Engine, fit_cache_len
 from ..generate.grammar import Grammar, GrammarError, json_schema_grammar, validate
 from ..generate.sampling import SamplingParams
+from ..tokenizer.base import Tokenizer
 from .options import (
     DTYPES,
     add_engine_arguments,
@@ -139,8 +141,8 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
                               where=f" over {ctx.world_size} pipeline ranks")
 
 
-def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: list[str], speak: bool = True,
-                       where: str = "") -> int:
+def generate_and_print(args: argparse.Namespace, engine: Any, tokenizer: Tokenizer, prompts: list[str],
+                       speak: bool = True, where: str = "") -> int:
     """Run ``engine`` (an Engine, or any engine with its ``stream`` and ``stats``) over the prompts with the
     command line's sampling options; print the results (streamed if there is one prompt and no --json) and
     the speed. ``speak=False`` runs without printing (the other ranks of a pipeline)."""
@@ -190,7 +192,7 @@ def generate_and_print(args: argparse.Namespace, engine, tokenizer, prompts: lis
     return 0
 
 
-def cache_len(args: argparse.Namespace, model_max: int, tokenizer, prompts: list[str]) -> int:
+def cache_len(args: argparse.Namespace, model_max: int, tokenizer: Tokenizer, prompts: list[str]) -> int:
     """The cache this run needs (see ``fit_cache_len``)."""
     if args.chat:
         return model_max

@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
@@ -18,6 +18,9 @@ from ..backends.quant.convert import QUANTIZE
 from ..distributed.launch import DEFAULT_TIMEOUT_S
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL, DEMO, Loaded, bundled_models, load
+
+if TYPE_CHECKING:
+    from ..generate.speculation import Speculation
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +53,7 @@ def _number(kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_op
     allowed = range_text(lo, hi, lo_open, hi_open)
     noun = "an integer" if kind is int else "a number"
 
-    def parse(text: str):
+    def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
@@ -339,7 +342,7 @@ def add_speculation_arguments(g: argparse._ActionsContainer) -> None:
                    help="longest n-gram prompt lookup matches, 1 to 16 (default 3; it tries N down to 1)")
 
 
-def speculation_from_args(args: argparse.Namespace, loaded: Loaded | None = None):
+def speculation_from_args(args: argparse.Namespace, loaded: Loaded | None = None) -> Speculation | None:
     """The ``Speculation`` that --speculate and its options ask for (None without --speculate); a draft model is
     loaded as the target (``loaded``) was (--dtype, --device), and must encode text as its tokenizer does."""
     from ..generate.speculation import Speculation

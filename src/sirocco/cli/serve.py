@@ -10,9 +10,10 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from ..distributed.launch import DistContext
 from ..errors import SiroccoError
@@ -32,6 +33,15 @@ from .options import (
     prefix_cache_bytes,
     speculation_from_args,
 )
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from ..generate.engine import Engine
+    from ..generate.executor import Executor
+    from ..generate.speculation import Speculation
+    from ..model import Transformer
+    from ..tokenizer.base import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +130,8 @@ def served_name(model: str | None) -> str:
     return Path(name.rstrip("/")).name or name
 
 
-def make_engine(args: argparse.Namespace, model, tokenizer, executor=None, speculation=None):
+def make_engine(args: argparse.Namespace, model: Transformer, tokenizer: Tokenizer, executor: Executor | None = None,
+                speculation: Speculation | None = None) -> Engine:
     """The serving Engine the options describe, over ``model`` (a whole model or this rank's stage; ``executor``:
     this rank's ``PipelineExecutor``, or None for one process; ``speculation``: from ``speculation_from_args``)."""
     from ..generate.engine import Engine
@@ -129,8 +140,8 @@ def make_engine(args: argparse.Namespace, model, tokenizer, executor=None, specu
                   mixed=args.mixed, speculation=speculation, prefix_cache_bytes=prefix_cache_bytes(args))
 
 
-def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,
-             model_thread: Any = None):
+def make_app(args: argparse.Namespace, engine: Engine, tokenizer: Tokenizer, source: str, where: str = "",
+             channel: Any = None, model_thread: Any = None) -> FastAPI:
     """The app over ``engine``, named and guarded as the options say; logs what is served."""
     from ..serve.app import build_app
     from ..viz.inside import RowTrace
@@ -145,7 +156,7 @@ def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: st
                      inside=RowTrace)
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace) -> FastAPI:
     """The engine and app that the options describe, in one process (tests build servers with this too)."""
     from ..serve.model_thread import ModelThread
 
@@ -203,7 +214,7 @@ def stop_pages_on_exit(server: Any, app: Any) -> None:
     hub = app.state.server.inside
     handle = server.handle_exit
 
-    def handle_exit(sig, frame) -> None:
+    def handle_exit(sig: int, frame: FrameType | None) -> None:
         hub.stop()
         handle(sig, frame)
     server.handle_exit = handle_exit
@@ -234,7 +245,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
     # on their main thread, which runs their engine loop.
     model_thread = ModelThread() if ctx.rank == 0 else None
 
-    def on_model_thread(fn, *a):
+    def on_model_thread(fn: Callable[..., Any], *a: Any) -> Any:
         return model_thread.call(fn, *a) if model_thread is not None else fn(*a)
 
     stage, tokenizer, source = on_model_thread(load_rank_stage, args.model, ctx, DTYPES[args.dtype], args.quantize,
@@ -273,7 +284,7 @@ def run_on_rank(args: argparse.Namespace, ctx: DistContext) -> int:
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _on_signals(handle) -> None:
+def _on_signals(handle: Callable[[int], None]) -> None:
     """SIGTERM and SIGINT call ``handle(signal number)`` instead of ending the process."""
     for s in SIGNALS:
         signal.signal(s, lambda sig, frame: handle(sig))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import viz
 from ..generate.speculation import ROW_EXACT_TOKENS
+from ..tokenizer.base import Tokenizer
 from .options import add_machine_arguments, int_in, non_negative_int, positive_int
 
 DESCRIPTION = """Draw what sirocco's engine really did in a run: every step's attention masks as the plan lowered
@@ -31,7 +33,7 @@ EXAMPLES = """examples:
 DEFAULT_MOE_MODEL = "sirocco-tiny-moe"
 
 
-def _int_list(what: str, least: int, need: str):
+def _int_list(what: str, least: int, need: str) -> Callable[[str], list[int]]:
     """An argparse type: a comma-separated list of integers, none below ``least``."""
     def parse(text: str) -> list[int]:
         try:
@@ -109,7 +111,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_machine_arguments(p)
 
 
-def _prompt_ids(tokenizer, texts: list[str], ids: list[list[int]] | None = None,
+def _prompt_ids(tokenizer: Tokenizer, texts: list[str], ids: list[list[int]] | None = None,
                 vocab_size: int | None = None) -> list[list[int]]:
     """The prompts as token ids: ``ids`` as given (checked against the vocabulary), else the texts encoded."""
     if ids:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ..backends import reference
 from ..model import Transformer
@@ -65,12 +66,12 @@ class _AddAuxLoss(torch.autograd.Function):
     without travelling between ranks."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(aux)
         return h.view_as(h)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (aux,) = ctx.saved_tensors
         return grad, torch.ones_like(aux)
 
@@ -80,12 +81,12 @@ class _Mark(torch.autograd.Function):
     the start of the stage's backward of a micro-batch, at its input the end."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, note) -> torch.Tensor:
+    def forward(ctx: Any, h: torch.Tensor, note: Callable[[], None]) -> torch.Tensor:
         ctx.note = note
         return h.view_as(h)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         ctx.note()
         return grad, None
 
@@ -187,9 +188,9 @@ class PipelineStep:
         self.schedule_name = schedule
         self.loss_fn = BatchTokenLoss()
         # A stage and its schedule are fixed to the first shape they see: keep one per batch shape.
-        self._schedules: dict[tuple[int, int], object] = {}
+        self._schedules: dict[tuple[int, int], PipelineScheduleSingle] = {}
 
-    def _schedule(self, shape: tuple[int, int]):
+    def _schedule(self, shape: tuple[int, int]) -> PipelineScheduleSingle:
         if shape not in self._schedules:
             # Shapes given up front (on the meta device): the stage then skips its shape-inference pass, an
             # extra forward over the first batch (on empty buffers beyond the first stage).
@@ -232,7 +233,7 @@ class PipelineStep:
         schedule = self._schedule((B, T))
         losses: list[torch.Tensor] = []
         args = (tokens.to(dev),) if ctx.is_first else ()
-        kwargs = dict(target=targets.to(dev), losses=losses) if ctx.is_last else {}
+        kwargs: dict[str, Any] = dict(target=targets.to(dev), losses=losses) if ctx.is_last else {}
         self.module.aux_values.clear()
         with peer_errors(ctx, "running the pipeline schedule"):
             schedule.step(*args, positions=positions, **kwargs)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..model import Transformer
+
 
 @dataclass
 class PerplexityResult:
@@ -56,7 +58,7 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def perplexity(model, tokens: Sequence[int] | torch.Tensor, context: int, stride: int | None = None,
+def perplexity(model: Transformer, tokens: Sequence[int] | torch.Tensor, context: int, stride: int | None = None,
                progress: bool | None = None) -> PerplexityResult:
     """Perplexity of ``tokens`` (BOS first, as the tokenizer encodes a text) under ``model`` (a Transformer), in
     windows of ``context`` tokens every ``stride`` (default: ``context``, no overlap). Log-probabilities in fp32."""

@@ -52,6 +52,7 @@ from .. import backends
 from ..errors import SiroccoError
 from ..model import Transformer
 from ..plan import BatchPlan
+from ..tokenizer.base import Tokenizer
 from .drafters import Draft
 from .executor import Executor, LocalExecutor
 from .prefix import PrefixStore
@@ -284,8 +285,8 @@ class Engine:
     >>> [c.text for c in engine.generate(["Hello", "The window"], SamplingParams(max_tokens=16))]  # doctest: +SKIP
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, max_rows: int = 8, chunk_size: int | None = None,
-                 max_seq_len: int | None = None, max_batch_tokens: int | None = None,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_rows: int = 8,
+                 chunk_size: int | None = None, max_seq_len: int | None = None, max_batch_tokens: int | None = None,
                  executor: Executor | None = None, trace: StepObserver | None = None, mixed: bool = True,
                  speculation: Speculation | None = None, prefix_cache_bytes: int = 0):
         self.model = model

@@ -50,6 +50,7 @@ from .drafters import Draft, Drafter, DraftRequest, ModelDrafter, NgramDrafter
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from ..cache import RollingCache
     from ..model import Transformer
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def make_drafter(config: Speculation, model: Transformer, max_rows: int, max_seq
     return d
 
 
-def step_runner(model: Transformer, cache, forward: Callable[..., Any]) -> Callable[[int], None]:
+def step_runner(model: Transformer, cache: RollingCache, forward: Callable[..., Any]) -> Callable[[int], None]:
     """``run(n)``: one forward of a decode sequence of n tokens at positions 0 .. n - 1 in cache row 0, as a step
     with drafts runs (the cost curve's measurement; the row is overwritten by the first sequence it serves)."""
     device = next(model.parameters()).device

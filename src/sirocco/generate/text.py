@@ -13,6 +13,10 @@ result does not contain.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tokenizer.base import Tokenizer
 
 _CONTEXT = 4     # prompt tokens decoded before the first generated one, to get its leading space right
 
@@ -20,7 +24,7 @@ _CONTEXT = 4     # prompt tokens decoded before the first generated one, to get 
 class TextTracker:
     """The text of one generation. ``push(id)`` returns (new text safe to show, stop string hit?)."""
 
-    def __init__(self, tokenizer, prompt_tokens: Sequence[int], stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: Sequence[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_tokens[-_CONTEXT:])
         self.prefix_offset = 0                # ids[prefix_offset:read_offset] is the decoded context

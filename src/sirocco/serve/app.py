@@ -28,10 +28,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from ..errors import SiroccoError
 from ..generate import grammar
-from ..generate.engine import Completion, Event, PromptTooLong
+from ..generate.engine import Completion, Engine, Event, PromptTooLong
+from ..tokenizer.base import Tokenizer
 from ..tokenizer.chat import kept_chars
 from . import doors, protocol, web
 from .inside import InsideHub, RecorderFactory
@@ -53,7 +55,7 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def listen() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -84,9 +86,9 @@ async def _wait_disconnect(request: Request) -> None:
 class Server:
     """The app's state: engine runner, tokenizer, names and limits."""
 
-    def __init__(self, engine, tokenizer, served_model_name: str, api_key: str | None = None,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, served_model_name: str, api_key: str | None = None,
                  max_queue: int = 128, metrics: Metrics | None = None, channel: Channel | None = None,
-                 model_thread: ModelThread | None = None, inside: RecorderFactory | None = None):
+                 model_thread: ModelThread | None = None, inside: RecorderFactory | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.name = served_model_name
         self.api_key = api_key
@@ -422,8 +424,8 @@ def _finish(c: Completion, calls: list | None) -> str:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def build_app(engine, tokenizer, served_model_name: str, api_key: str | None = None, max_queue: int = 128,
-              metrics: Metrics | None = None, channel: Channel | None = None,
+def build_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api_key: str | None = None,
+              max_queue: int = 128, metrics: Metrics | None = None, channel: Channel | None = None,
               model_thread: ModelThread | None = None, bind_host: str = "127.0.0.1",
               allowed_hosts: Sequence[str] = (), allow_origins: Sequence[str] = (),
               max_body: int = doors.DEFAULT_MAX_BODY_MIB * doors.MIB,
@@ -439,7 +441,7 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: str | None = N
                     inside)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.runner.start()
         try:
             yield
@@ -451,15 +453,15 @@ def build_app(engine, tokenizer, served_model_name: str, api_key: str | None = N
     app.state.server = server
 
     @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def server_error(request: Request, e: Exception):
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
         return JSONResponse(APIError(500, f"{type(e).__name__}: {e}", type="server_error").body(), status_code=500)
 

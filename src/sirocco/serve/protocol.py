@@ -40,6 +40,7 @@ from typing import Any
 from ..generate.engine import Event
 from ..generate.grammar import Function, Grammar, GrammarError, json_object_grammar, json_schema_grammar
 from ..generate.sampling import SamplingParams
+from ..tokenizer.base import Tokenizer
 from ..tokenizer.chat import NO_PARAMETERS
 
 MAX_TOP_LOGPROBS = 20
@@ -500,7 +501,7 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 class TokenText:
     """The text and UTF-8 bytes each token id stands for (cached), for logprobs entries."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
@@ -517,7 +518,7 @@ class TokenText:
         return hit
 
 
-def _piece(tokenizer, token: int) -> str | None:
+def _piece(tokenizer: Tokenizer, token: int) -> str | None:
     sp = getattr(tokenizer, "sp", None)
     if sp is not None and hasattr(sp, "id_to_piece"):
         return sp.id_to_piece(token)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..generate.engine import Event
 from ..generate.sampling import SamplingParams
 from .metrics import Metrics
 from .model_thread import ModelThread
@@ -212,7 +213,7 @@ class Runner:
         if not self.engine.abort(rid):                      # unknown or already finished: nothing will follow
             self._reqs.pop(rid, None)
 
-    def _dispatch(self, events) -> None:
+    def _dispatch(self, events: Sequence[Event]) -> None:
         now = time.perf_counter()
         m = self.metrics
         batches: dict[asyncio.AbstractEventLoop, list] = {}

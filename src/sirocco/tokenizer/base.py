@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import TokenizerError
 from . import chat
@@ -58,7 +59,7 @@ class TokenVocab:
     hf_json: str | None = None
 
 
-def sentencepiece_vocab(sp) -> TokenVocab:
+def sentencepiece_vocab(sp: Any) -> TokenVocab:
     """The ``TokenVocab`` of a ``SentencePieceProcessor``: "▁" is a space, ``<0xAB>`` its byte; control and
     unknown pieces are special. ``encode`` runs a copy of the model without the dummy prefix."""
     from sentencepiece import SentencePieceProcessor, sentencepiece_model_pb2

@@ -40,7 +40,7 @@ class GGUFVocab:
     remove_extra_whitespaces: bool = False
 
 
-def _pb2():
+def _pb2() -> Any:
     """sentencepiece's generated ModelProto module. It needs protobuf (a runtime dependency), at least the
     version it was generated with: a missing or older protobuf is reported as such, not as a traceback."""
     try:

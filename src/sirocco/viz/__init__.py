@@ -15,11 +15,14 @@ Runs use a tiny random model unless ``model`` is given (any ``Transformer``; its
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import ModelArgs
 from ..generate.speculation import ROW_EXACT_TOKENS, Speculation
+from ..model import Transformer
 from . import analysis, terminal
 from .run import record_pipeline, record_run
 from .trace import Trace
@@ -42,7 +45,7 @@ __all__ = [
 KINDS = ("masks", "cache", "receptive-field", "moe", "pipeline", "memory")
 
 
-def write_png(kind: str, data: dict, path):
+def write_png(kind: str, data: dict, path: str | Path) -> Path:
     """Write one picture's data as a PNG (matplotlib is imported here, not when the engine imports the trace)."""
     from .png import write_png as write
     return write(kind, data, path)
@@ -52,7 +55,7 @@ def render(kind: str, data: dict, colour: bool | None = None) -> str:
     return terminal.render(kind, data, colour)
 
 
-def _tiny(window: int | None, n_layers: int = 2, moe: bool = False, seed: int = 0):
+def _tiny(window: int | None, n_layers: int = 2, moe: bool = False, seed: int = 0) -> Transformer:
     from ..config import preset
     from ..model import build_model
 
@@ -60,8 +63,8 @@ def _tiny(window: int | None, n_layers: int = 2, moe: bool = False, seed: int = 
     return build_model(args, seed=seed)
 
 
-def _run(model, prompts: Prompts, window, chunk_size, max_tokens, max_batch_tokens,
-         seed, draft_tokens: int = 0) -> Trace:
+def _run(model: Transformer, prompts: Prompts, window: int | None, chunk_size: int | None, max_tokens: int,
+         max_batch_tokens: int | None, seed: int, draft_tokens: int = 0) -> Trace:
     """A traced run of prompts given as token lengths (random tokens) or as token ids. ``draft_tokens``: speculate,
     drafting the run's own greedy continuation (from a plain run first) with about one draft token in two wrong,
     so that drafts are accepted and rejected, on a ring of W + draft_tokens slots."""
@@ -93,7 +96,7 @@ Prompts = Sequence[int] | Sequence[Sequence[int]]      # token lengths (random t
 
 
 def masks(prompts: Prompts = (7, 5, 6), window: int | None = 3, chunk_size: int | None = None,
-          max_tokens: int = 2, max_batch_tokens: int | None = None, model=None, seed: int = 0,
+          max_tokens: int = 2, max_batch_tokens: int | None = None, model: Transformer | None = None, seed: int = 0,
           colour: bool | None = None, draft_tokens: int = 0) -> tuple[dict, str]:
     """Masks of a run of prompts (token lengths, or token ids): chunked pre-fill (``chunk_size`` default W) then
     decode; with ``draft_tokens``, speculative (see ``_run``): verify steps, each draft query masked to its own
@@ -105,7 +108,7 @@ def masks(prompts: Prompts = (7, 5, 6), window: int | None = 3, chunk_size: int 
 
 
 def cache(prompts: Prompts = (6,), window: int | None = 4, chunk_size: int | None = None,
-          max_tokens: int = 4, max_batch_tokens: int | None = None, model=None, seed: int = 0,
+          max_tokens: int = 4, max_batch_tokens: int | None = None, model: Transformer | None = None, seed: int = 0,
           colour: bool | None = None, draft_tokens: int = 0) -> tuple[dict, str]:
     """The rolling cache's slots after every step of a run. ``draft_tokens``: a speculative run (see ``_run``):
     the ring has W + draft_tokens slots, and the slots of rejected drafts are marked rolled back."""
@@ -116,7 +119,7 @@ def cache(prompts: Prompts = (6,), window: int | None = 4, chunk_size: int | Non
 
 
 def receptive_field(length: int = 6, window: int | None = 3, n_layers: int = 5, chunk_size: int | None = None,
-                    model=None, seed: int = 0, colour: bool | None = None,
+                    model: Transformer | None = None, seed: int = 0, colour: bool | None = None,
                     token: int | None = None) -> tuple[dict, str]:
     """What token ``token`` (default the last) of one prompt depends on after each layer, composed from the run's
     recorded masks; ``data["gradient"]`` holds the same sets read from autograd (a forward without cache)."""
@@ -132,7 +135,7 @@ def receptive_field(length: int = 6, window: int | None = 3, n_layers: int = 5, 
     return data, render("receptive-field", data, colour)
 
 
-def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: int | None = 8, model=None,
+def moe(prompts: Prompts = (12, 9), max_tokens: int = 4, chunk_size: int | None = 8, model: Transformer | None = None,
         seed: int = 0, colour: bool | None = None) -> tuple[dict, str]:
     """Router choices of every token at every MoE layer over a run (tiny Mixtral-style model by default)."""
     model = model or _tiny(None, moe=True, seed=seed)
@@ -158,7 +161,7 @@ def pipeline(stages: int = 2, micro_batches: int = 4, tokens: int = 64, seed: in
     return data, render("pipeline", data, colour)
 
 
-def memory(model="mistral-7b-v0.1", lengths: Sequence[int] | None = None,
+def memory(model: str | ModelArgs = "mistral-7b-v0.1", lengths: Sequence[int] | None = None,
            dtype: torch.dtype = torch.bfloat16, colour: bool | None = None) -> tuple[dict, str]:
     """KV-cache bytes per sequence against the sequence length, rolling vs full: of a preset's name, or of a
     ``ModelArgs``."""

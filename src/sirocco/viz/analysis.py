@@ -9,10 +9,15 @@ come out of autograd: the rows of d(h_l[p]) / d(embeddings) that are not exactly
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+from torch import nn
 
 from ..backends import reference
+from ..config import ModelArgs
+from ..model import Transformer
+from ..model.transformer import MoeFeedForward
 from .trace import Trace
 
 
@@ -51,7 +56,7 @@ def receptive_field_from_trace(trace: Trace, token: tuple[int, int] | None = Non
             "positions": [sorted(s) for s in sets]}
 
 
-def gradient_receptive_field(model, tokens: torch.Tensor, pos: int) -> list[set[int]]:
+def gradient_receptive_field(model: Transformer, tokens: torch.Tensor, pos: int) -> list[set[int]]:
     """Positions whose input embedding has a non-zero gradient on the hidden state of ``pos`` after each layer.
 
     One forward without cache over one sequence (autograd on, the dense mask), hooks on the embedding and on
@@ -60,10 +65,11 @@ def gradient_receptive_field(model, tokens: torch.Tensor, pos: int) -> list[set[
     hidden: list[torch.Tensor] = []
     emb: list[torch.Tensor] = []
 
-    def keep_emb(_m, _i, out):
+    def keep_emb(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
         out.retain_grad()
         emb.append(out)
 
+    assert model.tok_embeddings is not None, "a whole model, not a pipeline stage without the embedding"
     hooks = [model.tok_embeddings.register_forward_hook(keep_emb)]
     hooks += [layer.register_forward_hook(lambda _m, _i, out: hidden.append(out)) for layer in model.layers.values()]
     try:
@@ -103,7 +109,8 @@ def expert_persistence(moe: dict) -> list[float]:
     return out
 
 
-def rebuild_moe(moe_layer, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def rebuild_moe(moe_layer: MoeFeedForward, x: torch.Tensor, chosen: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
     """A MoE feed-forward's output from the recorded routing: sum over the k choices of weight x expert(x).
 
     Expert by expert, each over its tokens in order, accumulated with ``index_add_`` as the layer does, so the
@@ -117,7 +124,7 @@ def rebuild_moe(moe_layer, x: torch.Tensor, chosen: torch.Tensor, weights: torch
     return out
 
 
-def cache_bytes(args, lengths: Sequence[int], dtype: torch.dtype = torch.bfloat16) -> dict:
+def cache_bytes(args: ModelArgs, lengths: Sequence[int], dtype: torch.dtype = torch.bfloat16) -> dict:
     """KV-cache bytes of one sequence at each length: the model's rolling cache against a full cache (the same
     model without a window), read from real ``RollingCache`` tensors (on the meta device: no memory)."""
     from ..cache import RollingCache

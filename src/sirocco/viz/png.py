@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from .analysis import expert_loads, expert_persistence
@@ -26,7 +27,7 @@ from .analysis import expert_loads, expert_persistence
 DPI = 100
 
 
-def _save(fig, path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -38,11 +39,11 @@ def _boundaries(seqs: list[int]) -> list[int]:
     return [i for i in range(1, len(seqs)) if seqs[i] != seqs[i - 1]]
 
 
-def _lab(x) -> str:
+def _lab(x: object) -> str:
     return "-" if x is None else str(x)
 
 
-def masks(data: dict, path) -> Path:
+def masks(data: dict, path: str | Path) -> Path:
     steps = data["steps"]
     n = len(steps)
     cols = min(n, 3)
@@ -81,7 +82,7 @@ def masks(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-def receptive_field(data: dict, path) -> Path:
+def receptive_field(data: dict, path: str | Path) -> Path:
     p = data["token"]
     reach = data.get("positions") or [list(range(lo, hi + 1)) for lo, hi in data["reach"]]
     grid = [[1 if i in set(r) else 0 for i in range(p + 1)] for r in reach]
@@ -98,7 +99,7 @@ def receptive_field(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-def cache(data: dict, path) -> Path:
+def cache(data: dict, path: str | Path) -> Path:
     S, steps = data["slots"], data["steps"]
     n_rows = max(len(s["rows"]) for s in steps)
     fig, axes = plt.subplots(1, 2, figsize=(2 * (0.5 * S * n_rows + 1.5), 0.4 * len(steps) + 1.5), squeeze=False)
@@ -145,7 +146,7 @@ def cache(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-def moe(data: dict, path) -> Path:
+def moe(data: dict, path: str | Path) -> Path:
     layers = data["layers"]
     loads = expert_loads(data)
     E = max(len(x) for x in loads)
@@ -192,7 +193,7 @@ def moe(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-def pipeline(data: dict, path) -> Path:
+def pipeline(data: dict, path: str | Path) -> Path:
     events = data["events"]
     ranks = sorted({e["rank"] for e in events})
     m = len({e["micro_batch"] for e in events})
@@ -235,7 +236,7 @@ def pipeline(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-def memory(data: dict, path) -> Path:
+def memory(data: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     L = data["lengths"]
     ax.plot(L, [b / 2**20 for b in data["full"]], marker="o", label="full cache (no window)")
@@ -250,12 +251,12 @@ def memory(data: dict, path) -> Path:
     return _save(fig, path)
 
 
-WRITERS: dict[str, Callable[[dict, object], Path]] = {
+WRITERS: dict[str, Callable[[dict, str | Path], Path]] = {
     "masks": masks, "receptive-field": receptive_field, "cache": cache, "moe": moe, "pipeline": pipeline,
     "memory": memory}
 
 
-def write_png(kind: str, data: dict, path) -> Path:
+def write_png(kind: str, data: dict, path: str | Path) -> Path:
     """Write the PNG of one picture kind; returns its path."""
     if kind not in WRITERS:
         raise ValueError(f"no PNG writer for {kind!r}; known: {', '.join(WRITERS)}")

@@ -4,18 +4,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import backends
 from ..cache import RollingCache
+from ..config import ModelArgs
 from ..generate.engine import Engine
 from ..generate.sampling import SamplingParams
 from ..generate.speculation import Speculation
+from ..model import Transformer
 from .trace import Trace
 
+if TYPE_CHECKING:
+    from ..distributed.launch import DistContext
 
-def record_run(model, prompt_lengths: Sequence[int], window: int | None, chunk_size: int, max_tokens: int,
+
+def record_run(model: Transformer, prompt_lengths: Sequence[int], window: int | None, chunk_size: int, max_tokens: int,
                trace: Trace, max_batch_tokens: int | None = None, seed: int = 0,
                prompts: Sequence[Sequence[int]] | None = None, attention: str = "per_sequence",
                max_seq_len: int | None = None, mixed: bool = False,
@@ -51,7 +57,8 @@ def record_run(model, prompt_lengths: Sequence[int], window: int | None, chunk_s
     return [c.tokens for c in done], engine.cache
 
 
-def _pipeline_rank(ctx, args, micro_batches: int, rows: int, seq_len: int, schedule: str, seed: int) -> list:
+def _pipeline_rank(ctx: DistContext, args: ModelArgs, micro_batches: int, rows: int, seq_len: int, schedule: str,
+                   seed: int) -> list:
     """One rank of a real pipeline training step: a warm-up step, then the timed one; returns its events."""
     from ..distributed.pipeline_train import PipelineStep
     from ..distributed.stages import rank_stage
@@ -68,7 +75,7 @@ def _pipeline_rank(ctx, args, micro_batches: int, rows: int, seq_len: int, sched
     return step_fn.module.events
 
 
-def record_pipeline(args, stages: int, micro_batches: int, tokens: int, trace: Trace, seed: int = 0,
+def record_pipeline(args: ModelArgs, stages: int, micro_batches: int, tokens: int, trace: Trace, seed: int = 0,
                     schedule: str = "gpipe", rows: int = 1) -> None:
     """The forward and backward events of every stage and micro-batch in one real pipeline training step:
     ``stages`` processes on this machine (gloo, one thread each), ``PipelineStep`` with the ``schedule``

@@ -38,7 +38,7 @@ def _paint(text: str, code: str, colour: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if colour else text
 
 
-def _label(x) -> str:
+def _label(x: object) -> str:
     return "-" if x is None else str(x)
 
 

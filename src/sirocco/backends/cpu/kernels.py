@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ def cpu_isas() -> tuple[str, ...]:
     return {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}.get(torch.backends.cpu.get_cpu_capability(), ())
 
 
-def native_module(isa: str | None = None):
+def native_module(isa: str | None = None) -> Any:
     """The C++ kernels of csrc/ built for ``isa`` ("avx512" or "avx2"; by default the best this CPU runs), built
     on first use; None where the CPU cannot run that build or building fails (said once in the log). Which
     functions a build holds: ``BUILDS``."""
@@ -197,7 +198,7 @@ def kernel_isa(dtype: torch.dtype, kernel: str = "linear") -> str | None:
     return _chosen[key]
 
 
-def native_for(dtype: torch.dtype, kernel: str = "linear"):
+def native_for(dtype: torch.dtype, kernel: str = "linear") -> Any:
     """The built module whose ``kernel`` serves ``dtype`` here (see ``kernel_isa``), or None."""
     isa = kernel_isa(dtype, kernel)
     return None if isa is None else native_module(isa)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,7 @@ def decode_softmax(scores: torch.Tensor, fill: Sequence[int] | None = None) -> t
 
 
 def native_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                            native=None, fill: Sequence[int] | None = None) -> torch.Tensor:
+                            native: Any = None, fill: Sequence[int] | None = None) -> torch.Tensor:
     """``decode_attention`` through the C++ kernels: fp32 scores (-inf on invalid slots), fp32 softmax
     (``decode_softmax``), and the probabilities times the values accumulated in fp32. q (B, H, D); k/v (B, G, L, D);
     valid (B, L); ``fill``: each query's count of valid keys, which are its first ones. ``native``: the build to use

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ SOURCES = (_CSRC / "blocks.h", _CSRC / "qlinear.cpp", _CSRC / "qlinear_k.cpp", P
            "moe_plan.h", _CSRC / "qmoe.cpp", _CSRC / "dequantize.cpp")
 
 
-def _build(name: str, defines: tuple[str, ...] = ()):
+def _build(name: str, defines: tuple[str, ...] = ()) -> Any:
     from torch.utils.cpp_extension import load_inline
     sources = [f.read_text() for f in SOURCES]
     # The name carries a digest of the sources: PyTorch's build cache is one folder per name, shared by every
@@ -58,7 +59,7 @@ def _build(name: str, defines: tuple[str, ...] = ()):
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
-def native_module():
+def native_module() -> Any:
     """The built C++ module (``qlinear``, ``qlinear_many``, ``quantize_activations``, ``qlinear_isa``, ``qmoe``,
     ``dequantize_into``), or None where the CPU has neither AVX2 nor AVX-512 or building fails (said once in the
     log)."""
@@ -82,7 +83,7 @@ def native_module():
     return _module
 
 
-def vnni_emulation_module():
+def vnni_emulation_module() -> Any:
     """A test-only build of the same source whose AVX512-VNNI path runs on scalar emulations of its 512-bit
     operations (qlinear's isa="avx512vnni" works on any AVX2 CPU): checks the VNNI tile's data flow where the
     instructions are missing. A separate build of about a minute, cached like the other."""
@@ -126,7 +127,7 @@ def _unwrap(packed: torch.Tensor | QuantizedTensor, fmt: str | None) -> tuple[to
     return packed, fmt
 
 
-def _decode_module(x: torch.Tensor):
+def _decode_module(x: torch.Tensor) -> Any:
     """The C++ module where it serves these activation rows (a decode step: CPU, 1..MAX_ROWS rows, fp32 or bf16),
     else None."""
     if x.device.type != "cpu" or not 1 <= x.shape[0] <= MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16):
