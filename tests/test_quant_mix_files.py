@@ -172,20 +172,25 @@ print(json.dumps({"peak": (kib("VmHWM:") - rss) * 1024, "bytes": model_bytes(mod
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak through /proc")
 def test_quantizing_a_mix_while_loading_grows_the_peak_by_the_quantized_bytes_only(tmp_path):
-    """Quantizing to q4_K_M while loading (bf16 checkpoints of 1 and 3 layers, each in a fresh process): the load's
+    """Quantizing to q4_K_M while loading (bf16 checkpoints of 1 and 5 layers, each in a fresh process): the load's
     peak memory grows with the model by its quantized bytes, not by its float ones (the float model never exists
-    whole). What the peak holds besides the model is the quantizers' working memory, the same for any size."""
+    whole). What the peak holds besides the model is the quantizers' working memory, the same for any size; how
+    much of it is in flight at the peak varies from run to run with the host's load (about +-10 MiB), so each size
+    is loaded twice and the lower peak taken, and the sizes differ by four layers for the growth to stand above it."""
     peaks = {}
-    for n in (1, 3):
+    for n in (1, 5):
         args = ModelArgs(dim=1024, n_layers=n, head_dim=128, hidden_dim=2048, n_heads=8, n_kv_heads=2,
                          norm_eps=1e-5, vocab_size=1024, max_seq_len=256)
         folder = save_consolidated(build_model(args, seed=0), args, tmp_path / f"l{n}", dtype=torch.bfloat16)
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), "q4_K_M"], capture_output=True,
-                             text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        peaks[n] = json.loads(out.stdout.splitlines()[-1])
-    grown = peaks[3]["peak"] - peaks[1]["peak"]
-    quantized = peaks[3]["bytes"] - peaks[1]["bytes"]
-    floats = 2 * 8.4e6 * 2                      # two layers' bf16 weights: 8.4M parameters each
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder), "q4_K_M"], capture_output=True,
+                                 text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+            runs.append(json.loads(out.stdout.splitlines()[-1]))
+        peaks[n] = min(runs, key=lambda r: r["peak"])
+    grown = peaks[5]["peak"] - peaks[1]["peak"]
+    quantized = peaks[5]["bytes"] - peaks[1]["bytes"]
+    floats = 4 * 8.4e6 * 2                      # four layers' bf16 weights: 8.4M parameters each
     print(f"peak grows by {grown / 2**20:.1f} MiB for {quantized / 2**20:.1f} MiB of quantized layers "
           f"({floats / 2**20:.1f} MiB in bf16); the 1-layer load peaks at {peaks[1]['peak'] / 2**20:.1f} MiB")
-    assert grown < 1.25 * quantized + 2**20 and grown < 0.5 * floats
+    assert grown < 1.25 * quantized + 8 * 2**20 and grown < 0.5 * floats
