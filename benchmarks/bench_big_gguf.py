@@ -19,8 +19,8 @@ each in its own process, whose peak resident memory is the kernel's (``wait4``'s
 ``/usr/bin/time -v`` reports); sirocco's decode rate is its own summary line's, llama.cpp's llama-bench's. The
 bound is the bytes a decode step reads (every tensor at its type's size, a MoE layer's experts at used/count of
 their stack, the embedding's one row) over the machine's read bandwidth (bench_quant_kernels.read_bandwidth,
-measured before the runs). llama.cpp's resident memory counts the file's pages it maps; sirocco reads the blocks
-into its own memory and maps nothing.
+probed before each round; the bound is taken at the best probe). llama.cpp's resident memory counts the file's
+pages it maps; sirocco reads the blocks into its own memory and maps nothing.
 
 The 7B case needs a llama.cpp build (``--llama-cpp``: its bin folder; its source, for the converter, is found two
 folders up or given by ``--llama-cpp-source``). Files go to ``--workdir`` (about 17 GB for Mixtral, 4.4 GB for the
@@ -41,11 +41,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 HERE = Path(__file__).resolve().parent
 CASES = ("mistral-7b-q4_K_M", "mixtral-q2_K")
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+MISTRAL_7B: dict[str, Any] = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
                   eos_token_id=2)
@@ -198,13 +198,17 @@ def run_llama(path: Path, bin_dir: Path, tokens: int, threads: int) -> dict:
     return {"decode_tps": float(row["avg_ts"]), "peak_rss": rss, "seconds": round(seconds, 1)}
 
 
-def measure(case: str, path: Path, a: argparse.Namespace, gbps: float) -> dict:
+def measure(case: str, path: Path, a: argparse.Namespace) -> dict:
+    """Rounds of sirocco then llama.cpp on ``path``, the read bandwidth probed right before each round (the host's
+    swings by several times within minutes when it is shared); the bound is taken at the best probe."""
     info = decode_bytes(path)
-    row: dict = {"case": case, "file": str(path), **info, "bandwidth_gbps": round(gbps, 2),
-                 "bound_tps": round(gbps * 1e9 / info["bytes_per_token"], 3)}
-    log(f"{case}: {info['file_bytes'] / 1e9:.2f} GB, {info['bytes_per_token'] / 1e9:.2f} GB read per token, "
-        f"bound {row['bound_tps']:.2f} tok/s at {gbps:.1f} GB/s")
+    row: dict = {"case": case, "file": str(path), **info, "bandwidth_gbps": []}
+    log(f"{case}: {info['file_bytes'] / 1e9:.2f} GB, {info['bytes_per_token'] / 1e9:.2f} GB read per token")
     for r in range(a.rounds):
+        gbps = bandwidth(a.threads)
+        row["bandwidth_gbps"].append(round(gbps, 2))
+        log(f"  round {r + 1}: read bandwidth {gbps:.1f} GB/s (bound {gbps * 1e9 / info['bytes_per_token']:.2f} "
+            f"tok/s), load average {os.getloadavg()[0]:.2f}")
         s = run_sirocco(path, a.tokens, a.threads)
         row.setdefault("sirocco", []).append(s)
         log(f"  round {r + 1} sirocco: decode {s['decode_tps']:.2f} tok/s, peak RSS {s['peak_rss'] / 1e9:.2f} GB "
@@ -214,6 +218,7 @@ def measure(case: str, path: Path, a: argparse.Namespace, gbps: float) -> dict:
             row.setdefault("llama_cpp", []).append(lc)
             log(f"  round {r + 1} llama.cpp: decode {lc['decode_tps']:.2f} tok/s, peak RSS "
                 f"{lc['peak_rss'] / 1e9:.2f} GB, {lc['seconds']:.0f} s")
+    row["bound_tps"] = round(max(row["bandwidth_gbps"]) * 1e9 / info["bytes_per_token"], 3)
     return row
 
 
@@ -240,7 +245,6 @@ def main() -> int:
                                          or not (source / "convert_hf_to_gguf.py").exists()):
         ap.error("the mistral-7b-q4_K_M case needs --llama-cpp DIR (and its source: --llama-cpp-source)")
     log(f"load average {os.getloadavg()[0]:.2f}")
-    gbps = bandwidth(a.threads)
     rows = []
     for case in cases:
         if case == "mixtral-q2_K":
@@ -248,12 +252,12 @@ def main() -> int:
         else:
             assert a.llama_cpp is not None and source is not None
             path = mistral_7b_file(a.workdir, a.llama_cpp, source)
-        rows.append(measure(case, path, a, gbps))
+        rows.append(measure(case, path, a))
         if a.delete:
             path.unlink()
     log(f"load average {os.getloadavg()[0]:.2f}")
     if a.json:
-        print(json.dumps({"bandwidth_gbps": gbps, "threads": a.threads, "tokens": a.tokens, "cases": rows}, indent=1))
+        print(json.dumps({"threads": a.threads, "tokens": a.tokens, "cases": rows}, indent=1))
     return 0
 
 
