@@ -8,8 +8,10 @@
   linear weights by module path, in any block type of backends/quant/layouts.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
   IQ4_NL, Q2_K to Q6_K, IQ4_XS: every type llama.cpp's standard mixes write), byte for byte with no
   re-quantization: on CPU read once into huge-page memory (backends/quant/hugepages.py), where decode reads them
-  faster than from the file's mapping, elsewhere copied to the device. A quantized embedding or router is
-  dequantized (sirocco keeps those in float). Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape
+  faster than from the file's mapping, elsewhere copied to the device. A quantized router is dequantized
+  (sirocco keeps it in float), and so is a quantized embedding unless ``embedding_blocks`` asks for its blocks
+  (the loader's choice on CPU, for a ``QuantEmbedding``: dequantized whole, a 7B table would be an eighth of a
+  Q4_K_M file beside it). Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape
   (E, N, K)) give each expert a row of one buffer;
 - ``tokenizer()``: the sentencepiece tokenizer of its vocabulary (tokenizer/gguf_vocab.py).
 
@@ -51,8 +53,8 @@ ARCH = "llama"
 SUFFIX = ".gguf"
 QUANT_FORMATS = {name.upper(): name for name in LAYOUTS}          # GGUF's Q4_K -> layouts' q4_K
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# Kept in float even where the file quantizes them: the embedding (a table lookup) and the MoE router (small, and
-# a change in its logits changes which experts run).
+# Kept in float even where the file quantizes them: the embedding (a table lookup; read(embedding_blocks=True)
+# gives its blocks instead) and the MoE router (small, and a change in its logits changes which experts run).
 FLOAT_ONLY = ("tok_embeddings.weight", "feed_forward.gate.weight")
 _REQUIRED = object()
 
@@ -95,6 +97,7 @@ class GGUFWeights:
     types: dict[str, int] = field(default_factory=dict)      # tensors read, by GGUF type
     dequantized: list[str] = field(default_factory=list)      # quantized in the file, float in sirocco
     embedding_type: str | None = None                      # the block type the embedding was dequantized from
+    embedding_blocks: QuantizedTensor | None = None        # read(embedding_blocks=True): the embedding's blocks
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -325,14 +328,17 @@ class GGUFFile:
 
     def read(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
              max_seq_len: int | None = None, layers: list[int] | None = None, embed: bool = True,
-             head: bool = True, progress: bool | None = None) -> GGUFWeights:
+             head: bool = True, progress: bool | None = None, embedding_blocks: bool = False) -> GGUFWeights:
         """The weights of the model (or of the stage ``layers``, ``embed``, ``head``; the other tensors are not
-        read): see the module docstring."""
+        read): see the module docstring. ``embedding_blocks``: a quantized embedding is given as its blocks
+        (``GGUFWeights.embedding_blocks``, for a ``QuantEmbedding``) instead of dequantized into ``state``."""
         args = self.args(max_seq_len)
         entries = self.index(args)
         wanted = stage_names(list(entries), layers, embed, head)
         on_cpu = torch.device(device).type == "cpu"
         quantized = {n for n in wanted if keeps_blocks(n, entries[n])}
+        if embedding_blocks and "tok_embeddings.weight" in wanted and entries["tok_embeddings.weight"].info.quantized:
+            quantized.add("tok_embeddings.weight")
         # by GGUF name, each tensor read or converted once (a stack of experts once for all its experts)
         stacks = self._read_blocks([entries[n].info for n in wanted if n in quantized]) if on_cpu else {}
         out = GGUFWeights(args, {}, {})
@@ -347,8 +353,11 @@ class GGUFFile:
                 if info.name not in stacks:
                     stacks[info.name] = self._mapped(info).to(device)
                 data = stacks[info.name]
-                out.blocks[name.removesuffix(".weight")] = QuantizedTensor(
-                    data if entry.expert is None else data[entry.expert], fmt, entry.shape)
+                qt = QuantizedTensor(data if entry.expert is None else data[entry.expert], fmt, entry.shape)
+                if name == "tok_embeddings.weight":
+                    out.embedding_blocks, out.embedding_type = qt, fmt
+                else:
+                    out.blocks[name.removesuffix(".weight")] = qt
                 continue
             if info.quantized:
                 out.dequantized.append(f"{entry.describe()} ({info.type})")

@@ -19,6 +19,7 @@ from .. import backends
 from ..backends.moe import expert_groups
 from ..backends.quant import formats
 from ..backends.quant.convert import ROUNDED_THROUGH, QuantReport, empty_blocks, quantize_weight
+from ..backends.quant.embedding import QuantEmbedding
 from ..backends.quant.formats import QuantizedTensor
 from ..config import ModelArgs
 from ..errors import CheckpointError
@@ -109,8 +110,14 @@ def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
     conversion pass where ``quantize`` asks."""
     if isinstance(path, GGUFFile) or is_gguf(path):
         gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
-        weights = gguf.read(dtype, device, max_seq_len, layers, embed, head, progress)
-        model = _assemble(weights.args, weights.state, weights.blocks, dtype, layers, embed, head)
+        # on CPU a quantized embedding stays in its blocks (QuantEmbedding): dequantized, a 7B table is an eighth
+        # of a Q4_K_M file beside it
+        on_cpu = torch.device(device).type == "cpu"
+        weights = gguf.read(dtype, device, max_seq_len, layers, embed, head, progress, embedding_blocks=on_cpu)
+        model = _assemble(weights.args, weights.state, weights.blocks, dtype, layers, embed, head,
+                          skip=() if weights.embedding_blocks is None else ("tok_embeddings.weight",))
+        if weights.embedding_blocks is not None:
+            model.register_module("tok_embeddings", QuantEmbedding(weights.embedding_blocks, dtype))  # its place
         if weights.embedding_type is not None and model.tok_embeddings is not None:
             setattr(model.tok_embeddings, ROUNDED_THROUGH, weights.embedding_type)     # never rounded again
         log.info("loaded %s (GGUF) as %s on %s", gguf.path, str(dtype).replace("torch.", ""), device)
@@ -147,13 +154,15 @@ def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
 
 
 def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], blocks: dict[str, QuantizedTensor],
-              dtype: torch.dtype, layers: list[int] | None, embed: bool, head: bool) -> Transformer:
+              dtype: torch.dtype, layers: list[int] | None, embed: bool, head: bool,
+              skip: tuple[str, ...] = ()) -> Transformer:
     """The model (or stage) on the meta device in ``dtype``, with ``state`` assigned: every tensor but the weights
-    of the linear layers that ``blocks`` stand for, which stay on the meta device for the conversion pass."""
+    of the linear layers that ``blocks`` stand for, which stay on the meta device for the conversion pass, and the
+    names in ``skip`` (a module the caller replaces)."""
     with torch.device("meta"):
         model = Transformer(args, layers=layers, embed=embed, head=head).to(dtype)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    left = sorted(set(missing) - {path + ".weight" for path in blocks})
+    left = sorted(set(missing) - {path + ".weight" for path in blocks} - set(skip))
     if left or unexpected:
         raise RuntimeError(f"loader bug: tensors not read {left[:6]}, or read and not in the model {unexpected[:6]}")
     return model.eval()

@@ -183,7 +183,7 @@ def generate_and_print(args: argparse.Namespace, engine: Any, tokenizer: Tokeniz
     st = engine.stats
     generated = sum(len(c.tokens) for c in results.values())
     print(f"sirocco: {len(prompts)} prompts{where}, {st.prefill_tokens} prompt tokens pre-filled at "
-          f"{st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode {st.decode_tps:.1f} tok/s, "
+          f"{st.prefill_tps:.0f} tok/s, {generated} tokens generated, decode {st.decode_tps:.2f} tok/s, "
           f"{elapsed:.2f} s in all", file=sys.stderr)
     if getattr(engine, "speculator", None) is not None:
         share = st.accepted_tokens / st.proposed_tokens if st.proposed_tokens else 0.0

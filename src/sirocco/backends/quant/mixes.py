@@ -5,8 +5,9 @@ matrices and the promotions llama.cpp's ``llama-quantize`` makes (``llama_tensor
 matrix), so that a file sirocco writes holds the types a file of the same name from llama.cpp holds:
 
 - the output head: ``q6_K`` (``q8_0`` where its K is not a multiple of the default type's block);
-- the token embedding: the default type (sirocco dequantizes it at load: a lookup table stays in float in memory,
-  but the file stores it as llama.cpp does, a quarter of its f16 size in Q4_K_M);
+- the token embedding: the default type (quantizing at load, sirocco keeps the table in float, rounded through
+  the type; a GGUF file's table stays in its blocks, ``QuantEmbedding``; the file stores it as llama.cpp does, a
+  quarter of its f16 size in Q4_K_M);
 - attention-v: Q4_K_M and Q5_K_M give ``q6_K`` in the "more bits" layers (``use_more_bits``: the first and last
   eighth, and every third layer between); Q3_K_M ``q5_K`` in layers 0 and 1, ``q4_K`` after; Q2_K ``q4_K`` where
   4 or more query heads share a kv head (``n_heads // n_kv_heads >= 4``, Mistral 7B's 32/8), else ``q3_K``;
