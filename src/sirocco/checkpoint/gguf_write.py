@@ -156,7 +156,7 @@ def float_array(t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, Q]:
 def linear_array(module: nn.Module, float_dtype: torch.dtype) -> tuple[np.ndarray, Q]:
     """A linear layer's weight: a ``QuantLinear``'s blocks as they are, a float one in ``float_dtype``."""
     if isinstance(module, QuantLinear):
-        return module.qweight.detach().cpu().contiguous().numpy(), Q[module.fmt.upper()]
+        return module.file_blocks().detach().cpu().contiguous().numpy(), Q[module.fmt.upper()]
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise CheckpointError(f"not a linear layer: {type(module).__name__}")
