@@ -28,6 +28,10 @@ The targets (the 1B shape in bf16): server throughput >= 0.9x offline and >= 2x 
 one client >= 0.95x offline batch-1 decode; with mixed steps, the streams' p99 gap while the long prompt is
 pre-filled stays near one step of --chunk-size tokens, far below the prompt's whole pre-fill (without them).
 
+The server runs without its prefix store (``--prefix-cache-mib 0``; ``--prefix-cache-mib`` sets it): the warm-up
+sends the measured prompts, which a store would keep, and the offline engine has none. Prefix reuse has its own
+benchmark, bench_prefix.py.
+
 Every request goes to 127.0.0.1 only; the number of requests is fixed by the mix; the server is stopped at the
 end of each part.
 
@@ -118,15 +122,17 @@ def ms(d: dict) -> str:
 class Server:
     """``sirocco serve`` in a subprocess on 127.0.0.1 at a free port."""
 
-    def __init__(self, folder: Path, dtype: str, max_rows: int, chunk_size: int, mixed: bool = True,
-                 threads: int | None = None):
+    def __init__(self, folder: Path, dtype: str, max_rows: int, chunk_size: int | None, mixed: bool = True,
+                 threads: int | None = None, prefix_cache_mib: float = 0):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sirocco.cli", "-q", "serve", "--model", str(folder), "--dtype", dtype,
                "--host", "127.0.0.1", "--port", str(self.port), "--max-rows", str(max_rows), "--max-queue", "1000",
-               "--chunk-size", str(chunk_size), "--served-model-name", "bench"]
+               "--served-model-name", "bench", "--prefix-cache-mib", str(prefix_cache_mib)]
+        if chunk_size:
+            cmd += ["--chunk-size", str(chunk_size)]
         if not mixed:
             cmd.append("--no-mixed")
         if threads:
@@ -348,6 +354,8 @@ def main() -> int:
     p.add_argument("--max-rows", type=int, default=8, help="the server's and the offline engine's rows (default 8)")
     p.add_argument("--chunk-size", type=int, default=512, help="pre-fill chunk of both (default 512)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server and the offline run")
+    p.add_argument("--prefix-cache-mib", type=float, default=0,
+                   help="the server's prefix store (default 0: none, as offline; see above)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the single-client case (default 3)")
     p.add_argument("--single-tokens", type=int, default=None,
                    help="tokens the single client generates (default 128; quick 64)")
@@ -396,7 +404,8 @@ def main() -> int:
             f"{tf['batches']} batches in {tf['seconds']:.1f} s)")
 
     log(f"load: {len(jobs)} requests, {concurrency} concurrent streams, {args.max_rows} rows")
-    with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads) as server:
+    with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, threads=args.threads,
+                prefix_cache_mib=args.prefix_cache_mib) as server:
         asyncio.run(drive(server.url, [(p, 2) for p, _ in jobs], concurrency))        # warm-up, as offline
         c0 = engine_counters(server.url)
         results, wall = asyncio.run(drive(server.url, jobs, concurrency))
@@ -444,7 +453,7 @@ def main() -> int:
         for mixed in (True, False):
             name = "mixed" if mixed else "unmixed"
             with Server(folder, shape["dtype"], args.max_rows, args.chunk_size, mixed=mixed,
-                        threads=args.threads) as server:
+                        threads=args.threads, prefix_cache_mib=args.prefix_cache_mib) as server:
                 asyncio.run(drive(server.url, jobs[:1], 1))
                 case = asyncio.run(long_prompt_case(server.url, lp["streams"], lp["stream_prompt_tokens"],
                                                     lp["prompt_tokens"], seed))

@@ -295,3 +295,39 @@ def failing_server_rank(ctx, bad_rank):
     assert answer.startswith("the engine failed"), answer         # the client is told, at once
     assert runner.failed is not None
     raise runner.failed
+
+
+HISTORY = ("A rolling buffer cache keeps the last W keys and values of every layer, so memory stays bounded while the "
+           "sequence grows past the window. Tell me how the slots are chosen.")
+
+
+def check_chat_reuse(url: str, model_dir: Path, model: str) -> None:
+    """A chat's second turn continues from the first turn's prompt (``cached_tokens`` in the streamed usage, the
+    /metrics counter) and answers what a cold pre-fill of its whole prompt answers."""
+    import openai
+
+    from sirocco.generate.engine import Engine
+    from sirocco.generate.sampling import SamplingParams
+    from sirocco.pretrained import load
+
+    c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": HISTORY}]
+    first = c.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    hits = metric(httpx.get(url + "/metrics", timeout=30).text, "sirocco_prefix_cache_hit_tokens_total")
+    chunks = list(c.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert metric(httpx.get(url + "/metrics", timeout=30).text,
+                  "sirocco_prefix_cache_hit_tokens_total") - hits == first.usage.prompt_tokens
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    logprobs = [e.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    loaded = load(str(model_dir))
+    [want] = Engine(loaded.model, loaded.tokenizer, max_rows=1).generate(
+        [loaded.tokenizer.encode_chat(messages)], SamplingParams(max_tokens=8))
+    assert usage.prompt_tokens == len(want.prompt_tokens) and text == want.text
+    assert len(logprobs) == len(want.logprobs)
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(logprobs, want.logprobs))

@@ -138,9 +138,14 @@ def quantize_q4(root: Path) -> None:
     run("quantize", "sirocco-tiny-moe", "q4_0.gguf", "--type", "q4_0", cwd=root)
 
 
+@step("quantize", "llama.cpp's q4_K_M mix of the dense model")
+def quantize_q4_k_m(root: Path) -> None:
+    run("quantize", "sirocco-tiny", "q4_K_M.gguf", "--type", "q4_K_M", cwd=root)
+
+
 @step("generate", "from each GGUF file just written")
 def generate_gguf(root: Path) -> None:
-    for name in ("q8_0.gguf", "q4_0.gguf"):
+    for name in ("q8_0.gguf", "q4_0.gguf", "q4_K_M.gguf"):
         out = run("generate", "--model", name, "--json", "--max-tokens", "8", "--no-progress", "The sliding window",
                   cwd=root).stdout
         expect(len(json.loads(out)["tokens"]) >= 1, f"generate --model {name} gave {out!r}")

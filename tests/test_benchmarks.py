@@ -76,3 +76,27 @@ def test_speculate_benchmark_quick(tmp_path):
         assert len(cost["step_seconds"]) == 8 and cost["runs"]["p=1.0"]["accepted"] > 0
         assert cost["runs"]["p=0.0"]["accepted"] == 0
     assert len(result["targets"]) == 4 and "int4, k = 4, every draft right" in out.stderr
+
+
+def test_gguf_types_benchmark_quick(tmp_path):
+    """Each mix's perplexity cost through sirocco on the files it writes, on a one-layer random model (without
+    --llama-cpp: llama.cpp is no dependency of the suite)."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_gguf_types.py"), "--quick", "--json", "--workdir",
+                          str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert list(result["rows"]) == ["f16", "q8_0", "q4_K_M"] and result["chunks"] == 16
+    assert all(r["sirocco"]["perplexity"] > 1 and r["bits_per_weight"] > 4 for r in result["rows"].values())
+    assert "| q4_K_M | " in out.stderr
+
+
+def test_prefix_benchmark_quick(tmp_path):
+    """A chat's second turn on two servers, with and without the prefix store: the store's server reuses turn 1's
+    prompt, the other pre-fills it all."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_prefix.py"), "--quick", "--rounds", "1", "--json",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    [row] = result["rounds"]
+    assert row["store"]["turn2"]["cached_tokens"] == row["store"]["turn1"]["prompt_tokens"] > 250
+    assert row["cold"]["turn2"]["cached_tokens"] == 0 and row["store"]["turn1"]["cached_tokens"] == 0
+    assert set(result["summary"]) >= {"turn2_over_turn1", "turn2_store_over_cold", "turn1_store_over_cold"}
+    assert "turn 2 / turn 1 with the store" in out.stderr

@@ -81,3 +81,37 @@ def greedy_n(ckpt, messages: list[dict], n: int) -> str:
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=1)
     return engine.generate([loaded.tokenizer.encode_chat(messages)], SamplingParams(max_tokens=n,
                                                                                      stop_on_eos=False))[0].text
+
+
+def test_each_turn_continues_from_the_last_turns_state(ckpt):
+    """The engine's prefix store keeps the conversation between turns: a turn pre-fills only the last answer and
+    its own message, and answers as a cold pre-fill of its whole prompt does."""
+    from sirocco.cli.chat import Chat
+
+    loaded = load(str(ckpt))
+    engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, prefix_cache_bytes=2**24)
+    chat = Chat(engine, loaded.tokenizer, SamplingParams(max_tokens=int(MAX)), system="Answer in one line.")
+    previous = 0
+    for text in ("Tell me how a rolling buffer keeps the last keys.", "And the values?", "Why a window?"):
+        prompt = loaded.tokenizer.encode_chat([{"role": "system", "content": chat.system}, *chat.messages,
+                                               {"role": "user", "content": text}])
+        stats = (engine.stats.prefill_tokens, engine.stats.cached_tokens)
+        answer = chat.answer(text, io.StringIO())
+        assert (engine.stats.prefill_tokens - stats[0], engine.stats.cached_tokens - stats[1]) == (
+            len(prompt) - previous, previous)
+        assert answer == greedy(ckpt, [{"role": "system", "content": chat.system}, *chat.messages[:-1]])
+        previous = len(prompt)
+    assert previous > 40 and len(engine.prefix) == 3      # a window of 16: each turn's ring is kept
+
+
+def test_the_chat_verb_keeps_a_prefix_store(ckpt, monkeypatch, capsys):
+    made = []
+    original = Engine.__init__
+
+    def spy(self, *a, **kw):
+        made.append(kw.get("prefix_cache_bytes"))
+        original(self, *a, **kw)
+    monkeypatch.setattr(Engine, "__init__", spy)
+    chat(capsys, monkeypatch, ckpt, "Hello\n", "--prefix-cache-mib", "3")
+    chat(capsys, monkeypatch, ckpt, "Hello\n", "--prefix-cache-mib", "0")
+    assert made == [3 * 2**20, 0]

@@ -95,20 +95,34 @@ def test_mixtral_experts_are_views_of_the_stacked_blocks(tmp_path):
     assert type(back.layers["1"].feed_forward.gate) is torch.nn.Linear       # router stays float
 
 
-def test_unsupported_tensor_type_fails_naming_tensor_and_type(tmp_path, monkeypatch):
+# types llama.cpp writes that sirocco does not run
+UNSUPPORTED = ["IQ2_XXS", "IQ2_S", "IQ1_S", "IQ3_S", "TQ1_0", "TQ2_0", "Q8_1", "Q8_K"]
+
+
+@pytest.mark.parametrize("kind", UNSUPPORTED)
+def test_unsupported_tensor_type_fails_before_any_data_naming_tensor_type_and_list(tmp_path, monkeypatch, kind):
+    """A file holding a type sirocco does not run (raw bytes written under that type's header) is refused as
+    its header is read, naming the tensor, its type and the types sirocco reads: no tensor data is read."""
     model = load_model(BUNDLED / "sirocco-tiny")
     add = gguf.GGUFWriter.add_tensor
+    qtype = gguf.GGMLQuantizationType[kind]
 
-    def q5_0_for_wk(self, name, array, raw_shape=None, raw_dtype=None, **kw):
-        if name == "blk.1.attn_k.weight":           # (32, 64): 2 blocks of 22 bytes per row
-            array, raw_dtype = torch.zeros(32, 44, dtype=torch.uint8).numpy(), gguf.GGMLQuantizationType.Q5_0
+    def odd_type_for_wk(self, name, array, raw_shape=None, raw_dtype=None, **kw):
+        if name == "blk.1.attn_k.weight":           # 32 rows of one block of the type
+            array, raw_dtype = torch.zeros(32, gguf.GGML_QUANT_SIZES[qtype][1], dtype=torch.uint8).numpy(), qtype
         return add(self, name, array, raw_shape, raw_dtype, **kw)
 
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", q5_0_for_wk)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", odd_type_for_wk)
     save_gguf(model, tmp_path / "m.gguf", TINY_SP)
     monkeypatch.undo()
-    with pytest.raises(CheckpointError, match=r"blk\.1\.attn_k\.weight \(Q5_0\)"):
+    read = []
+    monkeypatch.setattr(GGUFFile, "_mapped", lambda self, info: read.append(info.name))
+    monkeypatch.setattr(GGUFFile, "_read_blocks", lambda self, infos: read.extend(infos))
+    with pytest.raises(CheckpointError, match=rf"tensor type not supported: blk\.1\.attn_k\.weight \({kind}\); "
+                                              r"sirocco reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, "
+                                              r"Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS$"):
         load_model(tmp_path / "m.gguf")
+    assert read == []
 
 
 @pytest.mark.parametrize("method,key", [("add_layer_norm_rms_eps", "llama.attention.layer_norm_rms_epsilon"),

@@ -313,7 +313,7 @@ def test_tensor_dimensions_types_offsets_and_overlaps(valid, tmp_path):
     refused(patched(s.dims[0], "<Q", 0), "has a dimension of size 0")
     refused(patched(s.dims[0], "<Q", 2**63), "ends past the end of the file")
     refused(patched(s.tensor_dims[q][0], "<Q", 33), r"rows of 33 values, not a multiple of its block of 32")
-    refused(patched(s.tensor_types[q], "<I", 6), r"tensor type not supported: blk\.0\.attn_q\.weight \(Q5_0\)")
+    refused(patched(s.tensor_types[q], "<I", 16), r"tensor type not supported: blk\.0\.attn_q\.weight \(IQ2_XXS\)")
     refused(patched(s.tensor_types[q], "<I", 4000), r"blk\.0\.attn_q\.weight \(type 4000\)")
     refused(patched(s.offsets[1], "<Q", offsets[1] + 1), "not a multiple of the alignment 32")
     refused(patched(s.offsets[1], "<Q", 2**64 - 32), "ends past the end of the file")

@@ -49,12 +49,13 @@ def test_quantized_while_loading_equals_quantized_after(folders, monkeypatch, la
     expected = backends.attach(want, "torch", quantize=fmt).quantized
     got, report = load_quantized(root / layout, fmt, dtype=dtype)
     assert_same_model(want, got)
-    assert (report.fmt, report.layers, report.kept) == (expected.fmt, expected.layers, expected.kept)
+    assert (report.mix, report.layers, report.kept, report.types) == (expected.mix, expected.layers, expected.kept,
+                                                                       expected.types)
     assert (report.bytes_before, report.bytes_after) == (expected.bytes_before, expected.bytes_after)
     if kind == "mixtral":                     # the experts' decode kernel reads one stacked buffer per matrix
         for layer in got.layers.values():
             moe = layer.feed_forward
-            assert moe.experts_kernel is not None and moe.experts_kernel.fmt == report.fmt
+            assert moe.experts_kernel is not None and moe.experts_kernel.fmt == {"int8": "q8_0", "int4": "q4_0"}[fmt]
             stacked = moe.experts_kernel.w1
             assert all(e.w1.qweight.data_ptr() == stacked[i].data_ptr() for i, e in enumerate(moe.experts))
 
@@ -71,7 +72,7 @@ def test_a_pipeline_stage_quantized_while_loading(folders):
 @pytest.mark.parametrize("name", ["sirocco-tiny", "sirocco-tiny-moe"])
 def test_load_with_quantize_reports_what_it_did(name):
     loaded = load(name, quantize="int8")
-    assert loaded.quantized is not None and loaded.quantized.fmt == "q8_0"
+    assert loaded.quantized is not None and loaded.quantized.mix == "Q8_0"
     assert loaded.quantized.bytes_after < loaded.quantized.bytes_before / 2
     assert loaded.quantized.layers == sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
     assert load(name).quantized is None

@@ -72,3 +72,43 @@ def test_quantize_at_load_keeps_embedding_norms_and_router_in_float():
                for e in layer.feed_forward.experts)
     assert report.bytes_after < report.bytes_before / 2.5 and report.layers == sum(
         isinstance(x, QuantLinear) for x in m.modules())
+
+
+@pytest.mark.parametrize("name", ["sirocco-tiny", "sirocco-tiny-moe"])
+def test_a_llama_cpp_mix_through_the_cli(tmp_path, capsys, name):
+    """``--type Q4_K_M`` (any case) writes the mix's type per tensor, the embedding quantized with it and the
+    file type MOSTLY_Q4_K_M; the file generates what ``--quantize q4_k_m`` at load generates."""
+    from sirocco.backends.quant.mixes import MixModel, tensor_type
+    from sirocco.checkpoint.names import from_gguf_name
+
+    out_file = tmp_path / "m.gguf"
+    out, _ = run(capsys, "quantize", name, str(out_file), "--type", "Q4_K_M", "--json", "--no-progress")
+    summary = json.loads(out)
+    assert (summary["type"], summary["mix"]) == ("q4_K_M", "Q4_K_M")
+    reader = gguf.GGUFReader(out_file)
+    assert int(reader.fields["general.file_type"].contents()) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    model = MixModel.of(load(name).model.args)
+    for t in reader.tensors:
+        sirocco_name, stacked = from_gguf_name(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))[1 if stacked else 0:]
+        want = tensor_type("Q4_K_M", sirocco_name.format(e=0), shape, model)
+        assert t.tensor_type.name == (want.upper() if want else "F32"), t.name
+    assert summary["embedding_type"] == "q5_0"              # q4_K's fallback: rows of 192 or 160 values
+
+    gen = ["generate", "--json", "--temperature", "0", "--max-tokens", "12", "--ignore-eos", "--no-progress",
+           "The sliding window", "Once upon a time"]
+    from_file, _ = run(capsys, *gen, "--model", str(out_file))
+    at_load, _ = run(capsys, *gen, "--model", name, "--quantize", "q4_k_m")
+    tokens = [[json.loads(line)["tokens"] for line in o.splitlines()] for o in (from_file, at_load)]
+    assert tokens[0] == tokens[1] and all(len(t) == 12 for t in tokens[0])
+
+
+def test_bad_mix_names_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "sirocco-tiny", "x.gguf", "--type", "q4_K_S"])
+    assert e.value.code == 2
+    assert "'q4_K_S' is not a mix; choose one of q8_0, q4_0, q4_K_M" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--quantize", "iq2_xxs", "x"])
+    assert e.value.code == 2
+    assert "'iq2_xxs' is not a quantization mix; choose one of int8, int4, q8_0" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import pytest
 
 from serve_fixtures import (
     assert_solo_under_load,
+    check_chat_reuse,
     free_port,
     generate_json,
     metric,
@@ -117,6 +118,21 @@ def test_chat_equals_generate_chat(ckpts, mistral):
     r2 = c.chat.completions.create(model="tiny-mistral", messages=[{"role": "user", "content": question}],
                                    max_completion_tokens=10, temperature=0)
     assert r2.choices[0].message.content == want["text"]
+
+
+def test_a_chat_turn_continues_from_the_last_ones_state(ckpts, mistral):
+    check_chat_reuse(mistral[0], ckpts["mistral"], "tiny-mistral")
+    assert mistral[1].engine.prefix is not None
+
+
+def test_without_a_prefix_store_nothing_is_cached(ckpts):
+    with serve(ckpts["mixtral"], "--prefix-cache-mib", "0") as (url, server):
+        body = dict(model="tiny-mixtral", prompt=PROMPTS[2], max_tokens=2, temperature=0)
+        for _ in range(2):
+            r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+            assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert server.engine.prefix is None
+        assert metric(httpx.get(url + "/metrics").text, "sirocco_prefix_cache_hit_tokens_total") == 0
 
 
 # -- concurrency --------------------------------------------------------------------------------------------------

@@ -71,13 +71,18 @@ def test_every_answer_validates_streamed_or_not(bundled, name):
         assert ch.finish_reason == "stop"
         jsonschema.validate(json.loads(ch.message.content), schema)
     stream = c.chat.completions.create(model="sirocco-tiny", messages=ASK, max_tokens=400, temperature=1.0, seed=11,
-                                       n=2, response_format=response_format(schema), stream=True)
-    texts, finish = ["", ""], [None, None]
+                                       n=2, response_format=response_format(schema), stream=True,
+                                       stream_options={"include_usage": True})
+    texts, finish, usage = ["", ""], [None, None], None
     for chunk in stream:
+        usage = chunk.usage or usage
         for ch in chunk.choices:
             texts[ch.index] += ch.delta.content or ""
             finish[ch.index] = ch.finish_reason or finish[ch.index]
     assert texts == [ch.message.content for ch in r.choices] and finish == ["stop"] * 2
+    # the same prompt again: it continued from the prefix store, all but its last token
+    assert usage.prompt_tokens == r.usage.prompt_tokens and usage.prompt_tokens_details.cached_tokens == \
+        r.usage.prompt_tokens - 1
     done = c.completions.create(model="sirocco-tiny", prompt="A dictionary:", max_tokens=400, temperature=0.8,
                                 seed=3, extra_body={"response_format": response_format(schema)})
     assert done.choices[0].finish_reason == "stop"
@@ -164,6 +169,8 @@ def test_auto_answers_text_or_calls_and_none_only_text(bundled):
         for seed in range(3):
             r = c.chat.completions.create(model="sirocco-tiny", messages=ASK, tools=TOOLS, tool_choice=choice,
                                           max_tokens=40, temperature=1.0, seed=seed)
+            if seed:                        # the same prompt again: continued from the prefix store
+                assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
             m = r.choices[0].message
             if m.tool_calls:
                 assert choice == "auto" and m.content is None

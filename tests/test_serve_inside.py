@@ -168,6 +168,47 @@ def test_row_trace_is_the_full_trace_restricted_to_the_row(attention):
                {k: one[b - 1][k] for k in ("window", "slots", "written", "mask")}
 
 
+def test_a_row_continued_from_the_prefix_store_is_traced_from_its_restored_positions():
+    """A request whose prompt starts with a stored one starts at m: its first RowStep carries the m restored
+    tokens, its RowTrace (and the engine's full trace) start from the slot map a pre-fill of them leaves, and after
+    its last step the map is the one `sirocco viz cache` records for its tokens pre-filled cold. Window 4, chunks
+    of 3: the stored ring has wrapped."""
+    model = build_model(preset("tiny-moe", sliding_window=4), seed=2)
+    full = Trace()
+    engine = Engine(model, None, max_rows=2, chunk_size=3, trace=full, prefix_cache_bytes=2**22)
+    stored = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3]
+    engine.generate([stored], greedy(2))
+    rec = Recorded(full)
+    prompt = stored + [8, 4, 6]
+    engine.add_request(prompt, greedy(6), observer=rec)
+    engine.add_request([2, 7, 1, 8], greedy(3))                  # beside it
+    done = {}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            if ev.completion is not None:
+                done[ev.completion.index] = ev.completion
+    [warm] = [c for c in done.values() if c.prompt_tokens == prompt]
+    m = warm.cached_tokens
+    assert m == len(stored)
+    first, *rest = rec.steps
+    assert first.start == m and list(first.restored) == stored and all(not st.restored for st in rest)
+    window = full.window
+    size = len(rec.events[0]["slots"])
+    assert size == 4
+    # the map before the first step's writes: the last S restored positions, each in slot p % S
+    ev = rec.events[0]
+    step = ev["steps"][0]
+    assert step["cached_tokens"] == m and "cached_tokens" not in rec.events[1]["steps"][0]
+    assert [p for p, _, _ in step["restored"]] == [p for p in sorted(ev["slots"]) if p < m]
+    assert all(stored[p] == t for p, t, _ in step["restored"])
+    for st, e, whole in zip(rec.steps, rec.events, rec.full_steps):
+        assert e["slots"] == whole.slots[window][st.row]                  # the engine's full trace agrees
+        assert None not in e["slots"]
+    seq = prompt + warm.tokens[:-1]
+    data, _ = viz.cache([seq], window=window, max_tokens=1, model=model)
+    assert rec.events[-1]["slots"] == data["steps"][-1]["rows"][0]
+
+
 # -- the server: /v1/inside, /v1/status, the page's files --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

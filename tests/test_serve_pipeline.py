@@ -22,6 +22,7 @@ from serve_fixtures import (
     PipelineServer,
     alive,
     assert_solo_under_load,
+    check_chat_reuse,
     failing_server_rank,
     generate_json,
     metric,
@@ -150,6 +151,11 @@ def test_top_logprobs_equal_the_one_process_server(pipeline, single):
 
 
 # -- concurrency, aborts, idling ----------------------------------------------------------------------------------
+def test_a_chat_turn_continues_from_the_last_ones_state_on_every_rank(pipeline, ckpts):
+    """Each rank restores its own layers' keys and values: the answer is the cold one of one process."""
+    check_chat_reuse(pipeline.url, ckpts["mistral"], "tiny-mistral")
+
+
 def test_concurrent_streams_get_their_solo_output(pipeline):
     # 8 streams over 4 rows: some wait for a row
     assert_solo_under_load(pipeline.url, mixed_jobs(7, span=17, seeded_tokens=12))

@@ -20,6 +20,7 @@ from sirocco.cli import main
 from web_fixtures import (
     REQUIRED,
     browser,
+    inside_request,
     missing,
     open_page,
     seed_conversation,
@@ -152,10 +153,11 @@ def test_inside_slot_map_equals_viz_cache_for_the_same_tokens(chrome, tiny):
         # two questions of the same length one after the other: the second's cells hold the same positions, and
         # must show its own tokens
         for question in (QUESTION, "What does the for statement do?"):
+            before = inside_request(pg)
             pg.click("#new-chat")
             send(pg, question)
             wait_answer(pg)
-            wait_inside_done(pg)
+            wait_inside_done(pg, after=before)
             page_slots = slot_map(pg)
             want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "80")[0]
             held = (want["prompt_tokens"] + want["tokens"])[:-1]   # the last token sampled never went through
@@ -169,6 +171,33 @@ def test_inside_slot_map_equals_viz_cache_for_the_same_tokens(chrome, tiny):
             assert "wrapped" in pg.text_content("#cache-caption")
             mask = pg.eval_on_selector("#mask", "c => [Number(c.dataset.queries), Number(c.dataset.keys)]")
             assert mask == [1, 64]                             # the last step: one decode query over the 64 slots
+        assert p.console_errors() == [] and p.foreign() == []
+
+
+def test_a_regenerated_answer_shows_the_prompt_it_took_from_the_prefix_store(chrome, tiny):
+    """Regenerate sends the same prompt again: the server restores all of it but its last token, and the panel's
+    slot map shows those positions with their tokens (no step brought them) and says how many it reused."""
+    url, _ = tiny
+    question = "Explain in a few words why a rolling buffer keeps only the last keys and values of a window."
+    with open_page(chrome, url + "/") as p:
+        pg = p.page
+        settings(pg, temperature=0, max_tokens=8)
+        pg.click("#new-chat")
+        send(pg, question)
+        first = wait_answer(pg)["text"]
+        wait_inside_done(pg)
+        before = inside_request(pg)
+        pg.click("article.assistant button.regenerate")
+        wait_inside_done(pg, after=before)
+        assert wait_answer(pg)["text"] == first
+        want = generate_json("sirocco-tiny", [question], "--chat", "--max-tokens", "8")[0]
+        held = (want["prompt_tokens"] + want["tokens"])[:-1]
+        assert 16 < len(want["prompt_tokens"]) and len(held) <= 64              # stored, and not wrapped
+        reused = len(want["prompt_tokens"]) - 1
+        assert f"({reused} from the prefix store)" in pg.text_content("#inside-note")
+        cells = [c for c in slot_map(pg) if c["pos"] is not None]
+        assert [c["pos"] for c in cells] == list(range(len(held)))
+        assert [c["token"] for c in cells] == held
         assert p.console_errors() == [] and p.foreign() == []
 
 

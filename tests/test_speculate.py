@@ -535,3 +535,32 @@ def test_structured_outputs_keep_their_answers_under_speculation():
     for c in spec:
         assert c.finish_reason == "stop" and set(json.loads(c.text)) == {"items", "n"}
     assert engine.stats.accepted_tokens > 0
+
+
+def test_an_observed_request_sees_its_drafts_and_how_many_it_kept():
+    """What the chat page's step timeline shows: per verify step, the draft tokens the row verified, and from its
+    cached count after the rollback how many it kept; over the run they add up to the engine's counts."""
+    from sirocco.viz.inside import RowTrace
+
+    model = model_for("mistral")
+    prompt = prompts_for()[0]
+    seen = []
+
+    class Keep:
+        def on_row_step(self, step):
+            seen.append(step)
+
+    engine = Engine(model, None, max_rows=2, chunk_size=4, max_seq_len=96,
+                    speculation=Speculation(known_drafter(model, [prompt], GREEDY, p=0.6), draft_tokens=3,
+                                            cost_curve=FLAT))
+    engine.add_request(prompt, GREEDY, observer=Keep())
+    while engine.has_unfinished():
+        engine.step()
+    verified = [s for s in seen if s.drafted]
+    assert verified and all(len(s.tokens) == s.drafted + 1 for s in verified)
+    kept = [s.cached - s.start - 1 for s in verified]
+    assert all(0 <= k <= s.drafted for k, s in zip(kept, verified)) and 0 < sum(kept) < sum(s.drafted for s in verified)
+    assert (sum(s.drafted for s in verified), sum(kept)) == (engine.stats.proposed_tokens, engine.stats.accepted_tokens)
+    event = RowTrace().event(seen)                                   # the page's event over the whole run
+    assert [(e["proposed_tokens"], e["accepted_tokens"]) for e in event["steps"] if "proposed_tokens" in e] == \
+        [(s.drafted, k) for s, k in zip(verified, kept)]

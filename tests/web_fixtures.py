@@ -121,8 +121,16 @@ def wait_answer(pg, timeout: float = 120) -> dict:
     }""")
 
 
-def wait_inside_done(pg, timeout: float = 60) -> None:
-    pg.wait_for_selector("#inside[data-state=done]", timeout=timeout * 1000)
+def inside_request(pg) -> str:
+    """The request the inside panel follows ("" before the first)."""
+    return pg.get_attribute("#inside", "data-request") or ""
+
+
+def wait_inside_done(pg, after: str = "", timeout: float = 60) -> None:
+    """Wait until the inside panel shows a finished request other than ``after`` (the one it showed before the
+    action that sent a new one: until the new request's stream starts, the panel still shows the old one done)."""
+    pg.wait_for_function("""(after) => { const e = document.getElementById('inside');
+        return e.dataset.state === 'done' && e.dataset.request !== after; }""", arg=after, timeout=timeout * 1000)
 
 
 def slot_map(pg) -> list[dict]:

@@ -75,10 +75,10 @@ def load(name_or_path: Optional[str], dtype: torch.dtype = torch.float32, device
     for CPU models of 256 MiB or more, else the plain-PyTorch reference) with the pre-fill attention path
     ``prefill``. Bundled weights are stored in bfloat16 and converted to ``dtype`` while loading.
 
-    ``quantize`` (``int8``/``int4``, or ``q8_0``/``q4_0``): the linear layers quantized, each weight as it is read
-    from a checkpoint folder (the float model never exists whole; ``checkpoint.read_model``), a GGUF file's
-    float ones and the demo model's after reading. The bytes before and after are logged and kept in
-    ``Loaded.quantized``."""
+    ``quantize`` (a mix: ``q4_K_M``, ``q5_K_M``, ``q6_K``, ``q3_K_M``, ``q2_K``, ``iq4_xs``, ``q8_0``/``int8``,
+    ``q4_0``/``int4``; backends/quant/convert.py): the linear layers quantized, each weight as it is read from a
+    checkpoint folder (the float model never exists whole; ``checkpoint.read_model``), a GGUF file's float ones
+    and the demo model's after reading. The bytes before and after are logged and kept in ``Loaded.quantized``."""
     if name_or_path == DEMO:
         model, tokenizer = _demo(dtype, device)
         parts, source = ModelParts(model, {}), f"{DEMO} (random weights, {dtype}, {device})"

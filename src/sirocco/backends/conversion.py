@@ -6,8 +6,9 @@ backend with a weight format. It is the only code that replaces the model's modu
    parameters), every attention layer gets the reference ops with the pre-fill path ``prefill``, and float
    experts lose their kernel;
 2. the weights: ``QuantLinear`` over the ``blocks`` a loader read (module path -> ``QuantizedTensor``: a GGUF
-   file's, or a checkpoint's quantized while it was read), then the float linear layers that ``quantize``
-   (int8 / int4) quantizes, quantized now (quant/convert.py says which layers, in which format);
+   file's, or a checkpoint's quantized while it was read), then the float linear layers that the mix
+   ``quantize`` names (``q4_K_M``, ``int8``, ...: quant/convert.py says which layers, in which type) quantizes,
+   quantized now, and the token embedding rounded through its type where the mix stores it quantized;
 3. the kernels of quantized weights: each MoE layer's experts stacked for one ``qmoe`` call, the projections that
    share an input fused (quant/linear.py);
 4. the backend: ``torch`` is step 1's reference; ``cpu`` replaces modules by C++-backed ones and hands the
@@ -47,6 +48,9 @@ class Conversion:
     backend: str
     prefill: str
     quantized: Optional[QuantReport] = None
+    # the token embedding's blocks where this pass rounded it through a type (the model holds their values in
+    # float): what a GGUF writer stores for it; not kept by the model
+    embedding: Optional[QuantizedTensor] = None
 
 
 def choose(model: nn.Module, name: Optional[str] = "auto") -> str:
@@ -72,6 +76,7 @@ def attach(model: nn.Module, backend: Optional[str] = "auto", quantize: Optional
     if blocks:
         quant.use_blocks(model, blocks)
     kept = quant.quantize_linears(model, quantize, progress) if quantize else []
+    embedding = quant.quantize_embedding(model, quantize) if quantize else None
     unloaded = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unloaded:
         raise RuntimeError(f"attach: tensors without data (a loader left them on the meta device): "
@@ -83,7 +88,7 @@ def attach(model: nn.Module, backend: Optional[str] = "auto", quantize: Optional
         t0 = time.perf_counter()
         cpu.attach(model, prefill)
         log.info("backend cpu: %s; ready in %.1f s", cpu.warm_up(model), time.perf_counter() - t0)
-    return Conversion(name, prefill, report)
+    return Conversion(name, prefill, report, embedding)
 
 
 def backend_of(model: nn.Module) -> str:

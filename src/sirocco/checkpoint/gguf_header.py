@@ -18,8 +18,10 @@ be a multiple of 32 and offset + 204 must fit in the file after byte 1024.
 
 What is kept: scalar values as Python values, numeric arrays as numpy views of the mapped file (no copy), string
 arrays as ``StringArray`` (each string decoded when read); tensors as ``TensorInfo`` with their logical shape
-outermost first (torch's order). Only the five tensor types sirocco reads have known sizes here; a file with
-another type is refused naming each tensor and its type.
+outermost first (torch's order). Only the tensor types sirocco reads have known sizes here (the float types, and
+every block type of backends/quant/layouts.py: q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_K to q6_K, iq4_xs); a file
+with another type (IQ1_*, IQ2_*, IQ3_*, TQ1_0, TQ2_0, Q8_1, Q8_K, ...) is refused naming each tensor and its
+type, before any tensor data is read.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from ..backends.quant.layouts import LAYOUTS
 from ..errors import ModelFileError
 
 MAGIC = b"GGUF"
@@ -38,9 +41,11 @@ HEADER_BYTES = 24
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4                    # ggml's tensors have at most 4 dimensions
 
-# ggml tensor types sirocco reads: number -> (name, elements per block, bytes per block)
-TYPES: dict[int, tuple[str, int, int]] = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
-                                          8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18)}
+# ggml tensor types sirocco reads: number -> (name, elements per block, bytes per block); the block types' sizes
+# are layouts.py's (the layouts the kernels run), their names GGUF's (Q4_K for layouts' q4_K)
+TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2),
+    **{lay.ggml_type: (lay.name.upper(), lay.values, lay.bytes) for lay in LAYOUTS.values()}}
 READ_TYPES = tuple(name for name, _, _ in TYPES.values())
 
 # metadata value types: number -> (name, struct format of one item or None)

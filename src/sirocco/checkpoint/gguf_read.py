@@ -5,10 +5,12 @@
 - ``args()``: the ``ModelArgs`` of the ``llama.*`` metadata (Mistral and Mixtral files, as llama.cpp writes them);
 - ``read(...)``: the model's weights as a ``GGUFWeights``: float tensors by sirocco name (F32, F16, BF16;
   converted to the dtype asked, or left memory-mapped where used as stored) and the blocks of its quantized
-  linear weights (Q8_0, Q4_0) by module path, byte for byte with no re-quantization: on CPU read once into
-  huge-page memory (backends/quant/hugepages.py), where decode reads them faster than from the file's mapping,
-  elsewhere copied to the device. A quantized embedding or router is dequantized (sirocco keeps those in float).
-  Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape (E, N, K)) give each expert a row of one buffer;
+  linear weights by module path, in any block type of backends/quant/layouts.py (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+  IQ4_NL, Q2_K to Q6_K, IQ4_XS: every type llama.cpp's standard mixes write), byte for byte with no
+  re-quantization: on CPU read once into huge-page memory (backends/quant/hugepages.py), where decode reads them
+  faster than from the file's mapping, elsewhere copied to the device. A quantized embedding or router is
+  dequantized (sirocco keeps those in float). Mixtral's stacked experts (``blk.i.ffn_gate_exps`` of shape
+  (E, N, K)) give each expert a row of one buffer;
 - ``tokenizer()``: the sentencepiece tokenizer of its vocabulary (tokenizer/gguf_vocab.py).
 
 Nothing here builds or replaces a module: the loader (read.py) builds the model from the float tensors and the
@@ -31,8 +33,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..backends.quant.convert import dequantize_rows
 from ..backends.quant.formats import QuantizedTensor
 from ..backends.quant.hugepages import huge_page_tensors
+from ..backends.quant.layouts import LAYOUTS
 from ..config import ModelArgs, MoeArgs
 from ..errors import ConfigError, ModelFileError, TokenizerError
 from ..model import Transformer
@@ -45,7 +49,7 @@ log = logging.getLogger(__name__)
 
 ARCH = "llama"
 SUFFIX = ".gguf"
-QUANT_FORMATS = {"Q8_0": "q8_0", "Q4_0": "q4_0"}
+QUANT_FORMATS = {name.upper(): name for name in LAYOUTS}          # GGUF's Q4_K -> layouts' q4_K
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Kept in float even where the file quantizes them: the embedding (a table lookup) and the MoE router (small, and
 # a change in its logits changes which experts run).
@@ -90,6 +94,7 @@ class GGUFWeights:
     blocks: dict[str, QuantizedTensor]
     types: dict[str, int] = field(default_factory=dict)      # tensors read, by GGUF type
     dequantized: list[str] = field(default_factory=list)      # quantized in the file, float in sirocco
+    embedding_type: Optional[str] = None                      # the block type the embedding was dequantized from
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -347,10 +352,12 @@ class GGUFFile:
                 continue
             if info.quantized:
                 out.dequantized.append(f"{entry.describe()} ({info.type})")
+                if name == "tok_embeddings.weight":
+                    out.embedding_type = QUANT_FORMATS[info.type]
                 raw = self._mapped(info)
                 qt = QuantizedTensor(raw if entry.expert is None else raw[entry.expert], QUANT_FORMATS[info.type],
                                      entry.shape)
-                out.state[name] = qt.dequantize().to(device=device, dtype=dtype)
+                out.state[name] = dequantize_rows(qt, dtype, device)
                 continue
             if info.name not in converted:
                 t = self._mapped(info)

@@ -1,9 +1,12 @@
 """Writing a model as a GGUF file llama.cpp loads (``save_gguf``): its metadata in llama.cpp's keys, the vocabulary
 of a sentencepiece ``tokenizer.model``, and the tensors the model holds in llama.cpp's names (names.py).
 
-``QuantLinear`` blocks are written byte for byte as Q8_0/Q4_0; norms and the MoE router as F32 (as llama.cpp's
-converter and quantize leave them); the other float tensors (the embedding, and linear layers kept in float) in
-the float dtype asked. A MoE layer's experts are written stacked (``blk.i.ffn_gate_exps``, (E, N, K)).
+``QuantLinear`` blocks are written byte for byte in their type (``QuantLinear.file_blocks``: Q8_0, Q4_K, IQ4_XS,
+...); norms and the MoE router as F32 (as llama.cpp's converter and quantize leave them); the token embedding as
+the blocks given for it (``embedding=``: llama.cpp's mixes store it quantized, and sirocco's conversion pass
+hands out the blocks it rounded the table through) or else in the float dtype asked, as are linear layers kept
+in float. A MoE layer's experts are written stacked (``blk.i.ffn_gate_exps``, (E, N, K)). ``general.file_type``
+is the mix's (``MOSTLY_Q4_K_M`` for ``Q4_K_M``).
 
 This module imports the ``gguf`` package (its writer) at the top; ``checkpoint/__init__`` does not import this
 module, because the package is slow to import and only writing needs it (``sirocco quantize``).
@@ -21,7 +24,9 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 from tqdm import tqdm
 
+from ..backends.quant.formats import QuantizedTensor
 from ..backends.quant.linear import QuantLinear
+from ..backends.quant.mixes import MIXES, mix_name
 from ..config import ModelArgs
 from ..errors import CheckpointError
 from ..model import Transformer
@@ -32,25 +37,30 @@ from .names import GGUF_EXPERTS, gguf_experts_name, to_gguf_name
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
-FILE_TYPES = {"Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-              torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
-              torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
+FLOAT_FILE_TYPES = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+                    torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}
 
 
 def save_gguf(model: Transformer, path: str | Path, tokenizer_model: str | Path, float_dtype: torch.dtype =
-              torch.float16, name: Optional[str] = None, progress: Optional[bool] = None) -> dict:
-    """Write ``model`` (a whole model, not a pipeline stage) as a GGUF file (see the module docstring). Returns a
-    summary: ``tensors`` (count by GGUF type), ``tensor_bytes``, ``file_bytes``."""
+              torch.float16, name: Optional[str] = None, progress: Optional[bool] = None, mix: Optional[str] = None,
+              embedding: Optional[QuantizedTensor] = None) -> dict:
+    """Write ``model`` (a whole model, not a pipeline stage) as a GGUF file (see the module docstring): ``mix``
+    (``Q4_K_M``, any case) names its ``general.file_type`` (default: the mix whose default type the first layer's
+    wq holds, else the float dtype), ``embedding`` the token embedding's blocks (default: the table in
+    ``float_dtype``). Returns a summary: ``tensors`` (count by GGUF type), ``tensor_bytes``, ``file_bytes``."""
     if model.tok_embeddings is None or model.output is None or len(model.layers) != model.args.n_layers:
         raise CheckpointError("save_gguf writes whole models, not pipeline stages")
+    if embedding is not None and embedding.shape != tuple(model.tok_embeddings.weight.shape):
+        raise CheckpointError(f"embedding blocks of shape {list(embedding.shape)} for a table of shape "
+                              f"{list(model.tok_embeddings.weight.shape)}")
     if isinstance(model.args.sliding_window, list):
         raise CheckpointError("sliding_window: a per-layer list of windows has no GGUF 'llama' equivalent")
     path = Path(path)
     w = gguf.GGUFWriter(str(path), ARCH)
     add_metadata(w, model.args, name or path.stem)
     add_vocabulary(w, vocab_from_sentencepiece(str(tokenizer_model), model.args.vocab_size))
-    counts, total = add_tensors(w, model, float_dtype, progress)
-    w.add_file_type(file_type(model, float_dtype))
+    counts, total = add_tensors(w, model, float_dtype, progress, embedding)
+    w.add_file_type(file_type(model, float_dtype, mix))
     if any(kind in QUANT_FORMATS for kind in counts):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.write_header_to_file()
@@ -104,9 +114,10 @@ def add_vocabulary(w: gguf.GGUFWriter, vocab: GGUFVocab) -> None:
     w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
 
 
-def add_tensors(w: gguf.GGUFWriter, model: Transformer, float_dtype: torch.dtype, progress: Optional[bool]
-                ) -> tuple[dict[str, int], int]:
-    """Every tensor of ``model`` in llama.cpp's names and order; returns the count by GGUF type and the bytes."""
+def add_tensors(w: gguf.GGUFWriter, model: Transformer, float_dtype: torch.dtype, progress: Optional[bool],
+                embedding: Optional[QuantizedTensor] = None) -> tuple[dict[str, int], int]:
+    """Every tensor of ``model`` in llama.cpp's names and order (the embedding as ``embedding``'s blocks where
+    given); returns the count by GGUF type and the bytes."""
     counts: dict[str, int] = {}
     total = 0
 
@@ -120,7 +131,10 @@ def add_tensors(w: gguf.GGUFWriter, model: Transformer, float_dtype: torch.dtype
         return float_array(weight, torch.float32)
 
     assert model.tok_embeddings is not None and model.norm is not None and model.output is not None
-    add("token_embd.weight", *float_array(model.tok_embeddings.weight, float_dtype))
+    if embedding is not None:
+        add("token_embd.weight", embedding.data.detach().cpu().contiguous().numpy(), Q[embedding.fmt.upper()])
+    else:
+        add("token_embd.weight", *float_array(model.tok_embeddings.weight, float_dtype))
     for i, layer in tqdm(list(model.layers.items()), desc="writing layers", unit="layer", leave=False,
                          disable=None if progress is None else not progress):
         p = f"layers.{i}."
@@ -154,7 +168,8 @@ def float_array(t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, Q]:
 
 
 def linear_array(module: nn.Module, float_dtype: torch.dtype) -> tuple[np.ndarray, Q]:
-    """A linear layer's weight: a ``QuantLinear``'s blocks as they are, a float one in ``float_dtype``."""
+    """A linear layer's weight: a ``QuantLinear``'s blocks in the file's layout (``file_blocks``), a float one in
+    ``float_dtype``."""
     if isinstance(module, QuantLinear):
         return module.file_blocks().detach().cpu().contiguous().numpy(), Q[module.fmt.upper()]
     weight = getattr(module, "weight", None)
@@ -163,7 +178,13 @@ def linear_array(module: nn.Module, float_dtype: torch.dtype) -> tuple[np.ndarra
     return float_array(weight, float_dtype)
 
 
-def file_type(model: Transformer, float_dtype: torch.dtype) -> gguf.LlamaFileType:
-    """``general.file_type``: the quantized format of the first layer's wq, else the float dtype."""
+def file_type(model: Transformer, float_dtype: torch.dtype, mix: Optional[str] = None) -> gguf.LlamaFileType:
+    """``general.file_type``: the mix's; without one, the mix whose default type the first layer's wq holds
+    (q4_K: MOSTLY_Q4_K_M), a file of that one type (q5_0: MOSTLY_Q5_0), else the float dtype."""
+    if mix is not None:
+        return gguf.LlamaFileType[MIXES[mix_name(mix)][1]]
     wq = model.layers[next(iter(model.layers))].attention.wq  # type: ignore[union-attr]
-    return FILE_TYPES[wq.fmt.upper() if isinstance(wq, QuantLinear) else float_dtype]
+    if not isinstance(wq, QuantLinear):
+        return FLOAT_FILE_TYPES[float_dtype]
+    by_default = {default: kind for default, kind in reversed(MIXES.values())}
+    return gguf.LlamaFileType[by_default.get(wq.fmt, f"MOSTLY_{wq.fmt.upper()}")]

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .. import backends
 from ..backends.moe import expert_groups
 from ..backends.quant import formats
-from ..backends.quant.convert import QuantReport, empty_blocks
+from ..backends.quant.convert import ROUNDED_THROUGH, QuantReport, empty_blocks, quantize_weight
 from ..backends.quant.formats import QuantizedTensor
 from ..config import ModelArgs
 from ..errors import CheckpointError
@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 
 # Weights read, converted and quantized at once when quantizing while loading (at least one row, or one head of
-# wq/wk): 4 MiB in fp32, so the pass's own memory is a small fraction of even a small quantized model.
+# wq/wk): 256 KiB in fp32 for q8_0 and q4_0, whose quantizers are a few vector operations; SEARCH_PIECES times that
+# for the types whose scales come from a search, so that the quantizer spreads each piece over its pool of threads
+# (quantizers.CHUNK_VALUES each). Either way the pass's own memory is a small fraction of a quantized model.
 QUANTIZE_CHUNK = 2**16
+SEARCH_PIECES = 4
 
 Source = Union[str, Path, GGUFFile]
 
@@ -60,25 +63,26 @@ def load_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
     Args:
         path: a folder with ``params.json`` + ``consolidated.safetensors`` / ``consolidated.00.pth``, or
             ``config.json`` + ``model.safetensors`` / sharded ``model-*.safetensors`` with their index, or a
-            ``.gguf`` file (or an open ``GGUFFile``: its q8_0/q4_0 weights stay quantized, as ``QuantLinear``).
+            ``.gguf`` file (or an open ``GGUFFile``: its quantized weights stay quantized, as ``QuantLinear``).
         dtype, device: of the loaded weights (converted tensor by tensor while reading).
         max_seq_len: overrides the config's (it sizes the KV cache of layers without a window).
         layers, embed, head: load only these layers / the embedding / the final norm and output (a pipeline
             stage); the other tensors are not read.
         progress: a progress bar over tensors (default: when standard error is a terminal).
-        quantize: ``int8`` / ``int4`` (or ``q8_0`` / ``q4_0``): the model that quantizing the loaded one gives,
-            bit for bit, with each linear weight of a folder quantized as it is read (see ``read_model``).
+        quantize: a mix (``q4_K_M``, ``q5_K_M``, ``q6_K``, ``q3_K_M``, ``q2_K``, ``iq4_xs``, ``q8_0`` / ``int8``,
+            ``q4_0`` / ``int4``): the model that quantizing the loaded one gives, bit for bit, with each linear
+            weight of a folder quantized as it is read (see ``read_model``).
     """
     return _load(path, dtype, device, max_seq_len, layers, embed, head, progress, quantize, backend, prefill)[0]
 
 
-def load_quantized(path: Source, fmt: str, dtype: torch.dtype = torch.float32,
+def load_quantized(path: Source, mix: str, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu", max_seq_len: Optional[int] = None,
                    layers: Optional[list[int]] = None, embed: bool = True, head: bool = True,
                    progress: Optional[bool] = None, backend: Optional[str] = "torch"
                    ) -> tuple[Transformer, QuantReport]:
-    """``load_model`` quantizing to ``fmt``, and the report (layers, bytes before and after) of the quantization."""
-    model, conversion = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, fmt, backend,
+    """``load_model`` quantizing to ``mix``, and the report (layers, bytes before and after) of the quantization."""
+    model, conversion = _load(path, dtype, device, max_seq_len, layers, embed, head, progress, mix, backend,
                               "per_sequence")
     assert conversion.quantized is not None
     return model, conversion.quantized
@@ -108,6 +112,8 @@ def read_model(path: Source, dtype: torch.dtype = torch.float32, device: torch.d
         gguf = path if isinstance(path, GGUFFile) else GGUFFile(path)
         weights = gguf.read(dtype, device, max_seq_len, layers, embed, head, progress)
         model = _assemble(weights.args, weights.state, weights.blocks, dtype, layers, embed, head)
+        if weights.embedding_type is not None and model.tok_embeddings is not None:
+            setattr(model.tok_embeddings, ROUNDED_THROUGH, weights.embedding_type)     # never rounded again
         log.info("loaded %s (GGUF) as %s on %s", gguf.path, str(dtype).replace("torch.", ""), device)
         return ModelParts(model, weights.blocks)
     layout = find_layout(path)
@@ -171,19 +177,20 @@ def _expert_stacks(model: Transformer, wanted: dict[str, tuple[int, ...]], dtype
 
 def _quantize_into(out: torch.Tensor, fmt: str, files: TensorFiles, stored: str, name: str, args: ModelArgs,
                    layout_format: str, dtype: torch.dtype) -> None:
-    """Write the stored weight ``stored`` quantized to ``fmt`` into the blocks ``out``, ``QUANTIZE_CHUNK`` weights
+    """Write the stored weight ``stored`` quantized to type ``fmt`` into the blocks ``out``, ``QUANTIZE_CHUNK`` weights
     (whole heads of wq/wk, whose rows the Hugging Face layout permutes within a head) at a time, each converted to
     ``dtype`` first as a loaded weight would be: the bits of ``quantize(loaded weight)``, since blocks run along
     rows."""
     rows, k = files.shape(stored)
     heads = rope_heads(name, args.n_heads, args.n_kv_heads) if layout_format == HF else None
     unit = rows // heads if heads else 1
-    step = max(unit, QUANTIZE_CHUNK // k // unit * unit)
+    values = QUANTIZE_CHUNK * (1 if fmt in formats.FORMATS else SEARCH_PIECES)
+    step = max(unit, values // k // unit * unit)
     with torch.no_grad():
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             chunk = _read(files, stored, name, args, layout_format, rows=(r0, r1))
-            out[r0:r1].copy_(formats.quantize(chunk.to(dtype), fmt))
+            out[r0:r1].copy_(quantize_weight(chunk.to(dtype), fmt))
 
 
 def read_state_dict(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], Layout]:

@@ -1,12 +1,14 @@
 """``sirocco chat``: talk with a model in the terminal, over the same Engine the server uses.
 
 The conversation is kept as chat messages and encoded with the model's chat template at every turn (the same
-``tokenizer.encode_chat`` as ``generate --chat``). Commands: /reset forgets the conversation, /system TEXT sets
-the system prompt (and resets), /exit leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer
-and keeps what was written; the engine is only ever interrupted between steps. With standard input from a pipe,
-each line is one user turn of one conversation: the answers are printed, one after another, and the verb exits
-at the end of the input. With ``--web``, the verb serves the chat page instead (``sirocco serve``'s app on
-127.0.0.1 only) and prints its address.
+``tokenizer.encode_chat`` as ``generate --chat``). The engine's prefix store (``--prefix-cache-mib``) keeps the
+pre-filled state of each turn's prompt, so the next turn, which starts with it, pre-fills only the answer and the
+new message. Commands: /reset forgets the conversation, /system TEXT sets the system prompt (and resets), /exit
+leaves (so does Ctrl-D). Ctrl-C while an answer streams stops that answer and keeps what was written; the engine is
+only ever interrupted between steps. With standard input from a pipe, each line is one user turn of one
+conversation: the answers are printed, one after another, and the verb exits at the end of the input. With
+``--web``, the verb serves the chat page instead (``sirocco serve``'s app on 127.0.0.1 only) and prints its
+address.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .options import (
     add_speculation_arguments,
     int_in,
     load_from_args,
+    prefix_cache_bytes,
     speculation_from_args,
 )
 
@@ -44,7 +47,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sampling")
     s.add_argument("--system", default=None, metavar="TEXT", help="system prompt of the conversation")
     add_sampling_arguments(s, max_tokens=512, seed=None, per="answer")
-    add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True)
+    add_engine_arguments(p.add_argument_group("engine"), rows=False, chunks=False, max_seq_len=True,
+                         prefix_cache=True)
     add_speculation_arguments(p.add_argument_group("speculative decoding"))
     w = p.add_argument_group("web")
     w.add_argument("--web", action="store_true",
@@ -142,7 +146,8 @@ def run_web(args: argparse.Namespace) -> int:
     model_thread = ModelThread()             # loaded, built and run on one thread (see serve.model_thread)
     loaded = model_thread.call(load_from_args, args)
     engine = model_thread.call(lambda: Engine(loaded.model, loaded.tokenizer, max_rows=WEB_ROWS,
-                                              max_seq_len=args.max_seq_len))
+                                              max_seq_len=args.max_seq_len,
+                                              prefix_cache_bytes=prefix_cache_bytes(args)))
     app = build_app(engine, loaded.tokenizer, served_name(args.model), model_thread=model_thread,
                     inside=RowTrace)
     port = sock.getsockname()[1]
@@ -161,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         return run_web(args)
     loaded = load_from_args(args)
     engine = Engine(loaded.model, loaded.tokenizer, max_rows=1, max_seq_len=args.max_seq_len,
-                    speculation=speculation_from_args(args, loaded))
+                    speculation=speculation_from_args(args, loaded),
+                    prefix_cache_bytes=prefix_cache_bytes(args))
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed)

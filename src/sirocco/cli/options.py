@@ -13,6 +13,7 @@ from typing import BinaryIO, Callable, Optional
 
 import torch
 
+from ..backends.quant.convert import QUANTIZE
 from ..distributed.launch import DEFAULT_TIMEOUT_S
 from ..errors import SiroccoError
 from ..pretrained import DEFAULT_MODEL, DEMO, Loaded, bundled_models, load
@@ -194,10 +195,13 @@ def add_sampling_arguments(g: argparse._ActionsContainer, max_tokens: int, seed:
                    help=f"random seed, a 64-bit signed integer; {per} i samples with seed + i (default {seed})")
 
 
+DEFAULT_PREFIX_CACHE_MIB = 1024
+
+
 def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunks: bool = True,
-                         max_seq_len: bool = False) -> None:
+                         max_seq_len: bool = False, prefix_cache: bool = False) -> None:
     """The engine's sizes and what computes the model: --max-rows, --chunk-size, --max-batch-tokens,
-    --max-seq-len (where asked), --attention, --backend."""
+    --max-seq-len and --prefix-cache-mib (where asked), --attention, --backend."""
     from ..backends import BACKENDS
     if rows:
         g.add_argument("--max-rows", type=positive_int, default=8,
@@ -211,6 +215,12 @@ def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunk
     if max_seq_len:
         g.add_argument("--max-seq-len", type=positive_int, default=None,
                        help="longest prompt + generation in tokens; sizes the cache (default: the model's context)")
+    if prefix_cache:
+        g.add_argument("--prefix-cache-mib", type=non_negative_float, default=DEFAULT_PREFIX_CACHE_MIB, metavar="MIB",
+                       help="keep the pre-filled state of prompts in a store of this many MiB (keys and values of "
+                            "every layer; least recently used first out), so a prompt that starts with a stored "
+                            "one, such as a chat's next turn, pre-fills only what is new; 0 turns it off (default "
+                            f"{DEFAULT_PREFIX_CACHE_MIB})")
     g.add_argument("--attention", choices=["per_sequence", "dense"], default="per_sequence",
                    help="pre-fill attention: one call per sequence (fast) or one explicit mask (reference)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -218,12 +228,29 @@ def add_engine_arguments(g: argparse._ActionsContainer, rows: bool = True, chunk
                         "built once at first use), auto (cpu for CPU models of 256 MiB or more)")
 
 
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """The engine's ``prefix_cache_bytes`` from --prefix-cache-mib."""
+    return int(args.prefix_cache_mib * SIZE_UNITS["MIB"])
+
+
 def add_progress_argument(g: argparse._ActionsContainer) -> None:
     """--no-progress."""
     g.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
 
 
-QUANTIZE = ("int8", "int4")
+def quantization(text: str) -> str:
+    """A ``--quantize`` mix, in any case, as ``QUANTIZE`` spells it: ``Q4_K_M`` -> ``q4_K_M``, ``INT8`` -> ``int8``."""
+    for name in QUANTIZE:
+        if name.lower() == text.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"{text!r} is not a quantization mix; choose one of {', '.join(QUANTIZE)}")
+
+
+QUANTIZE_HELP = ("quantize the linear layers at load with a mix of GGUF block types (any case): q8_0 (or int8) "
+                 "and q4_0 (or int4), every attention and feed-forward weight in that type and the output head "
+                 "q8_0; or llama.cpp's q4_K_M, q5_K_M, q6_K, q3_K_M, q2_K, iq4_xs, its type per tensor and the "
+                 "embedding rounded through the mix's type as its files store it ('sirocco quantize --help' "
+                 "describes each). Norms and the MoE router stay in --dtype")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -237,9 +264,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and activations dtype (default float32; bfloat16 halves memory and is faster "
                         "for large models on CPUs with AVX512-BF16)")
-    g.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="quantize the linear layers at load: int8 = GGUF q8_0, int4 = q4_0 blocks of 32 (the output "
-                        "head q8_0 in both; embedding, norms and MoE router stay in --dtype)")
+    g.add_argument("--quantize", type=quantization, default=None, metavar="MIX", help=QUANTIZE_HELP)
     add_machine_arguments(g)
 
 

@@ -28,6 +28,7 @@ from .options import (
     load_from_args,
     non_negative_int,
     positive_float,
+    prefix_cache_bytes,
     speculation_from_args,
 )
 
@@ -77,7 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help=f"largest request body in MiB; a larger one gets 413 before it is read (default "
                         f"{DEFAULT_MAX_BODY_MIB}: a 128k-token prompt is 0.5 to 1.5 MB of JSON)")
     e = p.add_argument_group("engine")
-    add_engine_arguments(e, max_seq_len=True)
+    add_engine_arguments(e, max_seq_len=True, prefix_cache=True)
     e.add_argument("--no-mixed", dest="mixed", action="store_false",
                    help="pre-fill steps apart from decode steps (running decodes wait while a prompt is "
                         "pre-filled); by default a step carries the decodes and then pre-fill chunks")
@@ -124,7 +125,7 @@ def make_engine(args: argparse.Namespace, model, tokenizer, executor=None, specu
     from ..generate.engine import Engine
     return Engine(model, tokenizer, max_rows=args.max_rows, chunk_size=args.chunk_size,
                   max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens, executor=executor,
-                  mixed=args.mixed, speculation=speculation)
+                  mixed=args.mixed, speculation=speculation, prefix_cache_bytes=prefix_cache_bytes(args))
 
 
 def make_app(args: argparse.Namespace, engine, tokenizer, source: str, where: str = "", channel: Any = None,

@@ -300,11 +300,13 @@ class Server:
                                            logprobs[i].whole() if req.logprobs is not None else None,
                                            _finish(done[i], calls), calls))
         used = sum(len(c.tokens) for c in done.values())
-        return protocol.response(req, self.name, choices, protocol.usage(prompt_tokens, used))
+        return protocol.response(req, self.name, choices,
+                                 protocol.usage(prompt_tokens, used, cached_tokens(req.n, done)))
 
     async def _stream(self, req: protocol.Request, rids: dict[str, int], out: asyncio.Queue,
                       prompt_tokens: int) -> AsyncIterator[str]:
         finished: set[str] = set()
+        done: dict[int, Completion] = {}
         used = 0
         logprobs = {i: Logprobs(req.chat, self.token_text) for i in rids.values()}
         try:
@@ -334,13 +336,15 @@ class Server:
                         yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(req, index, ev.text)]))
                     if ev.completion is not None:
                         finished.add(ev.request_id)
+                        done[index] = ev.completion
                         calls = readers[index].calls if readers and readers[index].is_call else None
                         yield sse(protocol.chunk(req, self.name, [protocol.chunk_choice(
                             req, index, None, finish_reason=_finish(ev.completion, calls))]))
             except APIError as e:
                 yield sse(e.body())
             if req.include_usage:
-                yield sse(protocol.chunk(req, self.name, [], protocol.usage(prompt_tokens, used)))
+                yield sse(protocol.chunk(req, self.name, [], protocol.usage(prompt_tokens, used,
+                                                                            cached_tokens(req.n, done))))
             yield "data: [DONE]\n\n"
         finally:
             for rid in set(rids) - finished:
@@ -393,6 +397,22 @@ class Server:
             raise bad(f"token ids outside the vocabulary of {self.tokenizer.vocab_size}: {bad_ids[:5]}",
                       param="tokens")
         return {"prompt": self.tokenizer.decode(tokens)}
+
+
+def cached_tokens(n: int, done: dict[int, Completion]) -> int:
+    """The prompt tokens a request did not pre-fill: per prompt (choices ``p * n .. p * n + n - 1``), the fewest
+    its choices continued from the prefix store, summed over prompts (``prompt_tokens`` counts each prompt once).
+
+    >>> from sirocco.generate.engine import Completion
+    >>> cs = {i: Completion(i, None, [], cached_tokens=c) for i, c in enumerate([8, 8, 0, 5])}
+    >>> cached_tokens(2, cs), cached_tokens(1, cs)
+    (8, 21)
+    """
+    per_prompt: dict[int, int] = {}
+    for i, c in done.items():
+        p = i // n
+        per_prompt[p] = min(per_prompt.get(p, c.cached_tokens), c.cached_tokens)
+    return sum(per_prompt.values())
 
 
 def _finish(c: Completion, calls: Optional[list]) -> str:

@@ -42,6 +42,15 @@ class Metrics:
                                      registry=r)
         self.spec_accepted = Counter("sirocco_spec_tokens_accepted", "Draft tokens accepted (speculative decoding)",
                                      registry=r)
+        self.prefix_queries = Counter("sirocco_prefix_cache_queries", "Prompts looked up in the prefix store",
+                                      registry=r)
+        self.prefix_hits = Counter("sirocco_prefix_cache_hits", "Prompts that continued from a stored prefix",
+                                   registry=r)
+        self.prefix_hit_tokens = Counter("sirocco_prefix_cache_hit_tokens", "Prompt tokens restored from the "
+                                         "prefix store instead of pre-filled", registry=r)
+        self.prefix_bytes = Gauge("sirocco_prefix_cache_bytes", "Bytes of keys and values in the prefix store "
+                                  "(over every layer of the model)", registry=r)
+        self.prefix_entries = Gauge("sirocco_prefix_cache_entries", "Prompt states in the prefix store", registry=r)
         for reason in ("stop", "length", "abort"):
             self.success.labels(finish_reason=reason)
 

@@ -6,9 +6,11 @@ request asks for is silently dropped: a field this server does not know is refus
 an unrecognized argument), and so is a known one it cannot honour (penalties, ``echo``, ``suffix``,
 ``best_of`` other than ``n``, ``store``, ``prediction``, ``audio``, ``reasoning_effort``, a non-text modality,
 the deprecated ``functions``). Accepted although they change nothing here: ``user``, ``safety_identifier``,
-``metadata`` (labels of a stored completion; nothing is stored), ``prompt_cache_key`` (a routing hint),
-``service_tier`` "auto" or "default" (there is one tier), ``stream_options.include_obfuscation`` (chunks carry
-no padding). sirocco's own: ``top_k``, ``ignore_eos``.
+``metadata`` (labels of a stored completion; nothing is stored), ``prompt_cache_key`` (a routing hint: the
+prefix store matches prompts by their tokens), ``service_tier`` "auto" or "default" (there is one tier),
+``stream_options.include_obfuscation`` (chunks carry no padding). sirocco's own: ``top_k``, ``ignore_eos``.
+Every answer's ``usage`` (tool calls and structured outputs alike) has ``prompt_tokens_details.cached_tokens``:
+the prompt tokens continued from the prefix store rather than pre-filled.
 
 Structured outputs (``response_format``, both endpoints): ``text``; ``json_object`` (any JSON object);
 ``json_schema`` with ``{"name", "schema", "strict"}``, enforced by token masks (generate/grammar.py): a schema
@@ -562,9 +564,11 @@ class Logprobs:
 
 
 # -- response bodies -------------------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens continued from a stored prefix, not pre-filled."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def response(req: Request, model: str, choices: Sequence[dict], use: dict) -> dict:

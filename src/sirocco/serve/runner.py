@@ -86,6 +86,7 @@ class Runner:
         self._engine_running = 0                    # sequences in rows, as of the last step
         self.failed: Optional[BaseException] = None
         self._loop_done: Optional[Future] = None
+        self._counted = self._totals()              # the engine's totals already on their counters
 
     # -- event-loop side -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,14 +164,11 @@ class Runner:
                 if engine.has_unfinished():
                     st = engine.stats
                     seconds, tokens = st.seconds, st.tokens
-                    proposed, accepted = getattr(st, "proposed_tokens", 0), getattr(st, "accepted_tokens", 0)
                     events = engine.step()
                     if st.tokens > tokens:                          # a model call ran (not only abort events)
                         self.metrics.busy.inc(st.seconds - seconds)
                         self.metrics.step_tokens.observe(st.tokens - tokens)
-                    if getattr(st, "proposed_tokens", 0) > proposed:
-                        self.metrics.spec_proposed.inc(st.proposed_tokens - proposed)
-                        self.metrics.spec_accepted.inc(st.accepted_tokens - accepted)
+                    self._count()                                   # before a client that got its answer looks
                     self._dispatch(events)
                 self._publish()
 
@@ -248,6 +246,27 @@ class Runner:
             self._engine_waiting, self._engine_running = waiting, running
         self.metrics.running.set(running)
         self.metrics.waiting.set(waiting)
+        store = getattr(self.engine, "prefix", None)
+        if store is not None:
+            self.metrics.prefix_bytes.set(store.nbytes)
+            self.metrics.prefix_entries.set(len(store))
+
+    def _totals(self) -> dict[str, int]:
+        """The engine's running totals that counters follow (by the counter's name in ``Metrics``)."""
+        st, store = getattr(self.engine, "stats", None), getattr(self.engine, "prefix", None)
+        totals = {"spec_proposed": getattr(st, "proposed_tokens", 0),
+                  "spec_accepted": getattr(st, "accepted_tokens", 0)}
+        if store is not None:
+            totals.update(prefix_queries=store.stats.queries, prefix_hits=store.stats.hits,
+                          prefix_hit_tokens=store.stats.hit_tokens)
+        return totals
+
+    def _count(self) -> None:
+        """Put what the engine's totals gained since the last call on their counters."""
+        for name, total in self._totals().items():
+            if total > self._counted[name]:
+                getattr(self.metrics, name).inc(total - self._counted[name])
+                self._counted[name] = total
 
     def _shutdown(self, error: BaseException) -> None:
         """Every request still open gets ``error`` on its queue; the engine's rows are freed."""

@@ -20,7 +20,9 @@ and a batch becomes one JSON-ready event: each step's own facts, then the row as
 
 Only the batch's last step has its mask recorded (the one the panel draws). ``moe`` is absent for a model
 without experts. A slot that holds nothing yet is ``null``; a key column read from the step's own tokens rather
-than the cache has slot ``null``.
+than the cache has slot ``null``. The first step of a request whose row continued from the prefix store
+(``generate.prefix``) also has ``cached_tokens`` (the m prompt tokens it did not pre-fill) and ``restored``:
+(position, id, text) of those of them the slot map holds, which no step brought.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class RowTrace:
             if self.row is not None and st.row != self.row:      # compaction moved the row since the last step
                 trace.on_row_move(self.row, st.row)
             self.row = st.row
+            if st.restored:                                      # continued from the prefix store
+                trace.on_row_restore(st.row, len(st.restored), {w: wp.cache_len for w, wp in st.plan.windows.items()
+                                                                if wp.cache_len is not None})
             for layer, (chosen, weights) in st.routing.items():
                 trace.on_router(layer, chosen, weights)
             trace.on_step(st.kind, st.plan, {st.row: st.cached}, st.tokens, seqs=[0] * len(st.plan.lengths),
@@ -87,6 +92,15 @@ class RowTrace:
             "rows": st.rows, "prefill_tokens": st.prefill_tokens, "decode_tokens": st.decode_tokens,
             "row": st.row, "start": st.start, "cached": st.cached,
             "tokens": [[st.start + i, t, tt(t) if tt is not None else None] for i, t in enumerate(st.tokens)]}
+        if st.drafted:
+            step["proposed_tokens"] = st.drafted
+            step["accepted_tokens"] = st.cached - st.start - 1
+        if st.restored:
+            # the prompt tokens the row was given before this step, and those of them the slot map holds
+            held = rec.slots.get(self.trace.window, {}).get(st.row) or []
+            step["cached_tokens"] = len(st.restored)
+            step["restored"] = [[p, st.restored[p], tt(st.restored[p]) if tt is not None else None]
+                                for p in sorted(p for p in held if p is not None and p < len(st.restored))]
         if rec.router:
             layers = sorted(rec.router)
             chosen = [rec.router[layer][0] for layer in layers]

@@ -7,6 +7,7 @@ without a trace pays nothing:
     MoE feed-forward, after its top-k          trace.on_router(layer_id, chosen, weights)
     pipeline schedule, after each F/B action   trace.on_pipeline_event(rank, "F" | "B", micro_batch, t0, t1)
     engine, where it moves a cache row         trace.on_row_move(src, dst)
+    engine, where it restores a stored prefix  trace.on_row_restore(row, cached, {window: S})
 
 ``on_step`` reads the step's ``BatchPlan`` duck-typed (its ``WindowPlan`` fields) and keeps, for each window:
 the queries (sequence, position), the keys (sequence, position, cache slot or None for a key that is not read
@@ -203,6 +204,19 @@ class Trace:
         for rows in self._slots.values():
             if src in rows:
                 rows[dst] = list(rows[src])
+
+    def on_row_restore(self, row: int, cached: int, sizes: Mapping[Optional[int], int]) -> None:
+        """The engine gave cache row ``row`` a prompt's first ``cached`` positions from the prefix store
+        (``generate.prefix``); ``sizes``: S of each window's rows (``RollingCache.cache_lens()``). Each window's slot
+        map of the row becomes the one a pre-fill of them leaves, position p in slot ``p % S`` for the last S of
+        them (a ring stored after a longer prompt holds later positions in some of those slots, which the plan
+        reads as these: old positions, outside every later query's window). With S = 4 and cached = 6: slots
+        0 1 2 3 hold 4 5 2 3."""
+        for w, size in sizes.items():
+            held: list[Optional[int]] = [None] * size
+            for p in range(max(0, cached - size), cached):
+                held[p % size] = p
+            self._slots.setdefault(w, {})[row] = held
 
     # -- recording -------------------------------------------------------------------------------------------
     def _mask(self, wp: Any, prefill: str, ids: list[int]) -> MaskRecord:

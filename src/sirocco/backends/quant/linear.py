@@ -169,28 +169,42 @@ class QuantLinear(nn.Module):
 
 
 class SharedInputProjections:
-    """The quantized projections of one input, in one kernel call (``kernels.qlinear_many``): an attention layer's
-    wq, wk, wv or a feed-forward's w1, w3, given to the layer as its ``projection_kernel``. The activation rows
-    are quantized once and one parallel region covers the three (or two) weights, where separate calls quantize
-    them each time and wake the threads once per weight; each output has the bits of its QuantLinear alone.
-    Serves decode steps (CPU, no autograd, 1..8 fp32 or bf16 rows); returns None otherwise, and the layer calls
-    its linears one by one. The modules' blocks are read at each call, so moving the model moves them too."""
+    """The quantized projections of one input, in one kernel call per block type (``kernels.qlinear_many``): an
+    attention layer's wq, wk, wv or a feed-forward's w1, w3, given to the layer as its ``projection_kernel``. The
+    activation rows are quantized once per call and one parallel region covers the weights of the call, where
+    separate calls quantize them each time and wake the threads once per weight; each output has the bits of its
+    QuantLinear alone. A mix may give the weights different types (Q4_K_M: wv q6_K in some layers, wq and wk
+    q4_K), and one call takes one type: ``groups`` are the positions of the weights of each type, in order of
+    first appearance (wq, wk, wv of q4_K, q4_K, q6_K: [[0, 1], [2]], two calls). Serves decode steps (CPU, no
+    autograd, 1..8 fp32 or bf16 rows); returns None otherwise, and the layer calls its linears one by one. The
+    modules' blocks are read at each call, so moving the model moves them too."""
 
     def __init__(self, linears: list[QuantLinear]):
         self.linears = linears
-        self.fmt = linears[0].fmt
+        fmts = list(dict.fromkeys(m.fmt for m in linears))
+        self.groups = [[i for i, m in enumerate(linears) if m.fmt == fmt] for fmt in fmts]
+        self.fmts = fmts
 
     def __call__(self, x: torch.Tensor) -> Optional[tuple[torch.Tensor, ...]]:
-        layouts = {m.layout for m in self.linears}
-        if x.dim() != 2 or torch.is_grad_enabled() or len(layouts) != 1:
+        if x.dim() != 2 or torch.is_grad_enabled():
             return None
-        ys = kernels.qlinear_many(x, [m.qweight for m in self.linears], self.fmt, layout=layouts.pop())
-        return None if ys is None else tuple(ys)
+        out: list[Optional[torch.Tensor]] = [None] * len(self.linears)
+        for fmt, group in zip(self.fmts, self.groups):
+            layouts = {self.linears[i].layout for i in group}
+            if len(layouts) != 1:
+                return None
+            ys = kernels.qlinear_many(x, [self.linears[i].qweight for i in group], fmt, layout=layouts.pop())
+            if ys is None:
+                return None
+            for i, y in zip(group, ys):
+                out[i] = y
+        return tuple(y for y in out if y is not None)
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Give every attention layer whose wq, wk, wv, and every dense feed-forward whose w1, w3 are QuantLinear of
-    one format without bias their ``SharedInputProjections``; returns how many layers got one."""
+    """Give every attention layer whose wq, wk, wv, and every dense feed-forward whose w1, w3 are QuantLinear
+    without bias their ``SharedInputProjections`` (one call per block type among them); returns how many layers
+    got one."""
     in_moe = {id(e) for m in model.modules() if isinstance(m, MoeFeedForward) for e in m.experts}
     n = 0
     for m in model.modules():
@@ -202,8 +216,7 @@ def fuse_projections(model: nn.Module) -> int:
         else:
             continue
         quantized: list[QuantLinear] = [q for q in group if isinstance(q, QuantLinear)]
-        if (len(quantized) == len(group) and all(q.bias is None for q in quantized)
-                and len({q.fmt for q in quantized}) == 1):
+        if len(quantized) == len(group) and all(q.bias is None for q in quantized):
             m.projection_kernel = SharedInputProjections(quantized)
             n += 1
     return n

@@ -637,20 +637,20 @@ def _run(w: torch.Tensor, qtype: str, search: bool, chunk_values: Optional[int],
 
     starts = range(0, blocks.shape[0], step)
     workers = min(torch.get_num_threads(), len(starts))
-    if workers <= 1:
-        for start in starts:
-            chunk(start)
-    else:
-        # One chunk per thread, each running torch's operations on one core: the searches are many small
-        # operations, which torch's own threads would meet at a barrier each, and a barrier waits for the slowest
-        # core (on a shared machine, one that is busy elsewhere). The chunks are independent, so their bytes do
-        # not depend on how they are spread.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+    # One chunk per thread, each running torch's operations on one core (a single chunk too): the searches are
+    # many small operations, which torch's own threads would meet at a barrier each, and a barrier waits for the
+    # slowest core (on a shared machine, one that is busy elsewhere). The chunks are independent, so their bytes
+    # do not depend on how they are spread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1:
+            for start in starts:
+                chunk(start)
+        else:
             with ThreadPoolExecutor(workers) as pool:
                 for _ in pool.map(chunk, starts):
                     pass
-        finally:
-            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
     return out.reshape(out_shape), None if values is None else values.reshape(w.shape)

@@ -30,7 +30,7 @@ function fresh() {
   return {
     id: null, promptTokens: 0, info: null, finished: null, window: null, slots: [], written: [], cached: 0,
     row: null, mask: null, step: null, steps: [], texts: new Map(), ids: new Map(), moeTokens: [], loads: null,
-    dropped: 0, totals: { steps: 0, prefill: 0, decode: 0, ms: 0 },
+    dropped: 0, reused: 0, totals: { steps: 0, prefill: 0, decode: 0, ms: 0 },
   };
 }
 
@@ -141,10 +141,12 @@ export class Inside {
     s.cached = ev.cached;
     s.row = ev.row;
     s.step = ev;
-    for (const [pos, id, text] of ev.tokens) {
+    // the prompt tokens a row continued from the prefix store with (no step brought them), then the step's own
+    for (const [pos, id, text] of [...(ev.restored || []), ...ev.tokens]) {
       s.ids.set(pos, id);
       s.texts.set(pos, text);
     }
+    if (ev.cached_tokens) s.reused = ev.cached_tokens;
     const t = s.totals;
     t.steps += 1;
     t.prefill += ev.prefill_tokens;
@@ -152,7 +154,8 @@ export class Inside {
     t.ms += ev.ms;
     s.steps.push({
       step: ev.step, kind: ev.kind, rows: ev.rows, prefill: ev.prefill_tokens, decode: ev.decode_tokens, ms: ev.ms,
-      mine: ev.tokens.length, reused: ev.cached_tokens, accepted: ev.accepted_tokens,
+      mine: ev.tokens.length, reused: ev.cached_tokens,
+      accepted: ev.proposed_tokens ? `${ev.accepted_tokens}/${ev.proposed_tokens}` : undefined,
     });
     if (s.steps.length > MAX_STEPS) s.steps.shift();
     if (ev.moe) {
@@ -185,6 +188,7 @@ export class Inside {
     $("inside-note").textContent = s.id === null
       ? "Send a message: the panel follows the answer being written."
       : `${info ? info.model : ""} \u00b7 request ${s.id} \u00b7 ${s.promptTokens} prompt tokens` +
+        (s.reused ? ` (${s.reused} from the prefix store)` : "") +
         (s.finished ? ` \u00b7 finished (${s.finished})` : " \u00b7 writing") +
         (s.dropped ? ` \u00b7 ${s.dropped} steps not shown (the page fell behind)` : "");
     this.drawSlots(s);
