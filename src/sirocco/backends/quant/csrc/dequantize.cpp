@@ -319,24 +319,32 @@ inline void deinterleave_group(int64_t fmt, const uint8_t* src, int64_t nb, int6
           }
         g += 16 * part.n;
       } else {
+        // Bits 4r .. 4r + 3 of mask j (row r's nibble) go, without a branch per bit:
+        //   b  (element 4j + i): bits 4(j % 2) + i of byte j / 2, the nibble shifted as it is;
+        //   K  (mask 16c + 2t + h: bit 2c + h of byte 4t + i) and
+        //   3  (mask 32h + 4u + t: bit 4h + t of byte 4u + i): bit i of the nibble to one bit of each of 4
+        //      consecutive bytes, spread as bit 8i of a 32-bit word (nibble * 0x00204081: its copies shifted by
+        //      0, 7, 14 and 21 bits do not overlap, so bits 0, 8, 16, 24 are the nibble's bits 0..3).
         const int masks = part.kind == 'b' ? 8 : 64;
         for (int r = 0; r < 16; ++r) std::memset(o + r * row_bytes, 0, part.n);
         for (int j = 0; j < masks; ++j) {
           uint64_t k;
           std::memcpy(&k, g + 8 * j, 8);
-          for (int r = 0; r < 16; ++r)
-            for (int i = 0; i < 4; ++i) {
-              if (!((k >> (4 * r + i)) & 1)) continue;
-              int byte, bit;                 // where bit 4r + i of mask j goes in row r's part
-              if (part.kind == 'b') {        // element 4j + i
-                byte = (4 * j + i) / 8; bit = (4 * j + i) % 8;
-              } else if (part.kind == 'K') { // mask 16c + 2t + h: bit 2c + h of byte 4t + i
-                byte = 4 * ((j % 16) / 2) + i; bit = 2 * (j / 16) + j % 2;
-              } else {                       // mask 32h + 4u + t: bit 4h + t of byte 4u + i
-                byte = 4 * ((j % 32) / 4) + i; bit = 4 * (j / 32) + j % 4;
-              }
-              o[r * row_bytes + byte] |= (uint8_t)(1u << bit);
-            }
+          if (part.kind == 'b') {
+            for (int r = 0; r < 16; ++r)
+              o[r * row_bytes + j / 2] |= (uint8_t)(((k >> (4 * r)) & 0xF) << (4 * (j % 2)));
+            continue;
+          }
+          const int byte = part.kind == 'K' ? 4 * ((j % 16) / 2) : 4 * ((j % 32) / 4);
+          const int bit = part.kind == 'K' ? 2 * (j / 16) + j % 2 : 4 * (j / 32) + j % 4;
+          for (int r = 0; r < 16; ++r) {
+            const uint32_t nibble = (uint32_t)((k >> (4 * r)) & 0xF);
+            const uint32_t spread = ((nibble * 0x00204081u) & 0x01010101u) << bit;
+            uint32_t word;
+            std::memcpy(&word, o + r * row_bytes + byte, 4);
+            word |= spread;
+            std::memcpy(o + r * row_bytes + byte, &word, 4);
+          }
         }
         g += 8 * masks;
       }
