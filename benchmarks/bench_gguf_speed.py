@@ -157,7 +157,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(a.threads)
     a.workdir.mkdir(parents=True, exist_ok=True)
     folder = checkpoint(a.workdir, QUICK if a.quick else FULL)
-    files = {"bf16": folder} | {mix: quantized_file(folder, mix) for mix in a.mixes}
+    files = ({} if a.no_bf16 else {"bf16": folder}) | {mix: quantized_file(folder, mix) for mix in a.mixes}
     res: dict[str, Any] = {"model": str(folder), "threads": a.threads, "prefill": a.prefill,
                            "decode_tokens": a.decode_tokens, "rounds": [], "load_average": [os.getloadavg()]}
     for i in range(a.rounds):
@@ -261,6 +261,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="rounds, sirocco and llama.cpp alternated in each")
     ap.add_argument("--prefill", type=int, default=512, help="pre-fill prompt tokens (llama-bench's -p)")
     ap.add_argument("--decode-tokens", type=int, default=128, help="1-row decode tokens (llama-bench's -n)")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out the bf16 baseline (to add mixes to a run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=HERE / ".cache" / "gguf-speed")
     ap.add_argument("--quick", action="store_true", help="a small random model, two mixes, one round, short runs")
