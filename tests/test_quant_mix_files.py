@@ -139,7 +139,8 @@ def test_projections_of_different_types_are_fused_one_call_per_type(folders, mon
             assert len(set(kinds)) == expected_calls, kinds
             calls = []
             many = qk.qlinear_many
-            monkeypatch.setattr(qk, "qlinear_many", lambda x, ws, fmt, **kw: calls.append(fmt) or many(x, ws, fmt, **kw))
+            monkeypatch.setattr(qk, "qlinear_many",
+                                lambda x, ws, fmt, **kw: calls.append(fmt) or many(x, ws, fmt, **kw))
             with torch.inference_mode():
                 x = torch.randn(3, layer.wq.in_features)
                 fused = layer.projection_kernel(x)
