@@ -13,13 +13,20 @@ blocks are. q8_0 and q4_0 weights are quantized from random normal ones; the oth
 Figures swing +-20% with the host's load, more when another process keeps a core busy (then the second thread
 waits for its time slice: compare with --threads 1).
 
+``--layouts`` compares the arrangements of the blocks in memory (interleave.py): "file" (GGUF's rows) and
+"interleaved" (read by the AVX512-VNNI tiles); by default the one a loaded model gets here. With several, each
+case is timed ``--rounds`` times per layout, the layouts in turn (file first in even rounds, interleaved first in
+odd ones), and the median of the rounds is the figure, so a phase of the host's load falls on both.
+
     python benchmarks/bench_quant_kernels.py [--threads 2] [--types q4_K,q6_K] [--rows 1,8] [--json]
+    python benchmarks/bench_quant_kernels.py --layouts file,interleaved --rounds 5 --types q4_K,q6_K
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +37,7 @@ from sirocco.backends.quant import kernels as qk
 from sirocco.backends.quant import layouts
 from sirocco.backends.quant.formats import quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
+from sirocco.backends.quant.interleave import interleavable, interleave
 
 SHAPES = [(2048, 2048), (2048, 512), (2048, 7168), (7168, 2048)]        # (K, N)
 LAYER = {(2048, 2048): 2, (2048, 512): 2, (2048, 7168): 2, (7168, 2048): 1}   # wq, wo; wk, wv; w1, w3; w2
@@ -96,18 +104,65 @@ def read_bandwidth_of(values: torch.Tensor, chunk_megabytes: int = 16) -> float:
     return chunk_megabytes * 2**20 / best_time(one, calls=3 * len(chunks)) / 1e9
 
 
+def measure(name: str, weight: torch.Tensor, k: int, layout_names: list[str], row_counts: list[int],
+            rounds: int) -> list[dict]:
+    """One weight's rows of results: bf16 F.linear (``name`` "bf16"), or the kernel of type ``name`` over the blocks
+    in each of ``layout_names`` (where the shape can take it), at each row count; each the median over ``rounds``
+    of the best call, the layouts taken in turn within a round. The copies cycled through live only here."""
+    if name == "bf16":
+        variants = {"-": [weight.clone() for _ in range(-(-FOOTPRINT // (weight.numel() * 2)))]}
+    else:
+        variants = {}
+        for layout in layout_names:
+            if layout == "interleaved" and not interleavable(weight.shape, name):
+                continue
+            t = interleave(weight, name) if layout == "interleaved" else weight
+            count = -(-FOOTPRINT // t.numel())
+            # in huge-page memory, as a loaded model's blocks are (bf16 weights are file pages)
+            variants[layout] = [c.copy_(t) for c in huge_page_tensors([tuple(t.shape)] * count)]
+    out = []
+    for m in row_counts:
+        xb = torch.randn(m, k).to(torch.bfloat16)
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        fns = {}
+        for v, ws in variants.items():
+            nbytes = ws[0].numel() * ws[0].element_size()
+            fns[v] = cycling((lambda i, ws=ws, xb=xb: F.linear(xb, ws[i])) if name == "bf16" else
+                             (lambda i, ws=ws, xb=xb, layout=v: qk.qlinear(xb, ws[i], name, layout=layout)), nbytes)
+        for r in range(rounds):
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for v in order:
+                with torch.inference_mode():
+                    times[v].append(best_time(fns[v]))
+        for v, ws in variants.items():
+            nbytes = ws[0].numel() * ws[0].element_size()
+            t = statistics.median(times[v])
+            out.append(dict(kernel="bf16 F.linear" if name == "bf16" else f"{name} qlinear", layout=v,
+                            K=k, N=weight.shape[0], M=m, us=t * 1e6, weight_bytes=nbytes, gb_per_s=nbytes / t / 1e9,
+                            fraction_of_bound=None))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default=",".join(layouts.TYPES),
                     help="comma-separated GGUF types to measure besides bf16 (default: all)")
     ap.add_argument("--rows", default="1,8", help="comma-separated activation row counts (1 to 8)")
+    ap.add_argument("--layouts", default="auto",
+                    help="comma-separated block layouts to compare (file, interleaved; default: the one a loaded "
+                         "model gets on this CPU)")
+    ap.add_argument("--rounds", type=int, default=1, help="timings per case and layout, layouts alternated")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     a = ap.parse_args()
     types = [t for t in a.types.split(",") if t]
     for t in types:
         layouts.layout(t)                                   # an unknown name stops here, by name
     row_counts = [int(r) for r in a.rows.split(",")]
+    layout_names = ([("interleaved" if qk.interleaving_pays() else "file")] if a.layouts == "auto"
+                    else [x for x in a.layouts.split(",") if x])
+    for x in layout_names:
+        qk.layout_code(x)                                   # an unknown name stops here, by name
     torch.set_num_threads(a.threads)
     if not qk.kernel_available():
         raise SystemExit("the quantized C++ kernels are not available here (see the log)")
@@ -120,40 +175,20 @@ def main() -> None:
         weights = {"bf16": w.to(torch.bfloat16)}
         weights.update({fmt: quantize(w, fmt) if fmt in ("q8_0", "q4_0") else layouts.random_blocks(n, k, fmt, g)
                         for fmt in types})
-        # the quantized copies in huge-page memory, as a loaded model's blocks are (bf16 weights are file pages)
-        copies = {}
         for name, t in weights.items():
-            count = -(-FOOTPRINT // (t.numel() * t.element_size()))
-            copies[name] = ([t.clone() for _ in range(count)] if name == "bf16" else
-                            [c.copy_(t) for c in huge_page_tensors([tuple(t.shape)] * count)])
-        for m in row_counts:
-            xb = torch.randn(m, k).to(torch.bfloat16)
-            for name, ws in copies.items():
-                nbytes = ws[0].numel() * ws[0].element_size()
-                if name == "bf16":
-                    fn = cycling(lambda i, xb=xb, ws=ws: F.linear(xb, ws[i]), nbytes)
-                    name = "bf16 F.linear"
-                else:
-                    fn = cycling(lambda i, xb=xb, ws=ws, fmt=name: qk.qlinear(xb, ws[i], fmt), nbytes)
-                    name = f"{name} qlinear"
-                with torch.inference_mode():
-                    t = best_time(fn)
-                gbs = nbytes / t / 1e9
-                rows.append(dict(kernel=name, K=k, N=n, M=m, us=t * 1e6, weight_bytes=nbytes, gb_per_s=gbs,
-                                 fraction_of_bound=None))
-        del copies
+            rows += measure(name, t, k, layout_names, row_counts, a.rounds)
     bandwidth_after = read_bandwidth()
     bound = max(bandwidth, bandwidth_after)
     for r in rows:
         r["fraction_of_bound"] = r["gb_per_s"] / bound
     layer = []                               # per kernel and M: a layer's bytes over the sum of its matrices' times
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+    for kernel, layout in dict.fromkeys((r["kernel"], r["layout"]) for r in rows):
         for m in row_counts:
-            mine = [r for r in rows if r["kernel"] == kernel and r["M"] == m]
+            mine = [r for r in rows if r["kernel"] == kernel and r["layout"] == layout and r["M"] == m]
             nbytes = sum(LAYER[r["K"], r["N"]] * r["weight_bytes"] for r in mine)
             us = sum(LAYER[r["K"], r["N"]] * r["us"] for r in mine)
-            layer.append(dict(kernel=kernel, M=m, us=us, weight_bytes=nbytes, gb_per_s=nbytes / us / 1e3,
-                              fraction_of_bound=nbytes / us / 1e3 / bound))
+            layer.append(dict(kernel=kernel, layout=layout, M=m, us=us, weight_bytes=nbytes,
+                              gb_per_s=nbytes / us / 1e3, fraction_of_bound=nbytes / us / 1e3 / bound))
     load = dict(load_average_before=load_before, load_average_after=os.getloadavg()[0], cpus=os.cpu_count())
     if a.json:
         print(json.dumps(dict(threads=a.threads, read_bandwidth_gb_per_s=bandwidth,
@@ -165,14 +200,15 @@ def main() -> None:
           f"load average {load['load_average_before']:.1f} -> {load['load_average_after']:.1f} on {load['cpus']} CPUs")
     if max(load["load_average_before"], load["load_average_after"]) > load["cpus"]:
         print("warning: other processes kept the CPUs busy: the figures understate the kernels")
-    print(f"{'kernel':<15} {'K':>5} {'N':>5} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
+    print(f"{'kernel':<15} {'layout':<11} {'K':>5} {'N':>5} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
     for r in rows:
-        print(f"{r['kernel']:<15} {r['K']:>5} {r['N']:>5} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} "
-              f"{r['fraction_of_bound']:>8.0%}")
+        print(f"{r['kernel']:<15} {r['layout']:<11} {r['K']:>5} {r['N']:>5} {r['M']:>2} {r['us']:>8.1f} "
+              f"{r['gb_per_s']:>6.1f} {r['fraction_of_bound']:>8.0%}")
     print("\nthe seven matrices of a layer (2 x 2048x2048, 2 x 2048x512, 2 x 2048x7168, 7168x2048):")
-    print(f"{'kernel':<15} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
+    print(f"{'kernel':<15} {'layout':<11} {'M':>2} {'us':>8} {'GB/s':>6} {'of bound':>8}")
     for r in layer:
-        print(f"{r['kernel']:<15} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} {r['fraction_of_bound']:>8.0%}")
+        print(f"{r['kernel']:<15} {r['layout']:<11} {r['M']:>2} {r['us']:>8.1f} {r['gb_per_s']:>6.1f} "
+              f"{r['fraction_of_bound']:>8.0%}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,22 @@ def test_gguf_types_benchmark_quick(tmp_path):
     assert "| q4_K_M | " in out.stderr
 
 
+def test_gguf_speed_benchmark_quick(tmp_path):
+    """Each mix's pre-fill and decode rates through sirocco on the files ``sirocco quantize`` writes, with bf16 as
+    the baseline and the bandwidth bound, on a small random model (without --llama-cpp)."""
+    out = subprocess.run([sys.executable, str(BENCH / "bench_gguf_speed.py"), "--quick", "--json", "--workdir",
+                          str(tmp_path)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert list(result["summary"]) == ["bf16", "q8_0", "q4_K_M"] and len(result["rounds"]) == 1
+    bf16, q8, q4 = (result["summary"][k] for k in ("bf16", "q8_0", "q4_K_M"))
+    assert bf16["decode_read_bytes"] > q8["decode_read_bytes"] > q4["decode_read_bytes"] > 0
+    for s in (bf16, q8, q4):
+        assert s["sirocco_prefill_tokens_per_s"] > 0 and s["sirocco_decode_8_tokens_per_s"] > 0
+        assert s["sirocco_fraction_of_bound"] > 0 and "llama_decode_1_tokens_per_s" not in s
+    assert sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.glob("*.gguf")) == ["q4_K_M.gguf", "q8_0.gguf"]
+    assert "| q4_K_M | " in out.stderr
+
+
 def test_prefix_benchmark_quick(tmp_path):
     """A chat's second turn on two servers, with and without the prefix store: the store's server reuses turn 1's
     prompt, the other pre-fills it all."""

@@ -13,6 +13,7 @@ from sirocco.backends import moe
 from sirocco.backends.cpu import kernels, modules
 from sirocco.backends.quant import kernels as qkernels
 from sirocco.backends.quant import layouts
+from sirocco.backends.quant.convert import deinterleave_weights
 from sirocco.backends.quant.formats import QuantizedTensor
 from sirocco.backends.quant.linear import QuantLinear
 from sirocco.checkpoint import GGUFFile, load_model
@@ -139,7 +140,10 @@ def test_qmoe_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype, isa):
     args = preset("tiny-moe", vocab_size=64)
     model = build_model(args, seed=7).to(dtype)
     backends.attach(model, "torch", quantize=fmt)
+    if isa == "avx2":               # the pass interleaves the blocks for the VNNI path; AVX2 reads the file's layout
+        deinterleave_weights(model)
     layer = model.layers["1"].feed_forward
+    layout = layer.experts[0].w1.layout
     k = layer.experts_kernel
     assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
     for name, stack in zip(moe.MATRICES, (k.w1, k.w3, k.w2), strict=True):
@@ -153,11 +157,12 @@ def test_qmoe_equals_the_quant_linear_experts_bit_for_bit(fmt, dtype, isa):
             x = x_all[:T]
             for r, ids in enumerate(_routes(T, len(layer.experts), seed=T)):
                 w = _weights(T, dtype, seed=T + r)
-                got = qkernels.qmoe(x, ids, w, k.w1, k.w3, k.w2, fmt, isa=isa)
+                got = qkernels.qmoe(x, ids, w, k.w1, k.w3, k.w2, fmt, isa=isa, layout=layout)
                 want = layer.run_experts(x, ids, w)
                 assert torch.equal(got, want), (T, r)
                 for t in range(T):
-                    alone = qkernels.qmoe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], k.w1, k.w3, k.w2, fmt, isa=isa)
+                    alone = qkernels.qmoe(x[t:t + 1], ids[t:t + 1], w[t:t + 1], k.w1, k.w3, k.w2, fmt, isa=isa,
+                                          layout=layout)
                     assert torch.equal(alone[0], got[t]), (T, r, t)
 
 
@@ -253,9 +258,11 @@ def test_gguf_mixtral_runs_its_experts_through_qmoe_in_place(tmp_path, fmt, monk
         assert isinstance(k, moe.StackedExperts) and k.fmt == fmt
         stacked = g.tensors[f"blk.{i}.ffn_gate_exps.weight"]
         # the file's stacked blocks, read once (into huge-page memory) and stacked as they are: no copy per expert
+        # (interleaved in place where the VNNI path reads that layout: the file's bytes back through file_blocks)
         assert k.w1.data_ptr() == layer.feed_forward.experts[0].w1.qweight.data_ptr()
         in_file = g.header.data[stacked.offset:stacked.offset + stacked.nbytes]
-        assert torch.equal(k.w1.flatten(), torch.from_numpy(in_file))
+        blocks = torch.cat([expert.w1.file_blocks().flatten() for expert in layer.feed_forward.experts])
+        assert torch.equal(blocks, torch.from_numpy(in_file))
     calls = _count_calls(monkeypatch)
     from_file = _generate(back, "torch")
     assert calls["kernel"] > 0
@@ -272,6 +279,7 @@ def test_qmoe_vnni_path_on_emulation_equals_the_avx2_path(fmt):
     if fmt in ("q8_0", "q4_0"):
         model = build_model(preset("tiny-moe", vocab_size=64), seed=9)
         backends.attach(model, "torch", quantize=fmt)
+        deinterleave_weights(model)                                  # the AVX2 path reads the file's layout
         k = model.layers["0"].feed_forward.experts_kernel
     else:
         k = moe.stack_layer(_gguf_layer(fmt, torch.float32))

@@ -141,7 +141,8 @@ def test_projections_of_different_types_are_fused_one_call_per_type(folders, mon
             many = qk.qlinear_many
             # bound now: were the kernel missing, the skip below would leave this layer's patch in place for the next
             monkeypatch.setattr(qk, "qlinear_many",
-                                lambda x, ws, fmt, calls=calls, many=many, **kw: calls.append(fmt) or many(x, ws, fmt))
+                                lambda x, ws, fmt, calls=calls, many=many, **kw: calls.append(fmt) or many(x, ws, fmt,
+                                                                                                         **kw))
             with torch.inference_mode():
                 x = torch.randn(3, layer.wq.in_features)
                 fused = layer.projection_kernel(x)

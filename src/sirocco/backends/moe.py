@@ -16,9 +16,10 @@ The layer's ``experts_kernel`` is then a ``StackedExperts``: for a decode step (
 ``MAX_TOKENS`` tokens, a served dtype and size) it runs all the chosen experts in one call, ``moe_experts``
 (cpu/csrc/moe_experts.cpp) or ``qmoe`` (quant/csrc/qmoe.cpp), reading each chosen expert's rows in place; it
 returns None otherwise and the layer runs its experts one by one. The route (router, top-k, softmax) stays in
-the model. The float kernel is the CPU backend's (installed by its attach, cleared by the reference backend's);
-the quantized one comes with the quantized weights (the conversion pass's step for them, conversion.py, whether
-they were quantized at load or read from a GGUF file).
+the model. A layer's quantized experts are in one layout, each expert's rows interleaved by themselves where they
+are (quant/interleave.py), so the stack is read in place either way. The float kernel is the CPU backend's
+(installed by its attach, cleared by the reference backend's); the quantized one comes with the quantized weights
+(the conversion pass's step for them, conversion.py, whether they were quantized at load or read from a GGUF file).
 """
 from __future__ import annotations
 
@@ -90,17 +91,18 @@ class StackedExperts:
                 return None
             return kernels.native_for(x.dtype, "moe").moe_experts(x, chosen, weights, self.w1, self.w3, self.w2)
         from .quant import kernels as qkernels
-        return qkernels.qmoe(x, chosen, weights, self.w1, self.w3, self.w2, self.fmt)
+        return qkernels.qmoe(x, chosen, weights, self.w1, self.w3, self.w2, self.fmt,
+                             layout=str(getattr(self._probe, "layout", "file")))
 
 
 def _expert_kind(moe: MoeFeedForward) -> str | None:
-    """"float" when every expert matrix has a plain ``weight``, the format when all are QuantLinear of one format,
-    None for anything else (mixed, biased)."""
+    """"float" when every expert matrix has a plain ``weight``, the format when all are QuantLinear of one format
+    and one layout (quant/interleave.py), None for anything else (mixed, biased)."""
     from .quant.linear import QuantLinear
     linears = [getattr(e, name) for e in moe.experts for name in MATRICES]
     if all(isinstance(m, QuantLinear) and m.bias is None for m in linears):
-        fmts = {m.fmt for m in linears}
-        return fmts.pop() if len(fmts) == 1 else None
+        fmts, layouts = {m.fmt for m in linears}, {m.layout for m in linears}
+        return fmts.pop() if len(fmts) == 1 and len(layouts) == 1 else None
     if all(not isinstance(m, QuantLinear) and isinstance(getattr(m, "weight", None), torch.Tensor)
            and getattr(m, "bias", None) is None for m in linears):
         return "float"

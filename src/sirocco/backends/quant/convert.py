@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sirocco.backends.moe import expert_groups, stack_experts
-from sirocco.backends.quant import formats, quantizers
+from sirocco.backends.quant import formats, kernels, quantizers
 from sirocco.backends.quant.formats import BLOCK, QuantizedTensor, packed_shape
 from sirocco.backends.quant.hugepages import huge_page_tensors
 from sirocco.backends.quant.linear import QuantLinear, fuse_projections
@@ -232,11 +232,31 @@ def _shared_buffers(model: nn.Module, chosen: dict[str, tuple[nn.Linear, str]]) 
 
 
 def quantized_kernels(model: nn.Module) -> None:
-    """The one-call kernels of quantized weights: every MoE layer's experts stacked (``qmoe``, where the layer's
-    three matrices share one type), and the projections that share an input fused (``SharedInputProjections``).
-    A step of the conversion pass (``backends.attach``)."""
+    """The kernels of quantized weights: the blocks interleaved in place where the decode kernels read that layout
+    (``interleave_weights``), every MoE layer's experts stacked (``qmoe``, where the layer's three matrices share
+    one type), and the projections that share an input fused (``SharedInputProjections``). A step of the conversion
+    pass (``backends.attach``)."""
+    interleave_weights(model)
     stack_experts(model, quantized=True)
     fuse_projections(model)
+
+
+def interleave_weights(model: nn.Module) -> int:
+    """Interleave every ``QuantLinear``'s blocks in place (``QuantLinear.interleave_``, interleave.py), one weight at
+    a time, where this CPU's decode kernels read the interleaved layout (AVX512-VNNI); returns how many weights are
+    interleaved. The blocks a loader handed the conversion pass are rearranged where they lie: ``file_blocks()``
+    gives the file's back."""
+    if not kernels.interleaving_pays():
+        return 0
+    return sum(m.interleave_() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def deinterleave_weights(model: nn.Module) -> None:
+    """Every ``QuantLinear``'s blocks back in the file's layout, in place (for comparisons: both layouts give the
+    same bits)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.deinterleave_()
 
 
 def report(model: nn.Module, mix: str, kept: list[str], bytes_before: int) -> QuantReport:

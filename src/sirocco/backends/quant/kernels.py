@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sirocco.backends.quant.formats import QuantizedTensor, round_half_away
+from sirocco.backends.quant.interleave import deinterleave
 from sirocco.backends.quant.layouts import TYPES, block_values, dequantize, packed_shape
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8                                   # the kernel's largest row count
 FMT_CODES = {fmt: code for code, fmt in enumerate(TYPES)}    # csrc/blocks.h's codes
 ISA_CODES = {"auto": 0, "avx2": 1, "avx512vnni": 2}
+LAYOUT_CODES = {"file": 0, "interleaved": 1}     # how a weight's blocks are laid out in memory (interleave.py)
 DEQUANT_ISA_CODES = {"auto": 0, "avx2": 1, "avx512bf16": 2}
 
 _module = None
@@ -43,8 +45,8 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # activations and vector operations; qmoe.cpp (a MoE layer's experts in one call) their tiles and the backends'
 # shared moe_plan.h; dequantize.cpp (pre-fill's tiles) the block constants and scale unpacking.
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = (_CSRC / "blocks.h", _CSRC / "qlinear.cpp", _CSRC / "qlinear_k.cpp", Path(__file__).parents[1] / "csrc" /
-           "moe_plan.h", _CSRC / "qmoe.cpp", _CSRC / "dequantize.cpp")
+SOURCES = (_CSRC / "blocks.h", _CSRC / "qlinear.cpp", _CSRC / "qlinear_k.cpp", _CSRC / "qlinear_x16.cpp",
+           Path(__file__).parents[1] / "csrc" / "moe_plan.h", _CSRC / "qmoe.cpp", _CSRC / "dequantize.cpp")
 
 
 def _build(name: str, defines: tuple[str, ...] = ()) -> Any:
@@ -54,8 +56,9 @@ def _build(name: str, defines: tuple[str, ...] = ()) -> Any:
     # process of the user, so two versions of the sources built at once would otherwise overwrite each other.
     digest = hashlib.sha1("\0".join(sources + list(defines)).encode()).hexdigest()[:12]
     return load_inline(f"{name}_{digest}", cpp_sources=sources,
-                       functions=["qlinear", "qlinear_many", "quantize_activations", "qlinear_isa", "qmoe",
-                                  "dequantize_into"],
+                       functions=["qlinear", "qlinear_many", "qlinear_layout", "qlinear_many_layout",
+                                  "quantize_activations", "qlinear_isa", "qmoe", "qmoe_layout", "dequantize_into",
+                                  "dequantize_into_layout"],
                        extra_cflags=CFLAGS + [f"-D{d}" for d in defines], extra_ldflags=["-fopenmp"])
 
 
@@ -127,6 +130,25 @@ def _unwrap(packed: torch.Tensor | QuantizedTensor, fmt: str | None) -> tuple[to
     return packed, fmt
 
 
+def interleaving_pays() -> bool:
+    """Whether weights should be interleaved here (interleave.py): where the kernels run their AVX512-VNNI path,
+    the only one that reads the interleaved layout."""
+    module = native_module()
+    return module is not None and module.qlinear_isa() == "avx512vnni"
+
+
+def layout_code(layout: str) -> int:
+    """The kernels' code of a blocks' layout (LAYOUT_CODES), an unknown name refused as such."""
+    if layout not in LAYOUT_CODES:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUT_CODES)}")
+    return LAYOUT_CODES[layout]
+
+
+def file_layout(data: torch.Tensor, fmt: str, layout: str) -> torch.Tensor:
+    """The blocks of ``data`` in the file's layout: ``data`` itself, or a de-interleaved copy."""
+    return data if layout_code(layout) == 0 else deinterleave(data, fmt)
+
+
 def _decode_module(x: torch.Tensor) -> Any:
     """The C++ module where it serves these activation rows (a decode step: CPU, 1..MAX_ROWS rows, fp32 or bf16),
     else None."""
@@ -150,22 +172,24 @@ def qlinear_reference(x: torch.Tensor, packed: torch.Tensor | QuantizedTensor,
 
 
 def qlinear(x: torch.Tensor, packed: torch.Tensor | QuantizedTensor, fmt: str | None = None,
-            isa: str = "auto") -> torch.Tensor:
+            isa: str = "auto", layout: str = "file") -> torch.Tensor:
     """y (M, N) in x's dtype = x (M, K) (fp32 or bf16, M in 1..8) times the quantized weight (N, K) held as packed
     GGUF blocks (uint8 (N, K // values * bytes)) of format ``fmt`` (a type of layouts.py: "q8_0", "q4_K", ...).
 
     The C++ kernel where it is built and x is on CPU; otherwise ``qlinear_reference``. ``isa`` ("auto", "avx2",
-    "avx512vnni") forces a path of the kernel, for tests on machines that have both."""
+    "avx512vnni") forces a path of the kernel, for tests on machines that have both. ``layout`` says how the
+    blocks are laid out: "file" (GGUF's rows), or "interleaved" (interleave.py; read by the AVX512-VNNI path
+    only)."""
     data, fmt = _unwrap(packed, fmt)
     if data.dim() != 2 or x.dim() != 2 or tuple(data.shape) != packed_shape((data.shape[0], x.shape[1]), fmt):
         raise ValueError(f"qlinear: rows {tuple(x.shape)} do not match {fmt} blocks {tuple(data.shape)}")
     module = _decode_module(x)
     if module is None or data.device.type != "cpu":
-        return qlinear_reference(x, data, fmt)
-    return module.qlinear(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa])
+        return qlinear_reference(x, file_layout(data, fmt, layout), fmt)
+    return module.qlinear_layout(x, data.contiguous(), FMT_CODES[fmt], ISA_CODES[isa], layout_code(layout))
 
 
-def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str = "auto"
+def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str = "auto", layout: str = "file"
                  ) -> list[torch.Tensor] | None:
     """[x @ W_i^T for each packed weight W_i] in one C++ call (the projections that share an input: a layer's wq,
     wk, wv, or w1, w3): x (M, K) fp32 or bf16, M in 1..8, quantized once; each output has the bits ``qlinear``
@@ -173,31 +197,33 @@ def qlinear_many(x: torch.Tensor, packed: list[torch.Tensor], fmt: str, isa: str
     module = _decode_module(x)
     if module is None:
         return None
-    return module.qlinear_many(x, packed, FMT_CODES[fmt], ISA_CODES[isa])
+    return module.qlinear_many_layout(x, packed, FMT_CODES[fmt], ISA_CODES[isa], layout_code(layout))
 
 
-def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+def dequantize_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, isa: str = "auto",
+                    layout: str = "file") -> torch.Tensor:
     """``out`` (N, K) fp32 or bf16 = the weights of the packed blocks (N, K // values * bytes): the bits of
     ``layouts.dequantize`` (in bf16, those values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds), in
     one C++ pass where the kernels are built and everything is on CPU, else through ``layouts.dequantize``.
     Pre-fill's tiles (linear.py) reuse one buffer this way. ``isa`` ("auto", "avx2", "avx512bf16") forces a path
-    of the bf16 pass, for tests."""
+    of the bf16 pass, for tests; ``layout`` is the blocks' ("file" or "interleaved", as ``qlinear``'s)."""
     module = native_module() if packed.device.type == "cpu" and out.device.type == "cpu" else None
     if module is None or not (packed.is_contiguous() and out.is_contiguous()
                               and out.dtype in (torch.float32, torch.bfloat16)):
-        return out.copy_(dequantize(packed, fmt, tuple(out.shape)))
-    module.dequantize_into(packed, FMT_CODES[fmt], out, DEQUANT_ISA_CODES[isa])
+        return out.copy_(dequantize(file_layout(packed, fmt, layout), fmt, tuple(out.shape)))
+    module.dequantize_into_layout(packed, FMT_CODES[fmt], out, DEQUANT_ISA_CODES[isa], layout_code(layout))
     return out
 
 
 def qmoe(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, q1: torch.Tensor, q3: torch.Tensor,
-         q2: torch.Tensor, fmt: str, isa: str = "auto") -> torch.Tensor | None:
+         q2: torch.Tensor, fmt: str, isa: str = "auto", layout: str = "file") -> torch.Tensor | None:
     """A MoE layer's experts for a decode step in one call (csrc/qmoe.cpp): x (T, D) fp32 or bf16, chosen and
     weights (T, k) (expert ids, and their weights in x's dtype), q1 / q3 (E, H, D // values * bytes) and q2
     (E, D, H // values * bytes) the experts' ``fmt`` blocks stacked (each expert's rows contiguous, read in place).
     Returns (T, D) in x's dtype, the bits of the per-expert QuantLinear path; None where the kernel is not built
-    or x is not on CPU."""
+    or x is not on CPU. ``layout``: every expert's blocks "file" or "interleaved" (each expert by itself)."""
     module = _decode_module(x)
     if module is None:
         return None
-    return module.qmoe(x, chosen, weights.to(x.dtype), q1, q3, q2, FMT_CODES[fmt], ISA_CODES[isa])
+    return module.qmoe_layout(x, chosen, weights.to(x.dtype), q1, q3, q2, FMT_CODES[fmt], ISA_CODES[isa],
+                              layout_code(layout))

@@ -13,6 +13,7 @@ Forward, by where and how many rows:
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from sirocco.backends.cpu.kernels import bucketed_linear, upcast_pays
 from sirocco.backends.quant import kernels
 from sirocco.backends.quant.formats import QuantizedTensor, dequantize, packed_shape, quantize
 from sirocco.backends.quant.hugepages import huge_page_tensors
+from sirocco.backends.quant.interleave import deinterleave_, interleavable, interleave_
 from sirocco.model.transformer import Attention, FeedForward, MoeFeedForward
 
 # Output rows dequantized at once in pre-fill. The tiles are dequantized in one C++ pass (kernels.dequantize_into)
@@ -54,13 +56,18 @@ class QuantLinear(nn.Module):
     qweight: torch.Tensor
     """y = x @ W^T (+ bias) with W (out_features, in_features) stored as GGUF blocks of format ``fmt``.
 
-    The blocks are the uint8 buffer ``qweight`` (``packed_shape((out_features, in_features), fmt)``), saved in the
-    state dict; ``fmt`` and ``shape`` are plain attributes (the format is also in ``extra_repr``)."""
+    The blocks are the uint8 buffer ``qweight`` (``packed_shape((out_features, in_features), fmt)``); ``fmt`` and
+    ``shape`` are plain attributes (the format is also in ``extra_repr``). ``layout`` says how ``qweight``'s bytes
+    are laid out in memory: "file" (GGUF's rows, as read or quantized) or "interleaved" (interleave.py: the same
+    bytes rearranged in place for the AVX512-VNNI decode tiles, ``interleave_``). Whatever the layout, the state
+    dict holds the file's blocks, and ``file_blocks()`` gives them: every reader of the blocks as a file's (the GGUF
+    writer, ``dequantized_weight``) goes through it."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.layout = "file"
         self.register_buffer("qweight", torch.zeros(packed_shape((out_features, in_features), fmt),
                                                     dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -90,13 +97,40 @@ class QuantLinear(nn.Module):
         return q
 
     def file_blocks(self) -> torch.Tensor:
-        """The weight's blocks in GGUF's layout (uint8 ``packed_shape(shape, fmt)``, row n the file's row n byte for
-        byte): what a GGUF writer stores. The one accessor writers use, so that ``qweight`` may hold another
-        arrangement of the same blocks in memory as long as this gives the file's back."""
-        return self.qweight
+        """The weight's blocks in the file's layout, uint8 ``packed_shape(shape, fmt)``: ``qweight`` itself where it
+        is in that layout, else a de-interleaved copy (so writing into the result changes the module only in the
+        first case)."""
+        return kernels.file_layout(self.qweight, self.fmt, self.layout)
+
+    def interleave_(self) -> bool:
+        """Put ``qweight`` in the interleaved layout, in place (a band of rows at a time, never a second copy of the
+        whole weight), where it can be: CPU blocks of a multiple of 16 rows. Returns whether it is interleaved."""
+        if self.layout == "file" and self.qweight.device.type == "cpu" and interleavable(self.qweight.shape, self.fmt):
+            interleave_(self.qweight, self.fmt)
+            self.layout = "interleaved"
+        return self.layout == "interleaved"
+
+    def deinterleave_(self) -> None:
+        """Put ``qweight`` back in the file's layout, in place."""
+        if self.layout == "interleaved":
+            deinterleave_(self.qweight, self.fmt)
+            self.layout = "file"
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "file" and prefix + "qweight" in destination:
+            destination[prefix + "qweight"] = self.file_blocks()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "qweight" in state_dict:             # a state dict holds the file's blocks
+            self.layout = "file"
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qweight, self.fmt, self.shape).to(dtype)
+        return dequantize(self.file_blocks(), self.fmt, self.shape).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
@@ -106,7 +140,7 @@ class QuantLinear(nn.Module):
                                                                         and self.bias.requires_grad))
         if x.device.type == "cpu" and not wants_grad:
             if 1 <= rows <= kernels.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-                y = kernels.qlinear(x2, self.qweight, self.fmt)
+                y = kernels.qlinear(x2, self.qweight, self.fmt, layout=self.layout)
             else:
                 y = bucketed_linear(x2, self._tiled)
         else:
@@ -126,13 +160,13 @@ class QuantLinear(nn.Module):
                           xc.dtype if xc.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         for n0 in range(0, self.out_features, PREFILL_TILE_ROWS):
             n1 = min(n0 + PREFILL_TILE_ROWS, self.out_features)
-            w = kernels.dequantize_into(self.qweight[n0:n1], self.fmt, buf[:n1 - n0])
+            w = kernels.dequantize_into(self.qweight[n0:n1], self.fmt, buf[:n1 - n0], layout=self.layout)
             y[:, n0:n1] = F.linear(xc, w.to(xc.dtype))
         return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}" + (f", layout={self.layout}" if self.layout != "file" else ""))
 
 
 class SharedInputProjections:
@@ -157,7 +191,10 @@ class SharedInputProjections:
             return None
         out: list[torch.Tensor | None] = [None] * len(self.linears)
         for fmt, group in zip(self.fmts, self.groups, strict=True):
-            ys = kernels.qlinear_many(x, [self.linears[i].qweight for i in group], fmt)
+            layouts = {self.linears[i].layout for i in group}
+            if len(layouts) != 1:
+                return None
+            ys = kernels.qlinear_many(x, [self.linears[i].qweight for i in group], fmt, layout=layouts.pop())
             if ys is None:
                 return None
             for i, y in zip(group, ys, strict=True):

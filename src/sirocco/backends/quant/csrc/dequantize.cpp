@@ -16,6 +16,9 @@
 // dl * q, minus or plus that term, one rounding each: the bits of layouts.dequantize. Worked example, q6_K: value
 // 70 is the high nibble of ql byte 6 with bits 4-5 of qh byte 6 above it, minus 32, times d * scale 4.
 //
+// Interleaved blocks (interleave.py) are put back in the file's layout 16 rows at a time in a scratch buffer
+// (deinterleave_group), then dequantized as above.
+//
 // Read after qlinear.cpp and qlinear_k.cpp (the format constants, the scale unpacking of the K types), in one
 // translation unit (kernels.py).
 namespace dequant_kernel {
@@ -273,30 +276,117 @@ bool cpu_has_avx512bf16() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
+// -- the interleaved layout (interleave.py): a group of 16 rows back to the file's rows, block by block, in the
+// order of the parts of interleave.py's PARTS (kind, offset in the file block, bytes): h the 16 rows' fp16 at the
+// offset; w words (x: q8_0's, sign bits flipped), vector k lane r = bytes 4k .. 4k + 3 of row r; b, K, 3 the masks
+// of q5_0 / q5_1's, q5_K's and q3_K's bits (bit 4r + i of mask j).
+struct Part { char kind; int at, n; };
+constexpr Part kParts[kFormats][5] = {
+    {{'h', 0, 2}, {'x', 2, 32}},                                      // q8_0
+    {{'h', 0, 2}, {'w', 2, 16}},                                      // q4_0
+    {{'h', 0, 2}, {'h', 2, 2}, {'w', 4, 16}},                         // q4_1
+    {{'h', 0, 2}, {'b', 2, 4}, {'w', 6, 16}},                         // q5_0
+    {{'h', 0, 2}, {'h', 2, 2}, {'b', 4, 4}, {'w', 8, 16}},            // q5_1
+    {{'h', 0, 2}, {'w', 2, 16}},                                      // iq4_nl
+    {{'h', 80, 2}, {'h', 82, 2}, {'w', 0, 16}, {'w', 16, 64}},        // q2_K
+    {{'h', 108, 2}, {'w', 96, 12}, {'3', 0, 32}, {'w', 32, 64}},      // q3_K
+    {{'h', 0, 2}, {'h', 2, 2}, {'w', 4, 12}, {'w', 16, 128}},         // q4_K
+    {{'h', 0, 2}, {'h', 2, 2}, {'w', 4, 12}, {'K', 16, 32}, {'w', 48, 128}},   // q5_K
+    {{'h', 208, 2}, {'w', 192, 16}, {'w', 0, 128}, {'w', 128, 64}},   // q6_K
+    {{'h', 0, 2}, {'h', 2, 2}, {'w', 4, 4}, {'w', 8, 128}},           // iq4_xs
+};
+
+// Rows r = 0..15 of dst (row_bytes apart) = the file's bytes of the group at src (nb blocks of 16 * bb bytes).
+// Worked example, q4_0: byte 32 + 64k + 4r + i of a group's block is byte 2 + 4k + i of row r's block.
+inline void deinterleave_group(int64_t fmt, const uint8_t* src, int64_t nb, int64_t bb, uint8_t* dst,
+                               int64_t row_bytes) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* g = src + b * 16 * bb;
+    uint8_t* out = dst + b * bb;
+    for (const Part& part : kParts[fmt]) {
+      if (!part.n) break;
+      uint8_t* o = out + part.at;
+      if (part.kind == 'h') {
+        for (int r = 0; r < 16; ++r) std::memcpy(o + r * row_bytes, g + 2 * r, 2);
+        g += 32;
+      } else if (part.kind == 'w' || part.kind == 'x') {
+        for (int k = 0; k < part.n / 4; ++k)
+          for (int r = 0; r < 16; ++r) {
+            uint32_t v;
+            std::memcpy(&v, g + 64 * k + 4 * r, 4);
+            if (part.kind == 'x') v ^= 0x80808080u;
+            std::memcpy(o + r * row_bytes + 4 * k, &v, 4);
+          }
+        g += 16 * part.n;
+      } else {
+        // Bits 4r .. 4r + 3 of mask j (row r's nibble) go, without a branch per bit:
+        //   b  (element 4j + i): bits 4(j % 2) + i of byte j / 2, the nibble shifted as it is;
+        //   K  (mask 16c + 2t + h: bit 2c + h of byte 4t + i) and
+        //   3  (mask 32h + 4u + t: bit 4h + t of byte 4u + i): bit i of the nibble to one bit of each of 4
+        //      consecutive bytes, spread as bit 8i of a 32-bit word (nibble * 0x00204081: its copies shifted by
+        //      0, 7, 14 and 21 bits do not overlap, so bits 0, 8, 16, 24 are the nibble's bits 0..3).
+        const int masks = part.kind == 'b' ? 8 : 64;
+        for (int r = 0; r < 16; ++r) std::memset(o + r * row_bytes, 0, part.n);
+        for (int j = 0; j < masks; ++j) {
+          uint64_t k;
+          std::memcpy(&k, g + 8 * j, 8);
+          if (part.kind == 'b') {
+            for (int r = 0; r < 16; ++r)
+              o[r * row_bytes + j / 2] |= (uint8_t)(((k >> (4 * r)) & 0xF) << (4 * (j % 2)));
+            continue;
+          }
+          const int byte = part.kind == 'K' ? 4 * ((j % 16) / 2) : 4 * ((j % 32) / 4);
+          const int bit = part.kind == 'K' ? 2 * (j / 16) + j % 2 : 4 * (j / 32) + j % 4;
+          for (int r = 0; r < 16; ++r) {
+            const uint32_t nibble = (uint32_t)((k >> (4 * r)) & 0xF);
+            const uint32_t spread = ((nibble * 0x00204081u) & 0x01010101u) << bit;
+            uint32_t word;
+            std::memcpy(&word, o + r * row_bytes + byte, 4);
+            word |= spread;
+            std::memcpy(o + r * row_bytes + byte, &word, 4);
+          }
+        }
+        g += 8 * masks;
+      }
+    }
+  }
+}
+
 template <typename T>
-void rows(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, T* dst, int64_t N, bool avx512) {
+void rows(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, T* dst, int64_t N, bool avx512,
+          bool inter = false) {
   const int64_t K = nb * block_values((int)fmt);
   RowFn<T> other = fmt == kQ8 || fmt == kQ4 ? nullptr : other_row<T>(fmt);
   if constexpr (std::is_same_v<T, at::BFloat16>)
     if (other && avx512) other = other_row_bf16(fmt);
-  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      if (other) {
-        other(src + n * nb * bb, nb, dst + n * K);
-        continue;
-      }
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        if (avx512) {
-          row_bf16(src + n * nb * bb, fmt, nb, bb, dst + n * K);
-          continue;
-        }
-      }
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = src + n * nb * bb + b * bb;
-        T* o = dst + n * K + b * QK;
-        if (fmt == kQ8) block_q8(blk, o); else block_q4(blk, o);
+  auto row = [&](const uint8_t* s, T* d) {
+    if (other) {
+      other(s, nb, d);
+      return;
+    }
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (avx512) {
+        row_bf16(s, fmt, nb, bb, d);
+        return;
       }
     }
+    for (int64_t b = 0; b < nb; ++b) {
+      if (fmt == kQ8) block_q8(s + b * bb, d + b * QK); else block_q4(s + b * bb, d + b * QK);
+    }
+  };
+  if (inter) {          // a group at a time: its rows in the file's layout in a scratch buffer, then as above
+    const int64_t row_bytes = nb * bb;
+    at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+      std::vector<uint8_t> scratch(16 * row_bytes);
+      for (int64_t g = g0; g < g1; ++g) {
+        deinterleave_group(fmt, src + g * 16 * row_bytes, nb, bb, scratch.data(), row_bytes);
+        for (int r = 0; r < 16; ++r) row(scratch.data() + r * row_bytes, dst + (16 * g + r) * K);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) row(src + n * nb * bb, dst + n * K);
   });
 }
 
@@ -304,8 +394,12 @@ void rows(const uint8_t* src, int64_t fmt, int64_t nb, int64_t bb, T* dst, int64
 
 // isa: 0 the best this CPU runs (AVX512-BF16 for bf16 outputs where it has it), 1 AVX2, 2 AVX512-BF16 (an error
 // where the CPU lacks it).
-void dequantize_into(torch::Tensor packed, int64_t fmt, torch::Tensor out, int64_t isa) {
+// layout: 0 the file's, 1 interleaved (interleave.py; N a multiple of 16).
+void dequantize_into_layout(torch::Tensor packed, int64_t fmt, torch::Tensor out, int64_t isa, int64_t layout) {
   check_format(fmt, "dequantize_into");
+  TORCH_CHECK(layout == 0 || layout == 1, "dequantize_into: unknown layout code ", layout, " (0 file, 1 interleaved)");
+  TORCH_CHECK(layout == 0 || packed.size(0) % 16 == 0, "dequantize_into: interleaved blocks have a multiple of 16 "
+              "rows, got ", packed.size(0));
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() && packed.device().is_cpu(),
               "dequantize_into: contiguous uint8 CPU blocks (N, bytes), got ", packed.sizes());
   TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.dim() == 2 &&
@@ -321,7 +415,11 @@ void dequantize_into(torch::Tensor packed, int64_t fmt, torch::Tensor out, int64
   const bool avx512 = isa == 2 || (isa == 0 && has);
   const uint8_t* src = packed.data_ptr<uint8_t>();
   if (out.scalar_type() == at::kFloat)
-    dequant_kernel::rows(src, fmt, nb, bb, out.data_ptr<float>(), N, false);
+    dequant_kernel::rows(src, fmt, nb, bb, out.data_ptr<float>(), N, false, layout == 1);
   else
-    dequant_kernel::rows(src, fmt, nb, bb, out.data_ptr<at::BFloat16>(), N, avx512);
+    dequant_kernel::rows(src, fmt, nb, bb, out.data_ptr<at::BFloat16>(), N, avx512, layout == 1);
+}
+
+void dequantize_into(torch::Tensor packed, int64_t fmt, torch::Tensor out, int64_t isa) {
+  dequantize_into_layout(packed, fmt, out, isa, 0);
 }

@@ -20,7 +20,8 @@
 // _mm256_madd_epi16) and the AVX512-VNNI path (_mm512_dpbusd_epi32) give the same bits, and each output's bits
 // depend neither on M, nor on which rows share a tile, nor on the thread count.
 //
-// Layout of the work: a tile is consecutive weight rows, each read where it is (no repacking in memory). In the
+// Layout of the work: a tile is consecutive weight rows, each read where it is in the file's layout (a weight the
+// conversion pass interleaved is read by qlinear_x16.cpp's tiles instead: interleave.py). In the
 // AVX2 tiles (8 rows), per block each row's 32 quants are multiplied with the activation block into 8 int32
 // partial sums; a tree of horizontal additions turns the 8 rows' partial sums into one vector of 8 block dots
 // (lane r = row r), which is converted to float, scaled and added into 8 accumulators (one per output) in one go.
@@ -55,6 +56,8 @@ struct Acts {
   const int16_t* bsum;      // (M, K / 16), blocks of 256: the sums of each 16 quants, in natural order
   const int16_t* bsum32;    // (M, K / 32), blocks of 256: the sums of each 32
   int64_t K, nb;
+  const int32_t* pairs = nullptr;   // (M, nb, 8), blocks of 256 for the interleaved tiles: two sums as int16 in
+                                    // each int32 (qlinear_x16.cpp, sum_pairs)
 };
 
 // Eight activation values as fp32 (bf16 widened exactly).
@@ -506,6 +509,18 @@ VNNI_TARGET inline fvec scale_add_min(fvec acc, vec isum, fvec dw, float da, vec
   const fvec q = _mm512_mul_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, _mm512_set1_ps(da)));
   return _mm512_add_ps(acc, _mm512_sub_ps(p, q));
 }
+// --- Operations of the interleaved tiles (qlinear_x16.cpp): 16 fp16 at p as fp32; 16 uint16 at p zero-extended to
+// int32 lanes; shifts of 32-bit lanes by a constant (logical, arithmetic) and of 16-bit lanes (left, arithmetic
+// right); a subtraction of 16-bit lanes; a 64-bit mask read from memory.
+VNNI_TARGET inline fvec halves(const void* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+VNNI_TARGET inline vec words32(const void* p) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)); }
+template <int N> VNNI_TARGET inline vec srli32(vec a) { return _mm512_srli_epi32(a, N); }
+template <int N> VNNI_TARGET inline vec slli32(vec a) { return _mm512_slli_epi32(a, N); }
+template <int N> VNNI_TARGET inline vec srai32(vec a) { return _mm512_srai_epi32(a, N); }
+template <int N> VNNI_TARGET inline vec slli16(vec a) { return _mm512_slli_epi16(a, N); }
+template <int N> VNNI_TARGET inline vec srai16(vec a) { return _mm512_srai_epi16(a, N); }
+VNNI_TARGET inline vec sub16(vec a, vec b) { return _mm512_sub_epi16(a, b); }
+inline uint64_t mask_at(const void* p) { uint64_t k; std::memcpy(&k, p, 8); return k; }
 }  // namespace v512
 #else
 #define VNNI_TARGET
@@ -701,6 +716,26 @@ inline fvec scale_add_min(fvec acc, const vec& isum, const fvec& dw, float da, c
   }
   return acc;
 }
+inline fvec halves(const void* p) {
+  fvec v;
+  for (int r = 0; r < 16; ++r) { uint16_t h; std::memcpy(&h, (const char*)p + 2 * r, 2); v.f[r] = _cvtsh_ss(h); }
+  return v;
+}
+inline vec words32(const void* p) {
+  vec v;
+  for (int r = 0; r < 16; ++r) { uint16_t h; std::memcpy(&h, (const char*)p + 2 * r, 2); v.l[r] = h; }
+  return v;
+}
+template <int N> inline vec srli32(vec a) { for (auto& x : a.l) x = (int32_t)((uint32_t)x >> N); return a; }
+template <int N> inline vec slli32(vec a) { for (auto& x : a.l) x = (int32_t)((uint32_t)x << N); return a; }
+template <int N> inline vec srai32(vec a) { for (auto& x : a.l) x >>= N; return a; }
+template <int N> inline vec slli16(vec a) {
+  for (int i = 0; i < 32; ++i) set_word(a, i, (uint16_t)((uint16_t)word(a, i) << N));
+  return a;
+}
+template <int N> inline vec srai16(vec a) { for (int i = 0; i < 32; ++i) set_word(a, i, word(a, i) >> N); return a; }
+inline vec sub16(vec a, const vec& b) { for (int i = 0; i < 32; ++i) set_word(a, i, word(a, i) - word(b, i)); return a; }
+inline uint64_t mask_at(const void* p) { uint64_t k; std::memcpy(&k, p, 8); return k; }
 }  // namespace v512
 #endif
 
@@ -836,6 +871,28 @@ TileFn pick(int64_t M, bool vnni) {
   return nullptr;
 }
 
+// The activations' sums the interleaved K tiles take in pairs (two int16 in an int32, the first in the low half),
+// for blocks of 256 (S blocks in all): q4_K and q5_K, sums of 32 (b32) as (0, 2), (1, 3), (4, 6), (5, 7), the order
+// in which those tiles hold their mins; q2_K, q3_K and q6_K, sums of 16 (b16) as (4i, 4i + 2), (4i + 1, 4i + 3)
+// for i = 0..3; 8 pairs per block, unused ones 0.
+inline void sum_pairs(int fmt, const int16_t* b16, const int16_t* b32, int64_t S, int32_t* out) {
+  auto pair = [](int16_t lo, int16_t hi) { return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16); };
+  for (int64_t s = 0; s < S; ++s) {
+    int32_t* o = out + 8 * s;
+    std::memset(o, 0, 8 * sizeof(int32_t));
+    if (fmt == kQ4K || fmt == kQ5K) {
+      const int16_t* b = b32 + 8 * s;
+      o[0] = pair(b[0], b[2]); o[1] = pair(b[1], b[3]); o[2] = pair(b[4], b[6]); o[3] = pair(b[5], b[7]);
+    } else if (fmt == kQ2K || fmt == kQ3K || fmt == kQ6K) {
+      const int16_t* b = b16 + 16 * s;
+      for (int i = 0; i < 4; ++i) {
+        o[2 * i] = pair(b[4 * i], b[4 * i + 2]);
+        o[2 * i + 1] = pair(b[4 * i + 1], b[4 * i + 3]);
+      }
+    }
+  }
+}
+
 // Rows x (M, K) quantized as the kernel of format fmt takes them (quantize_row per row), in buffers it keeps alive:
 // blocks of 32 with their sums for the 32-value types; blocks of 256 with the sums of each 16 and 32 quants for
 // the others, the quants then put in the order of the tile that reads them (activation_order, kChunkOrder).
@@ -843,7 +900,8 @@ struct QuantizedRows {
   torch::Tensor q, d, ints, floats, sums;
   Acts acts;
   template <typename T>
-  QuantizedRows(const T* x, int64_t M, int64_t K, const torch::TensorOptions& options, int64_t fmt, bool vnni) {
+  QuantizedRows(const T* x, int64_t M, int64_t K, const torch::TensorOptions& options, int64_t fmt, bool vnni,
+                bool inter = false) {
     q = torch::empty({M * K + 64}, options.dtype(torch::kInt8));    // + 64: room for a 512-bit load
     int8_t* qp = q.data_ptr<int8_t>();
     if (!is_super(fmt)) {
@@ -865,7 +923,7 @@ struct QuantizedRows {
       sums = torch::empty({M * (K / 16 + K / 32)}, options.dtype(torch::kShort));
       float* dp = d.data_ptr<float>();
       int16_t *b16 = sums.data_ptr<int16_t>(), *b32 = b16 + M * K / 16;
-      const int order = activation_order((int)fmt, vnni);
+      const int order = inter ? 0 : activation_order((int)fmt, vnni);
       torch::Tensor natural = order ? torch::empty({M * K}, options.dtype(torch::kInt8)) : q;
       int8_t* np = natural.data_ptr<int8_t>();
       for (int64_t m = 0; m < M; ++m) {
@@ -877,19 +935,41 @@ struct QuantizedRows {
         for (int64_t c = 0; c < M * K / 16; ++c)        // chunk c of 16 bytes: chunk (c % 16) of its block of 256
           std::memcpy(qp + 16 * c, np + 16 * (c - c % 16 + kChunkOrder[order][c % 16]), 16);
       acts = Acts{qp, dp, nullptr, {nullptr, nullptr, nullptr}, nullptr, b16, b32, K, nb};
+      if (inter) {
+        pairs_ = torch::empty({M * nb * 8}, options.dtype(torch::kInt));
+        sum_pairs((int)fmt, b16, b32, M * nb, pairs_.data_ptr<int32_t>());
+        acts.pairs = pairs_.data_ptr<int32_t>();
+      }
     }
   }
+  torch::Tensor pairs_;
   // The activation rows from row m on.
   Acts from(int64_t m) const {
     auto at = [m](auto* p, int64_t per_row) { return p ? p + m * per_row : p; };
     const Acts& a = acts;
     return Acts{at(a.q, a.K), at(a.d, a.nb), at(a.s8, a.nb), {at(a.start[0], a.nb), at(a.start[1], a.nb),
-                at(a.start[2], a.nb)}, at(a.das, a.nb), at(a.bsum, a.K / 16), at(a.bsum32, a.K / 32), a.K, a.nb};
+                at(a.start[2], a.nb)}, at(a.das, a.nb), at(a.bsum, a.K / 16), at(a.bsum32, a.K / 32), a.K, a.nb,
+                at(a.pairs, 8 * a.nb)};
   }
 };
 
-// The tile of format fmt for M activation rows (qlinear_k.cpp, after the 256-value types' tiles).
+// The tile of format fmt for M activation rows (qlinear_k.cpp, after the 256-value types' tiles), and the tile of
+// the interleaved layout (qlinear_x16.cpp; AVX512-VNNI only).
 TileFn pick_tile(int64_t fmt, int64_t M, bool vnni);
+TileFn pick_tile_x16(int64_t fmt, int64_t M);
+inline TileFn pick_tile(int64_t fmt, int64_t M, bool vnni, bool inter) {
+  return inter ? pick_tile_x16(fmt, M) : pick_tile(fmt, M, vnni);
+}
+
+// Checks of the interleaved layout where it is asked for (layout 1; 0 is the file's): only the VNNI path reads it,
+// and only weights of a multiple of 16 rows have it.
+inline bool interleaved(int64_t layout, bool vnni, int64_t rows, const char* who) {
+  TORCH_CHECK(layout == 0 || layout == 1, who, ": unknown layout code ", layout, " (0 file, 1 interleaved)");
+  if (layout == 0) return false;
+  TORCH_CHECK(vnni, who, ": the interleaved layout is read by the AVX512-VNNI path only");
+  TORCH_CHECK(rows % 16 == 0, who, ": interleaved weights have a multiple of 16 rows, got ", rows);
+  return true;
+}
 
 bool cpu_has_vnni() {
 #ifdef SIROCCO_VNNI_EMULATION
@@ -931,7 +1011,8 @@ std::vector<torch::Tensor> quantize_activations(torch::Tensor x, int64_t block) 
 // (one wake-up of the threads instead of one per weight); each output is computed by the same tile as in a call
 // with its weight alone, so its bits are the same. isa: 0 the best this CPU runs, 1 AVX2, 2 AVX512-VNNI (an error
 // where the CPU lacks it).
-std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t fmt, int64_t isa) {
+std::vector<torch::Tensor> qlinear_many_layout(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t fmt, int64_t isa,
+                                               int64_t layout) {
   check_format(fmt, "qlinear");
   TORCH_CHECK(x.dim() == 2 && !ws.empty(), "qlinear: expected x (M, K) and at least one weight, got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1);
@@ -949,15 +1030,17 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
   const bool has_vnni = cpu_has_vnni();
   TORCH_CHECK(isa != 2 || has_vnni, "qlinear: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
+  bool inter = false;
+  for (const auto& w : ws) inter = interleaved(layout, vnni, w.size(0), "qlinear");
 
   // bf16 rows are read and written as they are (no conversion ops around the call: a decode step makes several
   // of these calls per layer, and each extra op costs more than the conversion itself).
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   auto xc = x.contiguous();
-  const QuantizedRows rows = bf16 ? QuantizedRows(xc.data_ptr<at::BFloat16>(), M, K, x.options(), fmt, vnni)
-                                  : QuantizedRows(xc.data_ptr<float>(), M, K, x.options(), fmt, vnni);
+  const QuantizedRows rows = bf16 ? QuantizedRows(xc.data_ptr<at::BFloat16>(), M, K, x.options(), fmt, vnni, inter)
+                                  : QuantizedRows(xc.data_ptr<float>(), M, K, x.options(), fmt, vnni, inter);
   const Acts& a = rows.acts;
-  const TileFn tile = pick_tile(fmt, M, vnni);
+  const TileFn tile = pick_tile(fmt, M, vnni, inter);
   const int64_t row_bytes = K / V * bb, rows_per_tile = tile_rows(vnni, row_bytes);
 
   // Weight i's tiles are tiles first[i] .. first[i + 1] - 1 of the call.
@@ -994,7 +1077,16 @@ std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tens
   return ys;
 }
 
-// y (M, N) in x's dtype = x (M, K) times one weight of N rows: qlinear_many with that weight alone.
+// The same over weights in the file's layout (qlinear_many_layout's layout 0).
+std::vector<torch::Tensor> qlinear_many(torch::Tensor x, std::vector<torch::Tensor> ws, int64_t fmt, int64_t isa) {
+  return qlinear_many_layout(x, ws, fmt, isa, 0);
+}
+
+// y (M, N) in x's dtype = x (M, K) times one weight of N rows: qlinear_many with that weight alone (layout 0: the
+// file's; 1: interleaved, interleave.py).
+torch::Tensor qlinear_layout(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa, int64_t layout) {
+  return qlinear_many_layout(x, {w}, fmt, isa, layout)[0];
+}
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t isa) {
-  return qlinear_many(x, {w}, fmt, isa)[0];
+  return qlinear_layout(x, w, fmt, isa, 0);
 }

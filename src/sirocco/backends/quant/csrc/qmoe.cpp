@@ -9,7 +9,8 @@
 // are, or the quantize-at-load pass's stacked buffers): each chosen expert's rows are read where they are (any
 // stride between experts, rows contiguous), no gather and no copy. The pairs (token, choice) are grouped by expert
 // (moe_plan.h), so an expert several tokens chose is read once for them all, up to 8 rows per tile: the tiles of
-// qlinear.cpp (AVX2, or AVX512-VNNI), with the activations quantized as qlinear quantizes them. Two passes shared
+// qlinear.cpp (AVX2, or AVX512-VNNI; or over experts interleaved in place, each expert's rows by itself, the tiles of
+// qlinear_x16.cpp), with the activations quantized as qlinear quantizes them. Two passes shared
 // out over the threads by at::parallel_for in contiguous ranges of output tiles (all chunks' tiles end to end):
 // w1 and w3 into the hidden activations, then w2 into the outputs.
 //
@@ -28,9 +29,9 @@ namespace qmoe_kernel {
 // For every chunk of the plan: y rows [first, first + rows) (row length N) = the activation rows of the chunk times
 // the N rows of its expert's blocks w + expert * stride (and the same with w_b into y_b if given). Tasks are tiles
 // of output rows (tile_rows), chunk after chunk.
-void products(const moe_plan::Plan& plan, const QuantizedRows& a, int64_t fmt, bool vnni, int64_t N, int64_t row_bytes,
-              const uint8_t* w, int64_t stride, float* y, const uint8_t* w_b = nullptr, int64_t stride_b = 0,
-              float* y_b = nullptr) {
+void products(const moe_plan::Plan& plan, const QuantizedRows& a, int64_t fmt, bool vnni, bool inter, int64_t N,
+              int64_t row_bytes, const uint8_t* w, int64_t stride, float* y, const uint8_t* w_b = nullptr,
+              int64_t stride_b = 0, float* y_b = nullptr) {
   const int64_t rows_per_tile = tile_rows(vnni, row_bytes), per_chunk = (N + rows_per_tile - 1) / rows_per_tile;
   const int64_t tasks = (int64_t)plan.chunks.size() * per_chunk;
   const int64_t matrices = w_b ? 2 : 1;
@@ -40,7 +41,7 @@ void products(const moe_plan::Plan& plan, const QuantizedRows& a, int64_t fmt, b
     for (int64_t t = t0; t < t1; ++t) {
       const moe_plan::Chunk& c = plan.chunks[t / per_chunk];
       const int64_t n0 = (t % per_chunk) * rows_per_tile, valid = std::min<int64_t>(rows_per_tile, N - n0);
-      const TileFn tile = pick_tile(fmt, c.rows, vnni);
+      const TileFn tile = pick_tile(fmt, c.rows, vnni, inter);
       const Acts acts = a.from(c.first);
       tile(w + c.expert * stride, row_bytes, n0, valid, acts, y + c.first * N, N);
       if (w_b) tile(w_b + c.expert * stride_b, row_bytes, n0, valid, acts, y_b + c.first * N, N);
@@ -49,7 +50,8 @@ void products(const moe_plan::Plan& plan, const QuantizedRows& a, int64_t fmt, b
 }
 
 torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch::Tensor& weights,
-                  const torch::Tensor& q1, const torch::Tensor& q3, const torch::Tensor& q2, int64_t fmt, bool vnni) {
+                  const torch::Tensor& q1, const torch::Tensor& q3, const torch::Tensor& q2, int64_t fmt, bool vnni,
+                  bool inter) {
   const int64_t D = x.size(1), E = q1.size(0), H = q1.size(1);
   const moe_plan::Plan plan = moe_plan::make(ids, E);
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
@@ -59,9 +61,9 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
   auto xs = torch::empty({plan.P, D}, f32);                       // the inputs in pair order
   for (int64_t p = 0; p < plan.P; ++p)
     std::memcpy(xs.data_ptr<float>() + p * D, xf.data_ptr<float>() + plan.token[p] * D, D * sizeof(float));
-  const QuantizedRows xa(xs.data_ptr<float>(), plan.P, D, x.options(), fmt, vnni);
+  const QuantizedRows xa(xs.data_ptr<float>(), plan.P, D, x.options(), fmt, vnni, inter);
   auto g = torch::empty({plan.P, H}, f32), u = torch::empty({plan.P, H}, f32);
-  products(plan, xa, fmt, vnni, H, q1.size(2), q1.data_ptr<uint8_t>(), q1.stride(0), g.data_ptr<float>(),
+  products(plan, xa, fmt, vnni, inter, H, q1.size(2), q1.data_ptr<uint8_t>(), q1.stride(0), g.data_ptr<float>(),
                 q3.data_ptr<uint8_t>(), q3.stride(0), u.data_ptr<float>());
 
   auto h = g.to(dtype);                                           // the QuantLinear path's roundings, in x's dtype
@@ -72,9 +74,9 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
   h.mul_(u.to(dtype));
 
   auto hf = h.to(at::kFloat).contiguous();
-  const QuantizedRows ha(hf.data_ptr<float>(), plan.P, H, x.options(), fmt, vnni);
+  const QuantizedRows ha(hf.data_ptr<float>(), plan.P, H, x.options(), fmt, vnni, inter);
   auto y = torch::empty({plan.P, D}, f32);
-  products(plan, ha, fmt, vnni, D, q2.size(2), q2.data_ptr<uint8_t>(), q2.stride(0), y.data_ptr<float>());
+  products(plan, ha, fmt, vnni, inter, D, q2.size(2), q2.data_ptr<uint8_t>(), q2.stride(0), y.data_ptr<float>());
 
   auto yt = y.to(dtype);
   auto out = torch::empty({plan.T, D}, x.options());
@@ -89,8 +91,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& ids, const torch:
 
 }  // namespace qmoe_kernel
 
-torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor q1, torch::Tensor q3,
-                   torch::Tensor q2, int64_t fmt, int64_t isa) {
+torch::Tensor qmoe_layout(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor q1,
+                          torch::Tensor q3, torch::Tensor q2, int64_t fmt, int64_t isa, int64_t layout) {
   check_format(fmt, "qmoe");
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
               "qmoe: expected x (T, D), ids and weights (T, k), got ", x.sizes(), ", ", ids.sizes(), ", ",
@@ -114,6 +116,13 @@ torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, to
   const bool has_vnni = cpu_has_vnni();
   TORCH_CHECK(isa != 2 || has_vnni, "qmoe: this CPU has no AVX512-VNNI");
   const bool vnni = isa == 2 || (isa == 0 && has_vnni);
+  const bool inter = interleaved(layout, vnni, H, "qmoe") && interleaved(layout, vnni, D, "qmoe");
   auto xc = x.contiguous(), idc = ids.contiguous(), wc = weights.contiguous();
-  return qmoe_kernel::run(xc, idc, wc, q1, q3, q2, fmt, vnni);
+  return qmoe_kernel::run(xc, idc, wc, q1, q3, q2, fmt, vnni, inter);
+}
+
+// The same over experts in the file's layout (qmoe_layout's layout 0).
+torch::Tensor qmoe(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, torch::Tensor q1, torch::Tensor q3,
+                   torch::Tensor q2, int64_t fmt, int64_t isa) {
+  return qmoe_layout(x, ids, weights, q1, q3, q2, fmt, isa, 0);
 }
