@@ -235,8 +235,9 @@ def report(res: dict) -> list[str]:
         rule += "---|---|---|---|---|"
     lines += [head, rule]
     for kind, s in summ.items():
+        vs_bf16 = f"{s['decode_1_vs_bf16']:.2f}x" if "decode_1_vs_bf16" in s else "–"    # --no-bf16: no baseline
         line = (f"| {kind} | {s['sirocco_prefill_tokens_per_s']:.1f} | {s['sirocco_decode_1_tokens_per_s']:.1f} | "
-                f"{s['sirocco_decode_8_tokens_per_s']:.1f} | {s.get('decode_1_vs_bf16', float('nan')):.2f}x | "
+                f"{s['sirocco_decode_8_tokens_per_s']:.1f} | {vs_bf16} | "
                 f"{s['sirocco_fraction_of_bound']:.0%} |")
         if has_llama:
             if "llama_decode_1_tokens_per_s" in s:
