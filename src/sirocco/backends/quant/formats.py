@@ -146,15 +146,7 @@ def dequantize(packed: torch.Tensor, fmt: str, shape: Sequence[int] | None = Non
     if fmt not in BLOCK_BYTES:
         return layouts.dequantize(packed, fmt, shape)
     q, d = unpack(packed, fmt)
-    w = q.to(torch.float32) * d[..., None]
-    w = w.reshape(*packed.shape[:-1], -1)
-    if shape is not None:
-        shape = tuple(int(s) for s in shape)
-        if packed_shape(shape, fmt) != tuple(packed.shape):
-            raise ValueError(f"{fmt}: packed blocks of shape {tuple(packed.shape)} do not hold a weight of "
-                             f"shape {shape}")
-        w = w.reshape(shape)
-    return w
+    return layouts.as_weight(q.to(torch.float32) * d[..., None], packed, fmt, shape)
 
 
 @dataclass

@@ -249,6 +249,12 @@ def dequantize(packed: torch.Tensor, fmt: str, shape: Sequence[int] | None = Non
         w = w - (f.dmin[..., None] * f.min.to(torch.float32))[..., None]
     if f.m is not None:
         w = w + f.m[..., None, None]
+    return as_weight(w, packed, fmt, shape)
+
+
+def as_weight(w: torch.Tensor, packed: torch.Tensor, fmt: str, shape: Sequence[int] | None) -> torch.Tensor:
+    """Dequantized values ``w`` of the blocks ``packed`` (..., nb * bytes) as the weight: (..., K), or ``shape``
+    once checked to be the one those blocks hold (q4_K: (3, 288) holds (3, 512), not (3, 256))."""
     w = w.reshape(*packed.shape[:-1], -1)
     if shape is not None:
         shape = tuple(int(s) for s in shape)
