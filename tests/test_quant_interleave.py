@@ -26,7 +26,7 @@ from sirocco.generate.sampling import SamplingParams
 from sirocco.model import build_model
 from sirocco.model.transformer import MoeFeedForward
 from sirocco.pretrained import BUNDLED
-from test_quant_kernels_types import case, definition
+from test_quant_kernels_types import case, definition, edge_blocks
 
 TYPES = list(layouts.TYPES)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -144,19 +144,7 @@ def test_interleaved_tiles_are_the_definition(fmt, dtype):
 @pytest.mark.parametrize("fmt", TYPES)
 def test_interleaved_tiles_on_edge_blocks(fmt):
     """Every quant and scale bit set, clear, alternating; fp16 factors large, subnormal, zero, negative."""
-    lay = layouts.layout(fmt)
-    k = 2 * lay.values
-    rows = []
-    for byte in (0xFF, 0x00, 0x55, 0xAA):
-        for half in (0x5BFF, 0x0001, 0x0000, 0xB800):
-            b = torch.full((1, k // lay.values * lay.bytes), byte, dtype=torch.uint8).reshape(-1, lay.bytes)
-            for at in lay.fp16_fields:
-                b[:, at], b[:, at + 1] = half & 0xFF, half >> 8
-            rows.append(b.reshape(1, -1))
-    packed = torch.cat(rows)
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
-    x[0] = 0
-    x[3, :lay.values] = 0
+    packed, x = edge_blocks(fmt)
     inter = il.interleave(packed, fmt)
     for m in (1, 2, 5):
         assert torch.equal(qk.qlinear(x[:m], inter, fmt, layout="interleaved"), definition(x[:m], packed, fmt))

@@ -126,11 +126,10 @@ def test_kernel_is_its_definition_and_close_to_the_dequantized_product(fmt, dtyp
             assert ((want.float() - ref).abs() <= tol).all(), (k, n, m)
 
 
-@needs_kernel
-@pytest.mark.parametrize("fmt", NEW)
-def test_kernel_on_edge_blocks(fmt):
-    """Every quant and integer scale at its largest (all bits set), at its smallest (all clear), in alternating
-    patterns; the weights' fp16 scales large, tiny (subnormal) and zero; against activations with zero blocks."""
+def edge_blocks(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 rows of two blocks each: every byte 0xFF, 0x00, 0x55 or 0xAA (every quant and integer scale at its largest,
+    smallest, alternating), each fp16 factor 255.9, the smallest subnormal, 0 or -0.5; and activations (5, K) with
+    a zero row and a zero block."""
     lay = layouts.layout(fmt)
     k = 2 * lay.values
     rows = []
@@ -140,10 +139,18 @@ def test_kernel_on_edge_blocks(fmt):
             for at in lay.fp16_fields:
                 b[:, at], b[:, at + 1] = half & 0xFF, half >> 8
             rows.append(b.reshape(1, -1))
-    packed = torch.cat(rows)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
     x[0] = 0
     x[3, : lay.values] = 0
+    return torch.cat(rows), x
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", NEW)
+def test_kernel_on_edge_blocks(fmt):
+    """Every quant and integer scale at its largest (all bits set), at its smallest (all clear), in alternating
+    patterns; the weights' fp16 scales large, tiny (subnormal) and zero; against activations with zero blocks."""
+    packed, x = edge_blocks(fmt)
     for isa in isas():
         for m in (1, 2, 5):
             assert torch.equal(qk.qlinear(x[:m], packed, fmt, isa=isa), definition(x[:m], packed, fmt)), (isa, m)
