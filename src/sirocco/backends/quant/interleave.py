@@ -40,7 +40,7 @@ True
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -170,21 +170,21 @@ def interleave_(packed: torch.Tensor, fmt: str, rows: int = 1024) -> torch.Tenso
     """``packed`` interleaved in place, ``rows`` rows (a multiple of 16) at a time, so that no more than that many
     rows are ever held twice; returns ``packed``. (..., N, bytes) with leading dimensions (a MoE layer's stacked
     experts) is interleaved matrix by matrix."""
-    _groups(packed, fmt)
-    with torch.no_grad():
-        for mat in _matrices(packed):
-            for r0 in range(0, mat.shape[0], rows):
-                band = mat[r0:r0 + rows]
-                band.copy_(interleave(band, fmt))
-    return packed
+    return _in_place(packed, fmt, rows, interleave)
 
 
 def deinterleave_(inter: torch.Tensor, fmt: str, rows: int = 1024) -> torch.Tensor:
     """``inter`` back to the file layout in place, ``rows`` rows at a time (``interleave_``'s inverse)."""
-    _groups(inter, fmt)
+    return _in_place(inter, fmt, rows, deinterleave)
+
+
+def _in_place(blocks: torch.Tensor, fmt: str, rows: int,
+              rearrange: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+    """``blocks`` overwritten band by band (``rows`` rows of each matrix) with ``rearrange(band, fmt)``."""
+    _groups(blocks, fmt)
     with torch.no_grad():
-        for mat in _matrices(inter):
+        for mat in _matrices(blocks):
             for r0 in range(0, mat.shape[0], rows):
                 band = mat[r0:r0 + rows]
-                band.copy_(deinterleave(band, fmt))
-    return inter
+                band.copy_(rearrange(band, fmt))
+    return blocks
